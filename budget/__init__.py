@@ -1,0 +1,52 @@
+"""The pure core of the Inference Budget Controller.
+
+Everything that decides whether memory fits lives here, free of I/O and of flask, kubernetes,
+httpx and prometheus_client, so the proxy's fast path, the admission webhook and the scheduler
+extender answer from one function: :func:`budget.decide.decide_scale` for admission and
+:func:`budget.decide.filter_nodes` / :func:`budget.decide.score_nodes` for node placement.
+"""
+
+from budget.decide import (
+    REASON_INSUFFICIENT,
+    REASON_NO_BUDGET,
+    REASON_SELECTOR,
+    Blocking,
+    Decision,
+    NodeVerdict,
+    decide_scale,
+    explain,
+    filter_nodes,
+    score_nodes,
+)
+from budget.errors import BudgetError, DurationError, ObjectError, QuantityError, SnapshotError, UnknownModelError
+from budget.quantity import format_bytes, format_duration, parse_duration, parse_quantity
+from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation
+
+__all__ = [
+    "REASON_INSUFFICIENT",
+    "REASON_NO_BUDGET",
+    "REASON_SELECTOR",
+    "Blocking",
+    "BudgetError",
+    "ClusterView",
+    "Decision",
+    "DurationError",
+    "Model",
+    "Node",
+    "NodeVerdict",
+    "ObjectError",
+    "Placement",
+    "PodRequest",
+    "QuantityError",
+    "Reservation",
+    "SnapshotError",
+    "UnknownModelError",
+    "decide_scale",
+    "explain",
+    "filter_nodes",
+    "format_bytes",
+    "format_duration",
+    "parse_duration",
+    "parse_quantity",
+    "score_nodes",
+]

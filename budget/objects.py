@@ -1,0 +1,318 @@
+"""Kubernetes objects -> the budget view: the one translation every source uses.
+
+Objects are plain dicts as the API returns them (the live cache calls `ApiClient.sanitize_for_serialization`
+or reads raw JSON; snapshots are YAML). Only the fields the budget needs are read, and a malformed
+one raises :class:`ObjectError` naming the object and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from budget.errors import BudgetError, ObjectError
+from budget.quantity import parse_duration, parse_quantity
+from budget.view import ClusterView, Model, Node, Placement, PodRequest, model_key
+
+GROUP = "inference.eh-ops.io"
+LABEL_MODEL = f"{GROUP}/model"
+ANNOTATION_MEMORY = f"{GROUP}/memory"
+ANNOTATION_CAPACITY = f"{GROUP}/memory-capacity"
+ANNOTATION_CAPTURED_AT = f"{GROUP}/captured-at"
+GFD_MEMORY = "nvidia.com/gpu.memory"
+GFD_COUNT = "nvidia.com/gpu.count"
+DEFAULT_COOLDOWN = "10m"
+DEFAULT_REPLICAS = 1
+TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
+
+Obj = Mapping[str, Any]
+
+
+def _describe(obj: Obj) -> str:
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    kind = obj.get("kind") or "object"
+    name = meta.get("name", "?") if isinstance(meta, Mapping) else "?"
+    ns = meta.get("namespace") if isinstance(meta, Mapping) else None
+    return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
+
+
+def _map(obj: Obj, path: str) -> Mapping[str, Any]:
+    """Follow a dotted path of mappings; a missing step is {}, a non-mapping step is an error."""
+    current: Any = obj
+    for part in path.split("."):
+        if current is None:
+            return {}
+        if not isinstance(current, Mapping):
+            raise ObjectError(f"{_describe(obj)}: {path} must be an object")
+        current = current.get(part)
+    if current is None:
+        return {}
+    if not isinstance(current, Mapping):
+        raise ObjectError(f"{_describe(obj)}: {path} must be an object, got {type(current).__name__}")
+    return current
+
+
+def _str_map(obj: Obj, path: str) -> dict[str, str]:
+    value = _map(obj, path)
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ObjectError(f"{_describe(obj)}: {path} must map strings to strings ({k!r}: {v!r})")
+        out[k] = v
+    return out
+
+
+def _name(obj: Obj) -> tuple[str, str]:
+    meta = _map(obj, "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ObjectError(f"{obj.get('kind') or 'object'} without metadata.name")
+    namespace = meta.get("namespace") or "default"
+    if not isinstance(namespace, str):
+        raise ObjectError(f"{_describe(obj)}: metadata.namespace must be a string")
+    return namespace, name
+
+
+def parse_time(value: object, *, field: str = "time") -> float | None:
+    """RFC 3339 (`2026-01-15T10:30:00Z`) to POSIX seconds; None stays None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if not isinstance(value, str):
+        raise ObjectError(f"{field}: expected an RFC 3339 time, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ObjectError(f"{field}: {value!r} is not an RFC 3339 time") from exc
+    if parsed.tzinfo is None:
+        raise ObjectError(f"{field}: {value!r} has no time zone (use Z or +00:00)")
+    return parsed.timestamp()
+
+
+def _wrap(obj: Obj, exc: BudgetError) -> ObjectError:
+    return ObjectError(f"{_describe(obj)}: {exc}")
+
+
+def node_from_object(obj: Obj) -> Node:
+    """Capacity: the memory-capacity annotation, else GFD labels (MiB per GPU x count), else none."""
+    _, name = _name(obj)
+    labels = _str_map(obj, "metadata.labels")
+    annotations = _str_map(obj, "metadata.annotations")
+    try:
+        if ANNOTATION_CAPACITY in annotations:
+            capacity = parse_quantity(annotations[ANNOTATION_CAPACITY], field=f"annotation {ANNOTATION_CAPACITY}")
+            return Node(name, labels, capacity, "annotation")
+        if GFD_MEMORY in labels:
+            mib = parse_quantity(labels[GFD_MEMORY], field=f"label {GFD_MEMORY}")
+            count = parse_quantity(labels.get(GFD_COUNT, "1"), field=f"label {GFD_COUNT}")
+            return Node(name, labels, mib * 2**20 * count, "gfd-labels")
+    except BudgetError as exc:
+        raise _wrap(obj, exc) from exc
+    return Node(name, labels, None, "none")
+
+
+def model_from_inferencemodel(obj: Obj) -> Model:
+    namespace, name = _name(obj)
+    spec = _map(obj, "spec")
+    status = _map(obj, "status")
+    try:
+        if "memory" not in spec:
+            raise ObjectError("spec.memory is required")
+        memory = parse_quantity(spec["memory"], field="spec.memory")
+        cooldown = parse_duration(spec.get("cooldownPeriod", DEFAULT_COOLDOWN), field="spec.cooldownPeriod")
+        replicas = spec.get("replicas", DEFAULT_REPLICAS)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ObjectError(f"spec.replicas must be a non-negative integer, got {replicas!r}")
+        model_name = spec.get("modelName") or name
+        if not isinstance(model_name, str):
+            raise ObjectError(f"spec.modelName must be a string, got {model_name!r}")
+        backend = spec.get("backendUrl")
+        if backend is not None and not isinstance(backend, str):
+            raise ObjectError(f"spec.backendUrl must be a string, got {backend!r}")
+        last = parse_time(status.get("lastRequestTime"), field="status.lastRequestTime")
+    except ObjectError as exc:
+        raise _wrap(obj, exc) from exc
+    except BudgetError as exc:
+        raise _wrap(obj, exc) from exc
+    return Model(
+        namespace=namespace,
+        name=name,
+        memory_bytes=memory,
+        model_name=model_name,
+        node_selector=_str_map(obj, "spec.nodeSelector"),
+        cooldown_seconds=cooldown,
+        replicas=replicas,
+        last_request_time=last,
+        backend_url=backend,
+    )
+
+
+def model_label(obj: Obj) -> str | None:
+    """The InferenceModel name a Pod or Deployment belongs to, from its label."""
+    return _str_map(obj, "metadata.labels").get(LABEL_MODEL)
+
+
+def model_from_deployment(obj: Obj) -> Model | None:
+    """A labelled Deployment as a model (memory from its pod template's annotation); None if unlabelled."""
+    label = model_label(obj)
+    if not label:
+        return None
+    namespace, _ = _name(obj)
+    annotations = _str_map(obj, "spec.template.metadata.annotations")
+    try:
+        if ANNOTATION_MEMORY not in annotations:
+            raise ObjectError(f"spec.template.metadata.annotations[{ANNOTATION_MEMORY!r}] is required")
+        memory = parse_quantity(annotations[ANNOTATION_MEMORY], field=f"annotation {ANNOTATION_MEMORY}")
+        replicas = _map(obj, "spec").get("replicas", 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ObjectError(f"spec.replicas must be a non-negative integer, got {replicas!r}")
+    except BudgetError as exc:
+        raise _wrap(obj, exc) from exc
+    return Model(
+        namespace=namespace,
+        name=label,
+        memory_bytes=memory,
+        model_name=label,
+        node_selector=_str_map(obj, "spec.template.spec.nodeSelector"),
+        cooldown_seconds=0.0,
+        replicas=replicas,
+        source="Deployment",
+    )
+
+
+def pod_memory(obj: Obj) -> int | None:
+    annotations = _str_map(obj, "metadata.annotations")
+    if ANNOTATION_MEMORY not in annotations:
+        return None
+    try:
+        return parse_quantity(annotations[ANNOTATION_MEMORY], field=f"annotation {ANNOTATION_MEMORY}")
+    except BudgetError as exc:
+        raise _wrap(obj, exc) from exc
+
+
+def _pod_ready(obj: Obj) -> bool:
+    conditions = _map(obj, "status").get("conditions") or []
+    if not isinstance(conditions, list):
+        return False
+    return any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+    )
+
+
+def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Placement | None:
+    """A model pod bound to a node and not terminated holds its memory there; anything else is None."""
+    label = model_label(obj)
+    if not label:
+        return None
+    namespace, name = _name(obj)
+    node = _map(obj, "spec").get("nodeName")
+    phase = _map(obj, "status").get("phase") or "Pending"
+    if not node or phase in TERMINATED_PHASES:
+        return None
+    memory = pod_memory(obj)
+    if memory is None:
+        memory = fallback_memory
+    if memory is None:
+        raise ObjectError(f"{_describe(obj)}: model pod without annotation {ANNOTATION_MEMORY!r}")
+    meta = _map(obj, "metadata")
+    started = parse_time(_map(obj, "status").get("startTime"), field="status.startTime")
+    return Placement(
+        pod=f"{namespace}/{name}",
+        node=str(node),
+        memory_bytes=memory,
+        model=model_key(namespace, label),
+        uid=str(meta.get("uid") or ""),
+        phase=str(phase),
+        started_at=started,
+        ready=_pod_ready(obj),
+    )
+
+
+def pod_request_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> PodRequest | None:
+    """The extender's question for a pod; None when the pod is not a budgeted model replica."""
+    label = model_label(obj)
+    if not label:
+        return None
+    namespace, name = _name(obj)
+    memory = pod_memory(obj)
+    if memory is None:
+        memory = fallback_memory
+    if memory is None:
+        return None
+    return PodRequest(
+        namespace=namespace,
+        name=name,
+        uid=str(_map(obj, "metadata").get("uid") or ""),
+        model=model_key(namespace, label),
+        memory_bytes=memory,
+        node_selector=_str_map(obj, "spec.nodeSelector"),
+    )
+
+
+def flatten(objects: Iterable[Any]) -> list[Obj]:
+    """Expand `kind: List` / `*List` documents into their items; drop empty documents."""
+    out: list[Obj] = []
+    for obj in objects:
+        if obj is None:
+            continue
+        if not isinstance(obj, Mapping):
+            raise ObjectError(f"expected a Kubernetes object (a mapping), got {type(obj).__name__}")
+        kind = obj.get("kind")
+        if isinstance(kind, str) and kind.endswith("List") and "items" in obj:
+            items = obj.get("items") or []
+            if not isinstance(items, list):
+                raise ObjectError(f"{kind}: items must be a list")
+            out.extend(flatten(items))
+        else:
+            out.append(obj)
+    return out
+
+
+def merge_models(inference_models: Iterable[Model], deployment_models: Iterable[Model]) -> dict[str, Model]:
+    """InferenceModels win; a labelled Deployment adds a model or raises its desired replicas."""
+    models = {m.key: m for m in inference_models}
+    for dm in deployment_models:
+        existing = models.get(dm.key)
+        if existing is None:
+            models[dm.key] = dm
+        elif dm.replicas > existing.replicas:
+            # The Deployment asks for more than the model object: budget for the larger.
+            models[dm.key] = replace(existing, replicas=dm.replicas)
+    return models
+
+
+def view_from_objects(objects: Iterable[Any]) -> ClusterView:
+    """Nodes, Pods, Deployments and InferenceModels -> one ClusterView (other kinds are ignored)."""
+    nodes: list[Node] = []
+    inference_models: list[Model] = []
+    deployment_models: list[Model] = []
+    pods: list[Obj] = []
+    for obj in flatten(objects):
+        kind = obj.get("kind")
+        if kind == "Node":
+            nodes.append(node_from_object(obj))
+        elif kind == "InferenceModel":
+            inference_models.append(model_from_inferencemodel(obj))
+        elif kind == "Deployment":
+            dm = model_from_deployment(obj)
+            if dm is not None:
+                deployment_models.append(dm)
+        elif kind == "Pod":
+            pods.append(obj)
+        elif not isinstance(kind, str):
+            raise ObjectError(f"{_describe(obj)}: missing kind")
+    models = merge_models(inference_models, deployment_models)
+    placements = []
+    for pod in pods:
+        label = model_label(pod)
+        fallback = None
+        if label:
+            found = models.get(model_key(_name(pod)[0], label))
+            fallback = found.memory_bytes if found else None
+        p = placement_from_pod(pod, fallback_memory=fallback)
+        if p is not None:
+            placements.append(p)
+    return ClusterView.build(nodes=nodes, models=models.values(), placements=placements)

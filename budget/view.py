@@ -1,0 +1,178 @@
+"""The cluster as the budget sees it: nodes with capacity, models, placements and reservations.
+
+A view is an immutable snapshot. Sources (the live list+watch cache in `kubeview`, an offline YAML
+snapshot, local mode's process table) build one, and every decision reads one. Times are POSIX
+seconds (float) so the core stays free of clocks: callers pass `now`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+
+
+def model_key(namespace: str, name: str) -> str:
+    """The one way a model is named across the product: `namespace/name`."""
+    return f"{namespace}/{name}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node and its inference memory budget; `capacity_bytes` None means not budgeted."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    capacity_bytes: int | None = None
+    capacity_source: str = "none"  # "annotation", "gfd-labels" or "none"
+
+    @property
+    def budgeted(self) -> bool:
+        return self.capacity_bytes is not None
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model: memory per replica, where it may run, how long it may idle, how many it wants."""
+
+    namespace: str
+    name: str
+    memory_bytes: int
+    model_name: str = ""
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    cooldown_seconds: float = 600.0
+    replicas: int = 0
+    last_request_time: float | None = None
+    backend_url: str | None = None
+    source: str = "InferenceModel"  # or "Deployment" for a labelled Deployment without a model object
+
+    @property
+    def key(self) -> str:
+        return model_key(self.namespace, self.name)
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A replica that holds memory on a node: a bound, not terminated model pod."""
+
+    pod: str  # namespace/name
+    node: str
+    memory_bytes: int
+    model: str  # model key
+    uid: str = ""
+    phase: str = "Pending"
+    started_at: float | None = None
+    ready: bool = False
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Memory promised to a pod (by the extender) or to a scale-up (by admission) until `expires_at`."""
+
+    uid: str
+    model: str
+    memory_bytes: int
+    expires_at: float
+    node: str
+    pod: str = ""
+
+
+@dataclass(frozen=True)
+class PodRequest:
+    """A model pod asking for a node (the extender's question)."""
+
+    namespace: str
+    name: str
+    uid: str
+    model: str  # model key
+    memory_bytes: int
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+
+
+def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """True when every key of the nodeSelector has the same value among the labels."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything one decision needs, immutable; build a new view rather than changing one."""
+
+    nodes: tuple[Node, ...] = ()
+    models: Mapping[str, Model] = field(default_factory=dict)
+    placements: tuple[Placement, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        nodes: Iterable[Node] = (),
+        models: Iterable[Model] = (),
+        placements: Iterable[Placement] = (),
+        reservations: Iterable[Reservation] = (),
+    ) -> ClusterView:
+        return cls(
+            nodes=tuple(sorted(nodes, key=lambda n: n.name)),
+            models={m.key: m for m in models},
+            placements=tuple(placements),
+            reservations=tuple(reservations),
+        )
+
+    def node(self, name: str) -> Node | None:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        return None
+
+    def live_reservations(self, now: float) -> tuple[Reservation, ...]:
+        """Reservations not expired and not already confirmed by a placement of the same pod UID."""
+        placed = {p.uid for p in self.placements if p.uid}
+        return tuple(r for r in self.reservations if r.expires_at > now and r.uid not in placed)
+
+    def used_bytes(self, now: float, *, exclude_uid: str = "") -> dict[str, int]:
+        """Declared memory held per node: placements plus node-bound live reservations."""
+        used = {n.name: 0 for n in self.nodes}
+        for p in self.placements:
+            if exclude_uid and p.uid == exclude_uid:
+                continue
+            used[p.node] = used.get(p.node, 0) + p.memory_bytes
+        for r in self.live_reservations(now):
+            if exclude_uid and r.uid == exclude_uid:
+                continue
+            used[r.node] = used.get(r.node, 0) + r.memory_bytes
+        return used
+
+    def free_bytes(self, now: float, *, exclude_uid: str = "") -> dict[str, int]:
+        """Free budget per budgeted node (may be negative if something overcommitted behind our back)."""
+        used = self.used_bytes(now, exclude_uid=exclude_uid)
+        return {
+            n.name: n.capacity_bytes - used.get(n.name, 0) for n in self.nodes if n.capacity_bytes is not None
+        }
+
+    def with_model(self, model: Model) -> ClusterView:
+        models = dict(self.models)
+        models[model.key] = model
+        return replace(self, models=models)
+
+    def with_desired(self, key: str, replicas: int) -> ClusterView:
+        """The same view with one model's desired replicas changed (admission in flight, what-if)."""
+        return self.with_model(replace(self.models[key], replicas=replicas))
+
+    def with_reservations(self, reservations: Iterable[Reservation]) -> ClusterView:
+        return replace(self, reservations=self.reservations + tuple(reservations))
+
+    def find_model(self, ref: str) -> Model | None:
+        """Find by `namespace/name`, by bare name, or by the `modelName` clients send (first match)."""
+        if ref in self.models:
+            return self.models[ref]
+        for m in self.models.values():
+            if m.name == ref:
+                return m
+        for m in self.models.values():
+            if m.model_name == ref:
+                return m
+        return None

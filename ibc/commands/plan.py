@@ -1,0 +1,85 @@
+"""`ibc plan`: the what-if planner. Would scaling a model fit the cluster in a snapshot file?
+
+It answers with the same decision, and the same explanation, as the proxy's 429 and the webhook's
+deny, because it calls the same function. Exit 0 fits, 1 does not, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from budget import BudgetError, decide_scale, explain
+from budget.objects import parse_time
+from budget.quantity import format_bytes
+from budget.snapshot import load_snapshot
+
+_SCALE = re.compile(r"^(?:(?P<ns>[a-z0-9.-]+)/)?(?P<name>[A-Za-z0-9._-]+)=(?P<replicas>[0-9]+)$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "What-if planner: decide whether scaling a model to N replicas fits the cluster described by a "
+        "snapshot file, and explain why not. Exit 0 when it fits, 1 when it does not, 2 on bad input."
+    )
+    parser.epilog = (
+        "A snapshot is multi-document YAML of Nodes, Pods, Deployments and InferenceModels, or the List "
+        "printed by `kubectl get nodes,pods,deployments,inferencemodels -A -o yaml`.\n"
+        "Example: ibc plan --cluster-state examples/seed-scenario.yaml --scale default/model-b=1"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--cluster-state", required=True, metavar="FILE", help="snapshot YAML file")
+    parser.add_argument(
+        "--scale",
+        required=True,
+        metavar="NAMESPACE/NAME=REPLICAS",
+        help="the model and its new replica count (namespace defaults to `default`)",
+    )
+    parser.add_argument("--output", choices=["text", "json"], default="text", help="text (default) or json")
+    parser.add_argument(
+        "--now",
+        metavar="RFC3339",
+        help="evaluate idle times at this moment (default: the snapshot's captured-at annotation, else now)",
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"ibc plan: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    match = _SCALE.match(args.scale or "")
+    if not match:
+        return _fail(f"--scale {args.scale!r}: expected NAMESPACE/NAME=REPLICAS, e.g. default/model-b=1")
+    key = f"{match['ns'] or 'default'}/{match['name']}"
+    replicas = int(match["replicas"])
+    try:
+        snapshot = load_snapshot(args.cluster_state)
+        now = parse_time(args.now, field="--now") if args.now else None
+        if now is None:
+            now = snapshot.captured_at if snapshot.captured_at is not None else time.time()
+        if key not in snapshot.view.models:
+            known = ", ".join(sorted(snapshot.view.models)) or "none"
+            return _fail(f"unknown model {key!r} in {args.cluster_state} (known: {known})")
+        decision = decide_scale(snapshot.view, key, replicas, now)
+    except BudgetError as exc:
+        return _fail(str(exc))
+    body = explain(decision)
+    if args.output == "json":
+        print(json.dumps({"allowed": decision.allowed, "reason": decision.reason, **body}, indent=2))
+    else:
+        verdict = "FITS" if decision.allowed else "DOES NOT FIT"
+        print(f"{verdict}: {decision.message}")
+        print(f"  requested: {decision.model} x{replicas} at {format_bytes(decision.memory_bytes)} each")
+        print(f"  available: {format_bytes(decision.available_bytes)} (largest free space in pool {decision.pool})")
+        for b in decision.blocking:
+            remaining = b.cooldown_remaining_seconds
+            until = "never scales down (cooldown 0)" if remaining is None else f"cooldown ends in {int(remaining)}s"
+            print(f"  blocking:  {b.model} {format_bytes(b.memory_bytes)}, idle {int(b.idle_for_seconds)}s, {until}")
+        if not decision.allowed:
+            print(f"  retry after: {decision.retry_after_seconds}s")
+    return 0 if decision.allowed else 1
