@@ -1,0 +1,306 @@
+"""A list+watch cache that turns API objects into budget views, cheaply, for every service.
+
+Each kind is listed, then watched from the list's resourceVersion with bookmarks; a 410 Gone or a
+broken stream re-lists. Objects are kept as plain dicts (the API's own JSON), and translated once per
+event, so building a view for a filter call costs only assembling tuples. Clients must be created
+after a gunicorn fork (call from the app factory), never shared across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from budget import ClusterView, Model, Node, ObjectError, Placement
+from budget.objects import (
+    merge_models,
+    model_from_deployment,
+    model_from_inferencemodel,
+    model_label,
+    node_from_object,
+    placement_from_pod,
+)
+from budget.view import model_key
+
+log = logging.getLogger(__name__)
+
+GROUP = "inference.eh-ops.io"
+VERSION = "v1alpha1"
+PLURAL = "inferencemodels"
+
+Listener = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """How to list one kind: its API path (cluster-wide or per namespace) and its `kind`."""
+
+    kind: str
+    path: str  # e.g. /api/v1/nodes; for namespaced kinds {ns} is filled or the cluster-wide path used
+    namespaced: bool
+
+
+KIND_SPECS: dict[str, KindSpec] = {
+    "Node": KindSpec("Node", "/api/v1/nodes", False),
+    "Pod": KindSpec("Pod", "/api/v1/{ns}pods", True),
+    "Deployment": KindSpec("Deployment", "/apis/apps/v1/{ns}deployments", True),
+    "InferenceModel": KindSpec("InferenceModel", f"/apis/{GROUP}/{VERSION}/{{ns}}{PLURAL}", True),
+}
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    cfg = client.Configuration()
+    config.load_incluster_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+def obj_key(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+class ClusterCache:
+    """Raw objects and budget translations for the watched kinds, with a cached ClusterView."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        kinds: tuple[str, ...] = ("Node", "Pod", "Deployment", "InferenceModel"),
+        namespace: str | None = None,
+        label_selectors: dict[str, str] | None = None,
+        watch_timeout_seconds: int = 300,
+    ) -> None:
+        self.api = api
+        self.kinds = kinds
+        self.namespace = namespace
+        self.label_selectors = label_selectors or {"Pod": "inference.eh-ops.io/model"}
+        self.watch_timeout_seconds = watch_timeout_seconds
+        self._lock = threading.RLock()
+        self._objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in kinds}
+        self._nodes: dict[str, Node] = {}
+        self._im_models: dict[str, Model] = {}
+        self._dep_models: dict[str, Model] = {}
+        self._placements: dict[str, Placement] = {}
+        self._view: ClusterView | None = None
+        self._synced = {k: threading.Event() for k in kinds}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._listeners: list[Listener] = []
+        self.generation = 0  # bumps on every change; cheap "did anything change" check
+
+    # ----- lifecycle -----
+    def start(self) -> ClusterCache:
+        for kind in self.kinds:
+            t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def synced(self) -> bool:
+        return all(e.is_set() for e in self._synced.values())
+
+    def wait_synced(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        for event in self._synced.values():
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called as listener(kind, event_type, obj) after each applied event, outside the lock."""
+        self._listeners.append(listener)
+
+    # ----- reads -----
+    def view(self) -> ClusterView:
+        with self._lock:
+            if self._view is None:
+                models = merge_models(self._im_models.values(), self._dep_models.values())
+                self._view = ClusterView(
+                    nodes=tuple(sorted(self._nodes.values(), key=lambda n: n.name)),
+                    models=models,
+                    placements=tuple(self._placements.values()),
+                )
+            return self._view
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._objects.get(kind, {}).values())
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            key = f"{namespace}/{name}" if namespace else name
+            return self._objects.get(kind, {}).get(key)
+
+    # ----- applying events (also used by tests and by writers that know better than the watch) -----
+    def apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        obj.setdefault("kind", kind)
+        key = obj_key(obj)
+        with self._lock:
+            store = self._objects.setdefault(kind, {})
+            if event_type == "DELETED":
+                store.pop(key, None)
+            else:
+                old = store.get(key)
+                if old is not None and _rv(old) > _rv(obj) > 0:
+                    return  # stale (a writer applied a newer copy already)
+                store[key] = obj
+            self._translate(kind, key, None if event_type == "DELETED" else obj)
+            self._view = None
+            self.generation += 1
+        for listener in self._listeners:
+            try:
+                listener(kind, event_type, obj)
+            except Exception:  # a listener's bug must not kill the watch
+                log.exception("listener failed for %s %s", kind, key)
+
+    def _translate(self, kind: str, key: str, obj: dict[str, Any] | None) -> None:
+        try:
+            if kind == "Node":
+                self._put(self._nodes, key, node_from_object(obj) if obj else None)
+            elif kind == "InferenceModel":
+                self._put(self._im_models, key, model_from_inferencemodel(obj) if obj else None)
+            elif kind == "Deployment":
+                self._put(self._dep_models, key, model_from_deployment(obj) if obj else None)
+            elif kind == "Pod":
+                placement = None
+                if obj is not None:
+                    label = model_label(obj)
+                    fallback = None
+                    if label:
+                        m = self._im_models.get(model_key(obj_key(obj).split("/")[0], label))
+                        fallback = m.memory_bytes if m else None
+                    placement = placement_from_pod(obj, fallback_memory=fallback)
+                self._put(self._placements, key, placement)
+        except ObjectError as exc:
+            log.warning("ignoring malformed %s %s: %s", kind, key, exc)
+            self._put({"Node": self._nodes, "InferenceModel": self._im_models,
+                       "Deployment": self._dep_models, "Pod": self._placements}[kind], key, None)
+
+    @staticmethod
+    def _put(store: dict[str, Any], key: str, value: Any) -> None:
+        if value is None:
+            store.pop(key, None)
+        else:
+            store[key] = value
+
+    # ----- list + watch -----
+    def _path(self, kind: str) -> str:
+        spec = KIND_SPECS[kind]
+        ns = f"namespaces/{self.namespace}/" if (spec.namespaced and self.namespace) else ""
+        return spec.path.format(ns=ns)
+
+    def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
+        return self.api.call_api(
+            path,
+            "GET",
+            query_params=list(query.items()),
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+
+    def _list(self, kind: str) -> str:
+        query: dict[str, Any] = {}
+        if kind in self.label_selectors:
+            query["labelSelector"] = self.label_selectors[kind]
+        resp = self._request(self._path(kind), query, 60)
+        body = json.loads(resp[0].data if isinstance(resp, tuple) else resp.data)
+        items = body.get("items") or []
+        fresh = {}
+        for item in items:
+            item["kind"] = kind
+            fresh[obj_key(item)] = item
+        with self._lock:
+            gone = [k for k in self._objects.get(kind, {}) if k not in fresh]
+        for k in gone:
+            self.apply(kind, "DELETED", self._objects[kind][k])
+        for item in fresh.values():
+            self.apply(kind, "ADDED", item)
+        return str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+    def _watch(self, kind: str, rv: str) -> Iterator[dict[str, Any]]:
+        query: dict[str, Any] = {
+            "watch": "true",
+            "resourceVersion": rv,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": self.watch_timeout_seconds,
+        }
+        if kind in self.label_selectors:
+            query["labelSelector"] = self.label_selectors[kind]
+        resp = self._request(self._path(kind), query, (10, self.watch_timeout_seconds + 30))
+        resp = resp[0] if isinstance(resp, tuple) else resp
+        try:
+            buffer = b""
+            for chunk in resp.stream(65536, decode_content=False):
+                if self._stop.is_set():
+                    return
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()
+
+    def _run(self, kind: str) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                rv = self._list(kind)
+                self._synced[kind].set()
+                backoff = 0.2
+                while not self._stop.is_set():
+                    for event in self._watch(kind, rv):
+                        etype = event.get("type")
+                        obj = event.get("object") or {}
+                        if etype == "ERROR":
+                            code = obj.get("code")
+                            raise _Gone() if code == 410 else RuntimeError(f"watch error: {obj}")
+                        new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                        if new_rv:
+                            rv = new_rv
+                        if etype == "BOOKMARK":
+                            continue
+                        self.apply(kind, str(etype), obj)
+            except _Gone:
+                log.info("watch of %s expired (410); re-listing", kind)
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("watch of %s expired (410); re-listing", kind)
+                else:
+                    log.warning("list/watch of %s failed: %s %s", kind, exc.status, exc.reason)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+            except Exception as exc:
+                log.warning("list/watch of %s broke: %s", kind, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old; list again."""
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0

@@ -1,0 +1,52 @@
+"""How the proxy brings a model to N replicas without knowing how replicas come to exist.
+
+Two implementations: the Kubernetes scaler (PATCH `inferencemodels/<name>/scale`, the webhook decides,
+endpoints come from ready pods) and the local scaler (decides with `budget/`, starts processes).
+Local mode is the proxy with the local scaler, not a second proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from budget import ClusterView, Decision
+
+
+class ScaleDenied(Exception):
+    """The scale-up was refused; `decision` carries the explanation for the 429 body."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.message)
+        self.decision = decision
+
+
+class ScalerUnavailable(Exception):
+    """The scaler could not be reached or failed (API server down, process failed to spawn)."""
+
+
+class Scaler(Protocol):
+    """What the proxy's request path needs from the world. Every method is thread-safe."""
+
+    def view(self) -> ClusterView:
+        """The current budget view (models, nodes, placements) for the fast pre-check."""
+        ...
+
+    def backends(self, model_key: str) -> list[str]:
+        """Base URLs (e.g. `http://10.244.0.5:8000`) of ready replicas; empty while none is ready."""
+        ...
+
+    def scale_up(self, model_key: str, replicas: int) -> None:
+        """Ask for `replicas` desired replicas; raises ScaleDenied or ScalerUnavailable."""
+        ...
+
+    def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
+        """Block up to `timeout_seconds` for a ready replica; returns [] on timeout (callers loop)."""
+        ...
+
+    def touch(self, model_key: str, now: float) -> None:
+        """Record a request for the idle clock (implementations throttle their writes)."""
+        ...
+
+    def state(self, model_key: str) -> str:
+        """`ready`, `starting`, `stopped` or `failed`, for `GET /v1/models`."""
+        ...
