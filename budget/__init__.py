@@ -18,7 +18,14 @@ from budget.decide import (
     filter_nodes,
     score_nodes,
 )
-from budget.errors import BudgetError, DurationError, ObjectError, QuantityError, SnapshotError, UnknownModelError
+from budget.errors import (
+    BudgetError,
+    DurationError,
+    ObjectError,
+    QuantityError,
+    SnapshotError,
+    UnknownModelError,
+)
 from budget.quantity import format_bytes, format_duration, parse_duration, parse_quantity
 from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation
 

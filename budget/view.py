@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 
-
 def model_key(namespace: str, name: str) -> str:
     """The one way a model is named across the product: `namespace/name`."""
     return f"{namespace}/{name}"

@@ -1,0 +1,51 @@
+# One entry point for people and CI. `make run` sets up and runs local mode (the main job);
+# `make test` runs every gate and every test tier (what .ci/run calls).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run plan test lint unit kube-binaries tools bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## run: set up and run local mode on the seed scenario (mock backends), serving on 127.0.0.1:8080
+run: setup
+	$(BIN)/ibc local --config examples/local.yaml --bind 127.0.0.1:8080
+
+## plan: the what-if planner on the seed scenario (exits 1: model-b does not fit beside model-a)
+plan: setup
+	-$(BIN)/ibc plan --cluster-state examples/seed-scenario.yaml --scale default/model-b=1
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+## kube-binaries: build (or reuse from ~/.cache/ibc/kube) etcd and the Kubernetes control plane
+kube-binaries:
+	@if command -v go >/dev/null 2>&1; then bash tests/cluster/build-kube.sh; \
+	else echo "go not found: the cluster tier will be skipped (install Go 1.26 to run it)"; fi
+
+tools: setup
+	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
+
+## test: every gate and every tier: lint, unit, integration, cluster (and stress, bounded)
+test: lint kube-binaries tools
+	$(BIN)/python -m pytest -m "unit or integration or cluster or stress" -p no:cacheprovider; \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+unit: setup
+	$(BIN)/python -m pytest -m unit -q
+
+bench: setup
+	$(BIN)/ibc bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

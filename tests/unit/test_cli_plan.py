@@ -1,0 +1,66 @@
+"""`ibc plan`: exit codes, the same explanation as the 429, and one-line errors without tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+SEED = "examples/seed-scenario.yaml"
+
+
+def ibc(*args):
+    return subprocess.run([sys.executable, "-m", "ibc", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_seed_denial_explains_itself():
+    r = ibc("plan", "--cluster-state", SEED, "--scale", "default/model-b=1", "--output", "json")
+    assert r.returncode == 1
+    body = json.loads(r.stdout)
+    assert body["error"] == "insufficient_memory"
+    assert body["available"] == "48Gi"
+    assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
+
+
+def test_fit_exits_zero_with_text():
+    r = ibc("plan", "--cluster-state", SEED, "--scale", "model-c=1")
+    assert r.returncode == 0
+    assert r.stdout.startswith("FITS: model-c")
+
+
+def test_now_override_changes_idle_time():
+    r = ibc("plan", "--cluster-state", SEED, "--scale", "model-b=1", "--now", "2026-01-15T10:35:00Z")
+    assert r.returncode == 1
+    assert "idle 300s" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        pytest.param(["--cluster-state", "absent.yaml", "--scale", "m=1"], "absent.yaml: no such file", id="no-file"),
+        pytest.param(["--cluster-state", SEED, "--scale", "model-b"], "expected NAMESPACE/NAME=REPLICAS",
+                     id="no-count"),
+        pytest.param(["--cluster-state", SEED, "--scale", "model-b=-1"], "expected NAMESPACE/NAME=REPLICAS",
+                     id="negative"),
+        pytest.param(["--cluster-state", SEED, "--scale", "other/model-b=1"], "unknown model 'other/model-b'",
+                     id="unknown-model"),
+        pytest.param(["--cluster-state", SEED, "--scale", "model-b=1", "--now", "noon"], "--now", id="bad-now"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    r = ibc("plan", *args)
+    assert r.returncode == 2
+    assert fragment in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_useful():
+    top = ibc("--help")
+    assert top.returncode == 0
+    for command in ("plan", "local", "proxy", "extender", "webhook", "controller", "certs", "mock-backend"):
+        assert command in top.stdout
+    plan = ibc("plan", "--help")
+    assert "--cluster-state" in plan.stdout and "Exit 0 when it fits" in plan.stdout

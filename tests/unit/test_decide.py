@@ -1,0 +1,229 @@
+"""The one admission decision: the seed scenario and its neighbours, as a table."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from budget import (
+    REASON_INSUFFICIENT,
+    REASON_NO_BUDGET,
+    REASON_SELECTOR,
+    ClusterView,
+    Model,
+    Node,
+    Placement,
+    PodRequest,
+    Reservation,
+    UnknownModelError,
+    decide_scale,
+    explain,
+    filter_nodes,
+    score_nodes,
+)
+from budget.objects import view_from_objects
+
+pytestmark = pytest.mark.unit
+
+GI = 2**30
+NOW = 1_000_000.0
+POOL = {"inference-pool": "gpu-nodes"}
+
+
+def model(name, mem_gi, replicas=0, selector=POOL, last=None, cooldown=600.0):
+    return Model("default", name, mem_gi * GI, name, selector, cooldown, replicas, last)
+
+
+def placed(name, node, mem_gi, started=NOW - 3600, i=0):
+    return Placement(f"default/{name}-{i}", node, mem_gi * GI, f"default/{name}", uid=f"{name}-{i}", started_at=started)
+
+
+def seed_view(**changes):
+    nodes = [Node("shadow", POOL, 128 * GI, "annotation")]
+    models = [model("model-a", 80, 1, last=NOW - 120), model("model-b", 60), model("model-c", 16)]
+    placements = [placed("model-a", "shadow", 80)]
+    return ClusterView.build(
+        nodes=changes.get("nodes", nodes),
+        models=changes.get("models", models),
+        placements=changes.get("placements", placements),
+    )
+
+
+@dataclass
+class Case:
+    view: ClusterView
+    model: str
+    replicas: int
+    allowed: bool
+    reason: str
+    available: str = ""
+    blocking: list = field(default_factory=list)
+
+
+CASES = {
+    "seed-deny": Case(seed_view(), "model-b", 1, False, "insufficient_memory", "48Gi", [("model-a", "80Gi", "120s")]),
+    "seed-fit-after-a-gone": Case(
+        seed_view(models=[model("model-a", 80, 0), model("model-b", 60)], placements=[]),
+        "model-b", 1, True, "fits", "128Gi",
+    ),
+    "small-model-fits-beside-a": Case(seed_view(), "model-c", 1, True, "fits", "48Gi"),
+    "selector-mismatch": Case(
+        seed_view(models=[model("model-b", 60, selector={"inference-pool": "other"})], placements=[]),
+        "model-b", 1, False, "no_matching_nodes", "0",
+    ),
+    "gfd-capacity-fits": Case(
+        view_from_objects(
+            [
+                {"kind": "Node", "metadata": {"name": "gpu1", "labels": {
+                    **POOL, "nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "2"}}},
+                {"kind": "InferenceModel", "metadata": {"name": "big"},
+                 "spec": {"memory": "150Gi", "nodeSelector": POOL, "replicas": 0}},
+            ]
+        ),
+        "big", 1, True, "fits", "160Gi",
+    ),
+    "total-enough-no-single-node": Case(
+        seed_view(
+            nodes=[Node("n1", POOL, 40 * GI), Node("n2", POOL, 40 * GI)],
+            models=[model("model-b", 60)],
+            placements=[],
+        ),
+        "model-b", 1, False, "exceeds_node_capacity", "40Gi",
+    ),
+    "fragmented-free-space": Case(
+        seed_view(
+            nodes=[Node("n1", POOL, 64 * GI), Node("n2", POOL, 64 * GI)],
+            models=[model("model-a", 32, 2), model("model-b", 60)],
+            placements=[placed("model-a", "n1", 32, i=0), placed("model-a", "n2", 32, i=1)],
+        ),
+        "model-b", 1, False, "insufficient_memory", "32Gi", [("model-a", "64Gi", "3600s")],
+    ),
+    "decrease-always-allowed": Case(seed_view(), "model-a", 0, True, "decrease", "48Gi"),
+    "decrease-even-when-overcommitted": Case(
+        seed_view(models=[model("model-a", 80, 3)]), "model-a", 2, True, "decrease", "48Gi"
+    ),
+    "no-change": Case(seed_view(), "model-a", 1, True, "no_change", "48Gi"),
+    "second-replica-does-not-fit": Case(seed_view(), "model-a", 2, False, "insufficient_memory", "48Gi"),
+    "lookup-by-model-name": Case(seed_view(), "default/model-b", 1, False, "insufficient_memory", "48Gi",
+                                 [("model-a", "80Gi", "120s")]),
+    "admitted-pending-replica-counts": Case(
+        seed_view(models=[model("model-a", 80, 1, last=NOW - 120), model("model-c", 16, 1), model("model-b", 40)]),
+        "model-b", 1, False, "insufficient_memory", "32Gi",
+    ),
+    "reservation-counts": Case(
+        ClusterView.build(
+            nodes=[Node("shadow", POOL, 128 * GI)],
+            models=[model("model-a", 80, 1), model("model-b", 60)],
+            reservations=[Reservation("uid-a", "default/model-a", 80 * GI, NOW + 10, "shadow")],
+        ),
+        "model-b", 1, False, "insufficient_memory", "48Gi",
+    ),
+    "expired-reservation-ignored": Case(
+        ClusterView.build(
+            nodes=[Node("shadow", POOL, 128 * GI)],
+            models=[model("model-a", 80, 0), model("model-b", 60)],
+            reservations=[Reservation("uid-a", "default/model-a", 80 * GI, NOW - 1, "shadow")],
+        ),
+        "model-b", 1, True, "fits", "128Gi",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_decide_scale(case):
+    d = decide_scale(case.view, case.model, case.replicas, NOW)
+    assert (d.allowed, d.reason) == (case.allowed, case.reason), d.message
+    body = explain(d)
+    if case.available:
+        assert body["available"] == case.available
+    got = [(b["model"], b["memory"], b["idle_for"]) for b in body["blocking"]]
+    if case.blocking:
+        assert got == case.blocking
+
+
+def test_seed_body_has_the_seed_shape_and_a_sentence():
+    d = decide_scale(seed_view(), "model-b", 1, NOW)
+    body = explain(d)
+    assert body["error"] == "insufficient_memory"
+    assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
+    assert body["available"] == "48Gi"
+    assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
+    assert body["message"] == (
+        "model-b needs 60Gi in pool inference-pool=gpu-nodes; 48Gi available; blocked by model-a (80Gi, idle 120s)"
+    )
+    # model-a's 10m cooldown ends 480 s from now: that is when a retry can succeed.
+    assert d.retry_after_seconds == 480 == body["retry_after_seconds"]
+
+
+def test_retry_after_defaults_when_nothing_will_scale_down():
+    v = seed_view(models=[model("model-a", 80, 1, cooldown=0), model("model-b", 60)])
+    d = decide_scale(v, "model-b", 1, NOW)
+    assert not d.allowed and d.retry_after_seconds == 30
+
+
+def test_idle_counts_from_replica_start_when_no_request_came():
+    v = seed_view(models=[model("model-a", 80, 1, last=None), model("model-b", 60)],
+                  placements=[placed("model-a", "shadow", 80, started=NOW - 45)])
+    assert explain(decide_scale(v, "model-b", 1, NOW))["blocking"][0]["idle_for"] == "45s"
+
+
+def test_unknown_model_is_an_error_naming_it():
+    with pytest.raises(UnknownModelError, match="nope"):
+        decide_scale(seed_view(), "nope", 1, NOW)
+
+
+@pytest.mark.parametrize("replicas", [-1, 1.5, "2", True], ids=["negative", "float", "string", "bool"])
+def test_bad_replicas_rejected(replicas):
+    with pytest.raises(ValueError, match="replicas"):
+        decide_scale(seed_view(), "model-b", replicas, NOW)
+
+
+# ---- node filtering and scoring (the extender's questions) ----
+
+def pod(mem_gi, uid="p1", selector=None):
+    return PodRequest("default", "model-b-x", uid, "default/model-b", mem_gi * GI, selector or {})
+
+
+def test_filter_nodes_reasons_are_stable_and_number_free():
+    v = ClusterView.build(
+        nodes=[
+            Node("full", POOL, 128 * GI),
+            Node("roomy", POOL, 128 * GI),
+            Node("plain", {}, None),
+            Node("other", {"inference-pool": "cpu"}, 512 * GI),
+            Node("tiny", POOL, 32 * GI),
+        ],
+        models=[model("model-a", 80, 1), model("model-b", 60)],
+        placements=[placed("model-a", "full", 80)],
+    )
+    verdicts = {x.node: x for x in filter_nodes(v, pod(60), ["full", "roomy", "plain", "other", "tiny", "ghost"], NOW)}
+    assert (verdicts["full"].status, verdicts["full"].reason) == ("failed", REASON_INSUFFICIENT)
+    assert verdicts["roomy"].status == "passed"
+    assert (verdicts["plain"].status, verdicts["plain"].reason) == ("unresolvable", REASON_NO_BUDGET)
+    assert (verdicts["other"].status, verdicts["other"].reason) == ("unresolvable", REASON_SELECTOR)
+    assert (verdicts["tiny"].status, verdicts["tiny"].reason) == ("unresolvable", REASON_INSUFFICIENT)
+    assert verdicts["ghost"].status == "unresolvable"
+    assert not any(ch.isdigit() for x in verdicts.values() for ch in x.reason)
+
+
+def test_filter_ignores_the_pods_own_reservation():
+    v = ClusterView.build(
+        nodes=[Node("n1", POOL, 64 * GI)],
+        models=[model("model-b", 60, 1)],
+        reservations=[Reservation("p1", "default/model-b", 60 * GI, NOW + 30, "n1")],
+    )
+    assert filter_nodes(v, pod(60, uid="p1"), ["n1"], NOW)[0].status == "passed"
+    assert filter_nodes(v, pod(60, uid="p2"), ["n1"], NOW)[0].status == "failed"
+
+
+def test_scores_binpack_prefers_fuller_node_and_spread_the_emptier():
+    v = ClusterView.build(
+        nodes=[Node("busy", POOL, 128 * GI), Node("idle", POOL, 128 * GI)],
+        models=[model("model-a", 16, 1), model("model-b", 60)],
+        placements=[placed("model-a", "busy", 48)],
+    )
+    verdicts = filter_nodes(v, pod(16), ["busy", "idle"], NOW)
+    pack = score_nodes(verdicts, 16 * GI, "binpack")
+    spread = score_nodes(verdicts, 16 * GI, "spread")
+    assert pack["busy"] > pack["idle"]
+    assert spread["idle"] > spread["busy"]
+    assert all(0 <= s <= 10 for s in [*pack.values(), *spread.values()])

@@ -1,0 +1,116 @@
+"""Quantities and durations: every legal form parses to exact bytes/seconds; anything else is named."""
+
+import pytest
+
+from budget import DurationError, QuantityError, format_bytes, format_duration, parse_duration, parse_quantity
+
+pytestmark = pytest.mark.unit
+
+GI = 2**30
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("16Gi", 16 * GI, id="binary-gi"),
+        pytest.param("512Mi", 512 * 2**20, id="binary-mi"),
+        pytest.param("1.5Ti", int(1.5 * 2**40), id="fractional-ti"),
+        pytest.param("60G", 60 * 10**9, id="decimal-g"),
+        pytest.param("1e9", 10**9, id="exponent"),
+        pytest.param("1E3", 1000, id="exponent-upper"),
+        pytest.param("100m", 1, id="milli-rounds-up"),
+        pytest.param("42", 42, id="plain-integer"),
+        pytest.param("0", 0, id="zero"),
+        pytest.param("+1Ki", 1024, id="explicit-plus"),
+        pytest.param(".5Gi", GI // 2, id="leading-dot"),
+        pytest.param("128974848", 128974848, id="bytes"),
+        pytest.param("129e6", 129_000_000, id="exp-e6"),
+        pytest.param("1k", 1000, id="kilo"),
+        pytest.param(" 8Gi ", 8 * GI, id="surrounding-space"),
+        pytest.param(17179869184, 16 * GI, id="int-value"),
+    ],
+)
+def test_parse_quantity_accepts_every_legal_form(text, expected):
+    assert parse_quantity(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("16GB", id="gb-is-not-kubernetes"),
+        pytest.param("16 Gi", id="space-inside"),
+        pytest.param("-1Gi", id="negative"),
+        pytest.param("abc", id="letters"),
+        pytest.param("", id="empty"),
+        pytest.param("Gi", id="suffix-only"),
+        pytest.param("1.2.3Gi", id="two-dots"),
+        pytest.param("1gi", id="lowercase-binary"),
+        pytest.param("1e", id="dangling-exponent"),
+        pytest.param(None, id="none"),
+        pytest.param(True, id="bool"),
+        pytest.param([16], id="list"),
+        pytest.param(-5, id="negative-int"),
+        pytest.param("1e999", id="huge-exponent"),
+    ],
+)
+def test_parse_quantity_rejects_with_the_input_named(text):
+    with pytest.raises(QuantityError) as info:
+        parse_quantity(text, field="spec.memory")
+    assert "spec.memory" in str(info.value)
+    if isinstance(text, str) and text:
+        assert repr(text) in str(info.value) or text.strip() in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        pytest.param(60 * GI, "60Gi", id="gi"),
+        pytest.param(48 * GI, "48Gi", id="48gi"),
+        pytest.param(1536 * 2**20, "1536Mi", id="not-whole-gi"),
+        pytest.param(2**40, "1Ti", id="ti"),
+        pytest.param(0, "0", id="zero"),
+        pytest.param(1000, "1000", id="not-binary"),
+    ],
+)
+def test_format_bytes_uses_largest_exact_unit(n, text):
+    assert format_bytes(n) == text
+    assert parse_quantity(text) == n
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("10m", 600, id="minutes"),
+        pytest.param("90s", 90, id="seconds"),
+        pytest.param("1h30m", 5400, id="compound"),
+        pytest.param("0", 0, id="zero-disables"),
+        pytest.param("1.5h", 5400, id="fractional"),
+        pytest.param("500ms", 0.5, id="millis"),
+        pytest.param(30, 30, id="number"),
+    ],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("10", id="no-unit"),
+        pytest.param("10 minutes", id="words"),
+        pytest.param("-5m", id="negative"),
+        pytest.param("m", id="unit-only"),
+        pytest.param("1d", id="days-not-go"),
+        pytest.param("", id="empty"),
+        pytest.param(None, id="none"),
+        pytest.param({"m": 1}, id="mapping"),
+    ],
+)
+def test_parse_duration_rejects(text):
+    with pytest.raises(DurationError, match="spec.cooldownPeriod"):
+        parse_duration(text, field="spec.cooldownPeriod")
+
+
+def test_format_duration_whole_seconds():
+    assert format_duration(120.7) == "120s"
+    assert format_duration(-3) == "0s"
