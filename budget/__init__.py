@@ -6,6 +6,7 @@ extender answer from one function: :func:`budget.decide.decide_scale` for admiss
 :func:`budget.decide.filter_nodes` / :func:`budget.decide.score_nodes` for node placement.
 """
 
+from budget.advice import Advice, advise
 from budget.decide import (
     REASON_INSUFFICIENT,
     REASON_NO_BUDGET,
@@ -16,6 +17,7 @@ from budget.decide import (
     decide_scale,
     explain,
     filter_nodes,
+    idle_seconds,
     score_nodes,
 )
 from budget.errors import (
@@ -33,6 +35,7 @@ __all__ = [
     "REASON_INSUFFICIENT",
     "REASON_NO_BUDGET",
     "REASON_SELECTOR",
+    "Advice",
     "Blocking",
     "BudgetError",
     "ClusterView",
@@ -48,11 +51,13 @@ __all__ = [
     "Reservation",
     "SnapshotError",
     "UnknownModelError",
+    "advise",
     "decide_scale",
     "explain",
     "filter_nodes",
     "format_bytes",
     "format_duration",
+    "idle_seconds",
     "parse_duration",
     "parse_quantity",
     "score_nodes",

@@ -70,8 +70,12 @@ def _pool_name(selector: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
-def _idle_for(model: Model | None, started: list[float], now: float) -> float:
-    """now minus the later of the last request and the latest replica start (0 when neither is known)."""
+def idle_seconds(model: Model | None, started: list[float], now: float) -> float:
+    """How long a model has been idle: now minus the later of its last request and its latest replica start.
+
+    The one idle rule: the 429's `idle_for`, the controller's cooldown and local mode's stop all use it.
+    0 when neither time is known.
+    """
     marks = [t for t in started if t is not None]
     if model is not None and model.last_request_time is not None:
         marks.append(model.last_request_time)
@@ -117,7 +121,7 @@ def _blocking(view: ClusterView, target_key: str, pool_nodes: set[str], now: flo
             Blocking(
                 model=model.model_name or model.name if model else key.split("/", 1)[-1],
                 memory_bytes=mem,
-                idle_for_seconds=_idle_for(model, started.get(key, []), now),
+                idle_for_seconds=idle_seconds(model, started.get(key, []), now),
                 cooldown_seconds=model.cooldown_seconds if model else 0.0,
                 replicas=count[key],
             )

@@ -1,0 +1,73 @@
+"""Right-sizing advice: declared memory against the observed peak. Advice only; nothing here changes a spec.
+
+The controller (Kubernetes) and local mode (process RSS) both call :func:`advise`, so their status,
+logs, metrics and `GET /models/{name}/metrics` read the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from budget.quantity import format_bytes
+
+GI = 2**30
+MI = 2**20
+DEFAULT_HEADROOM_PERCENT = 4.0
+# Below this much over-provisioning a change is not worth a redeploy.
+SIGNIFICANT_PERCENT = 3
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What the numbers say, for status fields, log hints and metrics."""
+
+    declared_bytes: int
+    observed_peak_bytes: int
+    utilization_percent: int  # floor(peak / declared * 100)
+    utilization_ratio: float  # peak / declared, rounded to 2 places for people, exact for metrics
+    overprovisioned_percent: int  # round((declared - peak) / declared * 100); negative when under-provisioned
+    recommendation_bytes: int | None  # None: keep the declared value
+    recommendation: str
+    hint: str | None  # a log line worth printing, or None
+
+
+def _round_up(n: int) -> int:
+    """A clean value people would write: whole Gi from 8Gi up, else 256Mi steps."""
+    step = GI if n >= 8 * GI else 256 * MI
+    return max(step, math.ceil(n / step) * step)
+
+
+def advise(
+    model: str, declared_bytes: int, observed_peak_bytes: int, *, headroom_percent: float = DEFAULT_HEADROOM_PERCENT
+) -> Advice:
+    """Compare declared memory with the observed peak and suggest a value with headroom, rounded up."""
+    if declared_bytes <= 0:
+        raise ValueError(f"{model}: declared memory must be positive, got {declared_bytes}")
+    if observed_peak_bytes < 0:
+        raise ValueError(f"{model}: observed peak must be >= 0, got {observed_peak_bytes}")
+    ratio = observed_peak_bytes / declared_bytes
+    over_exact = (declared_bytes - observed_peak_bytes) / declared_bytes * 100
+    over = int(math.copysign(math.floor(abs(over_exact) + 0.5), over_exact))  # half away from zero
+    suggested = _round_up(math.ceil(observed_peak_bytes * (1 + headroom_percent / 100)))
+    declared, peak = format_bytes(declared_bytes), format_bytes(_round_up_to_mi(observed_peak_bytes))
+    if observed_peak_bytes > declared_bytes:
+        return Advice(
+            declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, suggested,
+            f"Observed peak exceeds declared memory: raise memory to {format_bytes(suggested)} to avoid OOM",
+            f"{model} declared {declared} but observed peak is {peak} ({-over}% underprovisioned)",
+        )
+    if suggested < declared_bytes and over >= SIGNIFICANT_PERCENT:
+        return Advice(
+            declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, suggested,
+            f"Consider reducing memory to {format_bytes(suggested)} for better packing",
+            f"{model} declared {declared} but observed peak is {peak} ({over}% overprovisioned)",
+        )
+    return Advice(
+        declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, None,
+        "Declared memory matches observed usage", None,
+    )
+
+
+def _round_up_to_mi(n: int) -> int:
+    return math.ceil(n / MI) * MI
