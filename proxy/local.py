@@ -1,0 +1,370 @@
+"""The local scaler: the proxy's Scaler for one machine, where replicas are processes, not pods.
+
+Local mode is the proxy with this scaler, not a second proxy. Where the Kubernetes scaler PATCHes
+`/scale` and lets the webhook decide, this one decides itself, with the same function
+(:func:`budget.decide_scale`), on a view built from the config's nodes and models and the processes
+that are alive, under one lock, so concurrent cold requests can never overcommit. A denial is a
+:class:`~proxy.scaler.ScaleDenied` carrying the decision, which the proxy turns into the same 429.
+
+A replica holds its declared memory from the moment it is spawned until the reaper has seen it exit,
+so a process that is still shutting down keeps counting. Idle models are stopped by the same rule as
+the budget's `idle_for`: idle since the later of the last request and the process start.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from budget import ClusterView, Placement, UnknownModelError, advise, decide_scale, format_bytes, idle_seconds
+from proxy.local_config import LocalConfig, LocalModel
+from proxy.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
+from proxy.scaler import ScaleDenied, ScalerUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUPERVISE_INTERVAL_SECONDS = 1.0
+"""How often idle models are checked against their cooldown: cooldowns are minutes, 1 s is precise enough."""
+
+DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
+"""How often observed memory is read from /proc (and nvidia-smi): a peak is a trend, not a spike hunt."""
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """Declared and observed memory of one model, the local twin of the InferenceModel status fields."""
+
+    model: str
+    state: str
+    replicas: int
+    declared_bytes: int
+    observed_bytes: int | None
+    observed_peak_bytes: int | None
+    source: str | None
+    last_observation: float | None
+
+
+class LocalScaler:
+    """Implements :class:`proxy.scaler.Scaler` with local processes; every method is thread-safe."""
+
+    def __init__(
+        self,
+        config: LocalConfig,
+        *,
+        runtime: ProcessRuntime | None = None,
+        clock: Callable[[], float] = time.time,
+        port_picker: Callable[[], int] = free_port,
+        supervise_interval_seconds: float = DEFAULT_SUPERVISE_INTERVAL_SECONDS,
+        sample_interval_seconds: float = DEFAULT_SAMPLE_INTERVAL_SECONDS,
+    ) -> None:
+        self.config = config
+        self._runtime = runtime or ProcessRuntime()
+        self._runtime.set_listener(self._on_process_change)
+        self._clock = clock
+        self._port_picker = port_picker
+        self._supervise_interval_seconds = supervise_interval_seconds
+        self._sample_interval_seconds = sample_interval_seconds
+        self._nodes = tuple(n.to_node() for n in config.nodes)
+        self._models = {m.key: m for m in config.models}
+        # One lock guards everything below; the condition wakes requests waiting for a backend.
+        self._cond = threading.Condition(threading.RLock())
+        self._replicas: dict[str, list[ManagedProcess]] = {key: [] for key in self._models}
+        self._last_request: dict[str, float] = {}
+        self._failure: dict[str, str] = {}
+        self._observed: dict[str, MemorySample] = {}
+        self._peak_bytes: dict[str, int] = {}
+        self._last_observation: dict[str, float] = {}
+        self._last_hint: dict[str, str | None] = {}
+        self._closing = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> LocalScaler:
+        """Start the runtime and the supervisor (cooldown, memory sampling); returns self."""
+        self._runtime.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._supervise, name="ibc-local-supervisor", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout_seconds: float | None = None) -> None:
+        """Refuse new starts, stop every model process and wait for them (see ProcessRuntime.shutdown)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._stop.set()
+        self._runtime.shutdown(timeout_seconds)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # -- the Scaler protocol ----------------------------------------------------------------------
+
+    def view(self) -> ClusterView:
+        """The budget view: config nodes and models, with every live process as a placement."""
+        with self._cond:
+            return self._view_locked()
+
+    def backends(self, model_key: str) -> list[str]:
+        """Base URLs of ready replicas."""
+        model = self._model(model_key)
+        with self._cond:
+            return self._ready_urls(model.key)
+
+    def scale_up(self, model_key: str, replicas: int) -> None:
+        """Start processes until `replicas` are running, if the budget allows; ScaleDenied if not."""
+        model = self._model(model_key)
+        with self._cond:
+            if self._closing:
+                raise ScalerUnavailable("ibc local is shutting down")
+            alive = self._replicas[model.key]
+            stopping = sum(1 for p in alive if p.phase is Phase.STOPPING)
+            if replicas <= len(alive) - stopping:
+                return
+            now = self._clock()
+            # A replica still shutting down holds its memory: ask for room beside it.
+            decision = decide_scale(self._view_locked(), model.key, replicas + stopping, now)
+            if not decision.allowed:
+                log.info("denied %s: %s", model.name, decision.message)
+                raise ScaleDenied(decision)
+            for node, count in sorted(decision.placements.items()):
+                for _ in range(count):
+                    self._start_locked(model, node)
+
+    def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
+        """Block until a replica is ready or `timeout_seconds` pass ([]); ScalerUnavailable if the start failed."""
+        model = self._model(model_key)
+        deadline = time.monotonic() + max(0.0, timeout_seconds)
+        with self._cond:
+            while True:
+                urls = self._ready_urls(model.key)
+                if urls:
+                    return urls
+                starting = any(p.phase is Phase.STARTING for p in self._replicas[model.key])
+                if not starting and model.key in self._failure:
+                    raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    return []
+                self._cond.wait(remaining)
+
+    def touch(self, model_key: str, now: float) -> None:
+        """Record a request: the idle clock restarts."""
+        model = self._model(model_key)
+        with self._cond:
+            if now > self._last_request.get(model.key, 0.0):
+                self._last_request[model.key] = now
+
+    def state(self, model_key: str) -> str:
+        """`ready`, `starting`, `stopped` or `failed`."""
+        model = self._model(model_key)
+        with self._cond:
+            phases = {p.phase for p in self._replicas[model.key]}
+            if Phase.READY in phases:
+                return "ready"
+            if Phase.STARTING in phases:
+                return "starting"
+            if model.key in self._failure:
+                return "failed"
+            return "stopped"
+
+    # -- observation ------------------------------------------------------------------------------
+
+    def memory(self, model_ref: str) -> ModelMemory:
+        """Declared and observed memory of one model (raises UnknownModelError)."""
+        model = self._model(model_ref)
+        state = self.state(model.key)
+        with self._cond:
+            sample = self._observed.get(model.key)
+            return ModelMemory(
+                model=model.name,
+                state=state,
+                replicas=sum(1 for p in self._replicas[model.key] if p.phase is not Phase.STOPPING),
+                declared_bytes=model.memory_bytes,
+                observed_bytes=sample.memory_bytes if sample else None,
+                observed_peak_bytes=self._peak_bytes.get(model.key),
+                source=sample.source if sample else None,
+                last_observation=self._last_observation.get(model.key),
+            )
+
+    def processes(self, model_ref: str) -> list[ManagedProcess]:
+        """The live processes of one model (starting, ready or stopping)."""
+        model = self._model(model_ref)
+        with self._cond:
+            return list(self._replicas[model.key])
+
+    def sample_now(self) -> None:
+        """Read observed memory of every live replica and update current and peak values."""
+        with self._cond:
+            procs = [p for plist in self._replicas.values() for p in plist]
+        samples = self._runtime.sample_memory(procs)
+        now = self._clock()
+        with self._cond:
+            for key, plist in self._replicas.items():
+                mine = [samples[p.pid] for p in plist if p.pid in samples and p.alive]
+                if not mine:
+                    self._observed.pop(key, None)
+                    continue
+                biggest = max(mine, key=lambda s: s.memory_bytes)  # declared memory is per replica
+                self._observed[key] = biggest
+                self._last_observation[key] = now
+                if biggest.memory_bytes > self._peak_bytes.get(key, 0):
+                    self._peak_bytes[key] = biggest.memory_bytes
+                    model = self._models[key]
+                    advice = advise(model.name, model.memory_bytes, self._peak_bytes[key])
+                    # Log when the advice changes, not at every new peak: a hint, not a stream.
+                    if advice.hint and advice.recommendation != self._last_hint.get(key):
+                        log.info("%s; %s", advice.hint, advice.recommendation)
+                    self._last_hint[key] = advice.recommendation
+
+    def stop_idle(self, now: float | None = None) -> list[str]:
+        """Stop models idle for their cooldown; returns their names. Run by the supervisor every second."""
+        now = self._clock() if now is None else now
+        stopped = []
+        with self._cond:
+            for key, plist in self._replicas.items():
+                model = self._models[key]
+                ready = [p for p in plist if p.phase is Phase.READY]
+                if model.cooldown_seconds <= 0 or not ready:
+                    continue
+                if any(p.phase is Phase.STARTING for p in plist):
+                    continue  # a scale-up is in flight; someone is waiting for it
+                view_model = model.to_model(last_request_time=self._last_request.get(key))
+                idle_for = idle_seconds(view_model, [p.started_at for p in plist], now)
+                if idle_for < model.cooldown_seconds:
+                    continue
+                log.info(
+                    "%s idle for %ds (cooldown %ds): stopping it to free %s",
+                    model.name,
+                    idle_for,
+                    model.cooldown_seconds,
+                    format_bytes(model.memory_bytes * len(ready)),
+                )
+                for proc in ready:
+                    self._runtime.stop(proc)
+                stopped.append(model.name)
+        return stopped
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _model(self, ref: str) -> LocalModel:
+        model = self._models.get(ref) or self.config.model(ref)
+        if model is None:
+            raise UnknownModelError(f"unknown model {ref!r}")
+        return model
+
+    def _ready_urls(self, key: str) -> list[str]:
+        return [p.spec.base_url for p in self._replicas[key] if p.phase is Phase.READY]
+
+    def _view_locked(self) -> ClusterView:
+        models = []
+        placements = []
+        for key, model in self._models.items():
+            plist = self._replicas[key]
+            models.append(model.to_model(replicas=len(plist), last_request_time=self._last_request.get(key)))
+            for p in plist:
+                placements.append(
+                    Placement(
+                        pod=f"{key}-{p.pid}",
+                        node=p.spec.node,
+                        memory_bytes=model.memory_bytes,
+                        model=key,
+                        uid=f"pid-{p.pid}-{p.started_at}",
+                        phase="Running",
+                        started_at=p.started_at,
+                        ready=p.phase is Phase.READY,
+                    )
+                )
+        return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
+
+    def _start_locked(self, model: LocalModel, node_name: str) -> None:
+        node = self.config.node(node_name)
+        assert node is not None, node_name  # the decision only places on config nodes
+        port = self._port_picker()
+        spec = ProcessSpec(
+            owner=model.key,
+            name=model.name,
+            argv=tuple(resolve_command(model.argv(port=port, node=node.name))),
+            port=port,
+            health_url=model.health_url(port=port, node=node.name),
+            node=node.name,
+            env={**node.env, **model.env},
+            startup_timeout_seconds=model.startup_timeout_seconds,
+            stop_grace_seconds=model.stop_grace_seconds,
+        )
+        try:
+            proc = self._runtime.spawn(spec)
+        except ProcessError as exc:
+            self._failure[model.key] = f"could not start: {exc}"
+            raise ScalerUnavailable(str(exc)) from exc
+        self._failure.pop(model.key, None)
+        self._replicas[model.key].append(proc)
+        self._cond.notify_all()
+
+    def _on_process_change(self, proc: ManagedProcess) -> None:
+        """Runtime callback: a replica became ready, began stopping or exited."""
+        with self._cond:
+            plist = self._replicas.get(proc.spec.owner)
+            if plist is not None and proc.phase is Phase.EXITED and proc in plist:
+                plist.remove(proc)  # its memory is free from now on
+                if proc.failure:
+                    self._failure[proc.spec.owner] = proc.failure
+            self._cond.notify_all()
+
+    def _supervise(self) -> None:
+        next_sample = 0.0
+        while not self._stop.wait(self._supervise_interval_seconds):
+            try:
+                self.stop_idle()
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + self._sample_interval_seconds
+                    self.sample_now()
+            except Exception:
+                log.exception("local supervisor iteration failed")
+
+
+def iso_time(seconds: float | None) -> str | None:
+    """RFC 3339 UTC (`2024-01-15T10:30:00Z`) as the InferenceModel status writes it."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def metrics_body(memory: ModelMemory) -> dict[str, Any]:
+    """The JSON of `GET /models/{name}/metrics`: the InferenceModel status fields, plus bytes for programs."""
+    peak = memory.observed_peak_bytes
+    advice = advise(memory.model, memory.declared_bytes, peak) if peak is not None else None
+    return {
+        "model": memory.model,
+        "state": memory.state,
+        "replicas": memory.replicas,
+        "declaredMemory": format_bytes(memory.declared_bytes),
+        "declaredMemoryBytes": memory.declared_bytes,
+        "observedMemoryBytes": memory.observed_bytes,
+        "observedPeakMemory": format_bytes(_round_up_mi(peak)) if peak is not None else None,
+        "observedPeakMemoryBytes": peak,
+        "utilizationPercent": advice.utilization_percent if advice else None,
+        "utilizationRatio": round(advice.utilization_ratio, 4) if advice else None,
+        "recommendation": advice.recommendation if advice else None,
+        "recommendationBytes": advice.recommendation_bytes if advice else None,
+        "lastObservation": iso_time(memory.last_observation),
+        "memorySource": memory.source,
+    }
+
+
+def _round_up_mi(n: int) -> int:
+    return -(-n // 2**20) * 2**20
+
+
+def resolve_command(argv: list[str]) -> list[str]:
+    """`ibc ...` runs as this interpreter's `python -m ibc ...`: the same install, with or without PATH."""
+    if argv and argv[0] == "ibc":
+        return [sys.executable, "-m", "ibc", *argv[1:]]
+    return argv
