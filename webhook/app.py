@@ -1,0 +1,240 @@
+"""The webhook's HTTP edge: `POST /validate` (AdmissionReview v1), `GET /livez`, `/readyz`, `/metrics`.
+
+Every review gets a well-formed answer with its uid echoed: a decision, a 400 deny for a malformed
+object, a 429 "retry" when the ledger stays contended or the cache has not synced, a 503 when the
+ledger cannot be reached. Only a body with no uid to echo (not JSON, not an AdmissionReview) gets a
+plain HTTP 400 JSON error. The decision itself is :mod:`webhook.admit`; the race-free commit is the
+:class:`webhook.ledger.Ledger` handed in (the ConfigMap ledger live, an in-process lock offline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from budget import BudgetError, ClusterView
+from webhook.admit import BUSY_CODE, Classifier, Demand, LookupFailed, ObjectLookup, decide
+from webhook.ledger import Ledger, LedgerBusy, LedgerEntry, LedgerUnavailable, Outcome
+from webhook.metrics import Metrics
+from webhook.review import (
+    AdmissionRequest,
+    MalformedReview,
+    ReviewError,
+    Verdict,
+    denied,
+    parse_review,
+    review_response,
+)
+from webhook.settings import WebhookSettings
+
+log = logging.getLogger(__name__)
+
+
+class ViewSource(Protocol):
+    """Where the budget view comes from: `kubeview.ClusterCache` live, or one filled from a snapshot."""
+
+    @property
+    def synced(self) -> bool: ...
+
+    def view(self) -> ClusterView: ...
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None: ...
+
+
+class CacheLookup:
+    """Parents of `/scale` requests from the cache only (offline mode and tests)."""
+
+    def __init__(self, source: ViewSource) -> None:
+        self.source = source
+
+    def inference_model(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return self.source.get("InferenceModel", namespace, name)
+
+    def deployment(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return self.source.get("Deployment", namespace, name)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message, "code": status}, status)
+
+
+class Admitter:
+    """Classify, decide on the view plus the ledger, commit: one review in, one Verdict out."""
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        source: ViewSource,
+        ledger: Ledger,
+        lookup: ObjectLookup,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.ledger = ledger
+        self.metrics = metrics
+        self.classifier = Classifier(lookup, warn_over_ratio=settings.warn_over_ratio)
+
+    def _reflected(self, entry: LedgerEntry) -> bool:
+        """True when the cached objects already ask for at least the entry's replicas."""
+        model = self.source.view().models.get(entry.model)
+        return model is not None and model.replicas >= entry.replicas
+
+    def admit(self, req: AdmissionRequest) -> Verdict:
+        """The verdict for one parsed review; never raises for bad input or a busy ledger."""
+        try:
+            result = self.classifier.classify(req)
+            if isinstance(result, Verdict):
+                return result
+            return self._decide(req, result)
+        except ReviewError as exc:
+            return denied(400, "invalid_object", exc.message)
+        except BudgetError as exc:
+            return denied(400, "invalid_object", str(exc))
+        except LookupFailed as exc:
+            return denied(503, "lookup_failed", f"the budget webhook cannot read {exc}; retry")
+
+    def _decide(self, req: AdmissionRequest, demand: Demand) -> Verdict:
+        if self.settings.require_synced and not self.source.synced:
+            return denied(BUSY_CODE, "not_synced", "the budget webhook has not synced its cluster view yet; retry")
+
+        def attempt(entries: tuple[LedgerEntry, ...], now: float) -> Outcome:
+            return decide(
+                demand,
+                self.source.view(),
+                entries,
+                now,
+                deny_code=self.settings.deny_code,
+                ttl_seconds=self.settings.ledger_ttl_seconds,
+            )
+
+        try:
+            outcome = self.ledger.transact(attempt, dry_run=req.dry_run, reflected=self._reflected)
+        except LedgerBusy as exc:
+            self.metrics.ledger_conflicts.inc(exc.attempts)
+            log.warning("%s: ledger busy after %d attempts", demand.what, exc.attempts)
+            return denied(
+                BUSY_CODE,
+                "busy",
+                f"admission is busy: {exc.attempts} concurrent scale-ups changed the budget ledger while "
+                "this one was decided; retry",
+            )
+        except LedgerUnavailable as exc:
+            log.error("%s: admission ledger unavailable: %s", demand.what, exc)
+            return denied(503, "ledger_unavailable", f"the budget webhook cannot reach its admission ledger: {exc}")
+        if outcome.attempts > 1:
+            self.metrics.ledger_conflicts.inc(outcome.attempts - 1)
+        verdict = outcome.verdict
+        log.log(
+            logging.INFO if outcome.commit or not verdict.allowed else logging.DEBUG,
+            "%s: %s (%s)%s",
+            demand.what,
+            "allowed" if verdict.allowed else "denied",
+            verdict.reason,
+            " [dry run]" if req.dry_run else "",
+            extra={"uid": req.uid, "dry_run": req.dry_run, "attempts": outcome.attempts},
+        )
+        return verdict
+
+
+def create_app(
+    settings: WebhookSettings,
+    source: ViewSource,
+    ledger: Ledger,
+    *,
+    lookup: ObjectLookup | None = None,
+    metrics: Metrics | None = None,
+) -> Flask:
+    """The webhook app: one admitter and one metrics registry per app (per worker process)."""
+    app = Flask("webhook")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    metrics = metrics or Metrics()
+    admitter = Admitter(settings, source, ledger, lookup or CacheLookup(source), metrics)
+    app.extensions["ibc_webhook"] = admitter
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            return _error(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes")
+        return _error(exc.code or 400, f"{exc.name}: {request.method} {request.path}")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, f"internal error in the inference budget webhook: {type(exc).__name__}")
+
+    @app.post("/validate")
+    def validate() -> Response:
+        started = time.perf_counter()
+        length = request.content_length
+        if length is not None and length > settings.max_request_bytes:
+            return _error(413, f"request body is {length} bytes; the limit is {settings.max_request_bytes} bytes")
+        body = request.get_data(cache=False)
+        try:
+            req = parse_review(body)
+        except MalformedReview as exc:
+            if not exc.uid:
+                metrics.bad_requests.inc()
+                log.info("refused a body that is not an AdmissionReview: %s", exc.message)
+                return _error(400, exc.message)
+            metrics.reviews.labels("unknown", "denied", "malformed").inc()
+            return _json(review_response(exc.uid, denied(400, "malformed", f"malformed AdmissionReview: {exc}")))
+        try:
+            verdict = admitter.admit(req)
+        except Exception as exc:  # a bug must still produce an answer the apiserver can read
+            log.exception("unexpected error reviewing %s", req.target)
+            verdict = denied(500, "internal_error", f"internal error in the inference budget webhook: {exc!r}")
+        resource = req.resource + (f"/{req.sub_resource}" if req.sub_resource else "")
+        metrics.reviews.labels(resource, "allowed" if verdict.allowed else "denied", verdict.reason).inc()
+        response = _json(review_response(req.uid, verdict))
+        metrics.review_seconds.labels(resource).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/livez")
+    def livez() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if not settings.require_synced or source.synced:
+            return _json({"status": "ready", "ledger": ledger.mode})
+        return _json({"status": "syncing", "message": "the cluster view has not synced yet"}, 503)
+
+    @app.get("/metrics")
+    def metrics_() -> Response:
+        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/ledger")
+    def ledger_() -> Response:
+        now = time.time()
+        try:
+            entries = ledger.entries()
+        except LedgerUnavailable as exc:
+            return _error(503, str(exc))
+        return _json(
+            {
+                "mode": ledger.mode,
+                "entries": [
+                    {
+                        "model": e.model,
+                        "replicas": e.replicas,
+                        "memoryBytes": e.memory_bytes,
+                        "expiresInSeconds": round(e.expires_at - now, 3),
+                    }
+                    for e in entries
+                ],
+            }
+        )
+
+    return app
+

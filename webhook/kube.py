@@ -1,0 +1,276 @@
+"""The webhook's doors to the API server: the shared ConfigMap ledger, parent lookups, the live cache.
+
+Why this module exists: the admission logic (:mod:`webhook.admit`) and the ledger rules
+(:mod:`webhook.ledger`) are pure; everything here does I/O through a kubernetes ``ApiClient`` with raw
+JSON (the generated models are slow and their call convention changed in kubernetes 37:
+``param_serialize`` then ``call_api(method, url, ...)``).
+
+:class:`ConfigMapLedger` is ResourceQuota admission's pattern applied to memory: read the ledger with a
+fresh GET (never the cache), decide, then PUT with the resourceVersion read; a 409 means another
+admitter (thread, worker or replica) committed first, so re-read and re-decide, a bounded number of
+times. A process-wide lock keeps threads of one worker from racing each other, so conflicts only come
+from other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+from urllib.parse import quote
+
+from kubernetes.client.exceptions import ApiException
+
+from budget.objects import LABEL_MODEL
+from kubeview import ClusterCache
+from webhook.admit import LookupFailed
+from webhook.ledger import (
+    DEFAULT_PRUNE_GRACE_SECONDS,
+    DEFAULT_TTL_SECONDS,
+    Decide,
+    LedgerBusy,
+    LedgerEntry,
+    LedgerUnavailable,
+    Outcome,
+    Reflected,
+    decode,
+    encode,
+    live,
+    merged,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP = "inference.eh-ops.io"
+VERSION = "v1alpha1"
+LEDGER_LABELS = {"app.kubernetes.io/name": "ibc-webhook", "app.kubernetes.io/component": "admission-ledger"}
+
+
+class ApiError(Exception):
+    """A non-2xx answer or a transport failure; `status` is 0 when the server was not reached."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _status_message(data: bytes | str | None, fallback: str) -> str:
+    if not data:
+        return fallback
+    try:
+        body = json.loads(data)
+        if isinstance(body, Mapping) and body.get("message"):
+            return str(body["message"])
+    except ValueError:
+        pass
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return text[:300]
+
+
+def raw_request(
+    api: Any,
+    method: str,
+    path: str,
+    *,
+    query: Mapping[str, Any] | None = None,
+    body: Any = None,
+    timeout: float | tuple[float, float] = 5.0,
+) -> Any:
+    """One request through a kubernetes ``ApiClient``; the unread urllib3 response (2xx) or ApiError."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        serialized = api.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = api.call_api(*serialized, _request_timeout=timeout)
+    except ApiException as exc:
+        raise ApiError(exc.status or 0, _status_message(exc.body, exc.reason or "error")) from exc
+    except Exception as exc:  # urllib3 connection errors and timeouts
+        raise ApiError(0, f"{method} {path}: {exc}") from exc
+    raw = resp.response
+    if not 200 <= resp.status <= 299:
+        data = raw.data
+        raw.release_conn()
+        raise ApiError(resp.status, _status_message(data, resp.reason or "error"))
+    return raw
+
+
+def request_json(api: Any, method: str, path: str, **kwargs: Any) -> Any:
+    """raw_request, with the body read and parsed."""
+    raw = raw_request(api, method, path, **kwargs)
+    try:
+        return json.loads(raw.data)
+    finally:
+        raw.release_conn()
+
+
+class LiveCache(ClusterCache):
+    """`kubeview.ClusterCache` with its request adapted to kubernetes 37 (see the module docstring).
+
+    kubeview's `_request` still uses the pre-37 `call_api(path, method, query_params=...)` signature;
+    drop this subclass once it is fixed there.
+    """
+
+    def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
+        try:
+            return raw_request(self.api, "GET", path, query=query, timeout=timeout)
+        except ApiError as exc:
+            raise ApiException(status=exc.status, reason=exc.message) from exc
+
+
+def webhook_cache(api: Any, namespace: str | None = None) -> ClusterCache:
+    """The cache the webhook needs: nodes, model pods, model Deployments, InferenceModels."""
+    return LiveCache(
+        api,
+        kinds=("Node", "Pod", "Deployment", "InferenceModel"),
+        namespace=namespace,
+        label_selectors={"Pod": LABEL_MODEL, "Deployment": LABEL_MODEL},
+    )
+
+
+class ApiLookup:
+    """Parents of `/scale` requests: the cache first, then a GET (a just-created object may not be cached)."""
+
+    def __init__(self, cache: ClusterCache, api: Any, *, timeout_seconds: float = 2.0) -> None:
+        self.cache = cache
+        self.api = api
+        self.timeout_seconds = timeout_seconds
+
+    def _get(self, what: str, path: str) -> Mapping[str, Any] | None:
+        try:
+            obj = request_json(self.api, "GET", path, timeout=self.timeout_seconds)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise LookupFailed(f"{what}: {exc.status or 'unreachable'} {exc.message}") from exc
+        return obj if isinstance(obj, dict) else None
+
+    def inference_model(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        cached = self.cache.get("InferenceModel", namespace, name)
+        if cached is not None:
+            return cached
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/inferencemodels/{quote(name)}"
+        return self._get(f"InferenceModel {namespace}/{name}", path)
+
+    def deployment(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        cached = self.cache.get("Deployment", namespace, name)
+        if cached is not None:
+            return cached
+        # The cache holds only labelled (model) Deployments: anything else is read by name.
+        path = f"/apis/apps/v1/namespaces/{quote(namespace)}/deployments/{quote(name)}"
+        return self._get(f"Deployment {namespace}/{name}", path)
+
+
+class _Conflict(Exception):
+    """The ledger changed since it was read (409): re-read and re-decide."""
+
+
+class ConfigMapLedger:
+    """The admission ledger in a ConfigMap, committed with optimistic concurrency before allowing."""
+
+    mode = "configmap"
+
+    def __init__(
+        self,
+        api: Any,
+        namespace: str,
+        name: str,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        prune_grace_seconds: float = DEFAULT_PRUNE_GRACE_SECONDS,
+        max_attempts: int = 8,
+        deadline_seconds: float = 3.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.name = name
+        self.ttl_seconds = ttl_seconds
+        self.prune_grace_seconds = prune_grace_seconds
+        self.max_attempts = max_attempts
+        self.deadline_seconds = deadline_seconds
+        self.clock = clock
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self.path = f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}"
+
+    def _timeout(self, deadline: float) -> float:
+        return max(0.2, min(2.0, deadline - time.monotonic()))
+
+    def read(self, timeout: float = 2.0) -> tuple[tuple[LedgerEntry, ...], str | None]:
+        """All entries (expired too) and the resourceVersion; (), None when the ConfigMap does not exist."""
+        try:
+            obj = request_json(self.api, "GET", self.path, timeout=timeout)
+        except ApiError as exc:
+            if exc.status == 404:
+                return (), None
+            raise LedgerUnavailable(
+                f"reading ConfigMap {self.namespace}/{self.name}: {exc.status or 'unreachable'} {exc.message}"
+            ) from exc
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        return decode(obj.get("data")), str(rv) if rv else None
+
+    def write(self, entries: tuple[LedgerEntry, ...], resource_version: str | None, timeout: float = 2.0) -> None:
+        """Replace the ledger if it is still at `resource_version` (create it when None); _Conflict if not."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": self.name, "namespace": self.namespace, "labels": LEDGER_LABELS},
+            "data": encode(entries),
+        }
+        try:
+            if resource_version is None:
+                path = f"/api/v1/namespaces/{quote(self.namespace)}/configmaps"
+                raw_request(self.api, "POST", path, body=body, timeout=timeout).release_conn()
+            else:
+                body["metadata"]["resourceVersion"] = resource_version
+                raw_request(self.api, "PUT", self.path, body=body, timeout=timeout).release_conn()
+        except ApiError as exc:
+            if exc.status == 409:  # Conflict on PUT, AlreadyExists on POST: someone else wrote first
+                raise _Conflict() from exc
+            raise LedgerUnavailable(
+                f"writing ConfigMap {self.namespace}/{self.name}: {exc.status or 'unreachable'} {exc.message}"
+            ) from exc
+
+    def transact(self, decide: Decide, *, dry_run: bool, reflected: Reflected) -> Outcome:
+        deadline = time.monotonic() + self.deadline_seconds
+        if not self._lock.acquire(timeout=self.deadline_seconds):
+            raise LedgerBusy("timed out waiting for this process's other admissions", attempts=0)
+        try:
+            attempt = 0
+            while True:
+                attempt += 1
+                entries, rv = self.read(self._timeout(deadline))
+                now = self.clock()
+                outcome = decide(live(entries, now), now)
+                if outcome.commit is None or dry_run:
+                    return replace(outcome, attempts=attempt)
+                new = merged(entries, outcome.commit, now, reflected, self.prune_grace_seconds)
+                try:
+                    self.write(new, rv, self._timeout(deadline))
+                    return replace(outcome, attempts=attempt)
+                except _Conflict:
+                    log.debug("admission ledger conflict on attempt %d for %s", attempt, outcome.commit.model)
+                if attempt >= self.max_attempts or time.monotonic() >= deadline:
+                    raise LedgerBusy(f"lost the ledger race {attempt} times", attempts=attempt)
+                # Jittered exponential backoff (2, 4, 8 ... ms, at most 50 ms) spreads the racers apart.
+                self.sleep(random.uniform(0.5, 1.0) * min(0.05, 0.001 * 2**attempt))
+        finally:
+            self._lock.release()
+
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        return live(self.read()[0], self.clock())
