@@ -1,0 +1,182 @@
+"""The extender's HTTP edge: kube-scheduler's `POST /filter`, `/prioritize`, `/bind`, plus probes and metrics.
+
+The edge checks the envelope first (method, `Content-Type: application/json`, size cap, JSON, field
+types), then asks :class:`extender.service.Extender` and serializes its answer. Bad requests get a
+4xx with `{"Error": "..."}` (the key the scheduler's verbs use): 400 malformed, 413 too large, 415
+not JSON; never a 500 for bad input. "Does not fit" is a 200 with no nodes and stable reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from extender.metrics import Metrics
+from extender.reservations import ReservationBook
+from extender.service import Extender
+from extender.settings import Settings
+from extender.source import CacheSource
+from extender.wire import WireError, filter_result, host_priorities, parse_binding_args, parse_extender_args
+
+log = logging.getLogger(__name__)
+
+
+class EnvelopeError(Exception):
+    """A request refused before any decision; carries its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"Error": message}, status)
+
+
+def _read_capped(max_bytes: int) -> bytes:
+    """Read at most `max_bytes` (a chunked body has no Content-Length to check up front)."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = request.stream.read(min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise EnvelopeError(413, f"request body exceeds the limit of {max_bytes} bytes")
+
+
+def _read_json(max_bytes: int) -> Any:
+    """The request body as JSON, or an EnvelopeError saying exactly what is wrong with it."""
+    if request.mimetype != "application/json":
+        got = request.content_type or "none"
+        raise EnvelopeError(415, f"Content-Type must be application/json, got {got}")
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise EnvelopeError(413, f"request body is {length} bytes; the limit is {max_bytes} bytes")
+    data = _read_capped(max_bytes)
+    if not data:
+        raise EnvelopeError(400, "request body is empty; expected a JSON object")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(400, f"request body is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise EnvelopeError(
+            400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from exc
+    except RecursionError as exc:
+        raise EnvelopeError(400, "request body is nested too deeply to be an extender request") from exc
+
+
+def create_app(
+    settings: Settings,
+    source: CacheSource,
+    *,
+    metrics: Metrics | None = None,
+    book: ReservationBook | None = None,
+) -> Flask:
+    """The extender app: one reservation book and one metrics registry per app (per process)."""
+    app = Flask("extender")
+    # One byte over the cap, so reading past the cap shows the body is too large (werkzeug would
+    # silently truncate a chunked body at exactly MAX_CONTENT_LENGTH).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
+    metrics = metrics or Metrics()
+    extender = Extender(settings, source, book=book, metrics=metrics)
+    app.extensions["ibc_extender"] = extender
+
+    def envelope() -> Any:
+        try:
+            return _read_json(settings.max_request_bytes)
+        except RequestEntityTooLarge as exc:
+            raise EnvelopeError(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes") from exc
+
+    @app.errorhandler(EnvelopeError)
+    def _envelope_error(exc: EnvelopeError) -> Response:
+        metrics.bad_requests.labels(request.path.strip("/") or "root").inc()
+        log.info("refused %s %s: %s", request.method, request.path, exc.message)
+        return _error(exc.status, exc.message)
+
+    @app.errorhandler(WireError)
+    def _wire_error(exc: WireError) -> Response:
+        metrics.bad_requests.labels(request.path.strip("/") or "root").inc()
+        log.info("refused %s %s: %s", request.method, request.path, exc)
+        return _error(400, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            return _error(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes")
+        return _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, f"internal error in the inference budget extender: {type(exc).__name__}")
+
+    @app.post("/filter")
+    def filter_() -> Response:
+        started = time.perf_counter()
+        args = parse_extender_args(envelope())
+        answer = extender.filter(args)
+        body = filter_result(args, answer.passed, answer.failed, answer.unresolvable, answer.error)
+        response = _json(body)
+        metrics.filter_seconds.labels(args.form).observe(time.perf_counter() - started)
+        return response
+
+    @app.post("/prioritize")
+    def prioritize() -> Response:
+        args = parse_extender_args(envelope())
+        return _json(host_priorities(extender.prioritize(args)))
+
+    @app.post("/bind")
+    def bind() -> Response:
+        args = parse_binding_args(envelope())
+        if not settings.bind_pods:
+            message = "this extender was started with --no-bind; remove bindVerb from the scheduler config"
+            return _json({"Error": message})
+        answer = extender.bind(args.pod_namespace, args.pod_name, args.pod_uid, args.node)
+        return _json({"Error": answer.error})
+
+    @app.get("/livez")
+    def livez() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if source.synced:
+            return _json({"status": "ready"})
+        return _json({"status": "syncing", "message": "the cluster view has not synced yet"}, 503)
+
+    @app.get("/metrics")
+    def metrics_() -> Response:
+        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/debug/reservations")
+    def reservations() -> Response:
+        now = extender.clock()
+        held = [
+            {
+                "uid": r.uid,
+                "pod": r.pod,
+                "model": r.model,
+                "node": r.node,
+                "memoryBytes": r.memory_bytes,
+                "expiresInSeconds": round(r.expires_at - now, 3),
+            }
+            for r in extender.book.live(now)
+        ]
+        return _json({"reservations": held})
+
+    return app
