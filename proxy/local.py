@@ -13,24 +13,35 @@ the budget's `idle_for`: idle since the later of the last request and the proces
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from budget import ClusterView, Placement, UnknownModelError, advise, decide_scale, format_bytes, idle_seconds
-from proxy.local_config import LocalConfig, LocalModel
+from proxy.local_config import NAMESPACE, LocalConfig, LocalModel
 from proxy.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
 from proxy.scaler import ScaleDenied, ScalerUnavailable
+
+if TYPE_CHECKING:
+    from proxy.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SUPERVISE_INTERVAL_SECONDS = 1.0
 """How often idle models are checked against their cooldown: cooldowns are minutes, 1 s is precise enough."""
+
+VIEW_IDLE_RESOLUTION_SECONDS = 1.0
+"""A request refreshes the cached view's idle clock at most this often (429 bodies show whole seconds)."""
 
 DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
 """How often observed memory is read from /proc (and nvidia-smi): a peak is a trend, not a spike hunt."""
@@ -43,6 +54,7 @@ class ModelMemory:
     model: str
     state: str
     replicas: int
+    ready_replicas: int
     declared_bytes: int
     observed_bytes: int | None
     observed_peak_bytes: int | None
@@ -81,6 +93,7 @@ class LocalScaler:
         self._peak_bytes: dict[str, int] = {}
         self._last_observation: dict[str, float] = {}
         self._last_hint: dict[str, str | None] = {}
+        self._view: ClusterView | None = None  # cached until something a decision reads changes
         self._closing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,9 +121,11 @@ class LocalScaler:
     # -- the Scaler protocol ----------------------------------------------------------------------
 
     def view(self) -> ClusterView:
-        """The budget view: config nodes and models, with every live process as a placement."""
+        """The budget view: config nodes and models, with every live process as a placement (cached)."""
         with self._cond:
-            return self._view_locked()
+            if self._view is None:
+                self._view = self._view_locked()
+            return self._view
 
     def backends(self, model_key: str) -> list[str]:
         """Base URLs of ready replicas."""
@@ -150,8 +165,10 @@ class LocalScaler:
                 starting = any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
                     raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
+                if self._closing:
+                    raise ScalerUnavailable("ibc local is shutting down")
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closing:
+                if remaining <= 0:
                     return []
                 self._cond.wait(remaining)
 
@@ -159,8 +176,12 @@ class LocalScaler:
         """Record a request: the idle clock restarts."""
         model = self._model(model_key)
         with self._cond:
-            if now > self._last_request.get(model.key, 0.0):
+            previous = self._last_request.get(model.key, 0.0)
+            if now > previous:
                 self._last_request[model.key] = now
+                cached = self._view.models[model.key].last_request_time if self._view is not None else None
+                if now - (cached or 0.0) >= VIEW_IDLE_RESOLUTION_SECONDS:
+                    self._view = None  # idle times in a 429 are whole seconds; no need to rebuild per request
 
     def state(self, model_key: str) -> str:
         """`ready`, `starting`, `stopped` or `failed`."""
@@ -187,6 +208,7 @@ class LocalScaler:
                 model=model.name,
                 state=state,
                 replicas=sum(1 for p in self._replicas[model.key] if p.phase is not Phase.STOPPING),
+                ready_replicas=sum(1 for p in self._replicas[model.key] if p.phase is Phase.READY),
                 declared_bytes=model.memory_bytes,
                 observed_bytes=sample.memory_bytes if sample else None,
                 observed_peak_bytes=self._peak_bytes.get(model.key),
@@ -306,6 +328,7 @@ class LocalScaler:
             raise ScalerUnavailable(str(exc)) from exc
         self._failure.pop(model.key, None)
         self._replicas[model.key].append(proc)
+        self._view = None
         self._cond.notify_all()
 
     def _on_process_change(self, proc: ManagedProcess) -> None:
@@ -316,6 +339,7 @@ class LocalScaler:
                 plist.remove(proc)  # its memory is free from now on
                 if proc.failure:
                     self._failure[proc.spec.owner] = proc.failure
+            self._view = None
             self._cond.notify_all()
 
     def _supervise(self) -> None:
@@ -338,24 +362,30 @@ def iso_time(seconds: float | None) -> str | None:
 
 
 def metrics_body(memory: ModelMemory) -> dict[str, Any]:
-    """The JSON of `GET /models/{name}/metrics`: the InferenceModel status fields, plus bytes for programs."""
+    """The JSON of `GET /models/{name}/metrics`: the controller's fields, plus the live state and current use."""
     peak = memory.observed_peak_bytes
     advice = advise(memory.model, memory.declared_bytes, peak) if peak is not None else None
     return {
         "model": memory.model,
-        "state": memory.state,
-        "replicas": memory.replicas,
+        "namespace": NAMESPACE,
+        "modelName": memory.model,
         "declaredMemory": format_bytes(memory.declared_bytes),
         "declaredMemoryBytes": memory.declared_bytes,
-        "observedMemoryBytes": memory.observed_bytes,
         "observedPeakMemory": format_bytes(_round_up_mi(peak)) if peak is not None else None,
         "observedPeakMemoryBytes": peak,
         "utilizationPercent": advice.utilization_percent if advice else None,
         "utilizationRatio": round(advice.utilization_ratio, 4) if advice else None,
+        "recommendedMemory": format_bytes(advice.recommendation_bytes)
+        if advice and advice.recommendation_bytes
+        else None,
         "recommendation": advice.recommendation if advice else None,
-        "recommendationBytes": advice.recommendation_bytes if advice else None,
         "lastObservation": iso_time(memory.last_observation),
-        "memorySource": memory.source,
+        "replicas": memory.replicas,
+        "readyReplicas": memory.ready_replicas,
+        "source": memory.source or "none",
+        "state": memory.state,
+        "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
+        "observedMemoryBytes": memory.observed_bytes,
     }
 
 
@@ -368,3 +398,73 @@ def resolve_command(argv: list[str]) -> list[str]:
     if argv and argv[0] == "ibc":
         return [sys.executable, "-m", "ibc", *argv[1:]]
     return argv
+
+
+class LocalMemoryCollector(Collector):
+    """The controller's three `inference_model_memory_*` gauges (plus current use), read at each scrape."""
+
+    def __init__(self, scaler: LocalScaler) -> None:
+        self._scaler = scaler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "namespace"]
+        declared = GaugeMetricFamily(
+            "inference_model_memory_declared_bytes",
+            "Memory declared in the local config (models[].memory)",
+            labels=labels,
+        )
+        peak = GaugeMetricFamily(
+            "inference_model_memory_observed_peak_bytes", "Peak memory one replica was observed to use", labels=labels
+        )
+        ratio = GaugeMetricFamily(
+            "inference_model_memory_utilization_ratio", "Observed peak divided by declared memory", labels=labels
+        )
+        current = GaugeMetricFamily(
+            "inference_model_memory_observed_bytes", "Memory the largest replica uses now", labels=labels
+        )
+        for model in self._scaler.config.models:
+            memory = self._scaler.memory(model.key)
+            values = [model.name, NAMESPACE]
+            declared.add_metric(values, float(memory.declared_bytes))
+            if memory.observed_peak_bytes is not None:
+                peak.add_metric(values, float(memory.observed_peak_bytes))
+                ratio.add_metric(values, memory.observed_peak_bytes / memory.declared_bytes)
+            if memory.observed_bytes is not None:
+                current.add_metric(values, float(memory.observed_bytes))
+        yield from (declared, peak, ratio, current)
+
+
+def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
+    """Add `GET /models/{name}/metrics` and the memory gauges to an app built by `proxy.app.create_app`."""
+    from proxy.app import error_response
+
+    proxy = app.extensions.get("ibc_proxy")
+    authorized = getattr(proxy, "authorized", None) or getattr(proxy, "_authorized", None)
+    unauthorized = getattr(proxy, "unauthorized", None) or getattr(proxy, "_unauthorized", None)
+
+    def model_metrics(name: str) -> Response:
+        if authorized is not None and unauthorized is not None and not authorized():
+            return unauthorized()  # type: ignore[no-any-return]
+        try:
+            memory = scaler.memory(name)
+        except UnknownModelError:
+            return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
+        return Response(json.dumps(metrics_body(memory)), 200, mimetype="application/json")
+
+    app.add_url_rule("/models/<name>/metrics", "local_model_metrics", model_metrics, methods=["GET"])
+    metrics = getattr(proxy, "metrics", None)
+    if metrics is not None:
+        metrics.registry.register(LocalMemoryCollector(scaler))
+    app.extensions["ibc_local"] = scaler
+
+
+def create_local_app(
+    config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None
+) -> tuple[Flask, LocalScaler]:
+    """The proxy's app with the local scaler (started here) and the local routes; the caller closes the scaler."""
+    from proxy.app import create_app
+
+    scaler = (scaler or LocalScaler(config)).start()
+    app = create_app(settings, scaler)
+    add_local_routes(app, scaler)
+    return app, scaler

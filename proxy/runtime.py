@@ -16,12 +16,14 @@ import atexit
 import contextlib
 import ctypes
 import enum
+import http.client
 import logging
 import os
 import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,13 +32,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-
-import httpx
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 output_log = log.getChild("output")
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TAIL_LINES = 20
 
@@ -146,12 +149,21 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
 
 
 # /proc/<pid>/stat after the ")" closing the command name: state ppid pgrp session ... rss at index 21.
-_STAT_STATE, _STAT_PGRP, _STAT_SESSION, _STAT_RSS = 0, 2, 3, 21
+_STAT_STATE, _STAT_PPID, _STAT_PGRP, _STAT_SESSION, _STAT_RSS = 0, 1, 2, 3, 21
 
 
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """pid -> (process group, session, rss pages) for every live process in /proc (zombies hold nothing)."""
-    table: dict[int, tuple[int, int, int]] = {}
+class ProcInfo(NamedTuple):
+    """What /proc says about one live process."""
+
+    ppid: int
+    pgrp: int
+    session: int
+    rss_pages: int
+
+
+def _proc_table() -> dict[int, ProcInfo]:
+    """Every live process in /proc (zombies hold no memory and cannot be signalled, so they are left out)."""
+    table: dict[int, ProcInfo] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -168,16 +180,48 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
         if fields[:1] in ([b"Z"], [b"X"]):
             continue
         try:
-            table[int(entry)] = (int(fields[_STAT_PGRP]), int(fields[_STAT_SESSION]), int(fields[_STAT_RSS]))
+            table[int(entry)] = ProcInfo(
+                int(fields[_STAT_PPID]), int(fields[_STAT_PGRP]), int(fields[_STAT_SESSION]), int(fields[_STAT_RSS])
+            )
         except (IndexError, ValueError):
             continue
     return table
 
 
-def session_members(session_id: int, table: Mapping[int, tuple[int, int, int]] | None = None) -> list[int]:
+def session_members(session_id: int, table: Mapping[int, ProcInfo] | None = None) -> list[int]:
     """Pids still in the session (or process group) a replica's leader created."""
     rows = _proc_table() if table is None else table
-    return sorted(pid for pid, (pgrp, sid, _) in rows.items() if sid == session_id or pgrp == session_id)
+    return sorted(pid for pid, info in rows.items() if session_id in (info.session, info.pgrp))
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux PR_SET_CHILD_SUBREAPER), so a last sweep can still find them."""
+    if _PRCTL is None:
+        return False
+    return bool(_PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def sweep_children(parent_pid: int, *, grace_seconds: float = 5.0) -> list[int]:
+    """Stop every remaining child of `parent_pid` with all of its session: SIGTERM, then SIGKILL.
+
+    The last line of defence of `ibc local`'s main process, run after its worker is gone: whatever
+    model process the worker could not stop (it was killed) has been re-parented here. Returns the pids.
+    """
+    children = [pid for pid, info in _proc_table().items() if info.ppid == parent_pid]
+    if not children:
+        return []
+    log.warning("stopping %d model process(es) left behind: %s", len(children), children)
+    for pid in children:
+        _signal_tree(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        table = _proc_table()
+        if not any(pid in table or session_members(pid, table) for pid in children):
+            return children
+        time.sleep(0.05)
+    for pid in children:
+        _signal_tree(pid, signal.SIGKILL)
+    return children
 
 
 def _nvidia_used_bytes() -> dict[int, int]:
@@ -213,6 +257,29 @@ def _signal_tree(pid: int, sig: signal.Signals) -> None:
             os.kill(member, sig)
 
 
+def probe_http(url: str, *, timeout_seconds: float = 2.0) -> bool:
+    """True when a GET of `url` answers 2xx. Like a kubelet probe: no proxy, no TLS verification, no logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout_seconds, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout_seconds)
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+        response = conn.getresponse()
+        response.read()
+        return 200 <= response.status < 300
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -237,13 +304,13 @@ class ProcessRuntime:
         poll_interval_seconds: float = 0.1,
         health_interval_seconds: float = 0.2,
         health_timeout_seconds: float = 2.0,
-        http: httpx.Client | None = None,
+        probe: Callable[[str], bool] | None = None,
         forward_output: bool = True,
     ) -> None:
         self._listener = listener
         self._poll_interval_seconds = poll_interval_seconds
         self._health_interval_seconds = health_interval_seconds
-        self._http = http or httpx.Client(timeout=health_timeout_seconds, trust_env=False)
+        self._probe_url = probe or (lambda url: probe_http(url, timeout_seconds=health_timeout_seconds))
         self._forward_output = forward_output
         self._lock = threading.Lock()
         self._live: list[ManagedProcess] = []
@@ -340,12 +407,7 @@ class ProcessRuntime:
         """Poll the health URL until 2xx; give up (and stop the process) after the startup timeout."""
         deadline = time.monotonic() + proc.spec.startup_timeout_seconds
         while proc.phase is Phase.STARTING and not self._closed.is_set():
-            try:
-                response = self._http.get(proc.spec.health_url)
-                healthy = 200 <= response.status_code < 300
-            except httpx.HTTPError:
-                healthy = False
-            if healthy:
+            if self._probe_url(proc.spec.health_url):
                 with proc.lock:
                     if proc.phase is not Phase.STARTING:
                         return
@@ -440,7 +502,7 @@ class ProcessRuntime:
         self._closed.set()
         with self._lock:
             live = list(self._live)
-        if live:
+        if live and not any(p.phase is Phase.STOPPING for p in live):
             log.info("stopping %d model process(es)", len(live))
         for proc in live:
             grace = proc.spec.stop_grace_seconds if timeout_seconds is None else timeout_seconds
@@ -473,7 +535,6 @@ class ProcessRuntime:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
         self._spawn_queue.put(None)
-        self._http.close()
 
     # -- observation ------------------------------------------------------------------------------
 
@@ -491,6 +552,6 @@ class ProcessRuntime:
             if gpu_bytes:
                 samples[proc.pid] = MemorySample(gpu_bytes, "nvidia-smi", tuple(members))
             else:
-                rss = sum(table[pid][2] for pid in members) * _PAGE_SIZE
+                rss = sum(table[pid].rss_pages for pid in members) * _PAGE_SIZE
                 samples[proc.pid] = MemorySample(rss, "rss", tuple(members))
         return samples

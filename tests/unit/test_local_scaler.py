@@ -348,7 +348,8 @@ def test_metrics_report_declared_observed_and_advice(scaler, runtime):
     assert body["observedPeakMemory"] == "75Gi"
     assert body["utilizationPercent"] == 93
     assert body["recommendation"].startswith("Consider reducing memory to 78Gi")
-    assert body["state"] == "ready" and body["replicas"] == 1 and body["memorySource"] == "rss"
+    assert body["recommendedMemory"] == "78Gi" and body["readyReplicas"] == 1
+    assert body["state"] == "ready" and body["replicas"] == 1 and body["source"] == "rss"
     assert body["lastObservation"].endswith("Z")
 
 
@@ -362,3 +363,20 @@ def test_ibc_commands_run_with_this_interpreter():
         "m",
     ]
     assert resolve_command(["vllm", "serve"]) == ["vllm", "serve"]
+
+
+def test_view_is_cached_until_something_a_decision_reads_changes(scaler, runtime, clock):
+    scaler.touch("model-a", clock.now)
+    first = scaler.view()
+    assert first.models["local/model-a"].last_request_time == clock.now
+    assert scaler.view() is first  # the proxy re-indexes models only for a new view object
+    scaler.touch("model-a", clock.now + 0.5)
+    assert scaler.view() is first  # sub-second idle changes do not matter to a 429
+    scaler.touch("model-a", clock.now + 5)
+    second = scaler.view()
+    assert second is not first and second.models["local/model-a"].last_request_time == clock.now + 5
+    scaler.scale_up("model-a", 1)
+    third = scaler.view()
+    assert third is not second and len(third.placements) == 1
+    runtime.ready(runtime.spawned[-1])
+    assert scaler.view().placements[0].ready

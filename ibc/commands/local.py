@@ -1,0 +1,170 @@
+"""`ibc local`: the whole product on one machine, with no cluster: the proxy, the budget, and models as processes.
+
+Local mode is the proxy's request path (`proxy.app.create_app`) with the local scaler
+(`proxy.local.LocalScaler`), which decides with the same budget function as the webhook and starts
+each model's command as a process. It runs under `ibc.serve.serve` with ONE gunicorn worker and
+many threads: the scaler's table of processes and its lock must be shared by every request, which
+several worker processes could not do (and then two cold requests could overcommit).
+
+Shutdown leaves no child behind, in three layers: the worker stops every model process (SIGTERM, then
+SIGKILL after its grace period) as soon as it is asked to stop and again at exit; each child is asked
+to go by the kernel if the worker dies (PR_SET_PDEATHSIG); and the main process, which adopts orphans
+(PR_SET_CHILD_SUBREAPER), sweeps whatever is left when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+from typing import Any
+
+from proxy.local_config import LocalConfig, LocalConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "127.0.0.1:8080"
+# Each request held during a cold start occupies a thread; 64 covers a burst at a single-user machine.
+DEFAULT_THREADS = 64
+MIN_THREADS = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the OpenAI-compatible proxy with the memory budget on this machine, starting each model as a "
+        "local process when a request needs it and it fits, stopping it after its cooldown, and answering "
+        "429 with the reason when it does not fit. Ctrl-C (or SIGTERM) stops every model process."
+    )
+    parser.epilog = (
+        "Example: ibc local --config examples/local.yaml\n"
+        "then: curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}\'\n'
+        "See docs/local-mode.md for the configuration file."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML with `nodes:` and `models:`")
+    parser.add_argument(
+        "--bind", default=DEFAULT_BIND, metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_BIND})"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        metavar="N",
+        help=f"request threads, one per request in flight or held (default {DEFAULT_THREADS}, at least {MIN_THREADS})",
+    )
+    parser.add_argument(
+        "--cold-start-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a request waits for its model to start (default: the longest startup_timeout)",
+    )
+    parser.add_argument(
+        "--queue-size", type=int, default=256, metavar="N", help="requests held per starting model (default 256)"
+    )
+    parser.add_argument(
+        "--api-key-file", metavar="FILE", help="require `Authorization: Bearer <key>` with a key from this file"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the configuration, print it, and exit")
+
+
+def _fail(message: str) -> int:
+    print(f"ibc local: {message}", file=sys.stderr)
+    return 2
+
+
+def _summary(config: LocalConfig) -> str:
+    from budget import format_bytes
+
+    lines = [f"{config.source}: {len(config.nodes)} node(s), {len(config.models)} model(s)"]
+    for n in config.nodes:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
+        lines.append(f"  node  {n.name}: {format_bytes(n.memory_bytes)}" + (f" [{labels}]" if labels else ""))
+    for m in config.models:
+        cooldown = f"cooldown {m.cooldown_seconds:g}s" if m.cooldown_seconds > 0 else "never idles out"
+        lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}, {cooldown}: {' '.join(m.command)}")
+    return "\n".join(lines)
+
+
+def _warn_missing_executables(config: LocalConfig) -> None:
+    for m in config.models:
+        exe = m.command[0]
+        if exe != "ibc" and shutil.which(exe) is None:
+            log.warning("%s: %r is not on PATH (or not executable); requests for it will fail with 503", m.name, exe)
+
+
+def _stop_on_signals(close: Any) -> None:
+    """In the worker: start stopping the model processes the moment a stop signal arrives.
+
+    gunicorn's own handlers (installed before the app factory runs) still run afterwards, so the
+    worker drains and exits as usual; meanwhile the backends are already going, in parallel.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            threading.Thread(target=close, name="ibc-local-stop", daemon=True).start()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ibc.serve import ServeError, parse_bind, serve
+    from proxy.runtime import become_subreaper, sweep_children
+    from proxy.settings import ProxySettings, SettingsError, load_api_keys
+
+    try:
+        config = load_config(args.config)
+        parse_bind(args.bind)
+        if args.threads < MIN_THREADS:
+            raise ServeError(f"--threads {args.threads}: at least {MIN_THREADS} (held requests each take one)")
+        cold_start = args.cold_start_timeout
+        if cold_start is None:
+            cold_start = max(m.startup_timeout_seconds for m in config.models)
+        settings = ProxySettings(
+            cold_start_timeout_seconds=cold_start,
+            queue_size=args.queue_size,
+            api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
+        )
+    except (LocalConfigError, ServeError, SettingsError) as exc:
+        return _fail(str(exc))
+    if args.check:
+        print(_summary(config))
+        return 0
+    _warn_missing_executables(config)
+
+    def factory() -> Any:
+        from proxy.local import create_local_app
+
+        app, scaler = create_local_app(config, settings)
+        atexit.register(scaler.close)
+        _stop_on_signals(scaler.close)
+        return app
+
+    main_pid = os.getpid()
+    adopted = become_subreaper()
+    grace = max(m.stop_grace_seconds for m in config.models)
+
+    def last_sweep() -> None:
+        if adopted:
+            sweep_children(main_pid, grace_seconds=min(grace, 10.0))
+
+    log.info("ibc local: %s", _summary(config).replace("\n", "\n  "))
+    return serve(
+        factory,
+        bind=args.bind,
+        workers=1,
+        threads=args.threads,
+        name="local",
+        # The worker stops its model processes while it drains: give it their grace period and a margin.
+        graceful_timeout=math.ceil(grace) + 5,
+        on_exit=last_sweep,
+    )
