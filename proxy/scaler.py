@@ -3,6 +3,22 @@
 Two implementations: the Kubernetes scaler (PATCH `inferencemodels/<name>/scale`, the webhook decides,
 endpoints come from ready pods) and the local scaler (decides with `budget/`, starts processes).
 Local mode is the proxy with the local scaler, not a second proxy.
+
+How the request path (`proxy/app.py`) uses a scaler, so implementations know what is hot:
+
+- every routed request calls `view()` (keep it cached until something changes: the router re-indexes
+  models only when it gets a different view object), `touch()` and `backends()`: these three must be
+  cheap, non-blocking and never do I/O on the caller's thread;
+- only when `backends()` is empty: `budget.decide_scale(view(), key, max(1, model.replicas), now)` is
+  checked locally first (a "no" is a 429 without calling the scaler), then `scale_up(key, replicas)` is
+  called by one request per model at a time (others wait on its outcome), then `wait_backends()` is
+  called in a loop with short timeouts (about 0.5 s) until a backend is ready or the wait expires;
+- `scale_up()` may be called again while replicas are already starting (a new burst of requests): it
+  should then return quickly without changing anything;
+- `GET /v1/models` calls `state()` once per model;
+- optional (added after the first version; looked up with `getattr`, so older scalers still work):
+  `ready() -> bool`, whether the scaler has its initial state (e.g. the watch cache is synced);
+  `/readyz` answers 503 while it is False.
 """
 
 from __future__ import annotations

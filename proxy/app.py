@@ -1,0 +1,500 @@
+"""The proxy's request path: an OpenAI-compatible front door that routes by `model` and scales from zero.
+
+It only talks to a :class:`proxy.scaler.Scaler`, so the same app serves Kubernetes (`proxy.kube_scaler`)
+and local mode (processes). Per request: authenticate, cap and parse the body, find the model, record
+activity, and either forward to the least busy ready backend (streaming chunk by chunk) or, when none is
+ready, decide at once with `budget.decide_scale` whether the model could start: no -> 429 with the
+budget's explanation and no API call; yes -> ask the scaler (one call per model at a time) and hold the
+request in a bounded waiting room until a backend is ready.
+
+Error bodies use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, except the 429 for
+memory, whose body is `budget.explain(decision)` (`{"error": "insufficient_memory", "message", "requested",
+"available", "blocking", ...}`): it is the same explanation the webhook and `ibc plan` give.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from flask import Flask, Response, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
+from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
+from proxy.forward import Upstream, UpstreamError, request_headers, response_headers
+from proxy.metrics import ProxyMetrics
+from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
+from proxy.settings import ProxySettings, digest_key
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+# Status we log (nginx's convention) when a client hung up while its request was held.
+CLIENT_CLOSED = 499
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {
+        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+    }
+
+
+def error_response(
+    status: int, message: str, code: str, param: str | None = None, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    return Response(json.dumps(error_body(status, message, code, param)), status, headers=headers, mimetype=JSON)
+
+
+def sse_error(status: int, message: str, code: str) -> bytes:
+    """An SSE `error` event: how a failure reaches a streaming client after the 200 was sent."""
+    payload = json.dumps(error_body(status, message, code))
+    return f"event: error\ndata: {payload}\n\n".encode()
+
+
+def too_many(decision: Decision) -> Response:
+    """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision."""
+    retry = max(1, int(decision.retry_after_seconds))
+    return Response(json.dumps(explain(decision)), 429, headers=[("Retry-After", str(retry))], mimetype=JSON)
+
+
+class _Router:
+    """Model lookup by what clients send (key, name or modelName), re-indexed only when the view changes."""
+
+    def __init__(self, scaler: Scaler) -> None:
+        self.scaler = scaler
+        self._view: object = None
+        self._index: dict[str, Model] = {}
+
+    def find(self, ref: str) -> Model | None:
+        view = self.scaler.view()
+        if view is not self._view:
+            # Same precedence as ClusterView.find_model: key, then name, then modelName; first wins.
+            models = list(view.models.values())
+            index: dict[str, Model] = {}
+            for m in models:
+                index.setdefault(m.model_name or m.name, m)
+            names: dict[str, Model] = {}
+            for m in models:
+                names.setdefault(m.name, m)
+            index.update(names)
+            index.update({m.key: m for m in models})
+            self._index, self._view = index, view
+        return self._index.get(ref)
+
+
+class ProxyApp:
+    """The request path's state and handlers; `create_app` wires them into Flask."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        scaler: Scaler,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.scaler = scaler
+        self.metrics = metrics or ProxyMetrics()
+        self.router = _Router(scaler)
+        self.upstream = Upstream(
+            connect_timeout_seconds=settings.connect_timeout_seconds,
+            read_timeout_seconds=settings.read_timeout_seconds,
+            max_connections=settings.max_connections,
+            transport=transport,
+            direct=settings.direct_transport,
+        )
+        self.cold = ColdStarts(scaler, queue_size=settings.queue_size, metrics=self.metrics)
+        self._keys = settings.api_key_digests
+
+    # ----- small endpoints -----
+    def livez(self) -> Response:
+        return Response("ok\n", 200, mimetype="text/plain")
+
+    def readyz(self) -> Response:
+        ready = getattr(self.scaler, "ready", None)
+        if callable(ready) and not ready():
+            return Response("scaler not synced\n", 503, mimetype="text/plain")
+        return Response("ok\n", 200, mimetype="text/plain")
+
+    def metrics_endpoint(self) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, 200, content_type=content_type)
+
+    def authorized(self) -> bool:
+        if not self._keys:
+            return True
+        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        return scheme.lower() == "bearer" and digest_key(token.strip()) in self._keys
+
+    def unauthorized(self) -> Response:
+        self.metrics.count_request("", 401)
+        return error_response(
+            401,
+            "missing or invalid API key (send Authorization: Bearer <key>)",
+            "invalid_api_key",
+            headers=[("WWW-Authenticate", "Bearer")],
+        )
+
+    def _describe(self, model: Model) -> dict[str, Any]:
+        return {
+            "id": model.model_name or model.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": model.namespace,
+            "state": self.scaler.state(model.key),
+            "memory": format_bytes(model.memory_bytes),
+            "replicas": model.replicas,
+            "key": model.key,
+        }
+
+    def list_models(self) -> Response:
+        if not self.authorized():
+            return self.unauthorized()
+        models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))
+        body = {"object": "list", "data": [self._describe(m) for m in models]}
+        return Response(json.dumps(body), 200, mimetype=JSON)
+
+    def get_model(self, ref: str) -> Response:
+        if not self.authorized():
+            return self.unauthorized()
+        model = self.router.find(ref)
+        if model is None:
+            return error_response(404, f"The model `{ref}` does not exist.", "model_not_found", "model")
+        return Response(json.dumps(self._describe(model)), 200, mimetype=JSON)
+
+    # ----- the hot path -----
+    def post(self, endpoint: str) -> Response:
+        """Any `POST /v1/...`: parse, route by the body's `model`, forward or scale from zero."""
+        if self._keys and not self.authorized():
+            return self.unauthorized()
+        raw = request.get_data(cache=False)  # over max_body_bytes -> 413 through the error handler
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return self._bad("the request body is not valid JSON", "invalid_json")
+        if not isinstance(payload, dict):
+            return self._bad("the request body must be a JSON object", "invalid_json")
+        name = payload.get("model")
+        if not isinstance(name, str) or not name:
+            missing = "model" not in payload
+            message = "missing `model` in the request body" if missing else "`model` must be a non-empty string"
+            return self._bad(message, "missing_model" if missing else "invalid_type", "model")
+        stream = payload.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            return self._bad("`stream` must be true or false", "invalid_type", "stream")
+        model = self.router.find(name)
+        if model is None:
+            self.metrics.count_request("", 404)
+            return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
+        label = model.model_name or model.name
+        key = model.key
+        self.scaler.touch(key, time.time())
+        backends = self.scaler.backends(key)
+        query = request.environ.get("QUERY_STRING")
+        path = f"/v1/{endpoint}?{query}" if query else f"/v1/{endpoint}"
+        headers = request_headers(request.headers.items(), drop_authorization=bool(self._keys))
+        if backends:
+            return self._forward(label, backends, path, headers, raw, stream is True)
+        return self._cold(model, label, path, headers, raw, stream is True)
+
+    def _bad(self, message: str, code: str, param: str | None = None) -> Response:
+        self.metrics.count_request("", 400)
+        return error_response(400, message, code, param)
+
+    def _forward(
+        self, label: str, backends: list[str], path: str, headers: list[tuple[str, str]], raw: bytes, stream: bool
+    ) -> Response:
+        upstream = self.upstream
+        backend = upstream.acquire(backends)
+        started = time.perf_counter()
+        try:
+            response = upstream.send(upstream.prepare(backend, "POST", path, headers, raw))
+        except UpstreamError as exc:
+            upstream.release(backend)
+            return self._upstream_failed(label, exc)
+        self.metrics.observe_upstream(label, time.perf_counter() - started)
+        out_headers = response_headers(response.headers.multi_items())
+        if self.settings.expose_backend_header:
+            out_headers.append(("X-IBC-Backend", backend))
+        self.metrics.count_request(label, response.status_code)
+        if stream or response.headers.get("content-type", "").startswith("text/event-stream"):
+            relay = self._relay(response, backend, label)
+            return Response(
+                stream_with_context(relay), response.status_code, headers=out_headers, direct_passthrough=True
+            )
+        try:
+            body = upstream.read_all(response, backend)
+        except UpstreamError as exc:
+            return self._upstream_failed(label, exc)
+        finally:
+            upstream.release(backend)
+        return Response(body, response.status_code, headers=out_headers)
+
+    def _relay(self, response: httpx.Response, backend: str, label: str) -> Iterator[bytes]:
+        """Upstream bytes as they arrive; the upstream stream is closed however the client's ends."""
+        try:
+            yield from response.iter_raw()
+        except httpx.HTTPError as exc:
+            log.warning("stream from %s for %s broke: %s", backend, label, exc)
+            self.metrics.upstream_errors.labels(label, "stream_broken").inc()
+            if not response.headers.get("content-encoding"):
+                yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
+        finally:
+            response.close()
+            self.upstream.release(backend)
+
+    def _upstream_failed(self, label: str, exc: UpstreamError) -> Response:
+        log.warning("upstream failure for %s: %s", label, exc)
+        self.metrics.upstream_errors.labels(label, exc.code).inc()
+        self.metrics.count_request(label, exc.status)
+        return error_response(exc.status, str(exc), exc.code)
+
+    # ----- scale from zero -----
+    def _cold(
+        self, model: Model, label: str, path: str, headers: list[tuple[str, str]], raw: bytes, stream: bool
+    ) -> Response:
+        key = model.key
+        replicas = max(1, model.replicas)
+        try:
+            decision = decide_scale(
+                self.scaler.view(),
+                key,
+                replicas,
+                time.time(),
+                default_retry_after_seconds=self.settings.default_retry_after_seconds,
+            )
+        except UnknownModelError:
+            return error_response(404, f"The model `{label}` does not exist.", "model_not_found", "model")
+        if not decision.allowed:
+            self.metrics.reject(label, "insufficient_memory")
+            self.metrics.count_request(label, 429)
+            return too_many(decision)
+        try:
+            ticket = self.cold.enter(key, label)
+        except QueueFull as exc:
+            self.metrics.reject(label, "queue_full")
+            self.metrics.count_request(label, 503)
+            return error_response(
+                503,
+                f"{exc}; the waiting room holds {self.settings.queue_size}",
+                "queue_full",
+                headers=[("Retry-After", str(max(1, int(self.settings.progress_interval_seconds))))],
+            )
+        try:
+            self.cold.scale_up(key, replicas, self.settings.cold_start_timeout_seconds)
+        except ScaleDenied as exc:
+            ticket.release()
+            self.metrics.reject(label, "scale_denied")
+            self.metrics.count_request(label, 429)
+            return too_many(exc.decision)
+        except ScalerUnavailable as exc:
+            ticket.release()
+            log.warning("scale-up of %s failed: %s", key, exc)
+            self.metrics.reject(label, "scaler_unavailable")
+            self.metrics.count_request(label, 503)
+            return error_response(
+                503,
+                f"could not start {label}: {exc}",
+                "scaler_unavailable",
+                headers=[("Retry-After", str(self.settings.default_retry_after_seconds))],
+            )
+        environ = request.environ
+        if stream:
+            self.metrics.count_request(label, 200)
+            waiting = self._wait_then_stream(ticket, label, path, headers, raw, environ)
+            return Response(stream_with_context(waiting), 200, headers=SSE_HEADERS, direct_passthrough=True)
+        with ticket:
+            outcome = self._wait(ticket, label, environ)
+        if outcome == "timeout":
+            return self._cold_start_timeout(label)
+        if outcome == "gone":
+            self.metrics.count_request(label, CLIENT_CLOSED)
+            return error_response(503, "client closed the connection while waiting", "client_closed")
+        assert isinstance(outcome, list)
+        return self._forward(label, outcome, path, headers, raw, False)
+
+    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str:
+        """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up."""
+        started = time.monotonic()
+        deadline = started + self.settings.cold_start_timeout_seconds
+        check = self.settings.disconnect_check_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+            if backends:
+                self.cold.started(ticket.key, label)
+                return backends
+            if client_gone(environ):
+                log.info("client waiting for %s went away after %.1fs", label, time.monotonic() - started)
+                return "gone"
+
+    def _cold_start_timeout(self, label: str) -> Response:
+        seconds = self.settings.cold_start_timeout_seconds
+        self.metrics.reject(label, "cold_start_timeout")
+        self.metrics.count_request(label, 504)
+        return error_response(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
+
+    def _wait_then_stream(
+        self,
+        ticket: Ticket,
+        label: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        raw: bytes,
+        environ: dict[str, Any],
+    ) -> Iterator[bytes]:
+        """SSE for a streaming request held during a cold start: progress comments, then the model's stream.
+
+        The 200 and the SSE headers are already committed, so a failure becomes an SSE `error` event.
+        """
+        upstream = self.upstream
+        backend: str | None = None
+        response: httpx.Response | None = None
+        try:
+            yield f": waiting for {label} to start\n\n".encode()
+            started = time.monotonic()
+            deadline = started + self.settings.cold_start_timeout_seconds
+            progress = self.settings.progress_interval_seconds
+            check = min(self.settings.disconnect_check_seconds, progress)
+            last_progress = started
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seconds = self.settings.cold_start_timeout_seconds
+                    self.metrics.reject(label, "cold_start_timeout")
+                    yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
+                    return
+                backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+                if backends:
+                    break
+                if client_gone(environ):
+                    log.info("streaming client waiting for %s went away", label)
+                    return
+                now = time.monotonic()
+                if now - last_progress >= progress:
+                    last_progress = now
+                    yield f": waiting for {label} to start ({int(now - started)}s)\n\n".encode()
+            self.cold.started(ticket.key, label)
+            ticket.release()
+            backend = upstream.acquire(backends)
+            # The headers are sent: ask for an unencoded body we can pass through as it is.
+            plain = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
+            plain.append(("Accept-Encoding", "identity"))
+            try:
+                response = upstream.send(upstream.prepare(backend, "POST", path, plain, raw))
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(label, exc.code).inc()
+                yield sse_error(exc.status, str(exc), exc.code)
+                return
+            if response.status_code >= 400:
+                detail = _upstream_message(upstream.read_all(response, backend))
+                yield sse_error(
+                    response.status_code, f"{label} answered {response.status_code}: {detail}", "upstream_status"
+                )
+                return
+            try:
+                yield from response.iter_bytes()
+            except httpx.HTTPError as exc:
+                self.metrics.upstream_errors.labels(label, "stream_broken").inc()
+                yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
+        except UpstreamError as exc:
+            yield sse_error(exc.status, str(exc), exc.code)
+        finally:
+            ticket.release()
+            if response is not None:
+                response.close()
+            if backend is not None:
+                upstream.release(backend)
+
+
+def _upstream_message(body: bytes) -> str:
+    """The message of an upstream error body, whatever its shape, kept short."""
+    try:
+        parsed = json.loads(body)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:500]
+        if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+            return str(parsed["message"])[:500]
+    except ValueError:
+        pass
+    return body[:500].decode("utf-8", "replace")
+
+
+def create_app(
+    settings: ProxySettings,
+    scaler: Scaler,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    metrics: ProxyMetrics | None = None,
+) -> Flask:
+    """The proxy as a Flask app; `app.extensions["ibc_proxy"]` is its :class:`ProxyApp` (tests read it)."""
+    proxy = ProxyApp(settings, scaler, transport=transport, metrics=metrics)
+    app = Flask("ibc-proxy")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["ibc_proxy"] = proxy
+    app.add_url_rule("/livez", "livez", proxy.livez, methods=["GET"])
+    app.add_url_rule("/readyz", "readyz", proxy.readyz, methods=["GET"])
+    app.add_url_rule("/metrics", "metrics", proxy.metrics_endpoint, methods=["GET"])
+    app.add_url_rule("/v1/models", "list_models", proxy.list_models, methods=["GET"])
+    app.add_url_rule("/v1/models/<path:ref>", "get_model", proxy.get_model, methods=["GET"])
+    app.add_url_rule("/v1/<path:endpoint>", "post", proxy.post, methods=["POST"])
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 413:
+            limit = settings.max_body_bytes
+            return error_response(413, f"request body larger than {limit} bytes", "request_too_large")
+        if status == 404:
+            return error_response(404, f"no route for {request.method} {request.path}", "not_found")
+        if status == 405:
+            return error_response(
+                405,
+                f"{request.method} is not allowed on {request.path}",
+                "method_not_allowed",
+                headers=[("Allow", ", ".join(exc.valid_methods or []))],  # type: ignore[attr-defined]
+            )
+        return error_response(status, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        if isinstance(exc, ScalerUnavailable):
+            return error_response(503, f"the scaler is unavailable: {exc}", "scaler_unavailable")
+        return Response(
+            json.dumps(
+                {
+                    "error": {
+                        "message": "internal error in the proxy",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "internal_error",
+                    }
+                }
+            ),
+            500,
+            mimetype=JSON,
+        )
+
+    return app

@@ -1,0 +1,169 @@
+"""Holding requests while a model starts: bounded per-model waiting rooms and one scale-up call at a time.
+
+Invariant 3 of the architecture: no request is lost in a scale from zero. A request for a model with
+no ready backend takes a place in its model's waiting room (or is told `queue_full` at once), the first
+of them asks the scaler for replicas while the others wait on that one call, and every place is given
+back when its request is served, times out, or its client goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.metrics import ProxyMetrics
+from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The model's waiting room is full; the client should retry later."""
+
+
+@dataclass
+class _Flight:
+    """One scale-up call in progress; followers wait on `done` and share its outcome."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Ticket:
+    """A place in a model's waiting room; `release()` gives it back (idempotent, thread-safe)."""
+
+    def __init__(self, rooms: ColdStarts, key: str, label: str) -> None:
+        self._rooms = rooms
+        self.key = key
+        self.label = label
+        self._released = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._rooms._leave(self)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+class ColdStarts:
+    """Waiting rooms (one per model) and single-flight scale-ups for one proxy worker."""
+
+    def __init__(
+        self,
+        scaler: Scaler,
+        *,
+        queue_size: int,
+        metrics: ProxyMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scaler = scaler
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._waiting: dict[str, int] = {}
+        self._episode_started: dict[str, float] = {}  # model key -> when its first held request came
+        self._flights: dict[str, _Flight] = {}
+
+    # ----- waiting rooms -----
+    def enter(self, key: str, label: str) -> Ticket:
+        """A place in `key`'s waiting room; QueueFull when `queue_size` requests already wait there."""
+        with self._lock:
+            waiting = self._waiting.get(key, 0)
+            if waiting >= self.queue_size:
+                raise QueueFull(f"{waiting} requests already wait for {label} to start")
+            self._waiting[key] = waiting + 1
+            self._episode_started.setdefault(key, self._monotonic())
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(label).inc()
+        return Ticket(self, key, label)
+
+    def _leave(self, ticket: Ticket) -> None:
+        with self._lock:
+            left = self._waiting.get(ticket.key, 0) - 1
+            if left > 0:
+                self._waiting[ticket.key] = left
+            else:
+                self._waiting.pop(ticket.key, None)
+                self._episode_started.pop(ticket.key, None)
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(ticket.label).dec()
+
+    def waiting(self) -> Mapping[str, int]:
+        """Requests held per model key right now."""
+        with self._lock:
+            return dict(self._waiting)
+
+    def started(self, key: str, label: str) -> None:
+        """A waiter saw the model's first ready backend: record the cold start once per episode."""
+        with self._lock:
+            began = self._episode_started.pop(key, None)
+        if began is not None and self.metrics is not None:
+            self.metrics.cold_start.labels(label).observe(self._monotonic() - began)
+
+    # ----- single-flight scale-up -----
+    def scale_up(self, key: str, replicas: int, timeout_seconds: float) -> None:
+        """Ask the scaler once for all concurrent callers; raises ScaleDenied / ScalerUnavailable for each."""
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if leader:
+            try:
+                self.scaler.scale_up(key, replicas)
+            except (ScaleDenied, ScalerUnavailable) as exc:
+                flight.error = exc
+            except Exception as exc:  # a scaler bug must not leave followers waiting forever
+                log.exception("scale_up(%s, %d) failed", key, replicas)
+                flight.error = ScalerUnavailable(f"scale-up of {key} failed: {exc}")
+            finally:
+                with self._lock:
+                    self._flights.pop(key, None)
+                flight.done.set()
+        elif not flight.done.wait(timeout_seconds):
+            raise ScalerUnavailable(f"the scale-up of {key} did not finish within {timeout_seconds:.0f}s")
+        if flight.error is not None:
+            raise flight.error
+
+
+def client_gone(environ: Mapping[str, Any]) -> bool:
+    """True when the client closed its connection (readable with nothing to read); never blocks.
+
+    Reads the server's socket from the WSGI environ (gunicorn and werkzeug both expose it) and peeks
+    on a duplicate of its descriptor, so TLS sockets work too and no byte is consumed.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLERR | select.POLLHUP):
+            return True
+        with socket.socket(fileno=os.dup(fd)) as dup:  # closing the duplicate leaves the server's socket open
+            data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return data == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True

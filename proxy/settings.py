@@ -1,0 +1,82 @@
+"""The proxy's settings: one frozen dataclass, built from flags by `ibc proxy` / `ibc local` or by tests.
+
+Each default says why it is that value, because most of them trade a client's patience against
+memory or threads held by the proxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting is out of range or a file it names cannot be read."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Behaviour of the request path; Kubernetes specifics live in the scaler, not here."""
+
+    # SHA-256 digests of accepted bearer tokens; empty = no authentication (e.g. behind a gateway).
+    api_key_digests: frozenset[bytes] = frozenset()
+    # 16 MiB: long prompts and embedding batches fit; a runaway upload does not reach a backend.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # 600 s: a vLLM cold start (image pull + weight load of a 70B model) takes minutes.
+    cold_start_timeout_seconds: float = 600.0
+    # 256 per model: each waiting request holds a server thread; beyond this a client is better
+    # told "queue_full" at once than left hanging.
+    queue_size: int = 256
+    # How often a waiting streaming client gets an SSE comment (also keeps idle-timeout proxies happy).
+    progress_interval_seconds: float = 5.0
+    # How often a waiting non-streaming request checks whether its client has hung up.
+    disconnect_check_seconds: float = 0.5
+    # Upstream: connecting is fast or broken; generating may take minutes.
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 600.0
+    # Keep-alive connections per worker to all backends together (one per thread is enough).
+    max_connections: int = 256
+    # Send through the shared transport directly (True) or through httpx.Client.send (False): the
+    # Client's per-request machinery costs ~150 us of CPU that a proxy does not need (see bench/).
+    direct_transport: bool = True
+    # Retry-After when a scale-up failed for a reason that has no better estimate.
+    default_retry_after_seconds: int = 30
+    # Extra response header naming the backend that answered (debugging, tests); off by default.
+    expose_backend_header: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise SettingsError(f"max body bytes must be >= 1, got {self.max_body_bytes}")
+        if self.cold_start_timeout_seconds <= 0:
+            raise SettingsError(f"cold start timeout must be > 0 s, got {self.cold_start_timeout_seconds}")
+        if self.queue_size < 0:
+            raise SettingsError(f"queue size must be >= 0, got {self.queue_size}")
+        if self.progress_interval_seconds <= 0 or self.disconnect_check_seconds <= 0:
+            raise SettingsError("progress and disconnect-check intervals must be > 0 s")
+        if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
+            raise SettingsError("upstream timeouts must be > 0 s")
+        if self.max_connections < 1:
+            raise SettingsError(f"max connections must be >= 1, got {self.max_connections}")
+
+
+def digest_key(key: str) -> bytes:
+    """The form an API key is kept in: its SHA-256, so the proxy never holds or compares the secret."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def load_api_keys(path: str | Path) -> frozenset[bytes]:
+    """Digests of the keys in a file: one key per line; blank lines and `#` comments are ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read API key file {str(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"API key file {str(path)!r} is not UTF-8 text") from exc
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise SettingsError(f"API key file {str(path)!r} holds no key (one per line)")
+    if any(any(c.isspace() for c in k) for k in keys):
+        raise SettingsError(f"API key file {str(path)!r}: a key contains whitespace")
+    return frozenset(digest_key(k) for k in keys)
