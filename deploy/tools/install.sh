@@ -18,7 +18,8 @@
 set -euo pipefail
 
 HELM_VERSION=v3.21.4        # helm.sh/helm/v3; needs Go >= 1.26
-KUSTOMIZE_VERSION=v5.8.3    # sigs.k8s.io/kustomize/kustomize/v5
+HELM_K8S_MINOR=36           # its k8s.io/client-go is v0.36: the Kubernetes version `helm template` assumes
+KUSTOMIZE_VERSION=v5.8.2    # sigs.k8s.io/kustomize/kustomize/v5; v5.8.3 needs Go 1.27
 
 TOOLS_DIR="${IBC_TOOLS_DIR:-$HOME/.cache/ibc/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
@@ -31,7 +32,21 @@ TOOLS=(
     "kustomize|sigs.k8s.io/kustomize/kustomize/v5|$KUSTOMIZE_VERSION"
 )
 
-stamp_of() { printf '%s@%s\n' "$2" "$3"; }
+ldflags_of() {  # name version
+    local flags="-s -w"
+    if [[ $1 == helm ]]; then
+        # What a release build sets: `helm version`, and the default Kubernetes version of `helm template`
+        # and `helm lint` (without it a module build assumes v1.20 and refuses charts needing newer).
+        flags+=" -X helm.sh/helm/v3/internal/version.version=$2"
+        flags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1"
+        flags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR"
+        flags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1"
+        flags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR"
+    fi
+    printf '%s' "$flags"
+}
+
+stamp_of() { printf '%s@%s ldflags=%s\n' "$2" "$3" "$(ldflags_of "$1" "$3")"; }
 
 is_cached() {  # name module version
     [[ -x "$BIN_DIR/$1" && -f "$BIN_DIR/.$1.stamp" ]] || return 1
@@ -80,12 +95,7 @@ for entry in "${TOOLS[@]}"; do
     # Build into a scratch dir, then move into place, so an interrupted build never leaves a
     # half-written binary that looks installed.
     scratch="$(mktemp -d "$TOOLS_DIR/.build.XXXXXX")"
-    ldflags="-s -w"
-    if [[ $name == helm ]]; then
-        # Helm reports this as `helm version`; without it a module build says v3.x-dev.
-        ldflags+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-    fi
-    if ! GOBIN="$scratch" go install -ldflags "$ldflags" "$module@$version"; then
+    if ! GOBIN="$scratch" go install -ldflags "$(ldflags_of "$name" "$version")" "$module@$version"; then
         rm -rf "$scratch"
         log "ERROR: building $name $version failed"
         exit 1
