@@ -1,0 +1,251 @@
+"""The controller's HTTP side: Prometheus metrics, health, and per-model memory as JSON.
+
+Why this module exists: observed memory is advice, and people and tools read advice in different
+places: dashboards and alerts (the three ``inference_model_memory_*`` gauges), scripts
+(``GET /models/{name}/metrics``) and probes (``/healthz``, ``/readyz``). The gauges are produced at
+scrape time from the same records the JSON endpoint serves, so a deleted model's series disappear with
+it and the two never disagree.
+
+The server is werkzeug's threaded WSGI server inside the controller process, not gunicorn: the
+records live in the controller's memory (its cache and observations), which forked workers could not
+see, and a scrape endpoint needs no worker pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from budget.quantity import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """One model's declared and observed memory, as the gauges and the JSON endpoint show it."""
+
+    namespace: str
+    name: str
+    model_name: str
+    declared_bytes: int | None
+    observed_peak_bytes: int | None = None
+    utilization_percent: int | None = None
+    recommended_bytes: int | None = None
+    recommendation: str | None = None
+    last_observation: str | None = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    source: str = "none"
+
+    def as_json(self) -> dict[str, Any]:
+        """The body of `GET /models/{name}/metrics` (bytes as integers, and formatted for people)."""
+
+        def fmt(n: int | None) -> str | None:
+            return None if n is None else format_bytes(n)
+
+        ratio = None
+        if self.declared_bytes and self.observed_peak_bytes is not None:
+            ratio = round(self.observed_peak_bytes / self.declared_bytes, 4)
+        return {
+            "model": self.name,
+            "namespace": self.namespace,
+            "modelName": self.model_name,
+            "declaredMemory": fmt(self.declared_bytes),
+            "declaredMemoryBytes": self.declared_bytes,
+            "observedPeakMemory": fmt(self.observed_peak_bytes),
+            "observedPeakMemoryBytes": self.observed_peak_bytes,
+            "utilizationPercent": self.utilization_percent,
+            "utilizationRatio": ratio,
+            "recommendedMemory": fmt(self.recommended_bytes),
+            "recommendation": self.recommendation,
+            "lastObservation": self.last_observation,
+            "replicas": self.replicas,
+            "readyReplicas": self.ready_replicas,
+            "source": self.source,
+        }
+
+
+class MemoryCollector(Collector):
+    """The three per-model memory gauges, built from the current records at each scrape."""
+
+    def __init__(self, models: Callable[[], Sequence[ModelMemory]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "namespace"]
+        declared = GaugeMetricFamily(
+            "inference_model_memory_declared_bytes",
+            "Memory declared in the InferenceModel (spec.memory)",
+            labels=labels,
+        )
+        peak = GaugeMetricFamily(
+            "inference_model_memory_observed_peak_bytes", "Peak memory one replica was observed to use", labels=labels
+        )
+        ratio = GaugeMetricFamily(
+            "inference_model_memory_utilization_ratio", "Observed peak divided by declared memory", labels=labels
+        )
+        for m in self._models():
+            values = [m.name, m.namespace]
+            if m.declared_bytes is not None:
+                declared.add_metric(values, float(m.declared_bytes))
+            if m.observed_peak_bytes is not None:
+                peak.add_metric(values, float(m.observed_peak_bytes))
+                if m.declared_bytes:
+                    ratio.add_metric(values, m.observed_peak_bytes / m.declared_bytes)
+        yield declared
+        yield peak
+        yield ratio
+
+
+class ControllerMetrics:
+    """The controller's own health: reconciles, writes, scale-downs, observation errors, leadership."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reconciles = Counter(
+            "inference_controller_reconcile", "Reconciles by result", ["result"], registry=registry
+        )
+        self.reconcile_seconds = Histogram(
+            "inference_controller_reconcile_duration_seconds",
+            "Time one reconcile took",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.writes = Counter(
+            "inference_controller_writes", "Writes to the API server by object kind", ["kind"], registry=registry
+        )
+        self.scale_to_zero = Counter(
+            "inference_controller_idle_scale_to_zero", "Models scaled to zero after their cooldown", registry=registry
+        )
+        self.observation_errors = Counter(
+            "inference_controller_observation_errors",
+            "Failed observed-memory queries",
+            ["source"],
+            registry=registry,
+        )
+        self.leader = Gauge("inference_controller_leader", "1 when this replica is the leader", registry=registry)
+        self.queue_depth = Gauge(
+            "inference_controller_queue_depth", "Model keys waiting in the work queue", registry=registry
+        )
+
+
+@dataclass
+class MetricsSettings:
+    """What the HTTP side reads: the records, the registry, and whether the controller is ready."""
+
+    models: Callable[[], Sequence[ModelMemory]]
+    registry: CollectorRegistry
+    ready: Callable[[], bool] = lambda: True
+    leader: Callable[[], bool] = lambda: True
+
+
+def _error(status: int, error: str, message: str) -> tuple[Response, int]:
+    return jsonify({"error": error, "message": message}), status
+
+
+def create_app(settings: MetricsSettings) -> Flask:
+    """The metrics/health/model-memory app (a fresh one per call, for tests)."""
+    app = Flask("ibc-controller")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(settings.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        if settings.ready():
+            role = "leader" if settings.leader() else "standby"
+            return Response(f"ok ({role})\n", mimetype="text/plain"), 200
+        return Response("cache not synced yet\n", mimetype="text/plain"), 503
+
+    def _find(namespace: str | None, name: str) -> tuple[Response, int]:
+        found = [m for m in settings.models() if m.name == name and (namespace is None or m.namespace == namespace)]
+        if not found:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            return _error(404, "not_found", f"no InferenceModel named {name!r}{where}")
+        if len(found) > 1:
+            spaces = ", ".join(sorted(m.namespace for m in found))
+            return _error(
+                400,
+                "ambiguous",
+                f"InferenceModel {name!r} exists in namespaces {spaces}: "
+                f"add ?namespace= or use /models/NS/{name}/metrics",
+            )
+        return jsonify(found[0].as_json()), 200
+
+    @app.get("/models/<name>/metrics")
+    def model_metrics(name: str) -> tuple[Response, int]:
+        namespace = request.args.get("namespace") or None
+        return _find(namespace, name)
+
+    @app.get("/models/<namespace>/<name>/metrics")
+    def namespaced_model_metrics(namespace: str, name: str) -> tuple[Response, int]:
+        return _find(namespace, name)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        return _error(code, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("metrics endpoint failed")
+        return _error(500, "internal_error", "the controller could not answer; see its log")
+
+    return app
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[::1]:PORT` -> (host, port); raises ValueError with the expected form."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:8080)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape; errors still reach the log."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return None
+
+
+class MetricsServer:
+    """A threaded WSGI server in a daemon thread; ``stop()`` closes it."""
+
+    def __init__(self, app: Flask, bind: str) -> None:
+        host, port = parse_bind(bind)
+        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = self._server.host if self._server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._server.server_port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics and model memory served on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
