@@ -1,0 +1,1 @@
+"""Cluster test tier: tests against a real Kubernetes control plane built from source (see harness.py)."""
