@@ -179,4 +179,29 @@ def create_app(
         ]
         return _json({"reservations": held})
 
+    @app.get("/debug/view")
+    def view() -> Response:
+        """Per node: capacity, memory held by bound pods and by reservations, and what is free."""
+        now = extender.clock()
+        with extender.book.locked():
+            current = source.view().with_reservations(extender.book.live(now))
+        placed: dict[str, int] = {}
+        for p in current.placements:
+            placed[p.node] = placed.get(p.node, 0) + p.memory_bytes
+        reserved: dict[str, int] = {}
+        for r in current.live_reservations(now):
+            reserved[r.node] = reserved.get(r.node, 0) + r.memory_bytes
+        free = current.free_bytes(now)
+        nodes = {
+            n.name: {
+                "capacityBytes": n.capacity_bytes,
+                "capacitySource": n.capacity_source,
+                "boundBytes": placed.get(n.name, 0),
+                "reservedBytes": reserved.get(n.name, 0),
+                "freeBytes": free.get(n.name),
+            }
+            for n in current.nodes
+        }
+        return _json({"synced": source.synced, "nodes": nodes})
+
     return app

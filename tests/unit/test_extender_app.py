@@ -631,3 +631,17 @@ def test_metrics_show_filter_latency_decisions_and_reservations(env: Env) -> Non
     ) in text
     assert "ibc_extender_reservations 2.0" in text
     assert 'ibc_extender_bad_requests_total{verb="filter"} 1.0' in text
+
+
+def test_debug_view_shows_what_each_node_holds(env: Env) -> None:
+    env.source.cache.apply("Pod", "ADDED", bound_pod("c1", "node-c", "50Gi"))
+    env.filter(as_model_pod(captured("filter-nodenames"), "20Gi", uid="r"))
+    nodes = env.client.get("/debug/view").get_json()["nodes"]
+    assert nodes["node-c"] == {
+        "capacityBytes": 80 * GI,
+        "capacitySource": "annotation",
+        "boundBytes": 50 * GI,
+        "reservedBytes": 0,
+        "freeBytes": 30 * GI,
+    }
+    assert nodes["node-b"]["reservedBytes"] == 20 * GI and nodes["node-b"]["freeBytes"] == 28 * GI
