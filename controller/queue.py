@@ -48,7 +48,7 @@ class WorkQueue:
         with self._cond:
             failures = self._failures.get(key, 0)
             self._failures[key] = failures + 1
-        delay = min(max_seconds, base_seconds * 2**failures)
+        delay = float(min(max_seconds, base_seconds * 2**failures))
         self.add(key, delay)
         return delay
 

@@ -208,7 +208,7 @@ def with_times(desired: Mapping[str, Any], current: Mapping[str, Any], now: floa
         conditions.append({**cond, "lastTransitionTime": when})
     out["conditions"] = conditions
     # Conditions of types this controller does not manage (someone else's) are kept as they are.
-    conditions.extend(c for t, c in old.items() if t not in CONDITION_TYPES)
+    conditions.extend(dict(c) for t, c in old.items() if t not in CONDITION_TYPES)
     return out
 
 

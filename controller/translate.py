@@ -274,7 +274,8 @@ def adoption_config(model: Obj, deployment: Obj, *, scheduler_name: str = DEFAUL
     template = _spec(deployment).get("template")
     if not isinstance(template, Mapping):
         raise TemplateError(f"Deployment {dep_name} has no spec.template")
-    pod_spec = template.get("spec") if isinstance(template.get("spec"), Mapping) else {}
+    raw_spec = template.get("spec")
+    pod_spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
     labels = _string_map(_meta(template).get("labels"), f"Deployment {dep_name} spec.template.metadata.labels")
     if labels.get(LABEL_MODEL, name) != name:
         raise SpecError(
