@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
-from proxy.forward import Upstream, UpstreamError, request_headers, response_headers
+from proxy.forward import Upstream, UpstreamError, raw_chunks, request_headers, response_headers
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
@@ -121,7 +121,10 @@ class ProxyApp:
             transport=transport,
             direct=settings.direct_transport,
         )
-        self.cold = ColdStarts(scaler, queue_size=settings.queue_size, metrics=self.metrics)
+        self.cold = ColdStarts(
+            scaler, queue_size=settings.queue_size, total_limit=settings.max_held_requests, metrics=self.metrics
+        )
+        self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
 
     # ----- small endpoints -----
@@ -133,6 +136,12 @@ class ProxyApp:
         if callable(ready) and not ready():
             return Response("scaler not synced\n", 503, mimetype="text/plain")
         return Response("ok\n", 200, mimetype="text/plain")
+
+    def _check_ready(self) -> bool:
+        """Whether the scaler has its initial state; once true it is not asked again."""
+        if self.scaler.ready():  # type: ignore[attr-defined]
+            self._scaler_ready = True
+        return self._scaler_ready
 
     def metrics_endpoint(self) -> Response:
         body, content_type = self.metrics.render()
@@ -185,6 +194,10 @@ class ProxyApp:
         """Any `POST /v1/...`: parse, route by the body's `model`, forward or scale from zero."""
         if self._keys and not self.authorized():
             return self.unauthorized()
+        if not self._scaler_ready and not self._check_ready():
+            return error_response(
+                503, "the proxy is still loading the models", "not_ready", headers=[("Retry-After", "1")]
+            )
         raw = request.get_data(cache=False)  # over max_body_bytes -> 413 through the error handler
         try:
             payload = json.loads(raw)
@@ -251,7 +264,7 @@ class ProxyApp:
     def _relay(self, response: httpx.Response, backend: str, label: str) -> Iterator[bytes]:
         """Upstream bytes as they arrive; the upstream stream is closed however the client's ends."""
         try:
-            yield from response.iter_raw()
+            yield from raw_chunks(response)
         except httpx.HTTPError as exc:
             log.warning("stream from %s for %s broke: %s", backend, label, exc)
             self.metrics.upstream_errors.labels(label, "stream_broken").inc()
@@ -413,7 +426,7 @@ class ProxyApp:
                 )
                 return
             try:
-                yield from response.iter_bytes()
+                yield from raw_chunks(response) if response.is_stream_consumed else response.iter_bytes()
             except httpx.HTTPError as exc:
                 self.metrics.upstream_errors.labels(label, "stream_broken").inc()
                 yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")

@@ -66,11 +66,14 @@ class ColdStarts:
         scaler: Scaler,
         *,
         queue_size: int,
+        total_limit: int | None = None,
         metrics: ProxyMetrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scaler = scaler
         self.queue_size = queue_size
+        self.total_limit = total_limit
+        self._total = 0
         self.metrics = metrics
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -84,8 +87,11 @@ class ColdStarts:
         with self._lock:
             waiting = self._waiting.get(key, 0)
             if waiting >= self.queue_size:
-                raise QueueFull(f"{waiting} requests already wait for {label} to start")
+                raise QueueFull(f"{waiting} requests already wait for {label} to start (the limit per model)")
+            if self.total_limit is not None and self._total >= self.total_limit:
+                raise QueueFull(f"{self._total} requests already wait for models to start (the limit of this worker)")
             self._waiting[key] = waiting + 1
+            self._total += 1
             self._episode_started.setdefault(key, self._monotonic())
         if self.metrics is not None:
             self.metrics.queue_depth.labels(label).inc()
@@ -93,6 +99,7 @@ class ColdStarts:
 
     def _leave(self, ticket: Ticket) -> None:
         with self._lock:
+            self._total -= 1
             left = self._waiting.get(ticket.key, 0) - 1
             if left > 0:
                 self._waiting[ticket.key] = left

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -73,6 +73,14 @@ def request_headers(headers: Iterable[tuple[str, str]], *, drop_authorization: b
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The backend's headers minus hop-by-hop ones and those the WSGI server writes."""
     return [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP]
+
+
+def raw_chunks(response: httpx.Response) -> Iterator[bytes]:
+    """The body as it arrives, undecoded; a response already read in memory (tests' MockTransport) at once."""
+    if response.is_stream_consumed:
+        yield response.content
+        return
+    yield from response.iter_raw()
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,7 @@ class Upstream:
     def read_all(response: httpx.Response, backend: str) -> bytes:
         """The whole body as sent (still content-encoded), mapping failures like `send`."""
         try:
-            return b"".join(response.iter_raw())
+            return b"".join(raw_chunks(response))
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"{backend} stopped answering mid-response") from exc
         except httpx.HTTPError as exc:

@@ -28,6 +28,9 @@ class ProxySettings:
     # 256 per model: each waiting request holds a server thread; beyond this a client is better
     # told "queue_full" at once than left hanging.
     queue_size: int = 256
+    # Held requests of all models together (None = no limit): each holds a server thread, so `ibc proxy`
+    # keeps some threads of every worker for warm models during a cold-start burst.
+    max_held_requests: int | None = None
     # How often a waiting streaming client gets an SSE comment (also keeps idle-timeout proxies happy).
     progress_interval_seconds: float = 5.0
     # How often a waiting non-streaming request checks whether its client has hung up.
@@ -50,8 +53,10 @@ class ProxySettings:
             raise SettingsError(f"max body bytes must be >= 1, got {self.max_body_bytes}")
         if self.cold_start_timeout_seconds <= 0:
             raise SettingsError(f"cold start timeout must be > 0 s, got {self.cold_start_timeout_seconds}")
-        if self.queue_size < 0:
-            raise SettingsError(f"queue size must be >= 0, got {self.queue_size}")
+        if self.queue_size < 1:
+            raise SettingsError(f"queue size must be >= 1, got {self.queue_size}")
+        if self.max_held_requests is not None and self.max_held_requests < 1:
+            raise SettingsError(f"max held requests must be >= 1, got {self.max_held_requests}")
         if self.progress_interval_seconds <= 0 or self.disconnect_check_seconds <= 0:
             raise SettingsError("progress and disconnect-check intervals must be > 0 s")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:

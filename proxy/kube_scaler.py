@@ -1,0 +1,422 @@
+"""The Kubernetes Scaler: replicas come from InferenceModels' `/scale`, endpoints from ready model pods.
+
+The proxy never decides alone in a cluster: a scale-up is a merge PATCH of `inferencemodels/<name>/scale`,
+so the admission webhook answers with the same budget decision every other writer gets (a denial comes
+back as a 403/429 whose message is the webhook's, and becomes :class:`ScaleDenied`). Everything the
+request path reads per request (view, backends) comes from a list+watch cache and in-memory indexes
+kept current by the cache's events, so the hot path never waits on the API server. Activity
+(`status.lastRequestTime`, which drives idle scale-down) is written by a background thread, at most
+once per model every `touch_interval_seconds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from budget import ClusterView, Decision, UnknownModelError, decide_scale
+from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
+from budget.objects import LABEL_MODEL
+from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache
+from proxy.scaler import ScaleDenied, ScalerUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+KINDS = ("Node", "Pod", "Deployment", "InferenceModel")
+# Container states that mean the replica will not become ready without someone fixing something.
+FAILED_WAITING_REASONS = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
+)
+_WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the request: (?P<message>.*)', re.S)
+_REASON_PREFIX = re.compile(r"^(?P<reason>[a-z][a-z_]*): (?P<rest>.*)$", re.S)
+_RETRY_SUFFIX = re.compile(r"; retry after (?P<seconds>[0-9]+)s$")
+
+
+@dataclass(frozen=True)
+class _Pod:
+    """What routing needs from one model pod."""
+
+    ip: str
+    ready: bool
+    failed: bool
+    container_port: int | None
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """What routing needs from one InferenceModel."""
+
+    port: int
+    backend_url: str | None
+    ready_replicas: int
+    desired_replicas: int
+
+
+def rfc3339(seconds: float) -> str:
+    """POSIX seconds to RFC 3339 UTC with second precision, as `status.lastRequestTime` stores it."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pod_info(obj: Mapping[str, Any]) -> _Pod:
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions if isinstance(c, dict))
+    ready = ready and not meta.get("deletionTimestamp") and status.get("phase") == "Running"
+    failed = status.get("phase") == "Failed"
+    for cs in status.get("containerStatuses") or []:
+        waiting = ((cs or {}).get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FAILED_WAITING_REASONS:
+            failed = True
+    port = None
+    for container in spec.get("containers") or []:
+        for p in (container or {}).get("ports") or []:
+            if isinstance(p, dict) and isinstance(p.get("containerPort"), int):
+                port = p["containerPort"]
+                break
+        if port is not None:
+            break
+    return _Pod(ip=str(status.get("podIP") or ""), ready=ready, failed=failed, container_port=port)
+
+
+def _model_spec(obj: Mapping[str, Any]) -> _ModelSpec:
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    port = spec.get("port", DEFAULT_PORT)
+    backend = spec.get("backendUrl")
+    ready = status.get("readyReplicas") or 0
+    desired = spec.get("replicas", 1)
+    return _ModelSpec(
+        port=port if isinstance(port, int) and 0 < port < 65536 else DEFAULT_PORT,
+        backend_url=backend.rstrip("/") if isinstance(backend, str) and backend else None,
+        ready_replicas=ready if isinstance(ready, int) else 0,
+        desired_replicas=desired if isinstance(desired, int) and not isinstance(desired, bool) else 1,
+    )
+
+
+def _url(ip: str, port: int) -> str:
+    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+
+
+def denial_from(exc: ApiException) -> str | None:
+    """The webhook's message when the API server refused a write because an admission webhook denied it."""
+    if exc.status not in (400, 403, 409, 422, 429):
+        return None
+    body: Any = exc.body
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    message = ""
+    if isinstance(body, str) and body:
+        try:
+            parsed = json.loads(body)
+            message = str(parsed.get("message") or "") if isinstance(parsed, dict) else ""
+        except ValueError:
+            message = body
+    match = _WEBHOOK_DENIAL.search(message)
+    return match.group("message").strip() if match else None
+
+
+def denied_decision(local: Decision, webhook_message: str, default_retry_after_seconds: int) -> Decision:
+    """The locally recomputed decision, refused, carrying the webhook's words (and its reason and retry hint)."""
+    message = webhook_message
+    retry = local.retry_after_seconds
+    suffix = _RETRY_SUFFIX.search(message)
+    if suffix:
+        retry = int(suffix.group("seconds"))
+        message = message[: suffix.start()]
+    reason = local.reason if not local.allowed else "scale_denied"
+    prefix = _REASON_PREFIX.match(message)
+    if prefix:
+        reason = prefix.group("reason")
+        message = prefix.group("rest")
+    return replace(
+        local,
+        allowed=False,
+        reason=reason,
+        message=message,
+        retry_after_seconds=retry if retry > 0 else default_retry_after_seconds,
+    )
+
+
+class KubeScaler:
+    """Implements :class:`proxy.scaler.Scaler` against the API server; every method is thread-safe."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        namespace: str | None = None,
+        cache: ClusterCache | None = None,
+        touch_interval_seconds: float = 5.0,
+        request_timeout_seconds: float = 10.0,
+        default_retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
+        clock: Callable[[], float] = time.time,
+        custom_api: Any = None,
+        apps_api: Any = None,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.cache = cache or ClusterCache(api, kinds=KINDS, namespace=namespace)
+        self.touch_interval_seconds = touch_interval_seconds
+        self.request_timeout_seconds = request_timeout_seconds
+        self.default_retry_after_seconds = default_retry_after_seconds
+        self._clock = clock
+        self._custom = custom_api or client.CustomObjectsApi(api)  # tests pass stand-ins
+        self._apps = apps_api or client.AppsV1Api(api)
+        self._changed = threading.Condition()
+        self._pods: dict[str, dict[str, _Pod]] = {}  # model key -> pod key -> info
+        self._models: dict[str, _ModelSpec] = {}  # model key -> InferenceModel facts
+        self._backends: dict[str, list[str]] = {}  # model key -> URLs (cache; dropped on change)
+        self._touched: dict[str, float] = {}  # model key -> latest request time
+        self._written: dict[str, float] = {}  # model key -> request time last written
+        self._written_at: dict[str, float] = {}  # model key -> when it was written (monotonic)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.status_patches = 0
+        self.cache.add_listener(self._on_event)
+        for obj in self.cache.objects("InferenceModel"):
+            self._on_event("InferenceModel", "ADDED", obj)
+        for obj in self.cache.objects("Pod"):
+            self._on_event("Pod", "ADDED", obj)
+
+    # ----- lifecycle -----
+    def start(self) -> KubeScaler:
+        """Start the watches and the activity writer (call in each worker, after the fork)."""
+        self.cache.start()
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="ibc-proxy-touch", daemon=True)
+            self._flusher.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.cache.stop()
+        if self._flusher is not None:
+            self._flusher.join(timeout=5)
+            self.flush()
+
+    def ready(self) -> bool:
+        return self.cache.synced
+
+    # ----- indexes kept by cache events -----
+    def _on_event(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        name = meta.get("name")
+        if kind == "Pod":
+            label = (meta.get("labels") or {}).get(LABEL_MODEL)
+            if not label or not name:
+                return
+            key = f"{namespace}/{label}"
+            with self._changed:
+                pods = self._pods.setdefault(key, {})
+                if event_type == "DELETED":
+                    pods.pop(name, None)
+                else:
+                    pods[name] = _pod_info(obj)
+                self._backends.pop(key, None)
+                self._changed.notify_all()
+        elif kind == "InferenceModel" and name:
+            key = f"{namespace}/{name}"
+            with self._changed:
+                if event_type == "DELETED":
+                    self._models.pop(key, None)
+                else:
+                    self._models[key] = _model_spec(obj)
+                self._backends.pop(key, None)
+                self._changed.notify_all()
+
+    def _compute_backends(self, key: str) -> list[str]:
+        """Ready replicas' URLs: `spec.backendUrl` once a replica is ready, else `http://podIP:port` each."""
+        spec = self._models.get(key)
+        pods = self._pods.get(key, {})
+        ready_ips = sorted({p.ip for p in pods.values() if p.ready and p.ip})
+        if spec is not None and spec.backend_url:
+            return [spec.backend_url] if ready_ips or spec.ready_replicas > 0 else []
+        urls = []
+        for ip in ready_ips:
+            port = spec.port if spec is not None else None
+            if port is None:
+                port = next((p.container_port for p in pods.values() if p.ip == ip and p.container_port), None)
+            urls.append(_url(ip, port or DEFAULT_PORT))
+        return urls
+
+    # ----- the Scaler protocol -----
+    def view(self) -> ClusterView:
+        return self.cache.view()
+
+    def backends(self, model_key: str) -> list[str]:
+        urls = self._backends.get(model_key)
+        if urls is None:
+            with self._changed:
+                urls = self._compute_backends(model_key)
+                self._backends[model_key] = urls
+        return urls
+
+    def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
+        deadline = time.monotonic() + timeout_seconds
+        with self._changed:
+            while True:
+                urls = self._compute_backends(model_key)
+                if urls:
+                    return urls
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._changed.wait(remaining)
+
+    def state(self, model_key: str) -> str:
+        with self._changed:
+            if self._compute_backends(model_key):
+                return "ready"
+            if any(p.failed for p in self._pods.get(model_key, {}).values()):
+                return "failed"
+        model = self.cache.view().models.get(model_key)
+        return "starting" if model is not None and model.replicas > 0 else "stopped"
+
+    def scale_up(self, model_key: str, replicas: int) -> None:
+        """PATCH the model's `/scale` to `replicas` unless it already asks for as many; the webhook decides."""
+        namespace, _, name = model_key.partition("/")
+        im = self.cache.get("InferenceModel", namespace, name)
+        try:
+            if im is not None:
+                if _model_spec(im).desired_replicas >= replicas:
+                    return
+                self._custom.patch_namespaced_custom_object_scale(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    {"spec": {"replicas": replicas}},
+                    _request_timeout=self.request_timeout_seconds,
+                )
+            else:
+                deployment = self._deployment_of(namespace, name)
+                if deployment is None:
+                    raise ScalerUnavailable(f"no InferenceModel or labelled Deployment for {model_key}")
+                current = (deployment.get("spec") or {}).get("replicas", 1)
+                if isinstance(current, int) and current >= replicas:
+                    return
+                self._apps.patch_namespaced_deployment_scale(
+                    deployment["metadata"]["name"],
+                    namespace,
+                    {"spec": {"replicas": replicas}},
+                    _request_timeout=self.request_timeout_seconds,
+                )
+        except ApiException as exc:
+            webhook_message = denial_from(exc)
+            if webhook_message is None:
+                raise ScalerUnavailable(
+                    f"scaling {model_key} to {replicas} failed: {exc.status} {exc.reason}: {_api_message(exc)}"
+                ) from exc
+            log.info("scale-up of %s to %d denied: %s", model_key, replicas, webhook_message)
+            raise ScaleDenied(self._denied(model_key, replicas, webhook_message)) from exc
+        except ScalerUnavailable:
+            raise
+        except Exception as exc:  # urllib3 errors: the API server is unreachable
+            raise ScalerUnavailable(f"scaling {model_key} to {replicas} failed: {exc}") from exc
+        log.info("asked for %d replica(s) of %s", replicas, model_key)
+
+    def _denied(self, model_key: str, replicas: int, webhook_message: str) -> Decision:
+        try:
+            local = decide_scale(
+                self.cache.view(),
+                model_key,
+                replicas,
+                self._clock(),
+                default_retry_after_seconds=self.default_retry_after_seconds,
+            )
+        except UnknownModelError as exc:
+            raise ScalerUnavailable(f"{model_key} disappeared while scaling: {exc}") from exc
+        return denied_decision(local, webhook_message, self.default_retry_after_seconds)
+
+    def _deployment_of(self, namespace: str, label: str) -> dict[str, Any] | None:
+        for obj in self.cache.objects("Deployment"):
+            meta = obj.get("metadata") or {}
+            if meta.get("namespace") == namespace and (meta.get("labels") or {}).get(LABEL_MODEL) == label:
+                return obj
+        return None
+
+    # ----- activity -----
+    def touch(self, model_key: str, now: float) -> None:
+        """Remember the request; the writer thread patches at most once per model per interval."""
+        self._touched[model_key] = now
+        written_at = self._written_at.get(model_key)
+        if written_at is None or time.monotonic() - written_at >= self.touch_interval_seconds:
+            self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(min(1.0, self.touch_interval_seconds))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.flush()
+            except Exception:  # the writer must survive anything
+                log.exception("writing lastRequestTime failed")
+
+    def flush(self, *, force: bool = False) -> int:
+        """Write every due `status.lastRequestTime`; returns how many were written."""
+        written = 0
+        for key, seen in list(self._touched.items()):
+            if seen <= self._written.get(key, float("-inf")):
+                continue
+            last = self._written_at.get(key)
+            if not force and last is not None and time.monotonic() - last < self.touch_interval_seconds:
+                continue
+            namespace, _, name = key.partition("/")
+            if self.cache.get("InferenceModel", namespace, name) is None:
+                self._touched.pop(key, None)  # Deployment-only models have no status to write
+                continue
+            try:
+                self._custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    {"status": {"lastRequestTime": rfc3339(seen)}},
+                    _request_timeout=self.request_timeout_seconds,
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    self._touched.pop(key, None)
+                    continue
+                log.warning("lastRequestTime of %s not written: %s %s", key, exc.status, exc.reason)
+                self._written_at[key] = time.monotonic()  # back off one interval
+                continue
+            except Exception as exc:
+                log.warning("lastRequestTime of %s not written: %s", key, exc)
+                self._written_at[key] = time.monotonic()
+                continue
+            self._written[key] = seen
+            self._written_at[key] = time.monotonic()
+            self.status_patches += 1
+            written += 1
+        return written
+
+
+def _api_message(exc: ApiException) -> str:
+    body: Any = exc.body
+    with contextlib.suppress(Exception):
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and parsed.get("message"):
+            return str(parsed["message"])
+    return str(body or "")[:300]
