@@ -123,6 +123,7 @@ class LocalScaler:
     def view(self) -> ClusterView:
         """The budget view: config nodes and models, with every live process as a placement (cached)."""
         with self._cond:
+            self._prune_locked()
             if self._view is None:
                 self._view = self._view_locked()
             return self._view
@@ -131,6 +132,11 @@ class LocalScaler:
         """Base URLs of ready replicas."""
         model = self._model(model_key)
         with self._cond:
+            if any(p.popen.poll() is not None for p in self._replicas[model.key] if p.phase is Phase.READY):
+                # Died since the reaper last looked (kill -9, OOM): notice it now, so this request
+                # starts a new process instead of being sent to a dead port.
+                self._runtime.reap()
+            self._prune_locked()
             return self._ready_urls(model.key)
 
     def scale_up(self, model_key: str, replicas: int) -> None:
@@ -139,6 +145,7 @@ class LocalScaler:
         with self._cond:
             if self._closing:
                 raise ScalerUnavailable("ibc local is shutting down")
+            self._prune_locked()
             alive = self._replicas[model.key]
             stopping = sum(1 for p in alive if p.phase is Phase.STOPPING)
             if replicas <= len(alive) - stopping:
@@ -159,6 +166,7 @@ class LocalScaler:
         deadline = time.monotonic() + max(0.0, timeout_seconds)
         with self._cond:
             while True:
+                self._prune_locked()
                 urls = self._ready_urls(model.key)
                 if urls:
                     return urls
@@ -184,14 +192,17 @@ class LocalScaler:
                     self._view = None  # idle times in a 429 are whole seconds; no need to rebuild per request
 
     def state(self, model_key: str) -> str:
-        """`ready`, `starting`, `stopped` or `failed`."""
+        """`ready`, `starting`, `stopping` (memory not yet free), `stopped` or `failed`."""
         model = self._model(model_key)
         with self._cond:
+            self._prune_locked()
             phases = {p.phase for p in self._replicas[model.key]}
             if Phase.READY in phases:
                 return "ready"
             if Phase.STARTING in phases:
                 return "starting"
+            if Phase.STOPPING in phases:
+                return "stopping"  # still holds its memory until the process has exited
             if model.key in self._failure:
                 return "failed"
             return "stopped"
@@ -251,6 +262,7 @@ class LocalScaler:
         now = self._clock() if now is None else now
         stopped = []
         with self._cond:
+            self._prune_locked()
             for key, plist in self._replicas.items():
                 model = self._models[key]
                 ready = [p for p in plist if p.phase is Phase.READY]
@@ -334,13 +346,22 @@ class LocalScaler:
     def _on_process_change(self, proc: ManagedProcess) -> None:
         """Runtime callback: a replica became ready, began stopping or exited."""
         with self._cond:
-            plist = self._replicas.get(proc.spec.owner)
-            if plist is not None and proc.phase is Phase.EXITED and proc in plist:
-                plist.remove(proc)  # its memory is free from now on
-                if proc.failure:
-                    self._failure[proc.spec.owner] = proc.failure
+            self._prune_locked()
             self._view = None
             self._cond.notify_all()
+
+    def _prune_locked(self) -> None:
+        """Forget replicas whose exit was seen (by any thread): their memory is free from now on.
+
+        Whoever sees a process exit first marks it EXITED; the runtime's callback may still be waiting
+        for this lock, so every reader prunes rather than trusting that the callback already ran.
+        """
+        for key, plist in self._replicas.items():
+            for proc in [p for p in plist if p.phase is Phase.EXITED]:
+                plist.remove(proc)
+                if proc.failure:
+                    self._failure[key] = proc.failure
+                self._view = None
 
     def _supervise(self) -> None:
         next_sample = 0.0

@@ -32,6 +32,10 @@ class Clock:
 class FakePopen:
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        return self.returncode
 
 
 class FakeRuntime:
@@ -74,6 +78,11 @@ class FakeRuntime:
     def shutdown(self, timeout_seconds=None):
         for proc in self.live():
             self.exit(proc, 0)
+
+    def reap(self):
+        for proc in self.live():
+            if proc.popen.returncode is not None:
+                self.exit(proc, proc.popen.returncode, failure=f"exited with code {proc.popen.returncode}")
 
     def sample_memory(self, procs):
         return {p.pid: MemorySample(self.rss.get(p.spec.name, 0), "rss") for p in procs}
@@ -237,6 +246,15 @@ def test_crash_frees_memory_reports_failed_and_restarts_on_next_request(scaler, 
     assert scaler.state("model-a") == "ready"
 
 
+def test_a_dead_process_is_noticed_by_the_next_request_not_the_next_reaper_tick(scaler, runtime):
+    a = _start_ready(scaler, runtime, "model-a")
+    a.popen.returncode = -9  # killed; the reaper has not looked yet
+    assert scaler.backends("model-a") == []  # so the proxy starts it again rather than forwarding to a dead port
+    assert scaler.state("model-a") == "failed"
+    scaler.scale_up("model-a", 1)
+    assert len(runtime.live()) == 1 and runtime.live()[0] is not a
+
+
 def test_failed_start_ends_the_wait_with_the_reason(scaler, runtime):
     scaler.scale_up("model-a", 1)
     proc = runtime.spawned[-1]
@@ -380,3 +398,21 @@ def test_view_is_cached_until_something_a_decision_reads_changes(scaler, runtime
     assert third is not second and len(third.placements) == 1
     runtime.ready(runtime.spawned[-1])
     assert scaler.view().placements[0].ready
+
+
+def test_state_says_stopping_while_the_memory_is_still_held(scaler, runtime):
+    a = _start_ready(scaler, runtime, "model-a")
+    runtime.stop(a)
+    assert scaler.state("model-a") == "stopping"
+    runtime.exit(a, 0)
+    assert scaler.state("model-a") == "stopped"
+
+
+def test_an_exit_seen_by_another_thread_counts_before_its_callback_runs(scaler, runtime):
+    a = _start_ready(scaler, runtime, "model-a")
+    # The reaper thread marked it exited and is still waiting for the scaler's lock to report it.
+    a.phase, a.failure = Phase.EXITED, "was killed by SIGKILL"
+    assert scaler.backends("model-a") == []
+    scaler.scale_up("model-a", 1)  # must start a new process, not count the dead one as running
+    assert runtime.spawned[-1] is not a and scaler.state("model-a") == "starting"
+    assert [p.pid for p in scaler.processes("model-a")] == [runtime.spawned[-1].pid]
