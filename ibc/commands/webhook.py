@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  ibc webhook --bind 127.0.0.1:8443 --cluster-state examples/seed-scenario.yaml    # offline"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_server_arguments(parser, default_bind="0.0.0.0:8443", default_workers=2, default_threads=8)
+    add_server_arguments(parser, default_bind="0.0.0.0:8443", default_workers=1, default_threads=8)
     source = parser.add_argument_group("cluster view (one of; in-cluster config when neither is given)")
     exclusive = source.add_mutually_exclusive_group()
     exclusive.add_argument("--cluster-state", metavar="FILE",
@@ -111,13 +111,12 @@ def run(args: argparse.Namespace) -> int:
             snapshot = load_snapshot(args.cluster_state)
         except BudgetError as exc:
             return _fail(str(exc))
-        if options["workers"] != 1:
-            log.warning(
-                "--cluster-state uses an in-process lock, correct for one process only: running 1 worker "
-                "(not %d); use --threads for concurrency", options["workers"],
+        if options["workers"] > 1:
+            return _fail(
+                f"--workers {options['workers']} with --cluster-state: offline admissions are serialized by an "
+                "in-process lock, which several workers would not share; run one worker and scale with --threads"
             )
-            options["workers"] = 1
-        log.info("offline mode: %s, in-process admission lock", args.cluster_state)
+        log.info("offline mode: %s; admissions serialized by an in-process lock (one process)", args.cluster_state)
 
         def offline_factory() -> Any:
             from webhook import LocalLedger, create_app
