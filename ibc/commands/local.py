@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BIND = "127.0.0.1:8080"
 # Each request held during a cold start occupies a thread; 64 covers a burst at a single-user machine.
 DEFAULT_THREADS = 64
-MIN_THREADS = 16
+# Threads never given to held requests, so running models answer during a cold-start burst.
+RESERVED_THREADS = 16
+MIN_THREADS = RESERVED_THREADS + 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cold-start-timeout",
-        type=float,
+        type=_positive_float,
         metavar="SECONDS",
         help="how long a request waits for its model to start (default: the longest startup_timeout)",
     )
@@ -69,9 +71,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue-size", type=int, default=256, metavar="N", help="requests held per starting model (default 256)"
     )
     parser.add_argument(
+        "--upstream-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="longest silence from a model process while it answers (default 600)",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=16 * 1024 * 1024, metavar="N", help="largest request body (16 MiB)"
+    )
+    parser.add_argument(
         "--api-key-file", metavar="FILE", help="require `Authorization: Bearer <key>` with a key from this file"
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration, print it, and exit")
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
+    return number
 
 
 def _fail(message: str) -> int:
@@ -125,13 +147,20 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         parse_bind(args.bind)
         if args.threads < MIN_THREADS:
-            raise ServeError(f"--threads {args.threads}: at least {MIN_THREADS} (held requests each take one)")
+            raise ServeError(
+                f"--threads {args.threads}: at least {MIN_THREADS} ({RESERVED_THREADS} stay free for running models, "
+                "the rest hold requests while a model starts)"
+            )
         cold_start = args.cold_start_timeout
         if cold_start is None:
             cold_start = max(m.startup_timeout_seconds for m in config.models)
         settings = ProxySettings(
             cold_start_timeout_seconds=cold_start,
             queue_size=args.queue_size,
+            read_timeout_seconds=args.upstream_timeout,
+            max_body_bytes=args.max_body_bytes,
+            # Like `ibc proxy`: some threads always stay free for models that are already running.
+            max_held_requests=args.threads - RESERVED_THREADS,
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )
     except (LocalConfigError, ServeError, SettingsError) as exc:
