@@ -80,6 +80,7 @@ class ColdStarts:
         self._waiting: dict[str, int] = {}
         self._episode_started: dict[str, float] = {}  # model key -> when its first held request came
         self._flights: dict[str, _Flight] = {}
+        self._scaled: set[str] = set()  # models whose scale-up succeeded during the current episode
 
     # ----- waiting rooms -----
     def enter(self, key: str, label: str) -> Ticket:
@@ -106,6 +107,7 @@ class ColdStarts:
             else:
                 self._waiting.pop(ticket.key, None)
                 self._episode_started.pop(ticket.key, None)
+                self._scaled.discard(ticket.key)
         if self.metrics is not None:
             self.metrics.queue_depth.labels(ticket.label).dec()
 
@@ -118,13 +120,21 @@ class ColdStarts:
         """A waiter saw the model's first ready backend: record the cold start once per episode."""
         with self._lock:
             began = self._episode_started.pop(key, None)
+            self._scaled.discard(key)
         if began is not None and self.metrics is not None:
             self.metrics.cold_start.labels(label).observe(self._monotonic() - began)
 
     # ----- single-flight scale-up -----
     def scale_up(self, key: str, replicas: int, timeout_seconds: float) -> None:
-        """Ask the scaler once for all concurrent callers; raises ScaleDenied / ScalerUnavailable for each."""
+        """Ask the scaler once per cold start for all callers; raises ScaleDenied / ScalerUnavailable for each.
+
+        Callers that arrive while the call is in flight wait for its outcome; callers that arrive after it
+        succeeded, while requests still wait for the model, join without a new call. A new episode (after
+        every waiter left or the model became ready) calls again.
+        """
         with self._lock:
+            if key in self._scaled:
+                return
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
@@ -132,6 +142,9 @@ class ColdStarts:
         if leader:
             try:
                 self.scaler.scale_up(key, replicas)
+                with self._lock:
+                    if self._waiting.get(key):
+                        self._scaled.add(key)
             except (ScaleDenied, ScalerUnavailable) as exc:
                 flight.error = exc
             except Exception as exc:  # a scaler bug must not leave followers waiting forever
