@@ -57,10 +57,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _state["bin_dir"] = Path(os.environ["IBC_KUBE_BIN_DIR"])
         return
     if shutil.which("go") is None and not harness.binaries_cached():
-        reason = (
-            "cluster tier skipped: 'go' not found and no cached Kubernetes binaries; "
-            f"to enable, {ENABLE_HINT}"
-        )
+        reason = f"cluster tier skipped: 'go' not found and no cached Kubernetes binaries; to enable, {ENABLE_HINT}"
         if _ci():
             raise pytest.UsageError(f"CI=true but {reason}")
         _state["skip"] = reason
@@ -78,11 +75,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _cluster_tier_enabled() -> None:
-    """One shared skip for the whole tier (pytest -ra groups it into a single line)."""
+    """One shared skip for the whole tier (reported as a single line, see pytest_runtest_makereport)."""
     if _state["skip"]:
+        _state["skip_line"] = sys._getframe().f_lineno + 1
         pytest.skip(_state["skip"])
     if _state["error"]:
         pytest.fail(f"building Kubernetes for the cluster tier failed:\n{_state['error']}", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Give the tier-wide skip one location so ``-ra`` folds it into ONE summary line."""
+    report = yield
+    if _state["skip"] and report.skipped and isinstance(report.longrepr, tuple):
+        report.longrepr = (str(Path(__file__)), _state.get("skip_line", 1), report.longrepr[2])
+    return report
 
 
 @pytest.fixture(scope="session")

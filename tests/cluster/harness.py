@@ -344,11 +344,12 @@ atexit.register(_stop_all_live)
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Have the kernel SIGTERM the child if the test process dies without cleaning up."""
+    """Have the kernel SIGKILL the child if the test process dies without cleaning up (the apiserver
+    hangs in graceful shutdown once etcd is gone, and nobody is left to wait for it)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
@@ -1125,7 +1126,7 @@ class PodSimulator:
     ``ibc.test/pod-ip`` annotation with a loopback address when a test must dial a pod.
     """
 
-    def __init__(self, api_client_factory: Callable[[], Any], watch_timeout: int = 10) -> None:
+    def __init__(self, api_client_factory: Callable[[], Any], watch_timeout: int = 5) -> None:
         self._factory = api_client_factory
         self._watch_timeout = watch_timeout
         self._stop = threading.Event()
@@ -1144,7 +1145,9 @@ class PodSimulator:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the thread to stop; it is a daemon blocked in a watch of at most ``watch_timeout`` seconds,
+        so it is not waited for longer than ``timeout``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)

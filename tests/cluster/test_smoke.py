@@ -7,7 +7,11 @@ by ``create_node``, the pod simulator marks them Ready, and kubectl works with t
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import ssl
+import threading
 import time
 from typing import Any
 
@@ -104,3 +108,101 @@ def _events(core: Any, pod: Any) -> list[Any]:
         return [e for e in items if e.reason == "Scheduled"]
 
     return wait_for(fetch, timeout=10, message=f"Scheduled event of {pod.metadata.name}")
+
+
+class _RecordingExtender:
+    """A minimal HTTPS scheduler extender: accepts every node, records the verbs it was called with."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                verb = self.path.rsplit("/", 1)[-1]
+                outer.calls.append((verb, body))
+                if verb == "filter":
+                    reply: Any = {"Nodes": body["Nodes"], "FailedNodes": {}, "Error": ""}
+                else:
+                    reply = [{"Host": n["metadata"]["name"], "Score": 5} for n in body["Nodes"]["items"]]
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("extender: " + format, *args)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_second_scheduler_with_https_extender(
+    control_plane: ControlPlane,
+    k8s_client: Any,
+    pod_simulator: PodSimulator,
+    node_factory: Any,
+    namespace: str,
+    scheduler_factory: Any,
+) -> None:
+    node_factory("smoke-ext-a")
+    node_factory("smoke-ext-b")
+    cert, key, _ca = control_plane.issue_serving_cert(ip_addresses=["127.0.0.1"])
+    ext = _RecordingExtender(str(cert), str(key))
+    try:
+        handle = scheduler_factory(
+            "smoke-extender-scheduler",
+            extenders=[
+                {
+                    "urlPrefix": ext.url,
+                    "filterVerb": "filter",
+                    "prioritizeVerb": "prioritize",
+                    "weight": 1,
+                    "enableHTTPS": True,
+                    "tlsConfig": {"caData": control_plane.ca_cert_pem},  # PEM: base64-encoded by the harness
+                    "httpTimeout": "5s",
+                    "nodeCacheCapable": False,
+                }
+            ],
+        )
+        assert handle.log_path.exists()
+        core = client.CoreV1Api(k8s_client)
+        pod = client.V1Pod(
+            metadata=client.V1ObjectMeta(name="via-extender"),
+            spec=client.V1PodSpec(
+                scheduler_name="smoke-extender-scheduler",
+                containers=[client.V1Container(name="pause", image="registry.k8s.io/pause:3.10")],
+            ),
+        )
+        core.create_namespaced_pod(namespace, pod)
+
+        def ready() -> bool:
+            p = core.read_namespaced_pod("via-extender", namespace)
+            return bool(p.spec.node_name) and any(
+                c.type == "Ready" and c.status == "True" for c in (p.status.conditions or [])
+            )
+
+        wait_for(ready, timeout=30, message="pod bound by the second scheduler and Ready")
+        verbs = [v for v, _ in ext.calls]
+        assert "filter" in verbs, verbs
+        filter_body = next(b for v, b in ext.calls if v == "filter")
+        assert filter_body["Pod"]["metadata"]["name"] == "via-extender"
+        assert {n["metadata"]["name"] for n in filter_body["Nodes"]["items"]} >= {"smoke-ext-a", "smoke-ext-b"}
+        events = _events(core, core.read_namespaced_pod("via-extender", namespace))
+        assert any((e.reporting_component or "") == "smoke-extender-scheduler" for e in events), events
+        handle.stop()
+        assert not handle.process.alive()
+    finally:
+        ext.close()
