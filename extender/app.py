@@ -133,6 +133,7 @@ def create_app(
         body = filter_result(args, answer.passed, answer.failed, answer.unresolvable, answer.error)
         response = _json(body)
         metrics.filter_seconds.labels(args.form).observe(time.perf_counter() - started)
+        metrics.filter_nodes.labels(args.form).observe(len(args.node_names))
         return response
 
     @app.post("/prioritize")

@@ -29,6 +29,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=self.registry,
         )
+        self.filter_nodes = Histogram(
+            "ibc_extender_filter_nodes",
+            "Nodes per filter call (kube-scheduler sends only the nodes its own filters left, and stops "
+            "after percentageOfNodesToScore of them).",
+            ["form"],
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=self.registry,
+        )
         self.decisions = Counter(
             "ibc_extender_decisions_total",
             "Answers per pod: verb (filter, prioritize, bind), result and stable reason.",
@@ -57,7 +65,8 @@ class Metrics:
     def count_verdicts(self, counts: Iterable[tuple[tuple[str, str], int]]) -> None:
         """Add aggregated (result, reason) -> count pairs (one call per filter, not one per node)."""
         for (result, reason), count in counts:
-            self.node_verdicts.labels(result, reason or "none").inc(count)
+            if count:
+                self.node_verdicts.labels(result, reason or "none").inc(count)
 
     def exposition(self) -> bytes:
         """The text format for `/metrics` (aggregated across processes in multiprocess mode)."""

@@ -111,15 +111,16 @@ class Extender:
         return base.with_reservations(self.book.live(now))
 
     def _best(self, passed: list[NodeVerdict], memory_bytes: int) -> NodeVerdict:
-        """The core's highest score; ties by the exact share left free (strategy's way), then by name."""
-        scores = score_nodes(passed, memory_bytes, self.settings.score_strategy)
-        sign = -1 if self.settings.score_strategy == "spread" else 1
-
-        def rank(v: NodeVerdict) -> tuple[int, float, str]:
+        """The node `budget.score_nodes` scores highest, by the exact share left free (its score before
+        rounding, so ties at the same 0..10 score go the strategy's way), then by name."""
+        sign = -1.0 if self.settings.score_strategy == "spread" else 1.0
+        best, best_key = passed[0], (float("inf"), "")
+        for v in passed:
             left = (v.free_bytes - memory_bytes) / v.capacity_bytes if v.capacity_bytes > 0 else 0.0
-            return (-scores[v.node], sign * left, v.node)
-
-        return min(passed, key=rank)
+            key = (sign * left, v.node)
+            if key < best_key:
+                best, best_key = v, key
+        return best
 
     # ----- filter -----
     def filter(self, args: ExtenderArgs) -> FilterAnswer:
@@ -142,7 +143,16 @@ class Extender:
             # drops it under this lock, after the cache holds the placement, so it counts exactly once.
             view = self._view(self.source.view(), request_nodes, now)
             verdicts = filter_nodes(view, pod, args.node_names, now)
-            passed = [v for v in verdicts if v.status == "passed"]
+            passed: list[NodeVerdict] = []
+            failed: dict[str, str] = {}
+            unresolvable: dict[str, str] = {}
+            for v in verdicts:
+                if v.status == "passed":
+                    passed.append(v)
+                elif v.status == "failed":
+                    failed[v.node] = v.reason
+                else:
+                    unresolvable[v.node] = v.reason
             reservation = None
             if passed and reserve:
                 best = self._best(passed, pod.memory_bytes)
@@ -152,9 +162,12 @@ class Extender:
                 if reserve:
                     self.book.release(pod.uid)  # filtered again and fits nowhere now: its old promise goes
                 answer = [v.node for v in passed]
-        failed = {v.node: v.reason for v in verdicts if v.status == "failed"}
-        unresolvable = {v.node: v.reason for v in verdicts if v.status == "unresolvable"}
-        self.metrics.count_verdicts(Counter((v.status, v.reason) for v in verdicts).items())
+        counts = Counter(failed.values()), Counter(unresolvable.values())
+        self.metrics.count_verdicts(
+            [(("passed", ""), len(passed))]
+            + [(("failed", r), n) for r, n in counts[0].items()]
+            + [(("unresolvable", r), n) for r, n in counts[1].items()]
+        )
         if answer:
             result = "reserved" if reservation else "fits"
             log.debug(
@@ -167,7 +180,7 @@ class Extender:
             self.metrics.decisions.labels("filter", result, "").inc()
         else:
             result = "unschedulable"
-            reasons = Counter(v.reason for v in verdicts)
+            reasons = counts[0] + counts[1]
             largest_free = max((v.free_bytes for v in verdicts if v.reason == REASON_INSUFFICIENT), default=0)
             log.info(
                 "filter: %s needs %s and fits none of %d nodes (%s; largest free %s)",

@@ -115,9 +115,10 @@ def parse_extender_args(body: object) -> ExtenderArgs:
     if raw_names is not None:
         if not isinstance(raw_names, list):
             raise WireError(f"ExtenderArgs.NodeNames must be an array of strings, got {_type(raw_names)}")
-        for i, name in enumerate(raw_names):
-            if not isinstance(name, str) or not name:
-                raise WireError(f"ExtenderArgs.NodeNames[{i}] must be a non-empty string, got {_type(name)}")
+        if not all(type(name) is str and name for name in raw_names):  # fast path; find the culprit below
+            for i, name in enumerate(raw_names):
+                if not isinstance(name, str) or not name:
+                    raise WireError(f"ExtenderArgs.NodeNames[{i}] must be a non-empty string, got {_type(name)}")
         return ExtenderArgs(pod=dict(pod), nodes=None, node_names=list(raw_names))
     if not isinstance(raw_nodes, Mapping):
         raise WireError(f"ExtenderArgs.Nodes must be a NodeList object, got {_type(raw_nodes)}")
