@@ -209,24 +209,26 @@ def merged(
 
 def view_with_entries(view: ClusterView, entries: Iterable[LedgerEntry], now: float) -> ClusterView:
     """The view with admitted demand added: replicas = max(spec, ledger); unseen models appear."""
+    models = dict(view.models)
+    changed = False
     for e in live(entries, now):
-        existing = view.models.get(e.model)
+        existing = models.get(e.model)
         if existing is None:
-            view = view.with_model(
-                Model(
-                    namespace=e.namespace,
-                    name=e.name,
-                    memory_bytes=e.memory_bytes,
-                    model_name=e.model_name or e.name,
-                    node_selector=dict(e.node_selector),
-                    cooldown_seconds=0.0,
-                    replicas=e.replicas,
-                    source="ledger",
-                )
+            models[e.model] = Model(
+                namespace=e.namespace,
+                name=e.name,
+                memory_bytes=e.memory_bytes,
+                model_name=e.model_name or e.name,
+                node_selector=dict(e.node_selector),
+                cooldown_seconds=0.0,
+                replicas=e.replicas,
+                source="ledger",
             )
+            changed = True
         elif e.replicas > existing.replicas:
-            view = view.with_model(replace(existing, replicas=e.replicas))
-    return view
+            models[e.model] = replace(existing, replicas=e.replicas)
+            changed = True
+    return replace(view, models=models) if changed else view
 
 
 class LocalLedger:
