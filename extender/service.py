@@ -235,7 +235,7 @@ class Extender:
         except BindError as exc:
             return self._bind_answer(BindAnswer("bind_failed", str(exc)))
         reservation = None
-        if pod is not None and self.settings.reservations:
+        if pod is not None:
             pod = replace(pod, uid=uid or pod.uid)
             with self.book.locked():
                 view = self._view(self.source.view(), None, now)

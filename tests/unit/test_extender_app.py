@@ -645,3 +645,21 @@ def test_debug_view_shows_what_each_node_holds(env: Env) -> None:
         "freeBytes": 30 * GI,
     }
     assert nodes["node-b"]["reservedBytes"] == 20 * GI and nodes["node-b"]["freeBytes"] == 28 * GI
+
+
+def test_bind_still_guards_the_node_when_filter_does_not_reserve() -> None:
+    env = Env(settings=Settings(reservations=False))
+    for name in ("first", "second"):
+        args = as_model_pod(captured("filter-nodenames"), "60Gi", uid=name)
+        args["Pod"]["metadata"]["name"] = name
+        assert answered(env.filter(args)) == ["node-c"], "without reservations both are told node-c fits"
+        env.source.cache.apply("Pod", "ADDED", copy.deepcopy(args["Pod"]))
+    ok = env.client.post(
+        "/bind", json={"PodName": "first", "PodNamespace": "default", "PodUID": "first", "Node": "node-c"}
+    ).get_json()
+    refused = env.client.post(
+        "/bind", json={"PodName": "second", "PodNamespace": "default", "PodUID": "second", "Node": "node-c"}
+    ).get_json()
+    assert ok == {"Error": ""}
+    assert REASON_INSUFFICIENT in refused["Error"]
+    assert [b[1] for b in env.writer.bindings] == ["first"]
