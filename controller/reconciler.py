@@ -151,7 +151,9 @@ class Reconciler:
             if exc.denied_by_webhook:
                 self.queue.add_rate_limited(model_key(namespace, name), base_seconds=5.0, max_seconds=120.0)
                 return _Outcome(live, Problem("ScaleDenied", exc.message))
-            if exc.status in (400, 422):
+            if exc.status in (400, 422) or (exc.status == 500 and "unable to convert" in exc.message):
+                # 500 "unable to convert unstructured object": the apply configuration does not decode
+                # into a Deployment (a bad quantity, a string where a number belongs). Retrying cannot help.
                 message = f"the API server rejected Deployment {workload.deployment_name}: {exc.message}"
                 return _Outcome(live, Problem("InvalidTemplate", message))
             raise
@@ -291,6 +293,8 @@ class Reconciler:
                 log.info("%s: changed while scaling to zero; looking again", key)
                 self.queue.add(key)
                 return
+            if exc.status == 404:
+                return
             raise
         self._count_write("InferenceModel/scale")
         if self.metrics:
@@ -372,7 +376,12 @@ class Reconciler:
         patch = status_patch(current, desired)
         if patch is None:
             return
-        result = self.kube.merge_patch(model_path(namespace, name, "status"), {"status": patch})
+        try:
+            result = self.kube.merge_patch(model_path(namespace, name, "status"), {"status": patch})
+        except KubeError as exc:
+            if exc.status == 404:  # deleted meanwhile; the watch will say so
+                return
+            raise
         self._count_write("InferenceModel/status")
         self.cache.apply("InferenceModel", "MODIFIED", result)
         log.debug("%s: status updated: %s", key, sorted(patch))

@@ -33,6 +33,8 @@ class FakeApi:
         self.writes: list[tuple[str, str]] = []
         self.rv = itertools.count(100)
         self.deny_deployment_writes = ""
+        self.fail_deployment_writes: KubeError | None = None
+        self.deleted_model = False
 
     def _bump(self, obj: dict[str, Any], spec_changed: bool) -> dict[str, Any]:
         meta = obj.setdefault("metadata", {})
@@ -52,6 +54,8 @@ class FakeApi:
                 "Forbidden",
                 f'admission webhook "inference-budget.eh-ops.io" denied the request: {self.deny_deployment_writes}',
             )
+        if self.fail_deployment_writes and "/deployments/" in path:
+            raise self.fail_deployment_writes
         live = self.objects.get(path) or {}
         merged = _merge(copy.deepcopy(live), copy.deepcopy(config))
         self.objects[path] = merged
@@ -68,6 +72,8 @@ class FakeApi:
                 raise KubeError(409, "Conflict", "the object has been modified")
             obj["spec"]["replicas"] = patch["spec"]["replicas"]
             return self._bump(obj, True)
+        if self.deleted_model:
+            raise KubeError(404, "NotFound", 'inferencemodels.inference.eh-ops.io "model-a" not found')
         if path.endswith("/status"):
             obj = self.objects[path[: -len("/status")]]
             obj["status"] = _merge(obj.get("status") or {}, copy.deepcopy(patch["status"]))
@@ -346,3 +352,50 @@ def test_observed_peak_reaches_status_and_spec_memory_is_untouched() -> None:
     records = {m.name: m for m in w.reconciler.memory_records()}
     assert records["model-a"].observed_peak_bytes == 75 * 2**30
     assert records["model-a"].recommended_bytes == 78 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("error", "reason", "raises"),
+    [
+        pytest.param(
+            KubeError(422, "Invalid", 'Deployment.apps "model-a" is invalid: spec.template.spec.containers[0].name'),
+            "InvalidTemplate",
+            False,
+            id="422-invalid",
+        ),
+        pytest.param(
+            KubeError(
+                500,
+                "InternalError",
+                "failed to convert new object (ml/model-a; apps/v1, Kind=Deployment) to proper version: unable to "
+                "convert unstructured object to apps/v1, Kind=Deployment: quantities must match the regular expression",
+            ),
+            "InvalidTemplate",
+            False,
+            id="500-does-not-decode",
+        ),
+        pytest.param(KubeError(503, "ServiceUnavailable", "etcd leader changed"), None, True, id="503-transient"),
+        pytest.param(KubeError(0, "Unreachable", "connection refused"), None, True, id="unreachable"),
+    ],
+)
+def test_api_refusals_are_conditions_and_outages_are_retried(
+    error: KubeError, reason: str | None, raises: bool
+) -> None:
+    w = World()
+    w.add_model()
+    w.api.fail_deployment_writes = error
+    if raises:
+        with pytest.raises(KubeError):
+            w.reconcile()
+        assert "conditions" not in w.status()
+    else:
+        w.reconcile()
+        assert w.condition("Reconciled")["reason"] == reason
+        assert error.message in w.condition("Reconciled")["message"]
+
+
+def test_a_model_deleted_mid_reconcile_is_not_an_error() -> None:
+    w = World()
+    w.add_model()
+    w.api.deleted_model = True
+    w.reconcile()  # the status write answers 404: nothing to retry
