@@ -56,6 +56,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and its children (the gunicorn worker), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -119,8 +133,8 @@ def filter_request(form: str, nodes: list[dict[str, Any]], uid: str) -> bytes:
 
 
 @contextlib.contextmanager
-def extender_process(work: Path, extra: list[str], ca_bundle: Any) -> Iterator[tuple[str, Path]]:
-    """`ibc extender` over HTTPS; yields (url, ca_path)."""
+def extender_process(work: Path, extra: list[str], ca_bundle: Any) -> Iterator[tuple[str, Path, int]]:
+    """`ibc extender` over HTTPS; yields (url, ca_path, pid)."""
     paths = write_files(ca_bundle, work / "tls")
     port = free_port()
     log = work / f"extender-{port}.log"
@@ -157,7 +171,7 @@ def extender_process(work: Path, extra: list[str], ca_bundle: Any) -> Iterator[t
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ibc extender not ready: {log.read_text()[-2000:]}")
             time.sleep(0.2)
-        yield url, paths.ca
+        yield url, paths.ca, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -175,8 +189,18 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
         for size in sizes:
             nodes = node_objects(size)
             state = work / f"cluster-{size}.yaml"
-            state.write_text(yaml.safe_dump_all([*nodes, *bound_pods(nodes)], sort_keys=False))
-            with extender_process(work, ["--cluster-state", str(state), "--no-bind"], bundle) as (url, ca):
+            # The cache only needs names, labels and the capacity annotation (full objects would make a
+            # 20 MB snapshot); the Nodes form still sends the full captured objects in each request.
+            slim = [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {k: n["metadata"][k] for k in ("name", "labels", "annotations")},
+                }
+                for n in nodes
+            ]
+            state.write_text(yaml.safe_dump_all([*slim, *bound_pods(nodes)], sort_keys=False))
+            with extender_process(work, ["--cluster-state", str(state), "--no-bind"], bundle) as (url, ca, pid):
                 with httpx.Client(
                     base_url=url, verify=str(ca), timeout=60, headers={"Content-Type": "application/json"}
                 ) as client:
@@ -186,6 +210,7 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
                         for i in range(min(20, count)):  # warm-up: imports, caches, TLS session
                             client.post("/filter", content=bodies[i % 50])
                         samples = []
+                        cpu_before = process_tree_cpu_seconds(pid)
                         for i in range(count):
                             started = time.perf_counter()
                             response = client.post("/filter", content=bodies[i % 50])
@@ -196,7 +221,9 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
                             answered = body["NodeNames"] if form == "nodenames" else body["Nodes"]["items"]
                             if len(answered) != 1:
                                 raise RuntimeError(f"expected one reserved node, got {len(answered)}")
+                        server_cpu_ms = (process_tree_cpu_seconds(pid) - cpu_before) * 1000 / count
                         row = {
+                            "server_cpu_ms": round(server_cpu_ms, 2),
                             "nodes": size,
                             "form": form,
                             "requests": count,
@@ -389,12 +416,14 @@ def main() -> int:
         report["throughput"] = measure_throughput(args.throughput_nodes, args.pods, args.rounds)
         print(json.dumps(report["throughput"]), flush=True)
     if "filter_latency" in report:
-        print("\n| nodes | form | request | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|")
+        print("\n| nodes | form | request | p50 ms | p99 ms | max ms | server CPU ms/call |")
+        print("|---|---|---|---|---|---|---|")
         for r in report["filter_latency"]:
             print(
                 f"| {r['nodes']} | {r['form']} | {r['request_kib']} KiB | {r['p50_ms']} | {r['p99_ms']} "
-                f"| {r['max_ms']} |"
+                f"| {r['max_ms']} | {r['server_cpu_ms']} |"
             )
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if "throughput" in report:
         t = report["throughput"]
         print(
