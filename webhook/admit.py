@@ -112,6 +112,12 @@ def _grew(old: Model | None, new: Model) -> bool:
     return new.memory_bytes > old.memory_bytes or dict(new.node_selector) != dict(old.node_selector)
 
 
+def _name_of(obj: Mapping[str, Any]) -> str | None:
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
 def _owner_model(obj: Mapping[str, Any], label: str) -> str | None:
     """The InferenceModel controlling this Deployment, when it is the model of the same key."""
     meta = obj.get("metadata")
@@ -223,12 +229,15 @@ class Classifier:
             raise InvalidObject(f"invalid model Deployment: {exc}", uid=req.uid) from exc
 
     def _owner_replicas(self, obj: Mapping[str, Any], model: Model) -> int | None:
-        """The owning InferenceModel's spec.replicas, when the Deployment is its controller's."""
-        owner = _owner_model(obj, model.name)
-        if owner is None:
-            return None
-        parent = self.lookup.inference_model(model.namespace, owner)
+        """The model's spec.replicas when its controller runs this Deployment: a controller owner reference
+        to the InferenceModel of the same key, or that model's `spec.deploymentRef` naming it (adoption)."""
+        parent = self.lookup.inference_model(model.namespace, model.name)
         if parent is None:
+            return None
+        spec = parent.get("spec")
+        ref = spec.get("deploymentRef") if isinstance(spec, Mapping) else None
+        adopted = isinstance(ref, Mapping) and ref.get("name") == _name_of(obj)
+        if _owner_model(obj, model.name) is None and not adopted:
             return None
         try:
             return model_from_inferencemodel(parent).replicas

@@ -198,6 +198,13 @@ def deployment_create(memory: str | None, owner: str | None = None) -> dict[str,
     return review
 
 
+def adopting_model(name: str, replicas: int) -> dict[str, Any]:
+    """An InferenceModel whose controller adopts an existing Deployment of the same name."""
+    model = inference_model(name, "16Gi", replicas)
+    model["spec"]["deploymentRef"] = {"name": name}
+    return model
+
+
 def dry(review: dict[str, Any]) -> dict[str, Any]:
     review["request"]["dryRun"] = True
     return review
@@ -238,6 +245,8 @@ CASES = [
      lambda: full(inference_model("gpu-wh-1", "16Gi", 4)), True, None, [], {}),
     ("deployment-create-owned-beyond-model-spec", deployment_create("16Gi", owner="gpu-wh-1"),
      lambda: full(inference_model("gpu-wh-1", "16Gi", 2)), False, 403, ["gpu-wh-1 needs 4 more replicas"], {}),
+    ("deployment-create-adopted-by-deployment-ref", deployment_create("16Gi"),
+     lambda: full(adopting_model("gpu-wh-1", 4)), True, None, [], {}),
     ("deployment-status-not-checked", captured("admission-update-deployment-status.json"), full, True, None, [],
      {}),
     ("im-status-not-checked", captured("admission-update-inferencemodel-status.json"), full, True, None, [], {}),
