@@ -195,7 +195,7 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
     old = _field(request, "oldObject", dict, where="request", uid=uid, required=False)
     dry_run = _field(request, "dryRun", bool, where="request", uid=uid, required=False)
     user = _field(request, "userInfo", dict, where="request", uid=uid, required=False) or {}
-    username = user.get("username") if isinstance(user.get("username"), str) else ""
+    username = user.get("username")
     return AdmissionRequest(
         uid=uid,
         operation=operation,
@@ -208,5 +208,5 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
         obj=obj,
         old_obj=old,
         dry_run=bool(dry_run),
-        username=username,
+        username=username if isinstance(username, str) else "",
     )

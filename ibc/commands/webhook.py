@@ -80,7 +80,7 @@ def snapshot_cache(objects: tuple[dict[str, Any], ...]) -> Any:
     """A ClusterCache filled from snapshot objects (no API client, nothing to sync)."""
     from kubeview import ClusterCache
 
-    cache = ClusterCache(None)
+    cache = ClusterCache(None)  # type: ignore[arg-type]  # never started: no client needed
     for obj in sorted(objects, key=lambda o: KIND_ORDER.get(str(o.get("kind")), 9)):
         kind = obj.get("kind")
         if kind in KIND_ORDER:
