@@ -1119,18 +1119,22 @@ class PodSimulator:
     status Running + Ready (podIP from 10.244.0.0/16, startTime, containerStatuses), so Deployments
     become available. A pod with a deletionTimestamp on such a node is removed (grace period 0), as a
     kubelet would after its containers stopped. Annotations on the pod: ``ibc.test/pod-ip`` fixes the
-    IP; ``ibc.test/ready: "false"`` leaves it Running but not Ready. The watch is resumed from the last
-    resourceVersion and re-listed on 410 Gone / expiry.
+    IP; ``ibc.test/ready: "false"`` leaves it Running but not Ready. The watch resumes from the last
+    resourceVersion (bookmarks included) and re-lists on 410 Gone or any error.
 
     NOTE: the simulated pod IPs (10.244.x.y) do not exist: never send traffic to them. Use the
     ``ibc.test/pod-ip`` annotation with a loopback address when a test must dial a pod.
+
+    The watch is read as raw JSON (not ``kubernetes.watch.Watch``: with ``timeout_seconds`` set, that
+    one ends silently on 410 and would leave us re-watching a compacted resourceVersion forever).
     """
 
-    def __init__(self, api_client_factory: Callable[[], Any], watch_timeout: int = 5) -> None:
+    def __init__(self, api_client_factory: Callable[[], Any], watch_timeout: int = 60) -> None:
         self._factory = api_client_factory
         self._watch_timeout = watch_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._resp: Any = None
         self._ip_lock = threading.Lock()
         self._ips: dict[str, str] = {}
         self._next_ip = itertools.count(2)
@@ -1145,10 +1149,16 @@ class PodSimulator:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Ask the thread to stop; it is a daemon blocked in a watch of at most ``watch_timeout`` seconds,
-        so it is not waited for longer than ``timeout``."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread: interrupts the open watch and joins for at most ``timeout`` seconds."""
         self._stop.set()
+        resp = self._resp
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                shutdown = getattr(resp, "shutdown", None)  # urllib3 >= 2.3: unblocks a pending read
+                if shutdown is not None:
+                    shutdown()
+                resp.close()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -1184,8 +1194,7 @@ class PodSimulator:
         return fake
 
     def _run(self) -> None:
-        from kubernetes import client, watch
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes import client
 
         api = self._factory()
         core = client.CoreV1Api(api)
@@ -1193,48 +1202,14 @@ class PodSimulator:
         while not self._stop.is_set():
             try:
                 if rv is None:
-                    pods = core.list_pod_for_all_namespaces(_request_timeout=30)
-                    for pod in pods.items:
+                    resp = core.list_pod_for_all_namespaces(_preload_content=False, _request_timeout=30)
+                    pods = json.loads(resp.data)
+                    for pod in pods.get("items") or []:
                         self._handle(core, pod)
-                    rv = pods.metadata.resource_version
+                    rv = pods["metadata"]["resourceVersion"]
                     self.relists += 1
-                w = watch.Watch()
-                for ev in w.stream(
-                    core.list_pod_for_all_namespaces,
-                    resource_version=rv,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=self._watch_timeout,
-                    _request_timeout=self._watch_timeout + 30,
-                ):
-                    if self._stop.is_set():
-                        w.stop()
-                        break
-                    if ev["type"] == "ERROR":
-                        raw = ev.get("raw_object") or {}
-                        if raw.get("code") == 410:
-                            rv = None
-                            break
-                        continue
-                    obj = ev["object"]
-                    if ev["type"] == "BOOKMARK" or isinstance(obj, dict):
-                        raw = obj if isinstance(obj, dict) else (ev.get("raw_object") or {})
-                        rv = (raw.get("metadata") or {}).get("resourceVersion") or rv
-                        continue
-                    rv = obj.metadata.resource_version or rv
-                    if ev["type"] in ("ADDED", "MODIFIED"):
-                        self._handle(core, obj)
-                    elif ev["type"] == "DELETED":
-                        with self._ip_lock:
-                            self._ips.pop(obj.metadata.uid, None)
-                # refresh node facts now and then (nodes are re-created with the same names)
-                self._fake_nodes.clear()
-            except ApiException as exc:
-                if exc.status == 410:
-                    rv = None
-                else:
-                    self._note_error(f"watch: {exc.status} {exc.reason}")
-                    rv = None
-                    self._stop.wait(0.5)
+                rv = self._watch(core, rv)
+                self._fake_nodes.clear()  # nodes may be re-created under the same names
             except Exception as exc:
                 if self._stop.is_set():
                     break
@@ -1244,66 +1219,91 @@ class PodSimulator:
         with contextlib.suppress(Exception):
             api.close()
 
+    def _watch(self, core: Any, rv: str) -> str | None:
+        """One watch request; returns the resourceVersion to resume from, or None to re-list."""
+        resp = core.list_pod_for_all_namespaces(
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self._watch_timeout,
+            _preload_content=False,
+            _request_timeout=(10, self._watch_timeout + 30),
+        )
+        self._resp = resp
+        try:
+            for line in _iter_lines(resp):
+                if self._stop.is_set():
+                    return rv
+                ev = json.loads(line)
+                typ, obj = ev.get("type"), ev.get("object") or {}
+                if typ == "ERROR":
+                    if obj.get("code") != 410:
+                        self._note_error(f"watch error event: {obj.get('code')} {obj.get('message')}")
+                    return None  # 410 Gone (or other): list again
+                rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                if typ in ("ADDED", "MODIFIED"):
+                    self._handle(core, obj)
+                elif typ == "DELETED":
+                    with self._ip_lock:
+                        self._ips.pop((obj.get("metadata") or {}).get("uid", ""), None)
+            return rv
+        finally:
+            self._resp = None
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
     def _note_error(self, msg: str) -> None:
         log.debug("pod simulator: %s", msg)
         self.errors.append(msg)
         del self.errors[:-50]
 
-    def _handle(self, core: Any, pod: Any) -> None:
+    def _handle(self, core: Any, pod: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        node_name = pod.spec.node_name
+        md, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+        node_name = spec.get("nodeName")
         if not node_name:
             return
         try:
             if not self._is_fake_node(core, node_name):
                 return
-            md = pod.metadata
-            if md.deletion_timestamp is not None:
+            if md.get("deletionTimestamp"):
                 with contextlib.suppress(ApiException):
                     core.delete_namespaced_pod(
-                        md.name,
-                        md.namespace,
-                        grace_period_seconds=0,
-                        body=client_delete_options(md.uid),
+                        md["name"], md["namespace"], grace_period_seconds=0, body=client_delete_options(md["uid"])
                     )
                     self.pods_removed += 1
                 return
-            want_ready = (md.annotations or {}).get(POD_READY_ANNOTATION, "true") != "false"
-            st = pod.status
-            if st is not None and st.phase == "Running":
-                ready = any(c.type == "Ready" and c.status == "True" for c in (st.conditions or []))
+            want_ready = (md.get("annotations") or {}).get(POD_READY_ANNOTATION, "true") != "false"
+            st = pod.get("status") or {}
+            if st.get("phase") == "Running":
+                ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
                 if ready == want_ready:
                     return
             self._mark_running(core, pod, want_ready)
         except ApiException as exc:
             if exc.status not in (404, 409):
-                self._note_error(f"pod {pod.metadata.namespace}/{pod.metadata.name}: {exc.status} {exc.reason}")
+                self._note_error(f"pod {md.get('namespace')}/{md.get('name')}: {exc.status} {exc.reason}")
 
-    def _mark_running(self, core: Any, pod: Any, ready: bool) -> None:
-        md = pod.metadata
+    def _mark_running(self, core: Any, pod: dict[str, Any], ready: bool) -> None:
+        md, spec, st = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
         now = _now()
-        ip = (md.annotations or {}).get(POD_IP_ANNOTATION) or self._alloc_ip(md.uid)
-        started_at = (
-            pod.status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ")
-            if pod.status is not None and pod.status.start_time
-            else now
-        )
+        ip = (md.get("annotations") or {}).get(POD_IP_ANNOTATION) or self._alloc_ip(md["uid"])
+        started_at = st.get("startTime") or now
         flag = "True" if ready else "False"
-        containers = []
-        for c in pod.spec.containers:
-            containers.append(
-                {
-                    "name": c.name,
-                    "image": c.image,
-                    "imageID": f"fake://{c.image}",
-                    "containerID": f"containerd://{secrets.token_hex(32)}",
-                    "ready": ready,
-                    "started": True,
-                    "restartCount": 0,
-                    "state": {"running": {"startedAt": started_at}},
-                }
-            )
+        containers = [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": f"fake://{c.get('image', '')}",
+                "containerID": f"containerd://{secrets.token_hex(32)}",
+                "ready": ready,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": started_at}},
+            }
+            for c in spec.get("containers") or []
+        ]
         host_ip = "127.0.0.1"
         status = {
             "phase": "Running",
@@ -1312,7 +1312,6 @@ class PodSimulator:
             "podIP": ip,
             "podIPs": [{"ip": ip}],
             "startTime": started_at,
-            "qosClass": (pod.status.qos_class if pod.status is not None else None) or "BestEffort",
             "conditions": [
                 {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": now},
@@ -1322,8 +1321,21 @@ class PodSimulator:
             ],
             "containerStatuses": containers,
         }
-        core.patch_namespaced_pod_status(md.name, md.namespace, {"status": status})
+        core.patch_namespaced_pod_status(md["name"], md["namespace"], {"status": status})
         self.pods_started += 1
+
+
+def _iter_lines(resp: Any) -> Iterable[bytes]:
+    """Newline-delimited records of a streamed (chunked) HTTP response."""
+    buf = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
 
 
 def client_delete_options(uid: str) -> Any:
