@@ -110,11 +110,13 @@ class Controller:
             self.server = MetricsServer(app, self.settings.metrics_bind).start()
         self.cache.add_listener(self._on_event)
         self.cache.start()
-        t0 = time.monotonic()
-        while not self.cache.wait_synced(timeout=10):
+        t0 = last_warning = time.monotonic()
+        while not self.cache.wait_synced(timeout=0.5):
             if self._stop.is_set():
                 return self._shutdown()
-            log.warning("still waiting for the first list of %s (%.0fs)", ", ".join(KINDS), time.monotonic() - t0)
+            if time.monotonic() - last_warning >= 10:
+                last_warning = time.monotonic()
+                log.warning("still waiting for the first list of %s (%.0fs)", ", ".join(KINDS), last_warning - t0)
         log.info("cache synced in %.2fs: %d models", time.monotonic() - t0, len(self.cache.objects("InferenceModel")))
         lead = self.settings.leader
         if lead.enabled:
