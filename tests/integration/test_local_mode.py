@@ -296,9 +296,22 @@ def test_fifty_concurrent_requests_never_overcommit(local_factory):
     assert statuses.count(200) > 0 and statuses.count(429) > 0
 
 
+BROKEN = (
+    "  - name: broken\n    memory: 1Gi\n"
+    f"    command: [{json.dumps(sys.executable)}, '-c', "
+    "'import sys; print(\"fatal: weights not found\"); sys.exit(1)', '{port}']\n"
+)
+
+
 def test_a_killed_backend_is_restarted_by_the_next_request(local_factory):
-    local = local_factory(_config())
+    local = local_factory(_config(extra=BROKEN))
     client = local.client()
+    with pytest.raises(openai.InternalServerError) as info:  # a start that fails says why, at once
+        client.chat.completions.create(model="broken", messages=MESSAGES)
+    assert info.value.status_code == 503
+    assert "broken exited with code 1: fatal: weights not found" in info.value.response.text
+    assert local.state("broken") == "failed"
+
     client.chat.completions.create(model="model-a", messages=MESSAGES)
     (first,) = local.backend_pids("model-a")
     os.kill(first, signal.SIGKILL)

@@ -96,7 +96,7 @@ def test_ready_only_when_health_answers_2xx(runtime, backend_script):
     assert proc.phase is Phase.STARTING  # /health says 503 while loading
     assert _until(lambda: proc.phase is Phase.READY)
     assert proc.ready_at - proc.started_at >= 0.5
-    assert proc in runtime.events
+    assert _until(lambda: proc in runtime.events)  # the listener hears it (right after the phase changes)
     assert os.getpgid(proc.pid) == proc.pid  # its own process group and session
     assert os.getsid(proc.pid) == proc.pid
 
