@@ -213,3 +213,16 @@ def test_spawns_from_many_threads_survive_those_threads(runtime, backend_script)
     assert _until(lambda: all(p.phase is Phase.READY for p in procs))
     time.sleep(0.3)
     assert all(p.popen.poll() is None for p in procs)
+
+
+def test_gpu_memory_from_nvidia_smi_wins_over_rss(runtime, backend_script, tmp_path, monkeypatch):
+    proc = runtime.spawn(_spec(backend_script))
+    assert _until(lambda: proc.phase is Phase.READY)
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    # What `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits` prints: MiB per pid.
+    fake.write_text(f"#!/bin/sh\necho '{proc.pid}, 75000'\necho '999999, 1000'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    sample = runtime.sample_memory([proc])[proc.pid]
+    assert (sample.source, sample.memory_bytes) == ("nvidia-smi", 75000 * 2**20)
