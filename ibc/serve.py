@@ -1,0 +1,361 @@
+"""The one way every `ibc` server command runs its Flask app: gunicorn gthread workers, TLS that follows
+certificate rotation, Prometheus multiprocess mode, and an in-thread twin for tests.
+
+Why one runner: the webhook, the extender, the proxy and the controller's endpoints must all get the
+same things right, and each is easy to get wrong alone:
+
+- the app is built in each worker after the fork (gunicorn's default, no `preload_app`), so Kubernetes
+  clients, watch threads and httpx pools are never shared across processes;
+- `gthread` workers, because the proxy streams and holds requests during a cold start;
+- TLS through gunicorn's `ssl_context` hook, which gunicorn calls per connection, answered with the
+  reloading context of `certs.reload`: a renewed Secret is served without a restart;
+- with more than one worker, `PROMETHEUS_MULTIPROC_DIR` (a fresh temp dir unless set) exists before the
+  fork, and `mark_process_dead` runs when a worker exits;
+- gunicorn's logs go through the handlers `ibc.logs.configure` installed (one format, JSON if asked),
+  and its per-user control socket is off, so several servers on one machine do not collide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+from certs.errors import CertFileError
+from certs.reload import DEFAULT_CHECK_INTERVAL_MS, CertReloader
+
+if TYPE_CHECKING:
+    from werkzeug.serving import BaseWSGIServer
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[..., Any]
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class ServeError(ValueError):
+    """The server cannot start as configured (bad bind address, TLS files, worker counts)."""
+
+
+class BindError(ServeError):
+    """A bind address is not of the form HOST:PORT."""
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`; empty host = all interfaces, 0.0.0.0) into host and port.
+
+    Port 0 asks the OS for a free port. Raises BindError with a one-line message.
+    """
+    text = bind.strip() if isinstance(bind, str) else ""
+    if text.startswith("unix:"):
+        raise BindError(f"bind {bind!r}: unix sockets are not supported, use HOST:PORT")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":") or not host:
+            raise BindError(f"bind {bind!r}: expected [IPv6]:PORT, e.g. [::1]:8443")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise BindError(f"bind {bind!r}: expected HOST:PORT, e.g. 0.0.0.0:8443 or 127.0.0.1:0")
+        if ":" in host:
+            raise BindError(f"bind {bind!r}: put an IPv6 address in brackets, e.g. [::]:8443")
+        host = host or "0.0.0.0"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise BindError(f"bind {bind!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_bind(host: str, port: int) -> str:
+    """The inverse of parse_bind, with brackets around IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def add_server_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    default_bind: str,
+    default_workers: int = 1,
+    default_threads: int = 8,
+    default_timeout: int = 30,
+) -> None:
+    """Add the flags every server command shares: --bind, --workers, --threads, --timeout, --tls-cert,
+    --tls-key, --client-ca. `server_options(args)` turns them into keyword arguments for `serve`."""
+    group = parser.add_argument_group("server")
+    group.add_argument(
+        "--bind", default=default_bind, metavar="HOST:PORT", help=f"address to listen on (default {default_bind})"
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers,
+        metavar="N",
+        help=f"gunicorn worker processes (default {default_workers})",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads,
+        metavar="N",
+        help=f"threads per worker, one request each (default {default_threads})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=int,
+        default=default_timeout,
+        metavar="SECONDS",
+        help=f"restart a worker silent for this long (default {default_timeout})",
+    )
+    group.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM); reloaded when the file changes"
+    )
+    group.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    group.add_argument(
+        "--client-ca", metavar="FILE", help="require client certificates signed by this CA (PEM); needs --tls-cert"
+    )
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `serve` taken from the flags of `add_server_arguments`."""
+    return {
+        "bind": args.bind,
+        "workers": args.workers,
+        "threads": args.threads,
+        "timeout": args.timeout,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "client_ca": args.client_ca,
+    }
+
+
+def check_tls_options(tls_cert: str | None, tls_key: str | None, client_ca: str | None) -> None:
+    """ServeError unless TLS options are complete: cert and key together, client CA only with them."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ServeError("--tls-cert and --tls-key go together: give both or neither")
+    if client_ca and not tls_cert:
+        raise ServeError("--client-ca needs --tls-cert and --tls-key")
+
+
+def serve(
+    app_factory: Callable[[], WSGIApp],
+    *,
+    bind: str,
+    workers: int = 1,
+    threads: int = 8,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    client_ca: str | None = None,
+    name: str = "ibc",
+    timeout: int = 30,
+    graceful_timeout: int = 30,
+    keepalive: int = 5,
+    post_fork: Callable[[], None] | None = None,
+    on_exit: Callable[[], None] | None = None,
+    access_log: bool = False,
+    reload_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS,
+) -> int:
+    """Run `app_factory()` under gunicorn until SIGTERM/SIGINT; return the exit code for `run(args)`.
+
+    Returns 0 after a clean shutdown, 1 if gunicorn fails (e.g. the factory raises in a worker: no worker
+    boots), 2 for bad input (bind, worker counts, TLS files), after printing one line to stderr.
+    `post_fork()` runs in each worker right after the fork, before `app_factory()`; `on_exit()` runs in
+    the master just before it exits.
+    """
+    try:
+        host, port = parse_bind(bind)
+        if workers < 1 or threads < 1 or timeout < 0:
+            raise ServeError(f"workers ({workers}) and threads ({threads}) must be >= 1, timeout >= 0")
+        check_tls_options(tls_cert, tls_key, client_ca)
+        reloader = None
+        if tls_cert and tls_key:
+            reloader = CertReloader(tls_cert, tls_key, client_ca=client_ca, check_interval_ms=reload_interval_ms)
+    except (ServeError, CertFileError) as exc:
+        print(f"ibc {name}: {exc}", file=sys.stderr)
+        return 2
+
+    owned_multiproc_dir = _prepare_multiprocess(workers, name)
+    options: dict[str, Any] = {
+        "bind": [format_bind(host, port)],
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread",
+        "timeout": timeout,
+        "graceful_timeout": graceful_timeout,
+        "keepalive": keepalive,
+        "proc_name": f"ibc-{name}",
+        "loglevel": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        "errorlog": "-",
+        "accesslog": "-" if access_log else None,
+        "logger_class": _RootHandlersLogger,
+        "control_socket_disable": True,
+        "preload_app": False,
+        # gunicorn serves TLS when these are set; the context comes from the hook below.
+        "certfile": tls_cert if reloader else None,
+        "keyfile": tls_key if reloader else None,
+        **({"ssl_context": lambda _cfg, _default: reloader.server_context()} if reloader else {}),
+        "post_fork": lambda _server, _worker: post_fork() if post_fork else None,
+        "child_exit": _mark_worker_dead,
+        "on_exit": _exit_hook(on_exit, owned_multiproc_dir),
+        "when_ready": lambda _server: log.info(
+            "%s listening on %s://%s (%d workers x %d threads)",
+            name,
+            "https" if reloader else "http",
+            format_bind(host, port),
+            workers,
+            threads,
+        ),
+    }
+    master_pid = os.getpid()
+    try:
+        # Inside the try: gunicorn reports a bad setting with sys.exit(1) while loading its config.
+        _GunicornApp(app_factory, options).run()
+    except SystemExit as exc:
+        if os.getpid() != master_pid:
+            # A forked worker unwinding through this frame: its exit code (3 = failed to boot) is how
+            # the master learns what happened, and the shared metrics directory is not its to remove.
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code != 0:
+            log.error("%s: gunicorn stopped with exit code %s", name, code)
+        return 0 if code == 0 else 1
+    finally:
+        if owned_multiproc_dir is not None and os.getpid() == master_pid:
+            shutil.rmtree(owned_multiproc_dir, ignore_errors=True)
+    return 0
+
+
+class _GunicornApp(BaseApplication):  # type: ignore[misc]
+    """gunicorn's programmatic application: settings from a dict, the WSGI app from a factory called in
+    each worker (no `preload_app`, so nothing built here crosses the fork)."""
+
+    def __init__(self, app_factory: Callable[[], WSGIApp], options: dict[str, Any]) -> None:
+        self._factory = app_factory
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            if value is not None:
+                self.cfg.set(key, value)
+
+    def load(self) -> WSGIApp:
+        return self._factory()
+
+
+class _RootHandlersLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger, sending its records to the root handlers when `ibc.logs` installed some."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if not logging.getLogger().handlers:
+            return
+        for logger in (self.error_log, self.access_log):
+            for handler in list(logger.handlers):
+                if getattr(handler, "_gunicorn", False):
+                    logger.removeHandler(handler)
+            logger.propagate = True
+
+
+def _prepare_multiprocess(workers: int, name: str) -> str | None:
+    """Point prometheus_client at a shared directory before the fork; return it if we created it."""
+    if workers <= 1:
+        return None
+    created = None
+    if not os.environ.get(MULTIPROC_ENV):
+        created = tempfile.mkdtemp(prefix=f"ibc-{name}-metrics-")
+        os.environ[MULTIPROC_ENV] = created
+        log.debug("%s=%s for %d workers", MULTIPROC_ENV, created, workers)
+    if "prometheus_client.values" in sys.modules:
+        from prometheus_client import values
+
+        # prometheus_client picks its value class at import; metrics created from now on (in each
+        # worker's create_app) must write to the shared directory.
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return created
+
+
+def _mark_worker_dead(_server: Any, worker: Any) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def _exit_hook(on_exit: Callable[[], None] | None, owned_dir: str | None) -> Callable[[Any], None]:
+    def hook(_server: Any) -> None:
+        try:
+            if on_exit is not None:
+                on_exit()
+        finally:
+            if owned_dir is not None:
+                shutil.rmtree(owned_dir, ignore_errors=True)
+
+    return hook
+
+
+@dataclass
+class ThreadedServer:
+    """A server started by `serve_in_thread`: `url` to call it, `stop()` to end it."""
+
+    url: str
+    host: str
+    port: int
+    reloader: CertReloader | None
+    _server: BaseWSGIServer
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        """Stop accepting, close the socket and wait for the serving thread (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+        with contextlib.suppress(OSError):
+            self._server.server_close()
+
+    def __enter__(self) -> ThreadedServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def serve_in_thread(
+    app: WSGIApp,
+    bind: str = "127.0.0.1:0",
+    *,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    client_ca: str | None = None,
+    reload_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS,
+) -> ThreadedServer:
+    """Serve `app` from a daemon thread with werkzeug (a thread per request) and the same reloading TLS
+    context `serve` uses; for tests and tools, not production (the TLS handshake runs on the accepting
+    thread). Port 0 picks a free port; the chosen one is in `.url`/`.port`. Raises ServeError or
+    CertFileError on bad input."""
+    from werkzeug.serving import make_server
+
+    host, port = parse_bind(bind)
+    check_tls_options(tls_cert, tls_key, client_ca)
+    reloader = None
+    if tls_cert and tls_key:
+        reloader = CertReloader(tls_cert, tls_key, client_ca=client_ca, check_interval_ms=reload_interval_ms)
+    server = make_server(host, port, app, threaded=True, ssl_context=reloader.server_context() if reloader else None)
+    bound_port = server.socket.getsockname()[1]
+    url_host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+    scheme = "https" if reloader else "http"
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"serve-{bound_port}", daemon=True
+    )
+    thread.start()
+    return ThreadedServer(f"{scheme}://{format_bind(url_host, bound_port)}", host, bound_port, reloader, server, thread)
