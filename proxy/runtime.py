@@ -408,7 +408,9 @@ class ProcessRuntime:
         """Poll the health URL until 2xx; give up (and stop the process) after the startup timeout."""
         deadline = time.monotonic() + proc.spec.startup_timeout_seconds
         while proc.phase is Phase.STARTING and not self._closed.is_set():
-            if self._probe_url(proc.spec.health_url):
+            # Healthy only while our process lives: a child that lost the race for its port exits,
+            # and whoever does listen there is not our model.
+            if self._probe_url(proc.spec.health_url) and proc.popen.poll() is None:
                 with proc.lock:
                     if proc.phase is not Phase.STARTING:
                         return

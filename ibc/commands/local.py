@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -114,6 +115,18 @@ def _summary(config: LocalConfig) -> str:
     return "\n".join(lines)
 
 
+def _bind_in_use(host: str, port: int) -> str | None:
+    """Why the address cannot be listened on (a one-line reason), or None; gunicorn would retry for 5 s."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def _warn_missing_executables(config: LocalConfig) -> None:
     for m in config.models:
         exe = m.command[0]
@@ -168,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(_summary(config))
         return 0
+    host, port = parse_bind(args.bind)
+    if port and (reason := _bind_in_use(host, port)):
+        print(f"ibc local: cannot listen on {args.bind}: {reason}", file=sys.stderr)
+        return 1
     _warn_missing_executables(config)
 
     def factory() -> Any:

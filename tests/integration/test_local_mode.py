@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from ibc.__main__ import main
 from proxy.runtime import free_port
 
 pytestmark = pytest.mark.integration
@@ -362,3 +364,14 @@ def test_a_killed_worker_takes_its_model_processes_with_it(local_factory):
     os.kill(worker, signal.SIGKILL)  # no atexit, no signal handler: the kernel's PDEATHSIG must do it
     assert _until(lambda: not _alive(backend), timeout=10)
     assert local.stop() == 0
+
+
+def test_an_address_in_use_is_one_line_and_exit_1(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["local", "--config", "examples/local.yaml", "--bind", f"127.0.0.1:{port}"]) == 1
+    assert time.monotonic() - t0 < 2  # not gunicorn's five retries
+    assert capsys.readouterr().err.strip() == f"ibc local: cannot listen on 127.0.0.1:{port}: Address already in use"
