@@ -492,6 +492,42 @@ def test_least_privilege_rbac_is_enough_and_no_more(env: Env) -> None:
     assert not can("update", "nodes")
 
 
+def test_adopted_deployment_follows_the_model_and_outlives_it(env: Env) -> None:
+    env.start_controller()
+    existing = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "vllm", "namespace": env.ns},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "vllm"}},
+            "template": {"metadata": {"labels": {"app": "vllm"}}, "spec": {"containers": [dict(PAUSE)]}},
+        },
+    }
+    kubectl_ok(env.cp, "apply", "-f", "-", input=json.dumps(existing))
+    wait_for(lambda: env.deployment("vllm"), timeout=30, message="Deployment vllm")
+    env.apply_model("model-ref", template=None, deploymentRef={"name": "vllm"}, replicas=1, memory="24Gi")
+
+    def adopted() -> dict[str, Any] | None:
+        dep = env.deployment("vllm") or {}
+        return dep if (dep.get("spec") or {}).get("replicas") == 1 else None
+
+    dep = wait_for(adopted, timeout=30, message="vllm follows the model's replicas")
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["labels"] == {"app": "vllm", LABEL: "model-ref"}
+    assert pod["metadata"]["annotations"]["inference.eh-ops.io/memory"] == "24Gi"
+    assert pod["spec"]["schedulerName"] == SCHEDULER
+    assert not dep["metadata"].get("ownerReferences")  # someone else's: not garbage-collected with the model
+    env.wait_ready("model-ref")
+    wait_for(lambda: len(env.pods("model-ref")) == 1, timeout=30, message="one labelled pod")
+    assert env.condition("model-ref", "Reconciled")["reason"] == "DeploymentAdopted"
+    assert any(e["note"] == "Deployment vllm: 3 -> 1 replicas" for e in env.events("ScaledDown"))
+
+    kubectl_ok(env.cp, "delete", "inferencemodel", "-n", env.ns, "model-ref")
+    time.sleep(3)
+    assert env.deployment("vllm") is not None
+
+
 def test_deleting_the_model_garbage_collects_its_deployment_and_service(env: Env, crd: float) -> None:
     # kube-controller-manager's garbage collector rediscovers API resources every 30 s; an owner of a kind
     # it has not discovered yet is retried with a growing backoff. In a real cluster the CRD is old news.
