@@ -48,6 +48,15 @@ DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
+class _Pending:
+    """Memory promised to a process being spawned: decided under the lock, spawned outside it."""
+
+    serial: int
+    node: str
+    decided_at: float
+
+
+@dataclass(frozen=True)
 class ModelMemory:
     """Declared and observed memory of one model, the local twin of the InferenceModel status fields."""
 
@@ -87,6 +96,8 @@ class LocalScaler:
         # One lock guards everything below; the condition wakes requests waiting for a backend.
         self._cond = threading.Condition(threading.RLock())
         self._replicas: dict[str, list[ManagedProcess]] = {key: [] for key in self._models}
+        self._pending: dict[str, list[_Pending]] = {key: [] for key in self._models}
+        self._serial = 0
         self._last_request: dict[str, float] = {}
         self._failure: dict[str, str] = {}
         self._observed: dict[str, MemorySample] = {}
@@ -140,7 +151,11 @@ class LocalScaler:
             return self._ready_urls(model.key)
 
     def scale_up(self, model_key: str, replicas: int) -> None:
-        """Start processes until `replicas` are running, if the budget allows; ScaleDenied if not."""
+        """Start processes until `replicas` are running, if the budget allows; ScaleDenied if not.
+
+        The decision and the memory it grants are taken under the lock; the spawn itself (tens of ms
+        for a fork) happens outside it, so requests for running models never wait behind a start.
+        """
         model = self._model(model_key)
         with self._cond:
             if self._closing:
@@ -148,7 +163,7 @@ class LocalScaler:
             self._prune_locked()
             alive = self._replicas[model.key]
             stopping = sum(1 for p in alive if p.phase is Phase.STOPPING)
-            if replicas <= len(alive) - stopping:
+            if replicas <= len(alive) - stopping + len(self._pending[model.key]):
                 return
             now = self._clock()
             # A replica still shutting down holds its memory: ask for room beside it.
@@ -156,9 +171,32 @@ class LocalScaler:
             if not decision.allowed:
                 log.info("denied %s: %s", model.name, decision.message)
                 raise ScaleDenied(decision)
+            granted = []
             for node, count in sorted(decision.placements.items()):
                 for _ in range(count):
-                    self._start_locked(model, node)
+                    self._serial += 1
+                    granted.append(_Pending(self._serial, node, now))
+            self._pending[model.key].extend(granted)
+            self._view = None
+        errors = []
+        for pending in granted:
+            try:
+                proc: ManagedProcess | None = self._spawn(model, pending.node)
+            except ProcessError as exc:
+                proc = None
+                errors.append(exc)
+            with self._cond:
+                # The promise becomes the process (or goes) in one step: the memory is never unheld.
+                self._pending[model.key].remove(pending)
+                if proc is not None:
+                    self._failure.pop(model.key, None)
+                    self._replicas[model.key].append(proc)
+                else:
+                    self._failure[model.key] = f"could not start: {errors[-1]}"
+                self._view = None
+                self._cond.notify_all()
+        if errors:
+            raise ScalerUnavailable(str(errors[0])) from errors[0]
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
         """Block until a replica is ready or `timeout_seconds` pass ([]); ScalerUnavailable if the start failed."""
@@ -170,7 +208,7 @@ class LocalScaler:
                 urls = self._ready_urls(model.key)
                 if urls:
                     return urls
-                starting = any(p.phase is Phase.STARTING for p in self._replicas[model.key])
+                starting = self._pending[model.key] or any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
                     raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
                 if self._closing:
@@ -199,7 +237,7 @@ class LocalScaler:
             phases = {p.phase for p in self._replicas[model.key]}
             if Phase.READY in phases:
                 return "ready"
-            if Phase.STARTING in phases:
+            if Phase.STARTING in phases or self._pending[model.key]:
                 return "starting"
             if Phase.STOPPING in phases:
                 return "stopping"  # still holds its memory until the process has exited
@@ -218,7 +256,8 @@ class LocalScaler:
             return ModelMemory(
                 model=model.name,
                 state=state,
-                replicas=sum(1 for p in self._replicas[model.key] if p.phase is not Phase.STOPPING),
+                replicas=sum(1 for p in self._replicas[model.key] if p.phase is not Phase.STOPPING)
+                + len(self._pending[model.key]),
                 ready_replicas=sum(1 for p in self._replicas[model.key] if p.phase is Phase.READY),
                 declared_bytes=model.memory_bytes,
                 observed_bytes=sample.memory_bytes if sample else None,
@@ -268,7 +307,7 @@ class LocalScaler:
                 ready = [p for p in plist if p.phase is Phase.READY]
                 if model.cooldown_seconds <= 0 or not ready:
                     continue
-                if any(p.phase is Phase.STARTING for p in plist):
+                if self._pending[key] or any(p.phase is Phase.STARTING for p in plist):
                     continue  # a scale-up is in flight; someone is waiting for it
                 view_model = model.to_model(last_request_time=self._last_request.get(key))
                 idle_for = idle_seconds(view_model, [p.started_at for p in plist], now)
@@ -302,7 +341,10 @@ class LocalScaler:
         placements = []
         for key, model in self._models.items():
             plist = self._replicas[key]
-            models.append(model.to_model(replicas=len(plist), last_request_time=self._last_request.get(key)))
+            pending = self._pending[key]
+            models.append(
+                model.to_model(replicas=len(plist) + len(pending), last_request_time=self._last_request.get(key))
+            )
             for p in plist:
                 placements.append(
                     Placement(
@@ -316,9 +358,22 @@ class LocalScaler:
                         ready=p.phase is Phase.READY,
                     )
                 )
+            for r in pending:
+                placements.append(
+                    Placement(
+                        pod=f"{key}-spawning-{r.serial}",
+                        node=r.node,
+                        memory_bytes=model.memory_bytes,
+                        model=key,
+                        uid=f"spawning-{r.serial}",
+                        phase="Pending",
+                        started_at=r.decided_at,
+                    )
+                )
         return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
 
-    def _start_locked(self, model: LocalModel, node_name: str) -> None:
+    def _spawn(self, model: LocalModel, node_name: str) -> ManagedProcess:
+        """Run one replica of `model` on `node_name` (called without the lock held)."""
         node = self.config.node(node_name)
         assert node is not None, node_name  # the decision only places on config nodes
         port = self._port_picker()
@@ -333,15 +388,7 @@ class LocalScaler:
             startup_timeout_seconds=model.startup_timeout_seconds,
             stop_grace_seconds=model.stop_grace_seconds,
         )
-        try:
-            proc = self._runtime.spawn(spec)
-        except ProcessError as exc:
-            self._failure[model.key] = f"could not start: {exc}"
-            raise ScalerUnavailable(str(exc)) from exc
-        self._failure.pop(model.key, None)
-        self._replicas[model.key].append(proc)
-        self._view = None
-        self._cond.notify_all()
+        return self._runtime.spawn(spec)
 
     def _on_process_change(self, proc: ManagedProcess) -> None:
         """Runtime callback: a replica became ready, began stopping or exited."""

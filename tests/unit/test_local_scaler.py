@@ -416,3 +416,29 @@ def test_an_exit_seen_by_another_thread_counts_before_its_callback_runs(scaler, 
     scaler.scale_up("model-a", 1)  # must start a new process, not count the dead one as running
     assert runtime.spawned[-1] is not a and scaler.state("model-a") == "starting"
     assert [p.pid for p in scaler.processes("model-a")] == [runtime.spawned[-1].pid]
+
+
+def test_a_spawn_in_flight_holds_memory_but_not_the_lock(scaler, runtime):
+    _start_ready(scaler, runtime, "model-c")
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_fork(_proc):
+        entered.set()
+        release.wait(5)
+
+    runtime.on_spawn = slow_fork
+    starter = threading.Thread(target=scaler.scale_up, args=("model-a", 1))
+    starter.start()
+    assert entered.wait(5)
+    # While model-a's process is being forked: other models are served, and its memory is already taken.
+    assert scaler.backends("model-c") == ["http://127.0.0.1:20000"]
+    assert scaler.state("model-a") == "starting"
+    assert [p.phase for p in scaler.view().placements if p.model == "local/model-a"] == ["Pending"]
+    with pytest.raises(ScaleDenied):
+        scaler.scale_up("model-b", 1)
+    scaler.scale_up("model-a", 1)  # a second burst does not start a second process
+    release.set()
+    starter.join(5)
+    assert [p.spec.name for p in runtime.live()] == ["model-c", "model-a"]
+    assert [p.phase for p in scaler.view().placements if p.model == "local/model-a"] == ["Running"]
