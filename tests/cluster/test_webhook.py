@@ -460,3 +460,31 @@ def test_webhook_identity_has_least_privilege(webhooks: Webhooks, control_plane:
     assert not can("patch", "inferencemodels.inference.eh-ops.io", "-n", "default", "--subresource=scale")
     assert not can("get", "secrets", "-n", WEBHOOK_NS)
     assert not can("update", "deployments", "-n", "default")
+
+
+def test_kubectl_prints_a_warning_for_an_oversized_model(
+    webhooks: Webhooks, control_plane: ControlPlane, node_factory: Any, namespace: str
+) -> None:
+    cp = control_plane
+    node_factory(f"{namespace}-n1", capacity="128Gi", labels={"ibc.test/pool": namespace})
+    assert apply(cp, namespace, inference_model("roomy-1", "80Gi", 0, namespace)).returncode == 0
+    patched = cp.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "inferencemodel/roomy-1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"observedPeakMemory":"40Gi"}}',
+    )
+    assert patched.returncode == 0, patched.stderr
+
+    def scaled_with_warning() -> str | None:
+        # The webhook reads the status from its watch cache: retry until it has seen the patch.
+        res = cp.kubectl("scale", "-n", namespace, "inferencemodel/roomy-1", "--replicas=1", "--dry-run=server")
+        assert res.returncode == 0, res.stderr
+        return res.stderr if "Warning:" in res.stderr else None
+
+    stderr = wait_for(scaled_with_warning, timeout=15, interval=0.3, message="a kubectl Warning line")
+    assert "Warning: roomy-1 declares 80Gi but peaked at 40Gi (100% over); consider lowering spec.memory" in stderr
