@@ -6,5 +6,6 @@ client so that `budget/` never has to. It keeps the raw objects and their transl
 """
 
 from kubeview.cache import KIND_SPECS, ClusterCache, KindSpec, load_api_client
+from kubeview.rest import ApiCallError, raw_request, request_json
 
-__all__ = ["KIND_SPECS", "ClusterCache", "KindSpec", "load_api_client"]
+__all__ = ["KIND_SPECS", "ApiCallError", "ClusterCache", "KindSpec", "load_api_client", "raw_request", "request_json"]

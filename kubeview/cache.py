@@ -29,6 +29,7 @@ from budget.objects import (
     placement_from_pod,
 )
 from budget.view import model_key
+from kubeview.rest import ApiCallError, raw_request
 
 log = logging.getLogger(__name__)
 
@@ -207,22 +208,20 @@ class ClusterCache:
         return spec.path.format(ns=ns)
 
     def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
-        return self.api.call_api(
-            path,
-            "GET",
-            query_params=list(query.items()),
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
+        try:
+            return raw_request(self.api, "GET", path, query=query, timeout=timeout)
+        except ApiCallError as exc:
+            raise ApiException(status=exc.status, reason=exc.message) from exc
 
     def _list(self, kind: str) -> str:
         query: dict[str, Any] = {}
         if kind in self.label_selectors:
             query["labelSelector"] = self.label_selectors[kind]
         resp = self._request(self._path(kind), query, 60)
-        body = json.loads(resp[0].data if isinstance(resp, tuple) else resp.data)
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
         items = body.get("items") or []
         fresh = {}
         for item in items:
@@ -246,7 +245,6 @@ class ClusterCache:
         if kind in self.label_selectors:
             query["labelSelector"] = self.label_selectors[kind]
         resp = self._request(self._path(kind), query, (10, self.watch_timeout_seconds + 30))
-        resp = resp[0] if isinstance(resp, tuple) else resp
         try:
             buffer = b""
             for chunk in resp.stream(65536, decode_content=False):
