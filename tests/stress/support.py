@@ -1,0 +1,305 @@
+"""Shared machinery of the stress tier (and of bench/stress_recovery.py): real `ibc` processes that can be
+killed with SIGKILL and restarted, TLS files, /proc readers and a load recorder that says how long a
+service took to answer again.
+
+Why one module: every fault test needs the same four things done the same way, and a benchmark that
+reports recovery times must measure exactly what the tests assert on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from certs.generate import CertPaths, TLSBundle, generate_serving_certificate, renew_serving_certificate, write_files
+from proxy.runtime import free_port
+
+IBC = [sys.executable, "-m", "ibc"]
+GI = 2**30
+
+
+# ----------------------------------------------------------------------------- /proc
+
+
+def proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) of every live, non-zombie process."""
+    rows: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[:1] in ([b"Z"], [b"X"]):
+            continue
+        rows[int(entry)] = (int(fields[1]), cmdline)
+    return rows
+
+
+def children(pid: int, rows: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """Direct children of `pid`."""
+    rows = proc_table() if rows is None else rows
+    return sorted(p for p, (ppid, _) in rows.items() if ppid == pid)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+def wait_until(condition: Callable[[], bool], timeout_seconds: float, message: str, interval: float = 0.05) -> float:
+    """Poll until `condition()` is true; returns the seconds it took; AssertionError naming `message`."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(httpx.HTTPError, OSError):
+            if condition():
+                return time.monotonic() - started
+        if time.monotonic() - started > timeout_seconds:
+            raise AssertionError(f"timed out after {timeout_seconds:g}s waiting for {message}")
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class TLSFiles:
+    """A serving pair on disk signed by a CA that stays the same across `rotate()` calls."""
+
+    paths: CertPaths
+    bundle: TLSBundle
+
+    @classmethod
+    def create(cls, directory: Path) -> TLSFiles:
+        bundle = generate_serving_certificate("ibc-stress", "ibc-system", ip_addresses=["127.0.0.1"])
+        return cls(write_files(bundle, directory), bundle)
+
+    def rotate(self) -> int:
+        """Write a renewed pair (same CA) by temp file + rename, key first; returns the new serial."""
+        self.bundle = renew_serving_certificate(self.bundle, "ibc-stress", "ibc-system", ip_addresses=["127.0.0.1"])
+        write_files(self.bundle, self.paths.directory)
+        return self.bundle.serial
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.paths.ca))
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Service:
+    """One `ibc <command>` process (in its own session, like a container), killable and restartable."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    ready_path: str = "/livez"
+    ca: Path | None = None
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    started: list[float] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        """An httpx client for this service (trusting its CA when it serves TLS)."""
+        return httpx.Client(base_url=self.url, verify=str(self.ca) if self.ca else False, **kwargs)  # type: ignore[arg-type]
+
+    def start(self, timeout_seconds: float = 60) -> float:
+        """Start the process and wait until `ready_path` answers 200; returns the seconds that took."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        with self.log_path.open("ab") as log:
+            log.write(f"# {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        self.started.append(time.monotonic())
+        return self.wait_ready(timeout_seconds)
+
+    def wait_ready(self, timeout_seconds: float = 60) -> float:
+        def ready() -> bool:
+            if self.popen is None or self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited: {self.log_tail()}")
+            with self.client(timeout=2) as c:
+                return c.get(self.ready_path).status_code == 200
+
+        try:
+            return wait_until(ready, timeout_seconds, f"{self.name} ready", interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def workers(self) -> list[int]:
+        """The gunicorn worker pids (children of the master running this app)."""
+        return children(self.pid)
+
+    def kill9(self) -> list[int]:
+        """SIGKILL the whole process group (master and workers), as a crashed container; returns the pids."""
+        rows = proc_table()
+        group = [self.pid, *children(self.pid, rows)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        assert self.popen is not None
+        self.popen.wait(10)
+        return group
+
+    def kill9_worker(self) -> int:
+        """SIGKILL the one gunicorn worker; the master starts a new one. Returns the killed pid."""
+        workers = self.workers()
+        assert len(workers) == 1, f"expected one worker under {self.pid}, found {workers}"
+        os.kill(workers[0], signal.SIGKILL)
+        return workers[0]
+
+    def stop(self, grace_seconds: float = 15) -> None:
+        """SIGTERM, then SIGKILL the group after `grace_seconds`; idempotent."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def service(
+    name: str, args: Sequence[str], work: Path, *, tls: TLSFiles | None = None, ready_path: str = "/livez"
+) -> Service:
+    """An `ibc` server command on a free port (`--bind` and TLS flags added), not yet started."""
+    port = free_port()
+    argv = [*IBC, "--log-level", "WARNING", *args, "--bind", f"127.0.0.1:{port}"]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls.paths.cert), "--tls-key", str(tls.paths.key)]
+    return Service(name, argv, port, work / f"{name}.log", ready_path, tls.paths.ca if tls else None)
+
+
+@contextlib.contextmanager
+def running(*services: Service) -> Iterator[tuple[Service, ...]]:
+    """Start the services (in order) and stop them whatever happens."""
+    try:
+        for s in services:
+            s.start()
+        yield services
+    finally:
+        for s in services:
+            s.stop()
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Outcome:
+    """One request of a load run: when it ended, whether it succeeded, and what came back."""
+
+    at: float
+    ok: bool
+    detail: str = ""
+
+
+class Load:
+    """`threads` threads calling `call()` in a loop until stopped; records every outcome with its time.
+
+    `call()` returns (ok, detail): ok False for a wrong answer (a test failure), and raises for a
+    transport error (the service is down: expected while it is killed, counted separately).
+    """
+
+    def __init__(self, call: Callable[[int], tuple[bool, str]], threads: int = 4, pause_seconds: float = 0.0) -> None:
+        self._call = call
+        self._pause = pause_seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.outcomes: list[Outcome] = []
+        self.transport_errors: list[Outcome] = []
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _run(self, index: int) -> None:
+        while not self._stop.is_set():
+            try:
+                ok, detail = self._call(index)
+            except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
+                with self._lock:
+                    self.transport_errors.append(Outcome(time.monotonic(), False, f"{type(exc).__name__}: {exc}"))
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                self.outcomes.append(Outcome(time.monotonic(), ok, detail))
+            if self._pause:
+                time.sleep(self._pause)
+
+    def successes_since(self, moment: float) -> int:
+        with self._lock:
+            return sum(1 for o in self.outcomes if o.ok and o.at > moment)
+
+    def first_success_after(self, moment: float) -> float | None:
+        with self._lock:
+            times = [o.at for o in self.outcomes if o.ok and o.at > moment]
+        return min(times) - moment if times else None
+
+    def wrong_answers(self) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if not o.ok]
+
+    def wait_for_success_after(self, moment: float, timeout_seconds: float) -> float:
+        """Seconds from `moment` to the first successful request after it (AssertionError on timeout)."""
+        wait_until(lambda: self.successes_since(moment) > 0, timeout_seconds, "a successful request")
+        found = self.first_success_after(moment)
+        assert found is not None
+        return found
