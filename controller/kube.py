@@ -4,10 +4,7 @@ Why this module exists: the reconcile logic works on plain dicts (the API's own 
 depend on the generated client's models or call conventions, which changed incompatibly in kubernetes
 37 (``ApiClient.call_api`` became ``call_api(method, url, ...)`` after ``param_serialize``). Every write
 first asks ``may_write()`` (is this replica still the leader?) and raises :class:`NotLeader` if not.
-
-:class:`LiveCache` is ``kubeview.ClusterCache`` with its one request method adapted to that client
-(kubeview's own call still uses the old signature; reported to the lead). Drop the subclass once
-kubeview is fixed.
+The request itself is :func:`kubeview.rest.raw_request`, shared with every service.
 """
 
 from __future__ import annotations
@@ -18,11 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes.client.exceptions import ApiException
-
 from controller.errors import KubeError, NotLeader
 from controller.translate import FIELD_MANAGER, GROUP, VERSION
-from kubeview import ClusterCache
+from kubeview import rest
 
 log = logging.getLogger(__name__)
 
@@ -55,55 +50,12 @@ def events_path(namespace: str, name: str = "") -> str:
     return f"{base}/{quote(name)}" if name else base
 
 
-def _error_from(status: int, reason: str, data: bytes | None) -> KubeError:
-    """A KubeError carrying the API's Status message (what kubectl would print)."""
-    message = ""
-    if data:
-        try:
-            body = json.loads(data)
-            if isinstance(body, Mapping):
-                message = str(body.get("message") or "")
-                reason = str(body.get("reason") or reason)
-        except ValueError:
-            message = data[:300].decode("utf-8", "replace")
-    return KubeError(status, reason or "Error", message or reason or "error")
-
-
-def raw_request(
-    api: Any,
-    method: str,
-    path: str,
-    *,
-    query: Mapping[str, Any] | None = None,
-    body: Any = None,
-    content_type: str | None = None,
-    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT_SECONDS,
-) -> Any:
-    """One request through a kubernetes ``ApiClient``; returns the unread urllib3 response (2xx only)."""
-    headers = {"Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = content_type or "application/json"
-    params = list((query or {}).items())
+def raw_request(api: Any, method: str, path: str, **kwargs: Any) -> Any:
+    """kubeview's raw request, with failures as the controller's KubeError (status, reason, message)."""
     try:
-        serialized = api.param_serialize(
-            method,
-            path,
-            query_params=params,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = api.call_api(*serialized, _request_timeout=timeout)
-    except ApiException as exc:
-        raise _error_from(exc.status or 0, exc.reason or "", (exc.body or "").encode()) from exc
-    except Exception as exc:  # urllib3 connection errors, timeouts
-        raise KubeError(0, "Unreachable", f"{method} {path}: {exc}") from exc
-    raw = resp.response
-    if not 200 <= resp.status <= 299:
-        data = raw.data
-        raw.release_conn()
-        raise _error_from(resp.status, resp.reason or "", data)
-    return raw
+        return rest.raw_request(api, method, path, **kwargs)
+    except rest.ApiCallError as exc:
+        raise KubeError(exc.status, exc.reason or "Error", exc.message or exc.reason or "error") from exc
 
 
 class Kube:
@@ -134,7 +86,13 @@ class Kube:
         if method != "GET" and not self.may_write():
             raise NotLeader(f"not the leader: refusing {method} {path}")
         raw = raw_request(
-            self.api, method, path, query=query, body=body, content_type=content_type, timeout=self.timeout_seconds
+            self.api,
+            method,
+            path,
+            query=query,
+            body=body,
+            content_type=content_type or "application/json",
+            timeout=self.timeout_seconds,
         )
         data = raw.data
         raw.release_conn()
@@ -173,14 +131,3 @@ class Kube:
         except KubeError as exc:
             if exc.status != 404:
                 raise
-
-
-class LiveCache(ClusterCache):
-    """``kubeview.ClusterCache`` whose list/watch requests work with the kubernetes 37 client."""
-
-    def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
-        try:
-            return raw_request(self.api, "GET", path, query=query, timeout=timeout)
-        except KubeError as exc:
-            # kubeview's loop re-lists on ApiException 410 and backs off on the others.
-            raise ApiException(status=exc.status, reason=exc.reason) from exc

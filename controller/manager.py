@@ -22,7 +22,7 @@ from budget.view import model_key
 from controller import translate as tr
 from controller.errors import ControllerError, NotLeader, ObservationError
 from controller.events import EventRecorder
-from controller.kube import Kube, LiveCache
+from controller.kube import Kube
 from controller.leader import LeaderElector, default_identity
 from controller.metrics import ControllerMetrics, MemoryCollector, MetricsServer, MetricsSettings, create_app
 from controller.observations import ObservationStore
@@ -30,7 +30,7 @@ from controller.observe import MemorySource, MetricsApiSource, NoSource, Prometh
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ControllerSettings
-from kubeview import load_api_client
+from kubeview import ClusterCache, load_api_client
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Controller:
         self.identity = settings.leader.identity or default_identity()
         self.registry = CollectorRegistry()
         self.metrics = ControllerMetrics(self.registry)
-        self.cache = LiveCache(self.api, kinds=KINDS, namespace=settings.namespace)
+        self.cache = ClusterCache(self.api, kinds=KINDS, namespace=settings.namespace)
         self.queue = WorkQueue()
         self._leading = threading.Event()
         self.kube = Kube(self.api, may_write=self._leading.is_set)

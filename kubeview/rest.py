@@ -18,19 +18,28 @@ from kubernetes.client.rest import ApiException
 class ApiCallError(Exception):
     """An API call failed: `status` is the HTTP status (0 when the server was not reached)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(f"{status or 'unreachable'}: {message}")
         self.status = status
         self.message = message
+        self.reason = reason  # the Status `reason` (Conflict, Forbidden, ...) or the HTTP reason
+
+
+def _status(data: bytes | str | None, fallback: str) -> tuple[str, str]:
+    """(message, reason) of a Kubernetes Status body, else the fallback for both."""
+    try:
+        parsed = json.loads(data or b"")
+    except (TypeError, ValueError):
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else (data or "")
+        return (text[:300] or fallback, fallback)
+    if not isinstance(parsed, dict):
+        return fallback, fallback
+    return str(parsed.get("message") or fallback), str(parsed.get("reason") or fallback)
 
 
 def status_message(data: bytes | str | None, fallback: str) -> str:
     """The `message` of a Kubernetes Status body, else the fallback (the HTTP reason)."""
-    try:
-        parsed = json.loads(data or b"")
-    except (TypeError, ValueError):
-        return fallback
-    return str(parsed.get("message") or fallback) if isinstance(parsed, dict) else fallback
+    return _status(data, fallback)[0]
 
 
 def raw_request(
@@ -58,14 +67,14 @@ def raw_request(
         )
         resp = api.call_api(*serialized, _request_timeout=timeout)
     except ApiException as exc:
-        raise ApiCallError(exc.status or 0, status_message(exc.body, str(exc.reason))) from exc
+        raise ApiCallError(exc.status or 0, *_status(exc.body, str(exc.reason or ""))) from exc
     except Exception as exc:  # urllib3 connection errors and timeouts
-        raise ApiCallError(0, f"{method} {path}: {exc}") from exc
+        raise ApiCallError(0, f"{method} {path}: {exc}", "Unreachable") from exc
     raw = resp.response
     if not 200 <= resp.status <= 299:
         data = raw.data
         raw.release_conn()
-        raise ApiCallError(resp.status, status_message(data, str(resp.reason)))
+        raise ApiCallError(resp.status, *_status(data, str(resp.reason or "")))
     return raw
 
 
