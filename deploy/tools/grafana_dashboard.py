@@ -49,8 +49,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Held in cold starts", "Requests waiting for a model to start (bounded per model).",
               ((f"sum(ibc_proxy_queue_depth{{{MODEL}}})", "held"),), kind="stat", width=4),
         Panel("Declared memory", "Memory all InferenceModels declare per replica, summed (what the budget reserves "
-              "per running replica).",
-              ((f"sum(inference_model_memory_declared_bytes{{{MODEL},{NS}}})", "declared"),),
+              "per running replica). Every controller replica exports the gauges: max by model de-duplicates.",
+              ((f"sum(max by (namespace, model) (inference_model_memory_declared_bytes{{{MODEL},{NS}}}))",
+                "declared"),),
               unit="bytes", kind="stat", width=4),
         Panel("Scaled to zero (24h)", "Models the controller stopped after their cooldownPeriod without requests.",
               (("sum(increase(inference_controller_idle_scale_to_zero_total[24h]))", "scale-downs"),),
@@ -61,11 +62,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
               thresholds=((None, "green"), (0.01, "orange"))),
     ]),
     ("Proxy", [
-        Panel("Requests by status", "Answers per HTTP status; 429 = does not fit, 503 = cold-start bound hit.",
+        Panel("Requests by status", "Answers per HTTP status: 429 = the model's memory does not fit now; "
+              "503 = could not start it (queue full, scaler unavailable); 504 = its cold start timed out.",
               ((f"sum by (status) (rate(ibc_proxy_requests_total{{{MODEL}}}[$__rate_interval]))", "{{status}}"),),
               unit="reqps"),
-        Panel("Refusals by reason", "Requests refused before reaching a backend: insufficient_memory, queue_full, "
-              "cold_start_timeout, unknown_model, ...",
+        Panel("Refusals by reason", "Requests refused before reaching a backend: insufficient_memory (proxy's own "
+              "decision), scale_denied (the webhook refused the scale-up), queue_full, scaler_unavailable, "
+              "cold_start_timeout.",
               ((f"sum by (reason) (rate(ibc_proxy_rejections_total{{{MODEL}}}[$__rate_interval]))", "{{reason}}"),),
               unit="reqps"),
         Panel("Cold start time", "From the first held request of a cold model to its first ready backend.",
@@ -90,13 +93,15 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ("Memory budget", [
         Panel("Declared vs observed peak", "Declared memory (what is budgeted) against the peak one replica was "
               "seen using. Observation advises only: the budget never shrinks by itself.",
-              ((f"sum by (model) (inference_model_memory_declared_bytes{{{MODEL},{NS}}})", "{{model}} declared"),
-               (f"max by (model) (inference_model_memory_observed_peak_bytes{{{MODEL},{NS}}})",
-                "{{model}} observed peak")),
+              ((f"max by (namespace, model) (inference_model_memory_declared_bytes{{{MODEL},{NS}}})",
+                "{{namespace}}/{{model}} declared"),
+               (f"max by (namespace, model) (inference_model_memory_observed_peak_bytes{{{MODEL},{NS}}})",
+                "{{namespace}}/{{model}} observed peak")),
               unit="bytes", width=12),
         Panel("Utilization (observed peak / declared)", "Below ~0.8 a model declares more than it uses: lowering "
               "spec.memory would let more models fit (see the InferenceModel's status.recommendation).",
-              ((f"max by (model) (inference_model_memory_utilization_ratio{{{MODEL},{NS}}})", "{{model}}"),),
+              ((f"max by (namespace, model) (inference_model_memory_utilization_ratio{{{MODEL},{NS}}})",
+                "{{namespace}}/{{model}}"),),
               unit="percentunit", kind="bargauge", width=12,
               thresholds=((None, "orange"), (0.8, "green"), (1.0, "red"))),
     ]),
