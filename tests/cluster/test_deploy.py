@@ -44,8 +44,15 @@ from tests.unit.test_deploy import (
 SA_GROUPS = ("system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}")
 FIELD_MANAGER = "ibc-deploy-test"
 #: Kinds applied for real; everything else only with --dry-run=server.
-REAL_KINDS = ("Namespace", "CustomResourceDefinition", "ServiceAccount", "Role", "ClusterRole", "RoleBinding",
-              "ClusterRoleBinding")
+REAL_KINDS = (
+    "Namespace",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+)
 
 
 def _stub_crd(group: str, kind: str, plural: str, scope: str = "Namespaced") -> dict[str, Any]:
@@ -58,10 +65,14 @@ def _stub_crd(group: str, kind: str, plural: str, scope: str = "Namespaced") -> 
             "group": group,
             "scope": scope,
             "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-            }],
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+            ],
         },
     }
 
@@ -80,11 +91,21 @@ def kubectl_ok(cp: ControlPlane, *args: str, input: str | None = None, timeout: 
     return res.stdout
 
 
-def server_side_apply(cp: ControlPlane, objs: list[dict[str, Any]], *, dry_run: bool,
-                      namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+def server_side_apply(
+    cp: ControlPlane, objs: list[dict[str, Any]], *, dry_run: bool, namespace: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """`kubectl apply --server-side` with strict field validation (unknown fields are errors)."""
-    args = ["apply", "--server-side", "--force-conflicts", f"--field-manager={FIELD_MANAGER}", "--validate=strict",
-            "-o", "name", "-f", "-"]
+    args = [
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        f"--field-manager={FIELD_MANAGER}",
+        "--validate=strict",
+        "-o",
+        "name",
+        "-f",
+        "-",
+    ]
     if dry_run:
         args.append("--dry-run=server")
     if namespace:
@@ -96,18 +117,19 @@ def server_side_apply(cp: ControlPlane, objs: list[dict[str, Any]], *, dry_run: 
 def installed(control_plane: ControlPlane) -> Iterator[ControlPlane]:
     """Stub CRDs, then the self-signed overlay's Namespace, CRD and RBAC for real."""
     cp = control_plane
-    kubectl_ok(cp, "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-",
-               input=yaml.safe_dump_all(STUB_CRDS))
+    kubectl_ok(
+        cp, "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", input=yaml.safe_dump_all(STUB_CRDS)
+    )
     objs = overlay("self-signed")
     real = [o for o in objs if o["kind"] in REAL_KINDS]
     for kind in ("Namespace", "CustomResourceDefinition"):  # namespaced objects and CRs need these first
         res = server_side_apply(cp, [o for o in real if o["kind"] == kind], dry_run=False)
         assert res.returncode == 0, res.stderr
     kubectl_ok(cp, "wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "ibc.test/stub=true")
-    kubectl_ok(cp, "wait", "--for=condition=Established", "--timeout=60s",
-               "crd/inferencemodels.inference.eh-ops.io")
-    res = server_side_apply(cp, [o for o in real if o["kind"] not in ("Namespace", "CustomResourceDefinition")],
-                            dry_run=False)
+    kubectl_ok(cp, "wait", "--for=condition=Established", "--timeout=60s", "crd/inferencemodels.inference.eh-ops.io")
+    res = server_side_apply(
+        cp, [o for o in real if o["kind"] not in ("Namespace", "CustomResourceDefinition")], dry_run=False
+    )
     assert res.returncode == 0, res.stderr
     try:
         yield cp
@@ -182,8 +204,11 @@ def test_the_crd_accepts_the_samples(installed, test_namespace, sample):
     header = listing.splitlines()[0].split()
     assert header[:4] == ["NAME", "READY", "REPLICAS", "MEMORY"], header
     for model in models:
-        stored = json.loads(kubectl_ok(installed, "get", "inferencemodel", model["metadata"]["name"],
-                                       "-n", test_namespace, "-o", "json"))
+        stored = json.loads(
+            kubectl_ok(
+                installed, "get", "inferencemodel", model["metadata"]["name"], "-n", test_namespace, "-o", "json"
+            )
+        )
         # The apiserver filled the CRD's defaults for what the sample left out.
         assert stored["spec"]["memory"] == model["spec"]["memory"]
         assert stored["spec"]["cooldownPeriod"] == model["spec"].get("cooldownPeriod", "10m")
@@ -193,8 +218,12 @@ def test_the_crd_accepts_the_samples(installed, test_namespace, sample):
 
 
 def _model(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "inference.eh-ops.io/v1alpha1", "kind": "InferenceModel", "metadata": {"name": name},
-            "spec": {"modelName": name, "backendUrl": "http://backend:8000", **spec}}
+    return {
+        "apiVersion": "inference.eh-ops.io/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": name},
+        "spec": {"modelName": name, "backendUrl": "http://backend:8000", **spec},
+    }
 
 
 @pytest.mark.parametrize(
@@ -288,16 +317,23 @@ CAN_I = [
     ("ibc-certs", ["create", "secrets"], False),
     # the second scheduler: stock kube-scheduler rights plus its own Lease
     ("inference-budget-scheduler", ["create", "pods", "--subresource=binding"], True),
-    ("inference-budget-scheduler", ["update", "leases.coordination.k8s.io/inference-budget-scheduler", "-n",
-                                    NAMESPACE], True),
+    (
+        "inference-budget-scheduler",
+        ["update", "leases.coordination.k8s.io/inference-budget-scheduler", "-n", NAMESPACE],
+        True,
+    ),
     ("inference-budget-scheduler", ["get", "secrets", "-n", NAMESPACE], False),
     ("inference-budget-scheduler", ["delete", "deployments.apps"], False),
 ]
 
 
-@pytest.mark.parametrize(("sa", "args", "allowed"), CAN_I,
-                         ids=[f"{sa}:{'+'.join(a for a in args if not a.startswith('-'))}:{'yes' if ok else 'no'}"
-                              for sa, args, ok in CAN_I])
+@pytest.mark.parametrize(
+    ("sa", "args", "allowed"),
+    CAN_I,
+    ids=[
+        f"{sa}:{'+'.join(a for a in args if not a.startswith('-'))}:{'yes' if ok else 'no'}" for sa, args, ok in CAN_I
+    ],
+)
 def test_service_account_permissions(installed, test_namespace, sa, args, allowed):
     scope = [] if any(a in ("-A", "-n") for a in args) else ["-n", test_namespace]
     res = installed.kubectl("auth", "can-i", *args, *scope, *as_sa(sa))
@@ -309,10 +345,19 @@ def objects(installed: ControlPlane, test_namespace: str) -> str:
     """A model, a Deployment and a Secret in the test namespace for the real calls."""
     objs = [
         _model("m", memory="16Gi", replicas=0),
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-         "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "d"}},
-                  "template": {"metadata": {"labels": {"app": "d"}},
-                               "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "d"},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "d"}},
+                "template": {
+                    "metadata": {"labels": {"app": "d"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+                },
+            },
+        },
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"k": "v"}},
     ]
     res = server_side_apply(installed, objs, dry_run=False, namespace=test_namespace)
@@ -338,8 +383,10 @@ def patch_model(cp: ControlPlane, sa: str, ns: str, name: str, subresource: str,
 
     api = sa_api(cp, sa)
     custom = client.CustomObjectsApi(api)
-    patch = {"scale": custom.patch_namespaced_custom_object_scale,
-             "status": custom.patch_namespaced_custom_object_status}[subresource]
+    patch = {
+        "scale": custom.patch_namespaced_custom_object_scale,
+        "status": custom.patch_namespaced_custom_object_status,
+    }[subresource]
     try:
         patch("inference.eh-ops.io", "v1alpha1", ns, "inferencemodels", name, body)
         return 200
@@ -380,12 +427,16 @@ def test_the_proxy_does_its_job_and_cannot_read_secrets_or_patch_deployments(ins
     assert_allowed(_as(cp, "ibc-proxy", "get", "pods,deployments", "-A"))
     assert_forbidden(_as(cp, "ibc-proxy", "get", "secret", "s", "-n", ns))
     assert_forbidden(_as(cp, "ibc-proxy", "get", "secrets", "-n", NAMESPACE))
-    assert_forbidden(_as(cp, "ibc-proxy", "patch", "deployment", "d", "-n", ns, "--type=merge",
-                         "-p", '{"spec":{"replicas":1}}'))
+    assert_forbidden(
+        _as(cp, "ibc-proxy", "patch", "deployment", "d", "-n", ns, "--type=merge", "-p", '{"spec":{"replicas":1}}')
+    )
     assert_forbidden(_as(cp, "ibc-proxy", "scale", "deployment", "d", "-n", ns, "--replicas=1"))
     assert patch_scale(cp, "ibc-extender", ns, "m", 3) == 403
-    assert_forbidden(_as(cp, "ibc-proxy", "patch", "inferencemodel", "m", "-n", ns, "--type=merge",
-                         "-p", '{"spec":{"memory":"1Gi"}}'))
+    assert_forbidden(
+        _as(
+            cp, "ibc-proxy", "patch", "inferencemodel", "m", "-n", ns, "--type=merge", "-p", '{"spec":{"memory":"1Gi"}}'
+        )
+    )
     d = json.loads(kubectl_ok(cp, "get", "deployment", "d", "-n", ns, "-o", "json"))
     assert d["spec"]["replicas"] == 0
 
@@ -393,8 +444,9 @@ def test_the_proxy_does_its_job_and_cannot_read_secrets_or_patch_deployments(ins
 def test_the_webhook_reads_the_view_and_writes_nothing_else(installed, objects):
     ns, cp = objects, installed
     assert_allowed(_as(cp, "ibc-webhook", "get", "nodes,pods,deployments,inferencemodels", "-A"))
-    assert_allowed(_as(cp, "ibc-webhook", "create", "configmap", "ibc-admission-ledger", "-n", NAMESPACE,
-                       "--dry-run=server"))
+    assert_allowed(
+        _as(cp, "ibc-webhook", "create", "configmap", "ibc-admission-ledger", "-n", NAMESPACE, "--dry-run=server")
+    )
     assert_forbidden(_as(cp, "ibc-webhook", "create", "configmap", "x", "-n", ns, "--dry-run=server"))
     assert_forbidden(_as(cp, "ibc-webhook", "get", "secret", "s", "-n", ns))
     assert patch_scale(cp, "ibc-webhook", ns, "m", 2) == 403
@@ -402,11 +454,24 @@ def test_the_webhook_reads_the_view_and_writes_nothing_else(installed, objects):
 
 def test_the_controller_manages_model_workloads_only(installed, objects):
     ns, cp = objects, installed
-    assert_allowed(_as(cp, "ibc-controller", "create", "deployment", "model-x", "--image=x", "-n", ns,
-                       "--dry-run=server"))
+    assert_allowed(
+        _as(cp, "ibc-controller", "create", "deployment", "model-x", "--image=x", "-n", ns, "--dry-run=server")
+    )
     assert patch_scale(cp, "ibc-controller", ns, "m", 0) == 200
-    assert_forbidden(_as(cp, "ibc-controller", "patch", "inferencemodel", "m", "-n", ns, "--type=merge",
-                         "-p", '{"spec":{"memory":"1Gi"}}'))
+    assert_forbidden(
+        _as(
+            cp,
+            "ibc-controller",
+            "patch",
+            "inferencemodel",
+            "m",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            '{"spec":{"memory":"1Gi"}}',
+        )
+    )
     assert_forbidden(_as(cp, "ibc-controller", "get", "secret", "s", "-n", ns))
     assert_forbidden(_as(cp, "ibc-controller", "delete", "secret", "s", "-n", ns, "--dry-run=server"))
 
@@ -443,8 +508,7 @@ def _get(url: str, ca: Path | None = None) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("component", ["proxy", "webhook", "extender", "controller"])
-def test_each_component_becomes_ready_with_only_its_service_account(installed, test_namespace, tmp_path,
-                                                                   component):
+def test_each_component_becomes_ready_with_only_its_service_account(installed, test_namespace, tmp_path, component):
     # Ready = its watch cache listed every kind it needs: a missing list/watch permission keeps /readyz 503.
     cp = installed
     kubeconfig = cp.write_user_kubeconfig(sa_user(f"ibc-{component}"), groups=SA_GROUPS)
@@ -453,19 +517,66 @@ def test_each_component_becomes_ready_with_only_its_service_account(installed, t
     common = [sys.executable, "-m", "ibc", "--log-level", "INFO"]
     tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
     argv = {
-        "proxy": [*common, "proxy", "--kubeconfig", str(kubeconfig), "--bind", f"127.0.0.1:{port}",
-                  "--workers", "1", "--threads", "17", "--namespace", test_namespace],
-        "webhook": [*common, "webhook", "--kubeconfig", str(kubeconfig), "--bind", f"127.0.0.1:{port}",
-                    "--workers", "1", "--threads", "2", "--ledger-namespace", NAMESPACE, *tls],
-        "extender": [*common, "extender", "--kubeconfig", str(kubeconfig), "--bind", f"127.0.0.1:{port}",
-                     "--threads", "2", *tls],
-        "controller": [*common, "controller", "--kubeconfig", str(kubeconfig), "--metrics-bind",
-                       f"127.0.0.1:{port}", "--namespace", test_namespace, "--leader-elect",
-                       "--lease-namespace", NAMESPACE, "--lease-name", f"ibc-deploy-test-{secrets.token_hex(3)}"],
+        "proxy": [
+            *common,
+            "proxy",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "17",
+            "--namespace",
+            test_namespace,
+        ],
+        "webhook": [
+            *common,
+            "webhook",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "2",
+            "--ledger-namespace",
+            NAMESPACE,
+            *tls,
+        ],
+        "extender": [
+            *common,
+            "extender",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "2",
+            *tls,
+        ],
+        "controller": [
+            *common,
+            "controller",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--metrics-bind",
+            f"127.0.0.1:{port}",
+            "--namespace",
+            test_namespace,
+            "--leader-elect",
+            "--lease-namespace",
+            NAMESPACE,
+            "--lease-name",
+            f"ibc-deploy-test-{secrets.token_hex(3)}",
+        ],
     }[component]
     scheme = "https" if component in ("webhook", "extender") else "http"
     proc = ManagedProcess(f"{component}-as-sa", argv, tmp_path / f"{component}.log").start(env=_env())
     try:
+
         def ready() -> bool:
             proc.check_alive()
             try:
@@ -500,7 +611,7 @@ def _bootstrap(component: str) -> tuple[list[str], str]:
         for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
             argv = [*(c.get("command") or []), *(c.get("args") or [])]
             if "bootstrap" in argv and f"--service=ibc-{component}" in argv:
-                return argv[argv.index("certs"):], spec["serviceAccountName"]
+                return argv[argv.index("certs") :], spec["serviceAccountName"]
     raise AssertionError(f"no bootstrap for {component} in the self-signed overlay")
 
 
@@ -515,9 +626,16 @@ def test_certs_bootstrap_works_with_only_its_service_account(installed, tmp_path
         res = server_side_apply(cp, [_inert_webhook_configuration()], dry_run=False)
         assert res.returncode == 0, res.stderr
     try:
+
         def run() -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "ibc", *args, "--kubeconfig", str(kubeconfig)],
-                                  capture_output=True, text=True, timeout=120, env=_env(), check=False)
+            return subprocess.run(
+                [sys.executable, "-m", "ibc", *args, "--kubeconfig", str(kubeconfig)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=_env(),
+                check=False,
+            )
 
         first = run()
         assert first.returncode == 0, first.stderr
@@ -536,3 +654,50 @@ def test_certs_bootstrap_works_with_only_its_service_account(installed, tmp_path
         cp.kubectl("delete", "secret", secret, "-n", NAMESPACE, "--ignore-not-found")
         if component == "webhook":
             cp.kubectl("delete", "validatingwebhookconfiguration", "ibc-webhook", "--ignore-not-found")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helm for real: install, upgrade, uninstall
+
+
+def test_helm_install_upgrade_and_uninstall(installed, tmp_path):
+    from tests.unit.test_deploy import CHART, require_tool
+
+    helm = require_tool("helm")
+    cp = installed
+    ns, release = f"ibc-helm-{secrets.token_hex(3)}", "ibch"
+    base = [helm, "--kubeconfig", str(cp.kubeconfig), "--namespace", ns]
+    # The CRD is already installed (by this module, outside Helm): leave it alone. failurePolicy Ignore, so
+    # this release's webhook (which has no running pods here) cannot block the other tests' objects.
+    settings = ["--set", "crds.install=false", "--set", "webhook.failurePolicy=Ignore"]
+
+    def helm_ok(*args: str) -> str:
+        res = subprocess.run([*base, *args], capture_output=True, text=True, timeout=180, check=False,
+                             env={**os.environ, "HOME": str(tmp_path)})
+        assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stderr}"
+        return res.stdout
+
+    def names(kind: str, namespace: str | None = ns) -> set[str]:
+        scope = ["-n", namespace] if namespace else []
+        out = kubectl_ok(cp, "get", kind, *scope, "-l", f"app.kubernetes.io/instance={release}", "-o", "name")
+        return {line.split("/", 1)[1] for line in out.split()}
+
+    try:
+        helm_ok("install", release, str(CHART), "--create-namespace", *settings)
+        assert names("deployments") == {f"{release}-{c}" for c in ("proxy", "webhook", "extender", "scheduler",
+                                                                    "controller")}
+        assert names("jobs") == {f"{release}-certs-bootstrap-1"}
+        assert f"{release}-proxy" in names("clusterroles", None)
+        # An upgrade that changes the image: the bootstrap Job is a new one (a Job's template is immutable).
+        helm_ok("upgrade", release, str(CHART), "--reuse-values", "--set", "image.tag=0.1.1")
+        assert names("jobs") == {f"{release}-certs-bootstrap-2"}
+        proxy = json.loads(kubectl_ok(cp, "get", "deployment", f"{release}-proxy", "-n", ns, "-o", "json"))
+        assert proxy["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.1")
+        helm_ok("uninstall", release, "--wait")
+        assert not names("clusterroles", None)
+        assert not names("deployments")
+        assert not names("validatingwebhookconfigurations", None)
+    finally:
+        subprocess.run([*base, "uninstall", release, "--ignore-not-found"], capture_output=True, timeout=120,
+                       check=False, env={**os.environ, "HOME": str(tmp_path)})
+        cp.kubectl("delete", "namespace", ns, "--wait=false")
