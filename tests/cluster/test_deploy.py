@@ -683,7 +683,8 @@ def test_helm_install_upgrade_and_uninstall(installed, tmp_path):
         return {line.split("/", 1)[1] for line in out.split()}
 
     try:
-        helm_ok("install", release, str(CHART), "--create-namespace", *settings)
+        notes = helm_ok("install", release, str(CHART), "--create-namespace", *settings)
+        assert "kubectl get inferencemodels" in notes and f"job/{release}-certs-bootstrap-1" in notes
         assert names("deployments") == {f"{release}-{c}" for c in ("proxy", "webhook", "extender", "scheduler",
                                                                     "controller")}
         assert names("jobs") == {f"{release}-certs-bootstrap-1"}
