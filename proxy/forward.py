@@ -13,8 +13,11 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
+
+from proxy.transport import LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,22 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-def request_headers(headers: Iterable[tuple[str, str]], *, drop_authorization: bool) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones (and Authorization when it was meant for the proxy)."""
+def environ_headers(environ: Mapping[str, Any], *, drop_authorization: bool) -> list[tuple[str, str]]:
+    """The client's headers from a WSGI environ, minus hop-by-hop ones and those its Connection names
+    (and Authorization when it was meant for the proxy)."""
+    connection = environ.get("HTTP_CONNECTION", "")
+    named = {t.strip().lower() for t in connection.split(",")} if connection else ()
     out = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _REQUEST_DROP or (drop_authorization and lower == "authorization"):
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:].replace("_", "-").lower()
+        if name in _REQUEST_DROP or name in named or (drop_authorization and name == "authorization"):
             continue
         out.append((name, value))
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        out.append(("content-type", content_type))
     return out
 
 
@@ -94,14 +105,19 @@ class Prepared:
     body: bytes
 
 
+UPSTREAM_MODES = ("lean", "httpcore", "client")
+
+
 class Upstream:
     """The shared connection pool and per-backend outstanding counts of one worker; thread-safe.
 
-    One `httpx.Client` per worker owns one `httpx.HTTPTransport` (the keep-alive pool). By default the
-    hot path hands requests straight to that transport (`direct=True`): the Client's per-request work
-    (URL merging, cookie extraction, auth and redirect loops) cost about 150 us of CPU per request on
-    the 2-core reference machine, a sixth of the latency budget, and a proxy needs none of it.
-    `direct=False` sends through `Client.send` instead (the benchmark measures both).
+    One `httpx.Client` per worker owns one transport (the keep-alive pool); `transport=` replaces it
+    (tests pass `httpx.MockTransport`). Modes, measured side by side by `bench/proxy_bench.py`:
+
+    - `lean` (default): requests go straight to :class:`proxy.transport.LeanTransport`;
+    - `httpcore`: straight to `httpx.HTTPTransport` (httpcore + h11);
+    - `client`: through `httpx.Client.send` over `httpx.HTTPTransport`, whose per-request URL merging,
+      cookie extraction and auth/redirect loops a proxy does not need (~150 us of CPU per request).
     """
 
     def __init__(
@@ -111,12 +127,23 @@ class Upstream:
         read_timeout_seconds: float = 600.0,
         max_connections: int = 256,
         transport: httpx.BaseTransport | None = None,
-        direct: bool = True,
+        mode: str = "lean",
     ) -> None:
+        if mode not in UPSTREAM_MODES:
+            raise ValueError(f"upstream mode must be one of {', '.join(UPSTREAM_MODES)}, got {mode!r}")
         limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=60.0
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=30.0
         )
-        self.transport = transport or httpx.HTTPTransport(limits=limits)
+        if transport is None:
+            if mode == "lean":
+                transport = LeanTransport(
+                    connect_timeout_seconds=connect_timeout_seconds,
+                    read_timeout_seconds=read_timeout_seconds,
+                    max_idle_per_origin=max_connections,
+                )
+            else:
+                transport = httpx.HTTPTransport(limits=limits)
+        self.transport = transport
         timeout = httpx.Timeout(
             connect=connect_timeout_seconds,
             read=read_timeout_seconds,
@@ -130,7 +157,7 @@ class Upstream:
             trust_env=False,  # never route pod traffic through an HTTP(S)_PROXY from the environment
             follow_redirects=False,
         )
-        self.direct = direct
+        self.direct = mode != "client"
         self._timeout_extension = timeout.as_dict()
         self._lock = threading.Lock()
         self._outstanding: dict[str, int] = {}

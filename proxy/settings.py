@@ -40,9 +40,9 @@ class ProxySettings:
     read_timeout_seconds: float = 600.0
     # Keep-alive connections per worker to all backends together (one per thread is enough).
     max_connections: int = 256
-    # Send through the shared transport directly (True) or through httpx.Client.send (False): the
-    # Client's per-request machinery costs ~150 us of CPU that a proxy does not need (see bench/).
-    direct_transport: bool = True
+    # How requests reach backends: "lean" (proxy.transport.LeanTransport), "httpcore" (httpx's own
+    # transport) or "client" (httpx.Client.send); see proxy.forward.Upstream and bench/proxy_bench.py.
+    upstream: str = "lean"
     # Retry-After when a scale-up failed for a reason that has no better estimate.
     default_retry_after_seconds: int = 30
     # Extra response header naming the backend that answered (debugging, tests); off by default.
@@ -61,6 +61,8 @@ class ProxySettings:
             raise SettingsError("progress and disconnect-check intervals must be > 0 s")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
             raise SettingsError("upstream timeouts must be > 0 s")
+        if self.upstream not in ("lean", "httpcore", "client"):
+            raise SettingsError(f"upstream must be lean, httpcore or client, got {self.upstream!r}")
         if self.max_connections < 1:
             raise SettingsError(f"max connections must be >= 1, got {self.max_connections}")
 

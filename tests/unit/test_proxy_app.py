@@ -140,13 +140,14 @@ def test_forwards_to_the_ready_backend_with_path_query_and_filtered_headers(scal
     resp = client.post(
         "/v1/chat/completions?api-version=1",
         json=chat(),
-        headers={"X-Trace": "t-1", "Connection": "keep-alive, X-Trace", "Proxy-Authorization": "Basic x"},
+        headers={"X-Trace": "t-1", "X-Hop": "h", "Connection": "keep-alive, X-Hop", "Proxy-Authorization": "Basic x"},
     )
     assert resp.status_code == 200
     assert resp.get_json()["model"] == "model-a"
     sent = backends.requests[0]
     assert str(sent.url) == f"{BACKEND_A}/v1/chat/completions?api-version=1"
     assert sent.headers["x-trace"] == "t-1"
+    assert "x-hop" not in sent.headers, "headers named by Connection are hop-by-hop"
     assert "proxy-authorization" not in sent.headers
     assert sent.headers.get("connection") is None
     assert json.loads(sent.content) == chat()
