@@ -69,6 +69,7 @@ class ModelMemory:
     observed_peak_bytes: int | None
     source: str | None
     last_observation: float | None
+    last_failure: str | None = None
 
 
 class LocalScaler:
@@ -264,6 +265,7 @@ class LocalScaler:
                 observed_peak_bytes=self._peak_bytes.get(model.key),
                 source=sample.source if sample else None,
                 last_observation=self._last_observation.get(model.key),
+                last_failure=self._failure.get(model.key),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -454,6 +456,8 @@ def metrics_body(memory: ModelMemory) -> dict[str, Any]:
         "state": memory.state,
         "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
         "observedMemoryBytes": memory.observed_bytes,
+        # Why the last process ended without being asked to (exit code and its last output line).
+        "lastFailure": memory.last_failure,
     }
 
 

@@ -237,6 +237,7 @@ def test_crash_frees_memory_reports_failed_and_restarts_on_next_request(scaler, 
     a = _start_ready(scaler, runtime, "model-a")
     runtime.exit(a, -9, failure="was killed by SIGKILL")
     assert scaler.state("model-a") == "failed"
+    assert metrics_body(scaler.memory("model-a"))["lastFailure"] == "was killed by SIGKILL"
     assert scaler.view().placements == ()
     scaler.scale_up("model-b", 1)  # the memory is free for others at once
     runtime.exit(runtime.spawned[-1], 0, failure="exited with code 0")
