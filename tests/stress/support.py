@@ -169,22 +169,24 @@ class Service:
         """The gunicorn worker pids (children of the master running this app)."""
         return children(self.pid)
 
-    def kill9(self) -> list[int]:
-        """SIGKILL the whole process group (master and workers), as a crashed container; returns the pids."""
-        rows = proc_table()
-        group = [self.pid, *children(self.pid, rows)]
+    def kill9(self) -> float:
+        """SIGKILL the whole process group (master and workers), as a crashed container.
+
+        Returns the monotonic time of the kill (taken right after it, not before the preparations).
+        """
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         assert self.popen is not None
         self.popen.wait(10)
-        return group
+        return killed_at
 
-    def kill9_worker(self) -> int:
-        """SIGKILL the one gunicorn worker; the master starts a new one. Returns the killed pid."""
+    def kill9_worker(self) -> float:
+        """SIGKILL the one gunicorn worker (the master starts a new one); returns the time of the kill."""
         workers = self.workers()
         assert len(workers) == 1, f"expected one worker under {self.pid}, found {workers}"
         os.kill(workers[0], signal.SIGKILL)
-        return workers[0]
+        return time.monotonic()
 
     def stop(self, grace_seconds: float = 15) -> None:
         """SIGTERM, then SIGKILL the group after `grace_seconds`; idempotent."""
@@ -234,8 +236,9 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
 
 @dataclass
 class Outcome:
-    """One request of a load run: when it ended, whether it succeeded, and what came back."""
+    """One request of a load run: when it was sent and when it ended (monotonic), whether it succeeded."""
 
+    sent: float
     at: float
     ok: bool
     detail: str = ""
@@ -272,25 +275,28 @@ class Load:
 
     def _run(self, index: int) -> None:
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
                 ok, detail = self._call(index)
             except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
                 with self._lock:
-                    self.transport_errors.append(Outcome(time.monotonic(), False, f"{type(exc).__name__}: {exc}"))
+                    self.transport_errors.append(Outcome(sent, time.monotonic(), False, f"{type(exc).__name__}: {exc}"))
                 time.sleep(0.01)
                 continue
             with self._lock:
-                self.outcomes.append(Outcome(time.monotonic(), ok, detail))
+                self.outcomes.append(Outcome(sent, time.monotonic(), ok, detail))
             if self._pause:
                 time.sleep(self._pause)
 
     def successes_since(self, moment: float) -> int:
+        """Good answers to requests sent after `moment` (a request in flight at `moment` does not count)."""
         with self._lock:
-            return sum(1 for o in self.outcomes if o.ok and o.at > moment)
+            return sum(1 for o in self.outcomes if o.ok and o.sent > moment)
 
     def first_success_after(self, moment: float) -> float | None:
+        """Seconds from `moment` to the first good answer to a request sent after it."""
         with self._lock:
-            times = [o.at for o in self.outcomes if o.ok and o.at > moment]
+            times = [o.at for o in self.outcomes if o.ok and o.sent > moment]
         return min(times) - moment if times else None
 
     def wrong_answers(self) -> list[Outcome]:
