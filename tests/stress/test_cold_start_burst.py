@@ -91,7 +91,10 @@ async def burst(
     async with httpx.AsyncClient(base_url=url, timeout=90, limits=limits) as client:
         first = [asyncio.create_task(one_request(client, m, s)) for m, s in plan]
         wanted = {m for m, _ in plan}
-        while not all((await asyncio.to_thread(models, url))[m]["state"] != "stopped" for m in wanted):
+        while True:
+            listed = await asyncio.to_thread(models, url)
+            if all(listed[m]["state"] != "stopped" for m in wanted):
+                break
             await asyncio.sleep(0.05)
         second = [asyncio.create_task(one_request(client, m, s)) for m, s in late]
         return await asyncio.gather(*first, *second)
@@ -197,6 +200,6 @@ def test_the_room_refuses_the_request_beyond_its_size_at_once(local: Service, tm
     status, text, took = asyncio.run(asyncio.wait_for(fill_and_overflow(), 60))
     assert status == 503, text
     error = json.loads(text)["error"]
-    assert error["code"] == "queue_full" and "the waiting room holds 100" in error["message"], error
+    assert error["code"] == "queue_full" and str(QUEUE_SIZE) in error["message"], error
     assert took < 1.0, took
     wait_until(lambda: queue_depth(local.url).get("slow", 0) == 0, 10, "the waiting room emptied")
