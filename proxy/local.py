@@ -6,8 +6,9 @@ Local mode is the proxy with this scaler, not a second proxy. Where the Kubernet
 that are alive, under one lock, so concurrent cold requests can never overcommit. A denial is a
 :class:`~proxy.scaler.ScaleDenied` carrying the decision, which the proxy turns into the same 429.
 
-A replica holds its declared memory from the moment it is spawned until the reaper has seen it exit,
-so a process that is still shutting down keeps counting. Idle models are stopped by the same rule as
+A replica holds its declared memory from the moment the decision grants it (before the fork, which
+runs outside the lock) until its exit has been seen, so a process that is still starting or still
+shutting down keeps counting. Idle models are stopped by the same rule as
 the budget's `idle_for`: idle since the later of the last request and the process start.
 """
 
