@@ -672,8 +672,14 @@ def test_helm_install_upgrade_and_uninstall(installed, tmp_path):
     settings = ["--set", "crds.install=false", "--set", "webhook.failurePolicy=Ignore"]
 
     def helm_ok(*args: str) -> str:
-        res = subprocess.run([*base, *args], capture_output=True, text=True, timeout=180, check=False,
-                             env={**os.environ, "HOME": str(tmp_path)})
+        res = subprocess.run(
+            [*base, *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+            env={**os.environ, "HOME": str(tmp_path)},
+        )
         assert res.returncode == 0, f"helm {' '.join(args)}:\n{res.stderr}"
         return res.stdout
 
@@ -685,8 +691,9 @@ def test_helm_install_upgrade_and_uninstall(installed, tmp_path):
     try:
         notes = helm_ok("install", release, str(CHART), "--create-namespace", *settings)
         assert "kubectl get inferencemodels" in notes and f"job/{release}-certs-bootstrap-1" in notes
-        assert names("deployments") == {f"{release}-{c}" for c in ("proxy", "webhook", "extender", "scheduler",
-                                                                    "controller")}
+        assert names("deployments") == {
+            f"{release}-{c}" for c in ("proxy", "webhook", "extender", "scheduler", "controller")
+        }
         assert names("jobs") == {f"{release}-certs-bootstrap-1"}
         assert f"{release}-proxy" in names("clusterroles", None)
         # An upgrade that changes the image: the bootstrap Job is a new one (a Job's template is immutable).
@@ -699,6 +706,11 @@ def test_helm_install_upgrade_and_uninstall(installed, tmp_path):
         assert not names("deployments")
         assert not names("validatingwebhookconfigurations", None)
     finally:
-        subprocess.run([*base, "uninstall", release, "--ignore-not-found"], capture_output=True, timeout=120,
-                       check=False, env={**os.environ, "HOME": str(tmp_path)})
+        subprocess.run(
+            [*base, "uninstall", release, "--ignore-not-found"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "HOME": str(tmp_path)},
+        )
         cp.kubectl("delete", "namespace", ns, "--wait=false")

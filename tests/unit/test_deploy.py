@@ -261,8 +261,14 @@ KUBE_SYSTEM_BINDING = "extension-apiserver-authentication-reader"
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_namespaced_objects_land_in_the_install_namespace(variant):
-    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                      "ValidatingWebhookConfiguration", "ClusterIssuer"}
+    cluster_scoped = {
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingWebhookConfiguration",
+        "ClusterIssuer",
+    }
     for obj in render(variant):
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] in cluster_scoped:
@@ -371,9 +377,15 @@ def test_services_pdbs_and_network_policies_select_real_pods(variant):
         sel = pdb["spec"]["selector"]["matchLabels"]
         assert any(selector_matches(sel, p) for p in pods), f"PDB {pdb['metadata']['name']} selects nothing"
     policies = of_kind(objs, "NetworkPolicy")
-    covered = [p for p in pods if any(
-        selector_matches(np["spec"]["podSelector"].get("matchLabels") or {}, p)
-        or not np["spec"]["podSelector"].get("matchLabels") for np in policies)]
+    covered = [
+        p
+        for p in pods
+        if any(
+            selector_matches(np["spec"]["podSelector"].get("matchLabels") or {}, p)
+            or not np["spec"]["podSelector"].get("matchLabels")
+            for np in policies
+        )
+    ]
     assert len(covered) == len(pods), "a pod is selected by no NetworkPolicy"
     for np in policies:
         sel = np["spec"]["podSelector"].get("matchLabels") or {}
@@ -383,8 +395,13 @@ def test_services_pdbs_and_network_policies_select_real_pods(variant):
             for port in rule.get("ports") or []:
                 # Named ports must exist on the selected pods, or the rule allows nothing.
                 if isinstance(port["port"], str):
-                    names = {pt["name"] for w in of_kind(objs, "Deployment") if selector_matches(sel, pod_labels(w))
-                             for c in pod_spec(w)["containers"] for pt in c.get("ports") or []}
+                    names = {
+                        pt["name"]
+                        for w in of_kind(objs, "Deployment")
+                        if selector_matches(sel, pod_labels(w))
+                        for c in pod_spec(w)["containers"]
+                        for pt in c.get("ports") or []
+                    }
                     assert port["port"] in names, f"NetworkPolicy {np['metadata']['name']}: no port {port['port']}"
 
 
@@ -417,17 +434,25 @@ def _watched_kinds(component: str) -> tuple[str, ...]:
     """The kinds a component's watch cache lists and watches, read from its code."""
     if component == "proxy":
         from proxy.kube_scaler import KINDS
+
         return tuple(KINDS)
     if component == "controller":
         from controller.manager import KINDS as CONTROLLER_KINDS
+
         return tuple(CONTROLLER_KINDS)
     text = (REPO / {"webhook": "webhook/kube.py", "extender": "extender/kube.py"}[component]).read_text()
     return tuple(k for k in KIND_RESOURCES if f'"{k}"' in text)
 
 
-@pytest.mark.parametrize(("component", "role"), [
-    ("proxy", "ibc-proxy"), ("webhook", "ibc-webhook"), ("extender", "ibc-extender"), ("controller", "ibc-controller"),
-])
+@pytest.mark.parametrize(
+    ("component", "role"),
+    [
+        ("proxy", "ibc-proxy"),
+        ("webhook", "ibc-webhook"),
+        ("extender", "ibc-extender"),
+        ("controller", "ibc-controller"),
+    ],
+)
 def test_cluster_role_lets_each_component_list_and_watch_what_its_cache_watches(component, role):
     # A cache that cannot list a kind never syncs: /readyz stays 503 and the component never serves.
     rules = set(normalized_rules(named(helm_template(), "ClusterRole", role)))
@@ -520,10 +545,17 @@ def test_chart_scheduler_configuration_equals_the_component_one():
 
 def chart_copies() -> list[tuple[Path, Path]]:
     """(source of truth, copy inside the chart) pairs that deploy/tools/sync-chart.sh maintains."""
-    pairs = [(p, CHART / "files" / "crds" / p.name) for p in sorted((DEPLOY / "crd").glob("*.yaml"))
-             if p.name != "kustomization.yaml"]
-    pairs.append((DEPLOY / "webhook" / "validatingwebhookconfiguration.yaml",
-                  CHART / "files" / "webhook" / "validatingwebhookconfiguration.yaml"))
+    pairs = [
+        (p, CHART / "files" / "crds" / p.name)
+        for p in sorted((DEPLOY / "crd").glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+    ]
+    pairs.append(
+        (
+            DEPLOY / "webhook" / "validatingwebhookconfiguration.yaml",
+            CHART / "files" / "webhook" / "validatingwebhookconfiguration.yaml",
+        )
+    )
     pairs.append((DEPLOY / "monitoring" / "grafana-dashboard.json", CHART / "files" / "grafana-dashboard.json"))
     return pairs
 
@@ -531,7 +563,8 @@ def chart_copies() -> list[tuple[Path, Path]]:
 @pytest.mark.parametrize(("source", "copy"), chart_copies(), ids=lambda p: str(p.relative_to(DEPLOY)).replace("/", "."))
 def test_chart_copies_are_in_sync(source, copy):
     assert copy.is_file() and copy.read_bytes() == source.read_bytes(), (
-        f"{copy.relative_to(REPO)} is stale: run bash deploy/tools/sync-chart.sh")
+        f"{copy.relative_to(REPO)} is stale: run bash deploy/tools/sync-chart.sh"
+    )
 
 
 def test_chart_webhook_excludes_the_release_namespace():
@@ -589,7 +622,9 @@ def test_webhook_ca_bundle_has_a_source(variant):
     inject = (vwc["metadata"].get("annotations") or {}).get("cert-manager.io/inject-ca-from")
     certificates = {f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in of_kind(objs, "Certificate")}
     patchers = [
-        c for w in of_kind(objs, *WORKLOAD_KINDS) for c in containers(pod_spec(w))
+        c
+        for w in of_kind(objs, *WORKLOAD_KINDS)
+        for c in containers(pod_spec(w))
         if f"--webhook-config={vwc['metadata']['name']}" in (c.get("args") or [])
     ]
     if certificates:
@@ -609,8 +644,12 @@ def test_webhook_serving_certificate_names_the_service_the_apiserver_dials(varia
     for cert in certs:
         assert dns in cert["spec"]["dnsNames"]
     if not certs:
-        bootstraps = [c for w in of_kind(objs, *WORKLOAD_KINDS) for c in containers(pod_spec(w))
-                      if f"--service={hook['name']}" in (c.get("args") or [])]
+        bootstraps = [
+            c
+            for w in of_kind(objs, *WORKLOAD_KINDS)
+            for c in containers(pod_spec(w))
+            if f"--service={hook['name']}" in (c.get("args") or [])
+        ]
         assert bootstraps and all(f"--namespace={hook['namespace']}" in c["args"] for c in bootstraps)
 
 
@@ -645,15 +684,23 @@ def test_self_signed_overlay_has_no_cert_manager_objects():
 
 def test_one_image_for_every_ibc_container():
     for variant in ("kustomize-cert-manager", "kustomize-self-signed"):
-        images = {c["image"] for w in of_kind(render(variant), *WORKLOAD_KINDS) for c in containers(pod_spec(w))
-                  if "kube-scheduler" not in c["image"]}
+        images = {
+            c["image"]
+            for w in of_kind(render(variant), *WORKLOAD_KINDS)
+            for c in containers(pod_spec(w))
+            if "kube-scheduler" not in c["image"]
+        }
         assert images == {"inference-budget-controller:0.1.0"}, (variant, images)
 
 
 def test_helm_image_values_reach_every_ibc_container():
     objs = helm_template("image.repository=registry.example/ibc", "image.tag=1.2.3")
-    images = {c["image"] for w in of_kind(objs, *WORKLOAD_KINDS) for c in containers(pod_spec(w))
-              if "kube-scheduler" not in c["image"]}
+    images = {
+        c["image"]
+        for w in of_kind(objs, *WORKLOAD_KINDS)
+        for c in containers(pod_spec(w))
+        if "kube-scheduler" not in c["image"]
+    }
     assert images == {"registry.example/ibc:1.2.3"}
 
 
@@ -731,8 +778,12 @@ def test_dashboard_queries_only_metrics_the_code_exports():
 
 
 def test_dashboard_json_is_the_generators_output():
-    proc = subprocess.run([sys.executable, str(DEPLOY / "tools" / "grafana_dashboard.py"), "--check"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(DEPLOY / "tools" / "grafana_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 

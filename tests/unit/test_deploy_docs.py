@@ -22,8 +22,12 @@ OWN_DOCS = ("getting-started.md", "crd-reference.md", "operations.md", "observab
 
 
 def test_crd_reference_is_generated_from_the_current_crd():
-    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "tools" / "crd_reference.py"), "--check"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "tools" / "crd_reference.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
