@@ -225,20 +225,28 @@ def test_twenty_pods_created_at_once_never_overcommit_a_node(
     with ThreadPoolExecutor(10) as executor:
         list(executor.map(lambda n: core.create_namespaced_pod(namespace, model_pod(n, "16Gi", pool_id)), names))
 
-    def settled() -> bool:
-        bound = sum(1 for p in pods(core, namespace) if p.spec.node_name)
-        waiting = sum(1 for n in names if failed_scheduling(core, namespace, n))
-        return bound + waiting >= 20 or bound > 9
+    overcommits: list[dict[str, int]] = []
 
-    wait_for(settled, timeout=60, interval=0.25, message="every burst pod bound or refused")
-    time.sleep(2)  # let retries run: nothing more may fit
+    def nine_bound() -> bool:
+        per_node = bound_bytes_per_node(core, namespace)
+        if any(per_node.get(f"{pool_id}-{s}", 0) > gi * GI for s, gi in capacities.items()):
+            overcommits.append(per_node)  # checked on every poll, not only at the end
+        return sum(per_node.values()) >= 9 * 16 * GI
+
+    wait_for(nine_bound, timeout=60, interval=0.2, message="the 9 pods that fit are bound")
+    time.sleep(3)  # retries run meanwhile (every bind re-queues the refused pods): none more may fit
+    nine_bound()
+    assert not overcommits, overcommits
     per_node = bound_bytes_per_node(core, namespace)
-    for suffix, gi in capacities.items():
-        assert per_node.get(f"{pool_id}-{suffix}", 0) <= gi * GI, (suffix, per_node)
     assert sum(per_node.values()) == 9 * 16 * GI, f"all 9 holes used, no more: {per_node}"
     pending = [p.metadata.name for p in pods(core, namespace) if not p.spec.node_name]
     assert len(pending) == 11
-    assert any(REASON in m for m in failed_scheduling(core, namespace, pending[0]))
+    wait_for(
+        lambda: any(REASON in m for m in failed_scheduling(core, namespace, pending[0])),
+        timeout=30,
+        interval=0.2,
+        message=f"FailedScheduling with the budget reason for {pending[0]}",
+    )
     view = extender.get("/debug/view")["nodes"]
     assert all(view[f"{pool_id}-{s}"]["freeBytes"] >= 0 for s in capacities), view
 
