@@ -797,3 +797,46 @@ def test_dashboard_panels_do_not_overlap():
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"panel {p['title']!r} overlaps another"
                 cells.add((x, y))
+
+
+# --------------------------------------------------------------------------------------------------
+# chart options a user is likely to set
+
+
+def test_an_existing_issuer_replaces_the_charts_own_ca_chain():
+    objs = helm_template(
+        "certificates.mode=cert-manager",
+        "certificates.certManager.issuerRef.kind=ClusterIssuer",
+        "certificates.certManager.issuerRef.name=corp-ca",
+    )
+    assert not of_kind(objs, "Issuer")
+    certs = of_kind(objs, "Certificate")
+    assert {c["metadata"]["name"] for c in certs} == {"ibc-webhook", "ibc-extender"}
+    assert all(c["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca"} for c in certs)
+
+
+def test_proxy_api_keys_come_from_a_mounted_secret_file():
+    objs = helm_template("proxy.apiKeys.existingSecret=proxy-keys")
+    spec = pod_spec(named(objs, "Deployment", "ibc-proxy"))
+    container = spec["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    volume = next(v for v in spec["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "proxy-keys"
+    assert f"--api-key-file={mount['mountPath']}/keys" in container["args"]
+    # The key file is read by the proxy itself: its ServiceAccount still cannot read Secrets.
+    assert "secrets" not in {r for _, r, _, _ in normalized_rules(named(objs, "ClusterRole", "ibc-proxy"))}
+
+
+def test_network_policies_can_be_turned_off_and_widened():
+    assert not of_kind(helm_template("networkPolicy.enabled=false"), "NetworkPolicy")
+    peer = "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring"
+    extender = named(helm_template(peer), "NetworkPolicy", "ibc-extender")
+    sources = extender["spec"]["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in sources
+    assert any("podSelector" in s for s in sources), "the scheduler must stay allowed"
+
+
+def test_components_can_be_left_out_without_dangling_references():
+    objs = helm_template("proxy.enabled=false", "monitoring.serviceMonitor.enabled=true")
+    assert "ibc-proxy" not in {o["metadata"]["name"] for o in objs}
+    assert "ibc-proxy" not in {m["metadata"]["name"] for m in of_kind(objs, "ServiceMonitor")}
