@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from extender.source import BindError
 from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache
