@@ -310,7 +310,18 @@ class ProxyApp:
             response = upstream.send(upstream.prepare(backend, "POST", path, headers, raw))
         except UpstreamError as exc:
             upstream.release(backend)
-            return self._upstream_failed(label, exc)
+            others = [b for b in backends if b != backend]
+            if not (others and exc.connect_failed):
+                return self._upstream_failed(label, exc)
+            # Nothing reached that replica (e.g. its pod just went away): another one gets the request.
+            log.info("%s refused a connection; trying another replica of %s", backend, label)
+            self.metrics.upstream_errors.labels(label, exc.code).inc()
+            backend = upstream.acquire(others)
+            try:
+                response = upstream.send(upstream.prepare(backend, "POST", path, headers, raw))
+            except UpstreamError as retry_exc:
+                upstream.release(backend)
+                return self._upstream_failed(label, retry_exc)
         self.metrics.observe_upstream(label, time.perf_counter() - started)
         out_headers = response_headers(response.headers.multi_items())
         if self.settings.expose_backend_header:

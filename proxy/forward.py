@@ -48,6 +48,11 @@ class UpstreamError(Exception):
     status = 502
     code = "upstream_error"
 
+    @property
+    def connect_failed(self) -> bool:
+        """True when no byte reached the backend (connection refused or not established in time)."""
+        return isinstance(self.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+
 
 class UpstreamUnreachable(UpstreamError):
     """The backend refused or dropped the connection (pod gone, process died, wrong address)."""

@@ -459,6 +459,37 @@ def test_upstream_failures_map_to_502_and_504(scaler: StaticScaler, exc: Excepti
     assert proxy.upstream.outstanding() == {}
 
 
+def test_a_replica_refusing_connections_is_skipped_for_another() -> None:
+    scaler = StaticScaler(seed_view(), {"default/model-a": [BACKEND_A, BACKEND_A2]})
+    backends = Backends()
+
+    def one_down(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "10.0.0.1":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json={"host": request.url.host})
+
+    backends.handler = one_down
+    client, proxy, _ = make_client(scaler, backends)
+    for _ in range(4):
+        resp = client.post("/v1/chat/completions", json=chat())
+        assert resp.status_code == 200 and resp.get_json() == {"host": "10.0.0.2"}
+    assert proxy.upstream.outstanding() == {}
+
+
+def test_a_backend_that_fails_after_receiving_the_request_is_not_retried() -> None:
+    scaler = StaticScaler(seed_view(), {"default/model-a": [BACKEND_A, BACKEND_A2]})
+    backends = Backends()
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset mid-answer")
+
+    backends.handler = broken
+    client, _, _ = make_client(scaler, backends)
+    resp = client.post("/v1/chat/completions", json=chat())
+    assert resp.status_code == 502
+    assert len(backends.requests) == 1, "a request that may have run is never sent twice"
+
+
 def test_upstream_error_statuses_pass_through_unchanged(scaler: StaticScaler) -> None:
     backends = Backends()
     backends.handler = lambda r: httpx.Response(400, json={"error": {"message": "max_tokens too large"}})
