@@ -840,3 +840,28 @@ def test_components_can_be_left_out_without_dangling_references():
     objs = helm_template("proxy.enabled=false", "monitoring.serviceMonitor.enabled=true")
     assert "ibc-proxy" not in {o["metadata"]["name"] for o in objs}
     assert "ibc-proxy" not in {m["metadata"]["name"] for m in of_kind(objs, "ServiceMonitor")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_ibc_container_passes_flags_the_cli_accepts(variant, capsys):
+    # A misspelt or removed flag is an exit 2 at start: a CrashLoopBackOff no render would show.
+    from ibc.__main__ import build_parser
+
+    seen = set()
+    objs = render(variant)
+    for w in of_kind(objs, *WORKLOAD_KINDS):
+        for c in containers(pod_spec(w)):
+            argv = [*(c.get("command") or []), *(c.get("args") or [])]
+            if "kube-scheduler" in argv:
+                continue
+            argv = argv[1:] if argv and argv[0] == "ibc" else argv
+            command = ibc_command(c)
+            assert command, f"{w['metadata']['name']}/{c['name']}: no ibc command in {argv}"
+            try:
+                args = build_parser(only=command).parse_args(argv)
+            except SystemExit:
+                pytest.fail(f"{w['metadata']['name']}/{c['name']}: {capsys.readouterr().err.strip()}")
+            assert args.command == command
+            seen.add(command)
+    bootstrap = set() if of_kind(objs, "Certificate") else {"certs"}  # cert-manager mode runs no bootstrap
+    assert seen == {"proxy", "webhook", "extender", "controller", *bootstrap}
