@@ -2,7 +2,7 @@
 
 Why this module exists: observed memory is advice, and people and tools read advice in different
 places: dashboards and alerts (the three ``inference_model_memory_*`` gauges), scripts
-(``GET /models/{name}/metrics``) and probes (``/healthz``, ``/readyz``). The gauges are produced at
+(``GET /models/{name}/metrics``) and probes (``/livez`` (alias ``/healthz``), ``/readyz``). The gauges are produced at
 scrape time from the same records the JSON endpoint serves, so a deleted model's series disappear with
 it and the two never disagree.
 
@@ -162,6 +162,7 @@ def create_app(settings: MetricsSettings) -> Flask:
     def metrics() -> Response:
         return Response(generate_latest(settings.registry), mimetype=CONTENT_TYPE_LATEST)
 
+    @app.get("/livez")
     @app.get("/healthz")
     def healthz() -> Response:
         return Response("ok\n", mimetype="text/plain")

@@ -116,6 +116,7 @@ def test_readyz_waits_for_the_cache() -> None:
     assert client([], ready=False).get("/readyz").status_code == 503
     assert client([], ready=True).get("/readyz").status_code == 200
     assert client([]).get("/healthz").status_code == 200
+    assert client([]).get("/livez").status_code == 200
 
 
 @pytest.mark.parametrize(

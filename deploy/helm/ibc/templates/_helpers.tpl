@@ -167,7 +167,7 @@ limits:
   memory: 256Mi
 {{- end -}}
 
-{{/* The controller's liveness path: it serves /healthz (not /livez) as of appVersion 0.1.0. */}}
+{{/* The controller's liveness path (it also answers /healthz for older probes). */}}
 {{- define "ibc.controllerLivenessPath" -}}
-/healthz
+/livez
 {{- end -}}
