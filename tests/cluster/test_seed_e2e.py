@@ -304,6 +304,8 @@ def seed(
             core.delete_namespaced_config_map(ledger_name, LEDGER_NAMESPACE)
         with contextlib.suppress(Exception):
             core.delete_namespace(namespace)
+            # Pods on the fake node vanish only while the node exists (the simulator plays its kubelet).
+            wait_for(lambda: not core.list_namespaced_pod(namespace).items, timeout=30, message="pods deleted")
         with contextlib.suppress(Exception):
             delete_node(k8s_client, node, wait=False)
         if request.session.testsfailed:
@@ -338,8 +340,15 @@ def printer_columns(seed: Seed) -> dict[str, dict[str, str]]:
     """`kubectl get inferencemodels` as {name: {column: value}}."""
     res = seed.kubectl("get", "inferencemodels")
     assert res.returncode == 0, res.stderr
-    header, *rows = [line.split() for line in res.stdout.strip().splitlines()]
-    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    header, *rows = res.stdout.rstrip("\n").splitlines()
+    # Columns are left-aligned at the header's offsets; an unset field prints as blanks.
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    table = {}
+    for row in rows:
+        cells = [row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        table[cells[0]] = dict(zip(names, cells, strict=True))
+    return table
 
 
 class ModelLoader:
