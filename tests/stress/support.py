@@ -9,7 +9,9 @@ reports recovery times must measure exactly what the tests assert on.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import signal
 import ssl
 import subprocess
@@ -19,11 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from budget import format_bytes
 from certs.generate import CertPaths, TLSBundle, generate_serving_certificate, renew_serving_certificate, write_files
-from proxy.runtime import free_port
+from proxy.local_config import LocalConfig
+from proxy.runtime import ManagedProcess, Phase, ProcessSpec, free_port
 
 IBC = [sys.executable, "-m", "ibc"]
 GI = 2**30
@@ -309,3 +314,115 @@ class Load:
         found = self.first_success_after(moment)
         assert found is not None
         return found
+
+
+# ----------------------------------------------------------------------------- a stub process runtime
+
+
+class _Popen:
+    """What the scaler reads of a process: its pid and whether it has exited."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class RecordingRuntime:
+    """ProcessRuntime's surface without processes; checks the memory invariant at every spawn.
+
+    A replica counts from its spawn until the runtime marks it EXITED, exactly the span during which
+    the scaler promises to count it. Listener calls happen outside the runtime's lock, as the real
+    runtime's do (the scaler's listener takes the scaler's lock).
+    """
+
+    def __init__(self, config: LocalConfig) -> None:
+        self.capacity = {n.name: n.memory_bytes for n in config.nodes}
+        self.memory = {m.key: m.memory_bytes for m in config.models}
+        self._lock = threading.Lock()
+        self._pids = itertools.count(10_000)
+        self.live: list[ManagedProcess] = []
+        self.violations: list[str] = []
+        self.spawns = 0
+        self._listener: Callable[[ManagedProcess], None] | None = None
+
+    # the ProcessRuntime surface the scaler uses
+    def set_listener(self, listener: Callable[[ManagedProcess], None]) -> None:
+        self._listener = listener
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self, timeout_seconds: float | None = None) -> None:
+        pass
+
+    def spawn(self, spec: ProcessSpec) -> ManagedProcess:
+        with self._lock:
+            # A replica marked EXITED is gone (its removal from `live` may trail by a moment).
+            held = sum(
+                self.memory[p.spec.owner] for p in self.live if p.spec.node == spec.node and p.phase is not Phase.EXITED
+            )
+            need = self.memory[spec.owner]
+            if held + need > self.capacity[spec.node]:
+                self.violations.append(
+                    f"{spec.name} started on {spec.node} holding {format_bytes(held)} of "
+                    f"{format_bytes(self.capacity[spec.node])}: {format_bytes(held + need)} declared"
+                )
+            proc = ManagedProcess(spec, _Popen(next(self._pids)), started_at=time.time())  # type: ignore[arg-type]
+            self.live.append(proc)
+            self.spawns += 1
+        return proc
+
+    def reap(self) -> None:
+        with self._lock:
+            dead = [p for p in self.live if p.popen.poll() is not None]
+        for proc in dead:
+            self._exit(proc)
+
+    def stop(self, proc: ManagedProcess, *, grace_seconds: float | None = None) -> None:
+        with proc.lock:
+            if proc.phase in (Phase.STOPPING, Phase.EXITED):
+                return
+            proc.phase = Phase.STOPPING
+        self._notify(proc)
+
+    def sample_memory(self, procs: Any) -> dict[int, Any]:
+        return {}
+
+    # chaos, as the real runtime's threads would do it
+    def random_live(self, rng: random.Random) -> ManagedProcess | None:
+        with self._lock:
+            return rng.choice(self.live) if self.live else None
+
+    def make_ready(self, proc: ManagedProcess) -> None:
+        with proc.lock:
+            if proc.phase is not Phase.STARTING:
+                return
+            proc.phase = Phase.READY
+        self._notify(proc)
+
+    def kill(self, proc: ManagedProcess) -> None:
+        """SIGKILL: the process is gone, noticed by the next reap (the reaper or a request)."""
+        proc.popen.returncode = -9  # type: ignore[misc]
+
+    def _exit(self, proc: ManagedProcess) -> None:
+        with proc.lock:
+            if proc.phase is Phase.EXITED:
+                return
+            proc.phase = Phase.EXITED
+        with self._lock:
+            if proc in self.live:
+                self.live.remove(proc)
+        self._notify(proc)
+
+    def finish_stops(self) -> None:
+        with self._lock:
+            stopping = [p for p in self.live if p.phase is Phase.STOPPING]
+        for proc in stopping:
+            self._exit(proc)
+
+    def _notify(self, proc: ManagedProcess) -> None:
+        if self._listener is not None:
+            self._listener(proc)
