@@ -240,22 +240,24 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
 # ----------------------------------------------------------------------------- scheduler throughput
 
 
-def shipped_extender_config(url: str, ca: Path) -> list[dict[str, Any]]:
+def shipped_extender_config(url: str, ca: Path, *, bind: bool = True) -> list[dict[str, Any]]:
     config_map = yaml.safe_load((REPO / "deploy" / "scheduler" / "scheduler-config.yaml").read_text())
     (ext,) = yaml.safe_load(config_map["data"]["config.yaml"])["extenders"]
     ext["urlPrefix"] = url
     ext["tlsConfig"] = {"caFile": str(ca)}
+    if not bind:
+        del ext["bindVerb"]  # the scheduler's default binder binds to the one node filter reserved
     return [ext]
 
 
-def measure_throughput(node_count: int, pod_count: int, rounds: int) -> dict[str, Any]:
+def measure_throughput(node_count: int, pod_count: int, rounds: int, kinds: tuple[str, ...]) -> dict[str, Any]:
     from kubernetes import client
 
     from tests.cluster import harness
 
     bin_dir = harness.ensure_binaries(stream=sys.stderr)
     cp = harness.ControlPlane.start_new(bin_dir=bin_dir)
-    results: dict[str, list[float]] = {"plain": [], "extender": []}
+    results: dict[str, list[float]] = {kind: [] for kind in kinds}
     try:
         api = cp.api_client()
         core = client.CoreV1Api(api)
@@ -293,7 +295,7 @@ def measure_throughput(node_count: int, pod_count: int, rounds: int) -> dict[str
                 message="extender ready",
             )
             for round_index in range(rounds):
-                for kind in ("plain", "extender"):
+                for kind in kinds:
                     rate = one_round(cp, core, kind, round_index, pod_count, url, ca)
                     results[kind].append(rate)
                     print(
@@ -322,7 +324,9 @@ def measure_throughput(node_count: int, pod_count: int, rounds: int) -> dict[str
         "filter_calls": int(calls),
         "mean_nodes_per_filter": round(seen.get("ibc_extender_filter_nodes_sum", 0.0) / calls, 1),
         "mean_filter_ms_server": round(seen.get("ibc_extender_filter_duration_seconds_sum", 0.0) / calls * 1000, 2),
-        "extender_cpu_ms_per_pod": round(extender_cpu_seconds * 1000 / (pod_count * rounds), 2),
+        "extender_cpu_ms_per_pod": round(
+            extender_cpu_seconds * 1000 / (pod_count * rounds * sum(1 for k in kinds if k != "plain")), 2
+        ),
     }
     plain = statistics.median(results["plain"])
     with_extender = statistics.median(results["extender"])
@@ -335,6 +339,14 @@ def measure_throughput(node_count: int, pod_count: int, rounds: int) -> dict[str
         "plain_median": round(plain, 1),
         "extender_median": round(with_extender, 1),
         "ratio": round(with_extender / plain, 3),
+        **(
+            {
+                "extender_nobind_pods_per_second": [round(r, 1) for r in results["extender-nobind"]],
+                "ratio_nobind": round(statistics.median(results["extender-nobind"]) / plain, 3),
+            }
+            if "extender-nobind" in results
+            else {}
+        ),
         **extender_stats,
     }
 
@@ -373,7 +385,7 @@ def one_round(cp: Any, core: Any, kind: str, index: int, pod_count: int, url: st
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(make, range(pod_count)))
-    extenders = shipped_extender_config(url, ca) if kind == "extender" else None
+    extenders = shipped_extender_config(url, ca, bind=kind == "extender") if kind != "plain" else None
     handle = cp.start_scheduler(scheduler_name, extenders=extenders, verbosity=0)
     marks: list[tuple[float, int]] = []
     try:
@@ -406,6 +418,9 @@ def main() -> int:
     parser.add_argument("--throughput-nodes", type=int, default=1000)
     parser.add_argument("--pods", type=int, default=300, help="pods per throughput round")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per scheduler (alternating)")
+    parser.add_argument(
+        "--with-nobind", action="store_true", help="also measure the extender config without bindVerb (default binder)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -415,7 +430,8 @@ def main() -> int:
         requests = {s: (2000 if s <= 100 else 1000 if s <= 1000 else 300) for s in sizes}
         report["filter_latency"] = measure_latency(sizes, args.forms.split(","), requests)
     if args.throughput:
-        report["throughput"] = measure_throughput(args.throughput_nodes, args.pods, args.rounds)
+        kinds = ("plain", "extender", "extender-nobind") if args.with_nobind else ("plain", "extender")
+        report["throughput"] = measure_throughput(args.throughput_nodes, args.pods, args.rounds, kinds)
         print(json.dumps(report["throughput"]), flush=True)
     if "filter_latency" in report:
         print("\n| nodes | form | request | p50 ms | p99 ms | max ms | server CPU ms/call |")
@@ -431,6 +447,7 @@ def main() -> int:
         print(
             f"\nkube-scheduler at {t['nodes']} nodes: {t['plain_median']} pods/s without the extender, "
             f"{t['extender_median']} pods/s with it: ratio {t['ratio']}"
+            + (f"; without bindVerb: ratio {t['ratio_nobind']}" if "ratio_nobind" in t else "")
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
