@@ -247,6 +247,8 @@ class ProxyApp:
             return _json_answer(413, error_body(413, f"request body larger than {limit} bytes", "request_too_large"))
         try:
             payload = json.loads(raw)
+        except RecursionError:  # [[[[...]]]] deeper than Python's recursion limit: still a bad request
+            return self._bad("the request body is nested too deeply", "invalid_json")
         except ValueError:
             return self._bad("the request body is not valid JSON", "invalid_json")
         if not isinstance(payload, dict):
@@ -529,7 +531,7 @@ def _upstream_message(body: bytes) -> str:
             return str(error["message"])[:500]
         if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
             return str(parsed["message"])[:500]
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return body[:500].decode("utf-8", "replace")
 

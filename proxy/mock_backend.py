@@ -133,7 +133,7 @@ class MockBackend:
             return 405, _error_body(f"use POST for {path}", "invalid_request_error", 405)
         try:
             body = json.loads(req.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return 400, _error_body("the request body is not valid JSON", "invalid_request_error", 400)
         if not isinstance(body, dict):
             return 400, _error_body("the request body must be a JSON object", "invalid_request_error", 400)

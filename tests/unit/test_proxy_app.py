@@ -89,6 +89,7 @@ def chat(model: Any = "model-a", **extra: Any) -> dict[str, Any]:
         pytest.param(b"\xff\xfe", 400, "invalid_json", None, id="not-utf8"),
         pytest.param(b"[1, 2]", 400, "invalid_json", None, id="json-array"),
         pytest.param(b"", 400, "invalid_json", None, id="empty-body"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, 400, "invalid_json", None, id="nested-deeper-than-recursion-limit"),
         pytest.param(b'{"messages": []}', 400, "missing_model", "model", id="missing-model"),
         pytest.param(b'{"model": 7}', 400, "invalid_type", "model", id="model-not-string"),
         pytest.param(b'{"model": ""}', 400, "invalid_type", "model", id="model-empty"),

@@ -77,6 +77,7 @@ def test_streaming_plan_has_one_event_per_token_then_done(backend: MockBackend) 
         pytest.param("/v1/chat/completions", {"model": "other"}, 404, id="wrong-model"),
         pytest.param("/v1/chat/completions", b"{bad", 400, id="bad-json"),
         pytest.param("/v1/chat/completions", b"[]", 400, id="not-an-object"),
+        pytest.param("/v1/chat/completions", b"[" * 5000 + b"]" * 5000, 400, id="nested-too-deep"),
         pytest.param("/v1/nothing", {"model": "m"}, 404, id="unknown-endpoint"),
         pytest.param(
             "/v1/chat/completions",
