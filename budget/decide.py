@@ -36,6 +36,7 @@ class Blocking:
     idle_for_seconds: float
     cooldown_seconds: float
     replicas: int = 1
+    starting: bool = False  # admitted replicas that do not hold a node yet (they will, soon)
 
     @property
     def cooldown_remaining_seconds(self) -> float | None:
@@ -103,7 +104,10 @@ def _candidates(nodes: Iterable[Node], selector: Mapping[str, str]) -> list[str]
     return [n.name for n in nodes if n.capacity_bytes is not None and matches(selector, n.labels)]
 
 
-def _blocking(view: ClusterView, target_key: str, pool_nodes: set[str], now: float) -> tuple[Blocking, ...]:
+def _blocking(
+    view: ClusterView, target_key: str, pool_nodes: set[str], now: float, starting: dict[str, int]
+) -> tuple[Blocking, ...]:
+    """Models holding memory in the pool: placed replicas, then admitted replicas still starting."""
     memory: dict[str, int] = {}
     count: dict[str, int] = {}
     started: dict[str, list[float]] = {}
@@ -127,7 +131,20 @@ def _blocking(view: ClusterView, target_key: str, pool_nodes: set[str], now: flo
             )
         )
     out.sort(key=lambda b: (-b.idle_for_seconds, -b.memory_bytes, b.model))
-    return tuple(out)
+    pending = []
+    for key, mem in sorted(starting.items()):
+        model = view.models[key]
+        pending.append(
+            Blocking(
+                model=model.model_name or model.name,
+                memory_bytes=mem,
+                idle_for_seconds=0.0,
+                cooldown_seconds=model.cooldown_seconds,
+                replicas=mem // model.memory_bytes,
+                starting=True,
+            )
+        )
+    return tuple(out + pending)
 
 
 def _retry_after(blocking: tuple[Blocking, ...], default: int) -> int:
@@ -166,8 +183,11 @@ def decide_scale(
         missing = other.replicas - _held(view, other.key, now)
         pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
     pending.sort(key=lambda item: (-item[0], item[1]))
-    for memory, _, other in pending:
-        _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
+    starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
+    for memory, other_key, other in pending:
+        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
+        if node is not None and node in pool_nodes:
+            starting[other_key] = starting.get(other_key, 0) + memory
 
     available = max((free[n] for n in pool_nodes), default=0)
 
@@ -226,11 +246,13 @@ def decide_scale(
             "it can never fit without a larger node",
             retry_after_seconds=default_retry_after_seconds,
         )
-    blocking = _blocking(view, key, set(pool_nodes), now)
+    blocking = _blocking(view, key, set(pool_nodes), now, starting)
     message = f"{need} in pool {pool}; {format_bytes(max(0, available))} available"
     if blocking:
         parts = [
-            f"{b.model} ({format_bytes(b.memory_bytes)}, idle {format_duration(b.idle_for_seconds)})"
+            f"{b.model} ({format_bytes(b.memory_bytes)}, "
+            + ("starting" if b.starting else f"idle {format_duration(b.idle_for_seconds)}")
+            + ")"
             for b in blocking
         ]
         message += "; blocked by " + ", ".join(parts)
@@ -253,14 +275,22 @@ def explain(decision: Decision) -> dict[str, Any]:
             "replicas": decision.replicas_to,
         },
         "available": format_bytes(decision.available_bytes),
-        "blocking": [
-            {"model": b.model, "memory": format_bytes(b.memory_bytes), "idle_for": format_duration(b.idle_for_seconds)}
-            for b in decision.blocking
-        ],
+        "blocking": [_blocking_body(b) for b in decision.blocking],
     }
     if not decision.allowed:
         body = {"error": decision.reason, **body, "retry_after_seconds": decision.retry_after_seconds}
     return body
+
+
+def _blocking_body(b: Blocking) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": b.model,
+        "memory": format_bytes(b.memory_bytes),
+        "idle_for": format_duration(b.idle_for_seconds),
+    }
+    if b.starting:
+        out["state"] = "starting"
+    return out
 
 
 Status = Literal["passed", "failed", "unresolvable"]

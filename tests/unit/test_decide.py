@@ -227,3 +227,15 @@ def test_scores_binpack_prefers_fuller_node_and_spread_the_emptier():
     assert pack["busy"] > pack["idle"]
     assert spread["idle"] > spread["busy"]
     assert all(0 <= s <= 10 for s in [*pack.values(), *spread.values()])
+
+
+def test_admitted_replicas_still_starting_are_named_as_blocking():
+    v = seed_view(models=[model("model-a", 80, 1, last=NOW - 120), model("model-c", 16, 1), model("model-b", 40)])
+    d = decide_scale(v, "model-b", 1, NOW)
+    body = explain(d)
+    assert body["available"] == "32Gi"
+    assert body["blocking"] == [
+        {"model": "model-a", "memory": "80Gi", "idle_for": "120s"},
+        {"model": "model-c", "memory": "16Gi", "idle_for": "0s", "state": "starting"},
+    ]
+    assert "model-c (16Gi, starting)" in d.message
