@@ -206,6 +206,7 @@ class ConfigMapLedger:
         self.clock = clock
         self.sleep = sleep
         self._lock = threading.Lock()
+        self._last_rv: str | None = None  # resourceVersion of this process's latest write
         self.path = f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}"
 
     def _timeout(self, deadline: float) -> float:
@@ -224,8 +225,10 @@ class ConfigMapLedger:
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         return decode(obj.get("data")), str(rv) if rv else None
 
-    def write(self, entries: tuple[LedgerEntry, ...], resource_version: str | None, timeout: float = 2.0) -> None:
-        """Replace the ledger if it is still at `resource_version` (create it when None); _Conflict if not."""
+    def write(self, entries: tuple[LedgerEntry, ...], resource_version: str | None, timeout: float = 2.0) -> str:
+        """Replace the ledger if it is still at `resource_version` (create it when None); _Conflict if not.
+
+        Returns the new resourceVersion."""
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -235,21 +238,23 @@ class ConfigMapLedger:
         try:
             if resource_version is None:
                 path = f"/api/v1/namespaces/{quote(self.namespace)}/configmaps"
-                raw_request(self.api, "POST", path, body=body, timeout=timeout).release_conn()
+                stored = request_json(self.api, "POST", path, body=body, timeout=timeout)
             else:
                 body["metadata"]["resourceVersion"] = resource_version
-                raw_request(self.api, "PUT", self.path, body=body, timeout=timeout).release_conn()
+                stored = request_json(self.api, "PUT", self.path, body=body, timeout=timeout)
         except ApiError as exc:
             if exc.status == 409:  # Conflict on PUT, AlreadyExists on POST: someone else wrote first
                 raise _Conflict() from exc
             raise LedgerUnavailable(
                 f"writing ConfigMap {self.namespace}/{self.name}: {exc.status or 'unreachable'} {exc.message}"
             ) from exc
+        return str((stored.get("metadata") or {}).get("resourceVersion") or "") if isinstance(stored, dict) else ""
 
     def transact(self, decide: Decide, *, dry_run: bool, reflected: Reflected) -> Outcome:
+        """Read and decide without the process lock (denials and dry runs never wait for it); take the lock
+        only to commit, so the threads of one worker do not race each other's writes."""
         deadline = time.monotonic() + self.deadline_seconds
-        if not self._lock.acquire(timeout=self.deadline_seconds):
-            raise LedgerBusy("timed out waiting for this process's other admissions", attempts=0)
+        locked = False
         try:
             attempt = 0
             while True:
@@ -259,9 +264,15 @@ class ConfigMapLedger:
                 outcome = decide(live(entries, now), now)
                 if outcome.commit is None or dry_run:
                     return replace(outcome, attempts=attempt)
+                if not locked:
+                    if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                        raise LedgerBusy("timed out waiting for this process's other admissions", attempts=attempt)
+                    locked = True
+                    if attempt == 1 and self._committed_since(rv):
+                        continue  # a thread of this process wrote after our read: read again, under the lock
                 new = merged(entries, outcome.commit, now, reflected, self.prune_grace_seconds)
                 try:
-                    self.write(new, rv, self._timeout(deadline))
+                    self._last_rv = self.write(new, rv, self._timeout(deadline))
                     return replace(outcome, attempts=attempt)
                 except _Conflict:
                     log.debug("admission ledger conflict on attempt %d for %s", attempt, outcome.commit.model)
@@ -270,7 +281,18 @@ class ConfigMapLedger:
                 # Jittered exponential backoff (2, 4, 8 ... ms, at most 50 ms) spreads the racers apart.
                 self.sleep(random.uniform(0.5, 1.0) * min(0.05, 0.001 * 2**attempt))
         finally:
-            self._lock.release()
+            if locked:
+                self._lock.release()
+
+    def _committed_since(self, rv: str | None) -> bool:
+        """True when this process wrote the ledger after reading it at `rv`: a PUT with `rv` would conflict.
+
+        resourceVersions are opaque; etcd's are integers, and when they are not this only saves a round
+        trip, so anything else answers False and lets the PUT find out."""
+        last = self._last_rv
+        if rv is None:
+            return last is not None
+        return bool(last and last.isdigit() and rv.isdigit() and int(last) > int(rv))
 
     def entries(self) -> tuple[LedgerEntry, ...]:
         return live(self.read()[0], self.clock())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,3 +322,20 @@ def test_local_ledger_commit_and_dry_run():
     ledger.transact(lambda entries, now: Outcome(allowed("fits"), entry("default/a", 1)), dry_run=False,
                     reflected=never_reflected)
     assert [e.model for e in ledger.entries()] == ["default/a"]
+
+
+def test_a_denial_does_not_wait_for_a_commit_in_progress():
+    """Reads and denials run beside a commit holding the process lock; only commits queue for it."""
+    api = FakeApi()
+    ledger = configmap_ledger(api, deadline_seconds=0.5)
+    ledger._lock.acquire()  # a slow commit of another thread
+    try:
+        started = time.monotonic()
+        outcome = ledger.transact(decider(demand("huge", memory_gi=100), view()), dry_run=False,
+                                  reflected=never_reflected)
+        assert not outcome.verdict.allowed
+        assert time.monotonic() - started < 0.25
+        with pytest.raises(LedgerBusy):  # a commit waits, and gives up at the deadline with "busy"
+            ledger.transact(decider(demand("x"), view()), dry_run=False, reflected=never_reflected)
+    finally:
+        ledger._lock.release()
