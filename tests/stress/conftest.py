@@ -1,4 +1,4 @@
-"""The stress tier: bounded concurrency and fault runs (docs/testing.md, "The stress tier").
+"""The stress tier: bounded concurrency and fault runs (what each proves: docs/benchmarks.md).
 
 Why a tier of its own: these tests hammer the real servers with many threads, kill processes with
 SIGKILL and rotate certificates under load, so they take longer than integration tests and load the
