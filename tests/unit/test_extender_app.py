@@ -663,3 +663,11 @@ def test_bind_still_guards_the_node_when_filter_does_not_reserve() -> None:
     assert ok == {"Error": ""}
     assert REASON_INSUFFICIENT in refused["Error"]
     assert [b[1] for b in env.writer.bindings] == ["first"]
+
+
+def test_keys_are_read_case_insensitively_like_gos_decoder_and_written_pascalcase(env: Env) -> None:
+    args = as_model_pod(captured("filter-nodenames"), "60Gi")
+    lower = {"pod": args["Pod"], "nodenames": args["NodeNames"]}
+    body = env.filter(lower)
+    assert list(body) == ["Nodes", "NodeNames", "FailedNodes", "FailedAndUnresolvableNodes", "Error"]
+    assert body["NodeNames"] == ["node-c"]
