@@ -9,6 +9,7 @@ each, so the worker keeps some threads for warm models: at most `threads - 16` r
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         from proxy.kube_scaler import KubeScaler
 
         scaler = KubeScaler(load_api_client(kubeconfig), namespace=namespace).start()
+        atexit.register(scaler.stop)  # the last lastRequestTime writes when the worker exits
         if not scaler.cache.wait_synced(SYNC_TIMEOUT_SECONDS):
             log.warning("watch cache not synced after %.0fs; /readyz answers 503 until it is", SYNC_TIMEOUT_SECONDS)
         return create_app(settings, scaler)
