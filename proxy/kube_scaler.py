@@ -228,12 +228,18 @@ class KubeScaler:
         return self
 
     def stop(self) -> None:
+        """Stop the watches and the writer, then write the activity not written yet (idempotent)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake.set()
         self.cache.stop()
         if self._flusher is not None:
             self._flusher.join(timeout=5)
-            self.flush()
+            try:
+                self.flush(force=True)
+            except Exception as exc:  # the API server may be gone already
+                log.warning("final lastRequestTime writes failed: %s", exc)
 
     def ready(self) -> bool:
         return self.cache.synced

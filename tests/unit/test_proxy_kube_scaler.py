@@ -299,6 +299,15 @@ def test_touch_writes_last_request_time_at_most_once_per_interval(scaler: KubeSc
     assert scaler.flush() == 0, "nothing new since the last write"
 
 
+def test_forced_flush_writes_activity_inside_the_interval(scaler: KubeScaler, api: FakeCustomApi) -> None:
+    scaler.touch("ml/model-a", 1000.0)
+    assert scaler.flush() == 1
+    scaler.touch("ml/model-a", 1001.0)
+    assert scaler.flush() == 0
+    assert scaler.flush(force=True) == 1, "on shutdown the last request time is not lost"
+    assert api.status_patches[-1] == ("ml/model-a", {"status": {"lastRequestTime": rfc3339(1001.0)}})
+
+
 def test_touch_of_a_deleted_model_is_dropped(scaler: KubeScaler, api: FakeCustomApi) -> None:
     api.status_error = ApiException(status=404, reason="Not Found")
     scaler.touch("ml/model-b", time.time())
