@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from budget import BudgetError, ClusterView
+from budget.objects import LABEL_MODEL
 from webhook.admit import BUSY_CODE, Classifier, Demand, LookupFailed, ObjectLookup, decide
 from webhook.ledger import Ledger, LedgerBusy, LedgerEntry, LedgerUnavailable, Outcome
 from webhook.metrics import Metrics
@@ -84,11 +86,43 @@ class Admitter:
         self.ledger = ledger
         self.metrics = metrics
         self.classifier = Classifier(lookup, warn_over_ratio=settings.warn_over_ratio)
+        self.clock: Callable[[], float] = time.time  # observation times, compared with ledger admissions
+        self._observed: dict[str, list[tuple[float, int]]] = {}
+        self._observed_lock = threading.Lock()
 
     def _reflected(self, entry: LedgerEntry) -> bool:
         """True when the cached objects already ask for at least the entry's replicas."""
         model = self.source.view().models.get(entry.model)
         return model is not None and model.replicas >= entry.replicas
+
+    def observe(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        """Cache listener: remember when this process saw each model ask for how many replicas."""
+        if event_type == "DELETED" or kind not in ("InferenceModel", "Deployment"):
+            return
+        meta = obj.get("metadata") or {}
+        name = meta.get("name") if kind == "InferenceModel" else (meta.get("labels") or {}).get(LABEL_MODEL)
+        replicas = (obj.get("spec") or {}).get("replicas", 1)
+        if not isinstance(name, str) or not isinstance(replicas, int):
+            return
+        key = f"{meta.get('namespace') or 'default'}/{name}"
+        now = self.clock()
+        horizon = now - self.settings.ledger_ttl_seconds
+        with self._observed_lock:
+            seen = [o for o in self._observed.get(key, []) if o[0] >= horizon]
+            seen.append((now, replicas))
+            self._observed[key] = seen
+
+    def _seen_reflected(self, entry: LedgerEntry) -> bool:
+        """Has this process's cache shown the entry's replicas since it was admitted? Then the spec rules.
+
+        From that moment the object's own replicas are the truth: a later scale-down frees the memory at
+        once instead of after the entry's TTL. A process whose cache has not caught up still counts the
+        entry, which is what the ledger is for.
+        """
+        if self._reflected(entry):
+            return True
+        with self._observed_lock:
+            return any(t >= entry.admitted_at and r >= entry.replicas for t, r in self._observed.get(entry.model, []))
 
     def admit(self, req: AdmissionRequest) -> Verdict:
         """The verdict for one parsed review; never raises for bad input or a busy ledger."""
@@ -112,7 +146,7 @@ class Admitter:
             return decide(
                 demand,
                 self.source.view(),
-                entries,
+                tuple(e for e in entries if not self._seen_reflected(e)),
                 now,
                 deny_code=self.settings.deny_code,
                 ttl_seconds=self.settings.ledger_ttl_seconds,
@@ -161,6 +195,9 @@ def create_app(
     metrics = metrics or Metrics()
     admitter = Admitter(settings, source, ledger, lookup or CacheLookup(source), metrics)
     app.extensions["ibc_webhook"] = admitter
+    add_listener = getattr(source, "add_listener", None)
+    if add_listener is not None:
+        add_listener(admitter.observe)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

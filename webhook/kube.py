@@ -2,8 +2,8 @@
 
 Why this module exists: the admission logic (:mod:`webhook.admit`) and the ledger rules
 (:mod:`webhook.ledger`) are pure; everything here does I/O through a kubernetes ``ApiClient`` with raw
-JSON (the generated models are slow and their call convention changed in kubernetes 37:
-``param_serialize`` then ``call_api(method, url, ...)``).
+JSON through :mod:`kubeview.rest` (the generated models are slow and their call convention changed in
+kubernetes 37).
 
 :class:`ConfigMapLedger` is ResourceQuota admission's pattern applied to memory: read the ledger with a
 fresh GET (never the cache), decide, then PUT with the resourceVersion read; a 409 means another
@@ -14,7 +14,6 @@ from other processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -24,10 +23,9 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes.client.exceptions import ApiException
-
 from budget.objects import LABEL_MODEL
 from kubeview import ClusterCache
+from kubeview.rest import ApiCallError, request_json
 from webhook.admit import LookupFailed
 from webhook.ledger import (
     DEFAULT_PRUNE_GRACE_SECONDS,
@@ -51,89 +49,12 @@ VERSION = "v1alpha1"
 LEDGER_LABELS = {"app.kubernetes.io/name": "ibc-webhook", "app.kubernetes.io/component": "admission-ledger"}
 
 
-class ApiError(Exception):
-    """A non-2xx answer or a transport failure; `status` is 0 when the server was not reached."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _status_message(data: bytes | str | None, fallback: str) -> str:
-    if not data:
-        return fallback
-    try:
-        body = json.loads(data)
-        if isinstance(body, Mapping) and body.get("message"):
-            return str(body["message"])
-    except ValueError:
-        pass
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return text[:300]
-
-
-def raw_request(
-    api: Any,
-    method: str,
-    path: str,
-    *,
-    query: Mapping[str, Any] | None = None,
-    body: Any = None,
-    timeout: float | tuple[float, float] = 5.0,
-) -> Any:
-    """One request through a kubernetes ``ApiClient``; the unread urllib3 response (2xx) or ApiError."""
-    headers = {"Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    try:
-        serialized = api.param_serialize(
-            method,
-            path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = api.call_api(*serialized, _request_timeout=timeout)
-    except ApiException as exc:
-        raise ApiError(exc.status or 0, _status_message(exc.body, exc.reason or "error")) from exc
-    except Exception as exc:  # urllib3 connection errors and timeouts
-        raise ApiError(0, f"{method} {path}: {exc}") from exc
-    raw = resp.response
-    if not 200 <= resp.status <= 299:
-        data = raw.data
-        raw.release_conn()
-        raise ApiError(resp.status, _status_message(data, resp.reason or "error"))
-    return raw
-
-
-def request_json(api: Any, method: str, path: str, **kwargs: Any) -> Any:
-    """raw_request, with the body read and parsed."""
-    raw = raw_request(api, method, path, **kwargs)
-    try:
-        return json.loads(raw.data)
-    finally:
-        raw.release_conn()
-
-
-class LiveCache(ClusterCache):
-    """`kubeview.ClusterCache` with its request adapted to kubernetes 37 (see the module docstring).
-
-    kubeview's `_request` still uses the pre-37 `call_api(path, method, query_params=...)` signature;
-    drop this subclass once it is fixed there.
-    """
-
-    def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
-        try:
-            return raw_request(self.api, "GET", path, query=query, timeout=timeout)
-        except ApiError as exc:
-            raise ApiException(status=exc.status, reason=exc.message) from exc
+ApiError = ApiCallError  # the shared raw request's error: `status` (0 when unreachable) and `message`
 
 
 def webhook_cache(api: Any, namespace: str | None = None) -> ClusterCache:
     """The cache the webhook needs: nodes, model pods, model Deployments, InferenceModels."""
-    return LiveCache(
+    return ClusterCache(
         api,
         kinds=("Node", "Pod", "Deployment", "InferenceModel"),
         namespace=namespace,

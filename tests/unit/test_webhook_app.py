@@ -588,3 +588,25 @@ def test_debug_ledger_lists_reservations():
     assert [(e["model"], e["replicas"], e["memoryBytes"]) for e in body["entries"]] == [
         ("default/llama-2-7b", 2, 16 * GI)
     ]
+
+
+def test_a_scale_down_frees_admitted_memory_before_the_ledger_entry_expires():
+    """model-c admitted for 4 replicas, seen at 4, then scaled to 0: model-b's second replica now fits.
+
+    Without this, the entry (replicas = max(spec, ledger)) would hold 64Gi until its TTL and the webhook
+    would refuse what the proxy, looking at the same cluster, admits.
+    """
+    cache = ClusterCache(None)  # type: ignore[arg-type]
+    for obj in (node(), inference_model("model-b", "60Gi", 1), pod("model-b", "60Gi"),
+                inference_model("model-c", "16Gi", 0)):
+        cache.apply(obj["kind"], "ADDED", obj)
+    h = Harness(cache)
+    h.app.extensions["ibc_webhook"].clock = lambda: NOW + 1
+    assert h.review(im_scale(4, 0, name="model-c"))["allowed"] is True
+    assert h.ledger_replicas() == {"default/model-c": 4}
+    before = h.review(im_scale(2, 1, name="model-b"))
+    assert before["allowed"] is False, "model-c's 4 admitted replicas still hold 64Gi"
+    cache.apply("InferenceModel", "MODIFIED", inference_model("model-c", "16Gi", 4))
+    cache.apply("InferenceModel", "MODIFIED", inference_model("model-c", "16Gi", 0))
+    after = h.review(im_scale(2, 1, name="model-b"))
+    assert after["allowed"] is True, after.get("status")
