@@ -36,12 +36,18 @@ def test_cache_syncs_and_follows_pods_on_a_real_apiserver(
         assert cache.view().free_bytes(0).get("kv-node") == 64 * GI
         core = client.CoreV1Api(control_plane.api_client())
         core.create_namespaced_pod(namespace, _pod("kv-1", "kv-node"))
-        wait_for(lambda: cache.view().free_bytes(0).get("kv-node") == 48 * GI, timeout=15,
-                 message="a bound model pod holds its memory in the view")
+        wait_for(
+            lambda: cache.view().free_bytes(0).get("kv-node") == 48 * GI,
+            timeout=15,
+            message="a bound model pod holds its memory in the view",
+        )
         # Past the 5 s watch timeout the cache re-watches from its resourceVersion and still follows.
         time.sleep(6)
         core.delete_namespaced_pod("kv-1", namespace, grace_period_seconds=0)
-        wait_for(lambda: cache.view().free_bytes(0).get("kv-node") == 64 * GI, timeout=15,
-                 message="a deleted pod frees its memory")
+        wait_for(
+            lambda: cache.view().free_bytes(0).get("kv-node") == 64 * GI,
+            timeout=15,
+            message="a deleted pod frees its memory",
+        )
     finally:
         cache.stop()
