@@ -142,13 +142,15 @@ def pool(node_factory: Callable[..., Any], extender: Extender) -> Callable[..., 
     return make
 
 
-def model_pod(name: str, memory: str, pool_id: str, model: str = "llama") -> dict[str, Any]:
+def model_pod(
+    name: str, memory: str, pool_id: str, model: str = "llama", scheduler_name: str = SCHEDULER_NAME
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": {LABEL_MODEL: model}, "annotations": {ANNOTATION_MEMORY: memory}},
         "spec": {
-            "schedulerName": SCHEDULER_NAME,
+            "schedulerName": scheduler_name,
             "nodeSelector": {"ibc.test/pool": pool_id},
             "terminationGracePeriodSeconds": 0,
             "containers": [{"name": "server", "image": "registry.k8s.io/pause:3.10"}],
@@ -277,3 +279,31 @@ def test_deleting_a_pod_lets_a_pending_one_schedule(
     elapsed = time.monotonic() - started
     assert node_of(core, namespace, "second") == f"{pool_id}-only"
     print(json.dumps({"pending_pod_bound_after_delete_seconds": round(elapsed, 2)}))
+
+
+def test_the_nodes_form_works_with_a_real_scheduler_too(
+    extender: Extender,
+    scheduler_factory: Callable[..., SchedulerHandle],
+    k8s_client: Any,
+    namespace: str,
+    pool: Callable[..., str],
+) -> None:
+    config = shipped_config(extender.url, extender.ca)
+    config["profiles"][0]["schedulerName"] = "inference-budget-scheduler-nodes-form"
+    config["extenders"][0]["nodeCacheCapable"] = False  # full Node objects in every call
+    scheduler_factory("inference-budget-scheduler-nodes-form", config=config)
+    core = client.CoreV1Api(k8s_client)
+    pool_id = pool(a="24Gi", b="48Gi")
+    for name, memory in (("forty", "40Gi"), ("thirty", "30Gi")):
+        pod = model_pod(name, memory, pool_id, scheduler_name="inference-budget-scheduler-nodes-form")
+        core.create_namespaced_pod(namespace, pod)
+    wait_for(lambda: node_of(core, namespace, "forty"), timeout=30, interval=0.1, message="forty bound")
+    assert node_of(core, namespace, "forty") == f"{pool_id}-b"
+    messages = wait_for(
+        lambda: failed_scheduling(core, namespace, "thirty"),
+        timeout=30,
+        interval=0.2,
+        message="FailedScheduling event for thirty",
+    )
+    assert any(f"2 {REASON}" in m for m in messages), messages
+    assert node_of(core, namespace, "thirty") is None
