@@ -294,11 +294,11 @@ def test_the_nodes_form_works_with_a_real_scheduler_too(
     scheduler_factory("inference-budget-scheduler-nodes-form", config=config)
     core = client.CoreV1Api(k8s_client)
     pool_id = pool(a="24Gi", b="48Gi")
-    for name, memory in (("forty", "40Gi"), ("thirty", "30Gi")):
-        pod = model_pod(name, memory, pool_id, scheduler_name="inference-budget-scheduler-nodes-form")
-        core.create_namespaced_pod(namespace, pod)
+    nodes_form = "inference-budget-scheduler-nodes-form"
+    core.create_namespaced_pod(namespace, model_pod("forty", "40Gi", pool_id, scheduler_name=nodes_form))
     wait_for(lambda: node_of(core, namespace, "forty"), timeout=30, interval=0.1, message="forty bound")
     assert node_of(core, namespace, "forty") == f"{pool_id}-b"
+    core.create_namespaced_pod(namespace, model_pod("thirty", "30Gi", pool_id, scheduler_name=nodes_form))
     messages = wait_for(
         lambda: failed_scheduling(core, namespace, "thirty"),
         timeout=30,
