@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -316,7 +317,7 @@ def render_proxy(s: dict[str, Any]) -> list[str]:
         "| server CPU µs/req | RSS MiB |",
         "|---" * (13 + len(conc)) + "|",
         f"| **floor** | {num(f['p50_ms'], 3)} | x1.00 | — | {num(f['p99_ms'], 3)} | x1.00 | — | — | — | "
-        + " | ".join(num(f["rps"].get(str(c))) for c in conc)
+        + " | ".join(num(f["rps"].get(str(c)), 0) for c in conc)
         + " | x1.00 | — | — | — |",
     ]
     for name, r in targets.items():
@@ -327,7 +328,7 @@ def render_proxy(s: dict[str, Any]) -> list[str]:
             f"| {name} | {num(r.get('p50_ms'), 3)} | {ratio(r.get('p50_ms'), f['p50_ms'])} | "
             f"{ratio(r.get('p50_ms'), direct.get('p50_ms'))} | {num(r.get('p99_ms'), 3)} | "
             f"{ratio(r.get('p99_ms'), f['p99_ms'])} | {added} | {first} | {num(r.get('gap_p50_ms'))} | "
-            + " | ".join(num(r.get("rps", {}).get(c)) for c in conc)
+            + " | ".join(num(r.get("rps", {}).get(c), 0) for c in conc)
             + f" | {ratio(rps16, f['rps'].get('16'))} | {ratio(rps16, direct.get('rps', {}).get('16'))} | "
             f"{num(r.get('cpu_us_per_request'), 0)} | {num(r.get('rss_mib'), 0)} |"
         )
@@ -559,6 +560,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the selected sections and write the report; 0 when every section ran, 1 otherwise."""
     started = time.monotonic()
     OUT.mkdir(parents=True, exist_ok=True)
+    for noisy in ("httpx", "certs"):  # the floor's clients log every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet = wait_for_quiet(args.max_load, args.wait_minutes)
     report: dict[str, Any] = {
         "command": "ibc bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) if a),
