@@ -241,9 +241,11 @@ class LeanTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme != "http":
-            if self._fallback is None:
-                self._fallback = httpx.HTTPTransport()
-            return self._fallback.handle_request(request)
+            with self._lock:
+                if self._fallback is None:
+                    self._fallback = httpx.HTTPTransport()
+                fallback = self._fallback
+            return fallback.handle_request(request)
         origin = (url.host, url.port or 80)
         head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)]
         head.extend(b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw)
