@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import http.client
 import itertools
 import json
@@ -80,7 +81,10 @@ def ibc_factory(backend: str, upstream: str) -> Any:
         models=[Model("default", MODEL, 8 * gi, MODEL, replicas=1), Model("default", BIG, 256 * gi, BIG, replicas=0)],
     )
     scaler = StaticScaler(view, {f"default/{MODEL}": [backend]})
-    return create_app(ProxySettings(upstream=upstream), scaler)
+    app = create_app(ProxySettings(upstream=upstream), scaler)
+    gc.collect()
+    gc.freeze()  # as `ibc proxy` does after start-up
+    return app
 
 
 def naive_factory(backend: str) -> Any:
