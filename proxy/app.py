@@ -426,14 +426,21 @@ class ProxyApp:
             self.metrics.count_request(label, 504)
             body = error_body(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
             return _json_answer(504, body)
+        if isinstance(outcome, ScalerUnavailable):
+            log.warning("%s failed to start: %s", label, outcome)
+            self.metrics.reject(label, "scaler_unavailable")
+            self.metrics.count_request(label, 503)
+            body = error_body(503, f"could not start {label}: {outcome}", "scaler_unavailable")
+            return _json_answer(503, body, [("Retry-After", str(self.settings.default_retry_after_seconds))])
         if outcome == "gone":
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         return self._forward(label, outcome, path, headers, raw, False)
 
-    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str:
-        """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up."""
+    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
+        """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
+        scaler's ScalerUnavailable when the model failed to start."""
         started = time.monotonic()
         deadline = started + self.settings.cold_start_timeout_seconds
         check = self.settings.disconnect_check_seconds
@@ -441,7 +448,10 @@ class ProxyApp:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "timeout"
-            backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+            try:
+                backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+            except ScalerUnavailable as exc:  # the start failed for good: say so now, not at the timeout
+                return exc
             if backends:
                 self.cold.started(ticket.key, label)
                 return backends
@@ -479,7 +489,13 @@ class ProxyApp:
                     self.metrics.reject(label, "cold_start_timeout")
                     yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
                     return
-                backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+                try:
+                    backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
+                except ScalerUnavailable as exc:
+                    log.warning("%s failed to start: %s", label, exc)
+                    self.metrics.reject(label, "scaler_unavailable")
+                    yield sse_error(503, f"could not start {label}: {exc}", "scaler_unavailable")
+                    return
                 if backends:
                     break
                 if client_gone(environ):

@@ -56,7 +56,12 @@ class Scaler(Protocol):
         ...
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
-        """Block up to `timeout_seconds` for a ready replica; returns [] on timeout (callers loop)."""
+        """Block up to `timeout_seconds` for a ready replica; returns [] on timeout (callers loop).
+
+        May raise ScalerUnavailable when the start has failed for good (e.g. the process exited): every
+        held request then gets 503 `scaler_unavailable` (an SSE `error` event if streaming) with its
+        message at once, instead of waiting for the cold-start timeout.
+        """
         ...
 
     def touch(self, model_key: str, now: float) -> None:

@@ -378,6 +378,34 @@ def test_total_held_limit_protects_threads_for_warm_models(scaler: StaticScaler)
     waiter.join(5)
 
 
+class FailingStart(StaticScaler):
+    """A scaler whose replica dies while starting: wait_backends raises, as local mode's does."""
+
+    def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
+        time.sleep(min(timeout_seconds, 0.05))
+        raise ScalerUnavailable("model-c exited with code 3 while starting")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+def test_a_start_that_fails_is_reported_at_once_to_every_waiter(stream: bool) -> None:
+    scaler = FailingStart(seed_view(), {"default/model-a": [BACKEND_A]})
+    client, proxy, _ = make_client(scaler, cold_start_timeout_seconds=60)
+    started = time.monotonic()
+    resp = client.post("/v1/chat/completions", json=chat("model-c", stream=stream))
+    text = resp.get_data(as_text=True)
+    assert time.monotonic() - started < 5, "not held until the cold-start timeout"
+    if stream:
+        assert resp.status_code == 200
+        event = next(e for e in text.split("\n\n") if e.startswith("event: error"))
+        error = json.loads(event.split("data: ", 1)[1])["error"]
+    else:
+        assert resp.status_code == 503
+        error = json.loads(text)["error"]
+    assert error["code"] == "scaler_unavailable"
+    assert "exited with code 3" in error["message"]
+    assert proxy.cold.waiting() == {}
+
+
 def test_cold_start_timeout_is_504_and_frees_the_place(scaler: StaticScaler) -> None:
     client, proxy, _ = make_client(scaler, cold_start_timeout_seconds=0.3)
     started = time.monotonic()
