@@ -25,7 +25,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from budget import ClusterView, Decision, UnknownModelError, decide_scale
+from budget import ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
 from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
 from budget.objects import LABEL_MODEL
 from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache
@@ -42,6 +42,7 @@ FAILED_WAITING_REASONS = frozenset(
 _WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the request: (?P<message>.*)', re.S)
 _REASON_PREFIX = re.compile(r"^(?P<reason>[a-z][a-z_]*): (?P<rest>.*)$", re.S)
 _RETRY_SUFFIX = re.compile(r"; retry after (?P<seconds>[0-9]+)s$")
+_AVAILABLE = re.compile(r"; (?P<quantity>[0-9]+(?:[KMGTPE]i)?) available")
 
 
 @dataclass(frozen=True)
@@ -62,31 +63,6 @@ class _ModelSpec:
     backend_url: str | None
     ready_replicas: int
     desired_replicas: int
-
-
-class _LiveCache(ClusterCache):
-    """`kubeview.ClusterCache` with its GET adapted to kubernetes>=37 (`param_serialize` + `call_api`).
-
-    kubeview's `_request` still calls the pre-37 `call_api(path, method, query_params=...)`; drop this
-    subclass once kubeview is fixed (reported to its owner).
-    """
-
-    def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
-        serialized = self.api.param_serialize(
-            "GET",
-            path,
-            query_params=list(query.items()),
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        raw = self.api.call_api(*serialized, _request_timeout=timeout).response
-        if not 200 <= raw.status <= 299:
-            body = raw.data
-            raw.release_conn()
-            exc = ApiException(status=raw.status, reason=raw.reason)
-            exc.body = body
-            raise exc
-        return raw
 
 
 def rfc3339(seconds: float) -> str:
@@ -167,11 +143,17 @@ def denied_decision(local: Decision, webhook_message: str, default_retry_after_s
     if prefix:
         reason = prefix.group("reason")
         message = prefix.group("rest")
+    available = local.available_bytes
+    stated = _AVAILABLE.search(message)
+    if stated:
+        # The webhook saw more (admissions in flight): its figure, not our stale one, goes in the body.
+        available = parse_quantity(stated.group("quantity"))
     return replace(
         local,
         allowed=False,
         reason=reason,
         message=message,
+        available_bytes=available,
         retry_after_seconds=retry if retry > 0 else default_retry_after_seconds,
     )
 
@@ -194,7 +176,7 @@ class KubeScaler:
     ) -> None:
         self.api = api
         self.namespace = namespace
-        self.cache = cache or _LiveCache(api, kinds=KINDS, namespace=namespace)
+        self.cache = cache or ClusterCache(api, kinds=KINDS, namespace=namespace)
         self.touch_interval_seconds = touch_interval_seconds
         self.request_timeout_seconds = request_timeout_seconds
         self.default_retry_after_seconds = default_retry_after_seconds

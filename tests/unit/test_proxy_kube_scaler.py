@@ -319,3 +319,15 @@ def test_touch_of_a_deleted_model_is_dropped(scaler: KubeScaler, api: FakeCustom
 def test_rfc3339() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00Z"
     assert rfc3339(1767225600.9) == "2026-01-01T00:00:00Z"
+
+
+def test_a_webhook_denial_carries_the_webhooks_available_figure_not_a_stale_local_one():
+    """The proxy thought model-b fits (another admission was in flight); the body must not contradict the message."""
+    from budget import Decision
+    from proxy.kube_scaler import denied_decision
+
+    local = Decision(True, "fits", "fits", "model-b", "default/model-b", 60 * 2**30, 0, 1, 128 * 2**30, "all")
+    d = denied_decision(
+        local, "insufficient_memory: model-b needs 60Gi in pool all budgeted nodes; 32Gi available", 30
+    )
+    assert (d.allowed, d.reason, d.available_bytes) == (False, "insufficient_memory", 32 * 2**30)
