@@ -126,6 +126,7 @@ class Extender:
     def filter(self, args: ExtenderArgs) -> FilterAnswer:
         """Which of the sent nodes may take the pod; reserves memory on the one answered node."""
         if not self.source.synced:
+            self.metrics.decisions.labels("filter", "not_ready", "").inc()
             return FilterAnswer("not_ready", [], error=NOT_SYNCED)
         now = self.clock()
         base = self.source.view()
@@ -133,8 +134,10 @@ class Extender:
             pod = self._pod_request(args.pod, base)
         except ObjectError as exc:
             log.warning("filter: pod %s is malformed: %s", args.pod_ref, exc)
+            self.metrics.decisions.labels("filter", "invalid_pod", "").inc()
             return FilterAnswer("invalid_pod", [], error=f"pod {args.pod_ref}: {exc}")
         if pod is None:
+            self.metrics.decisions.labels("filter", "passthrough", "").inc()
             return FilterAnswer("passthrough", list(args.node_names))
         reserve = self.settings.reservations and bool(pod.uid)
         request_nodes = _translate_nodes(args.nodes)
