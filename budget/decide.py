@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from budget.errors import BudgetError, UnknownModelError
 from budget.quantity import format_bytes, format_duration
@@ -296,9 +296,11 @@ def _blocking_body(b: Blocking) -> dict[str, Any]:
 Status = Literal["passed", "failed", "unresolvable"]
 
 
-@dataclass(frozen=True)
-class NodeVerdict:
-    """Whether one node may take one pod; `reason` is one of the stable REASON_* strings."""
+class NodeVerdict(NamedTuple):
+    """Whether one node may take one pod; `reason` is one of the stable REASON_* strings.
+
+    A NamedTuple, not a frozen dataclass: the extender builds one per node per filter call.
+    """
 
     node: str
     status: Status
@@ -312,25 +314,28 @@ def filter_nodes(view: ClusterView, pod: PodRequest, node_names: Iterable[str], 
     model = view.models.get(pod.model)
     selector = dict(model.node_selector) if model else {}
     selector.update(pod.node_selector)
-    free = view.free_bytes(now, exclude_uid=pod.uid)
-    by_name = {n.name: n for n in view.nodes}
+    used = view.used_bytes(now, exclude_uid=pod.uid)
+    by_name = view.node_index
+    need = pod.memory_bytes
     verdicts = []
     for name in node_names:
         node = by_name.get(name)
         if node is None:
             verdicts.append(NodeVerdict(name, "unresolvable", REASON_UNKNOWN_NODE))
-        elif node.capacity_bytes is None:
+            continue
+        capacity = node.capacity_bytes
+        if capacity is None:
             verdicts.append(NodeVerdict(name, "unresolvable", REASON_NO_BUDGET))
-        elif not matches(selector, node.labels):
-            verdicts.append(NodeVerdict(name, "unresolvable", REASON_SELECTOR, capacity_bytes=node.capacity_bytes))
-        elif pod.memory_bytes > node.capacity_bytes:
-            verdicts.append(
-                NodeVerdict(name, "unresolvable", REASON_INSUFFICIENT, free[name], node.capacity_bytes)
-            )
-        elif pod.memory_bytes > free[name]:
-            verdicts.append(NodeVerdict(name, "failed", REASON_INSUFFICIENT, free[name], node.capacity_bytes))
+        elif selector and not matches(selector, node.labels):
+            verdicts.append(NodeVerdict(name, "unresolvable", REASON_SELECTOR, capacity_bytes=capacity))
         else:
-            verdicts.append(NodeVerdict(name, "passed", "", free[name], node.capacity_bytes))
+            free = capacity - used.get(name, 0)
+            if need > capacity:
+                verdicts.append(NodeVerdict(name, "unresolvable", REASON_INSUFFICIENT, free, capacity))
+            elif need > free:
+                verdicts.append(NodeVerdict(name, "failed", REASON_INSUFFICIENT, free, capacity))
+            else:
+                verdicts.append(NodeVerdict(name, "passed", "", free, capacity))
     return verdicts
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
 
 
 def model_key(namespace: str, name: str) -> str:
@@ -121,24 +123,37 @@ class ClusterView:
             reservations=tuple(reservations),
         )
 
+    @cached_property
+    def node_index(self) -> dict[str, Node]:
+        """Nodes by name, built once per view (views are immutable)."""
+        return {n.name: n for n in self.nodes}
+
     def node(self, name: str) -> Node | None:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        return None
+        return self.node_index.get(name)
+
+    @cached_property
+    def _placed(self) -> tuple[dict[str, int], dict[str, Placement]]:
+        """Placed bytes per node and placements by pod UID, computed once per view."""
+        per_node: dict[str, int] = {}
+        by_uid: dict[str, Placement] = {}
+        for p in self.placements:
+            per_node[p.node] = per_node.get(p.node, 0) + p.memory_bytes
+            if p.uid:
+                by_uid[p.uid] = p
+        return per_node, by_uid
 
     def live_reservations(self, now: float) -> tuple[Reservation, ...]:
         """Reservations not expired and not already confirmed by a placement of the same pod UID."""
-        placed = {p.uid for p in self.placements if p.uid}
+        placed = self._placed[1]
         return tuple(r for r in self.reservations if r.expires_at > now and r.uid not in placed)
 
     def used_bytes(self, now: float, *, exclude_uid: str = "") -> dict[str, int]:
-        """Declared memory held per node: placements plus node-bound live reservations."""
-        used = {n.name: 0 for n in self.nodes}
-        for p in self.placements:
-            if exclude_uid and p.uid == exclude_uid:
-                continue
-            used[p.node] = used.get(p.node, 0) + p.memory_bytes
+        """Declared memory held per node with any (placements plus live reservations); absent means 0."""
+        per_node, by_uid = self._placed
+        used = dict(per_node)
+        own = by_uid.get(exclude_uid) if exclude_uid else None
+        if own is not None:
+            used[own.node] -= own.memory_bytes
         for r in self.live_reservations(now):
             if exclude_uid and r.uid == exclude_uid:
                 continue
@@ -152,17 +167,25 @@ class ClusterView:
             n.name: n.capacity_bytes - used.get(n.name, 0) for n in self.nodes if n.capacity_bytes is not None
         }
 
+    def _derived(self, **changes: Any) -> ClusterView:
+        """A changed copy that keeps the per-view caches whose inputs did not change."""
+        new = replace(self, **changes)
+        for name, inputs in (("_placed", "placements"), ("node_index", "nodes")):
+            if name in self.__dict__ and inputs not in changes:
+                new.__dict__[name] = self.__dict__[name]
+        return new
+
     def with_model(self, model: Model) -> ClusterView:
         models = dict(self.models)
         models[model.key] = model
-        return replace(self, models=models)
+        return self._derived(models=models)
 
     def with_desired(self, key: str, replicas: int) -> ClusterView:
         """The same view with one model's desired replicas changed (admission in flight, what-if)."""
         return self.with_model(replace(self.models[key], replicas=replicas))
 
     def with_reservations(self, reservations: Iterable[Reservation]) -> ClusterView:
-        return replace(self, reservations=self.reservations + tuple(reservations))
+        return self._derived(reservations=self.reservations + tuple(reservations))
 
     def find_model(self, ref: str) -> Model | None:
         """Find by `namespace/name`, by bare name, or by the `modelName` clients send (first match)."""

@@ -239,3 +239,15 @@ def test_admitted_replicas_still_starting_are_named_as_blocking():
         {"model": "model-c", "memory": "16Gi", "idle_for": "0s", "state": "starting"},
     ]
     assert "model-c (16Gi, starting)" in d.message
+
+
+def test_derived_views_reuse_caches_only_when_their_inputs_are_unchanged():
+    from dataclasses import replace
+
+    v = seed_view()
+    assert v.used_bytes(NOW) == {"shadow": 80 * GI}  # fills the per-view cache
+    with_r = v.with_reservations([Reservation("uid-c", "default/model-c", 16 * GI, NOW + 10, "shadow")])
+    assert with_r.used_bytes(NOW) == {"shadow": 96 * GI}
+    assert with_r.used_bytes(NOW, exclude_uid="model-a-0") == {"shadow": 16 * GI}
+    emptied = replace(with_r, placements=())
+    assert emptied.used_bytes(NOW) == {"shadow": 16 * GI}
