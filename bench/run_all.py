@@ -127,6 +127,38 @@ def wait_for_quiet(max_load: float | None, wait_minutes: float) -> dict[str, Any
         time.sleep(min(60.0, max(1.0, deadline - time.monotonic())))
 
 
+class CpuMeter:
+    """CPU time the whole machine spent vs what this run (and the children it waited for) spent.
+
+    The difference is what other jobs used while a section ran: an objective noise stamp, since the load
+    average also counts the benchmark's own servers and load generators.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / self._tick  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def reading(self) -> dict[str, float]:
+        now, busy, ours = self._read()
+        wall, total, mine = now - self._start[0], busy - self._start[1], ours - self._start[2]
+        cores = os.cpu_count() or 1
+        other = max(0.0, total - mine)
+        return {
+            "wall_s": round(wall, 1),
+            "machine_cpu_s": round(total, 1),
+            "ours_cpu_s": round(mine, 1),
+            "others_cpu_s": round(other, 1),
+            "others_share": round(other / max(wall * cores, 1e-9), 3),
+        }
+
+
 # ----------------------------------------------------------------------------- running the scripts
 
 
@@ -532,6 +564,17 @@ def render(report: dict[str, Any]) -> str:
         )
         lines.append(f"| quiet-machine check | load {state} |")
     lines.append(f"| load at each section's start | {', '.join(f'{k} {v:.2f}' for k, v in load['sections'].items())} |")
+    others = report.get("others") or {}
+    if others:
+        lines.append(
+            "| CPU used by other jobs during each section (share of all cores; the load average also counts "
+            "the benchmark's own servers) | "
+            + ", ".join(
+                f"{k} {v['others_share']:.0%} ({v['others_cpu_s']:.0f} of {v['wall_s'] * (m['cores'] or 1):.0f} core-s)"
+                for k, v in others.items()
+            )
+            + " |"
+        )
     lines += [
         "",
         "How to read: every figure sits beside its baseline or peer from the same run, and the ratio is ours ÷ "
@@ -573,13 +616,17 @@ def run(args: argparse.Namespace) -> int:
         "failures": {},
     }
     ctx = Context(args)
+    report["others"] = {}
     for name in args.only:
         report["load"]["sections"][name] = os.getloadavg()[0]
+        meter = CpuMeter()
         try:
             report["sections"][name] = SECTIONS[name](ctx)
         except Exception as exc:
             say(f"{name}: FAILED: {exc}")
             report["failures"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        report["others"][name] = meter.reading()
+        say(f"{name}: other jobs used {report['others'][name]['others_share']:.0%} of the machine meanwhile")
     report["load"]["end"] = os.getloadavg()[0]
     report["minutes"] = (time.monotonic() - started) / 60
     (OUT / "results.json").write_text(json.dumps(report, indent=2, default=str))
