@@ -327,7 +327,8 @@ def ratio(ours: Any, base: Any) -> str:
     """`xours/base`, or — when either is missing or the base is not positive."""
     if not isinstance(ours, int | float) or not isinstance(base, int | float) or base <= 0:
         return "—"
-    return f"x{ours / base:.2f}"
+    value = ours / base
+    return f"x{value:.2g}" if 0 < value < 0.1 else f"x{value:.2f}"
 
 
 def render_proxy(s: dict[str, Any]) -> list[str]:
@@ -386,11 +387,8 @@ def render_proxy(s: dict[str, Any]) -> list[str]:
             f"{num(fp.get('p99_ms'), 3)} | {ratio(paced.get('p99_ms'), fp.get('p99_ms'))} |"
         )
     if "litellm" in targets and "ibc" in targets:
-        lines += [
-            "",
-            f"LiteLLM adds {ratio(targets['litellm'].get('added_p50_ms'), targets['ibc'].get('added_p50_ms'))} "
-            "the p50 latency `ibc` adds (same backend, same client).",
-        ]
+        times = ratio(targets["litellm"].get("added_p50_ms"), targets["ibc"].get("added_p50_ms")).lstrip("x")
+        lines += ["", f"LiteLLM adds {times} times the p50 latency `ibc` adds (same backend, same client)."]
     return lines
 
 
@@ -642,7 +640,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="bench/run_all.py")
     add_arguments(parser)
+    parser.add_argument(
+        "--render-from",
+        type=Path,
+        metavar="JSON",
+        help="only re-write the report from a results.json of an earlier run",
+    )
     args = parser.parse_args(argv)
+    if args.render_from:
+        args.output.write_text(render(json.loads(args.render_from.read_text())))
+        return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return run_command(args)
 
