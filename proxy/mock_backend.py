@@ -435,15 +435,16 @@ def serve(settings: MockSettings, host: str, port: int, on_listening: Callable[[
     """Run until SIGINT/SIGTERM; `on_listening(url)` is called once the socket accepts connections."""
 
     async def main() -> None:
-        server, _ = await start_server(settings, host, port)
-        sock_host, sock_port = server.sockets[0].getsockname()[:2]
-        if on_listening is not None:
-            on_listening(f"http://{sock_host}:{sock_port}")
+        # Signal handlers first: whoever reads "listening" may send SIGTERM at once.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        server, _ = await start_server(settings, host, port)
+        sock_host, sock_port = server.sockets[0].getsockname()[:2]
+        if on_listening is not None:
+            on_listening(f"http://{sock_host}:{sock_port}")
         async with server:
             await stop.wait()
 
