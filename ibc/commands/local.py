@@ -26,6 +26,7 @@ import sys
 import threading
 from typing import Any
 
+from ibc.commands.proxy import add_request_path_arguments
 from proxy.local_config import LocalConfig, LocalConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -62,39 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"request threads, one per request in flight or held (default {DEFAULT_THREADS}, at least {MIN_THREADS})",
     )
-    parser.add_argument(
-        "--cold-start-timeout",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="how long a request waits for its model to start (default: the longest startup_timeout)",
-    )
-    parser.add_argument(
-        "--queue-size", type=int, default=256, metavar="N", help="requests held per starting model (default 256)"
-    )
-    parser.add_argument(
-        "--upstream-timeout",
-        type=_positive_float,
-        default=600.0,
-        metavar="SECONDS",
-        help="longest silence from a model process while it answers (default 600)",
-    )
-    parser.add_argument(
-        "--max-body-bytes", type=int, default=16 * 1024 * 1024, metavar="N", help="largest request body (16 MiB)"
-    )
-    parser.add_argument(
-        "--api-key-file", metavar="FILE", help="require `Authorization: Bearer <key>` with a key from this file"
-    )
+    add_request_path_arguments(parser, cold_start_default=None)
     parser.add_argument("--check", action="store_true", help="validate the configuration, print it, and exit")
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
-    return number
 
 
 def _fail(message: str) -> int:

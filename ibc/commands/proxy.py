@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cluster to use (default $KUBECONFIG, else the in-cluster service account)",
     )
     group.add_argument("--namespace", metavar="NS", help="serve only the models of this namespace (default all)")
+    add_request_path_arguments(group, cold_start_default=600.0)
+
+
+def add_request_path_arguments(
+    group: argparse._ArgumentGroup | argparse.ArgumentParser, *, cold_start_default: float | None
+) -> None:
+    """The request path's flags, shared by `ibc proxy` and `ibc local` (one proxy, two scalers)."""
     group.add_argument(
         "--api-key-file", metavar="FILE", help="require `Authorization: Bearer <key>` with a key from this file"
     )
@@ -73,9 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cold-start-timeout",
         type=_positive_float,
-        default=600.0,
-        metavar="S",
-        help="how long a request waits for its model to start (default 600, a vLLM cold start)",
+        default=cold_start_default,
+        metavar="SECONDS",
+        help="how long a request waits for its model to start "
+        + ("(default 600, a vLLM cold start)" if cold_start_default else "(default: the longest startup_timeout)"),
     )
     group.add_argument(
         "--queue-size", type=int, default=256, metavar="N", help="requests held per starting model (default 256)"
@@ -84,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-timeout",
         type=_positive_float,
         default=600.0,
-        metavar="S",
+        metavar="SECONDS",
         help="longest silence from a backend while it answers (default 600)",
     )
 
