@@ -164,6 +164,8 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
         review = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedReview(f"body is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedReview("body is nested too deeply to be an AdmissionReview") from exc
     if not isinstance(review, dict):
         raise MalformedReview(f"body must be a JSON object (an AdmissionReview), got {type(review).__name__}")
     request = review.get("request")

@@ -610,3 +610,10 @@ def test_a_scale_down_frees_admitted_memory_before_the_ledger_entry_expires():
     cache.apply("InferenceModel", "MODIFIED", inference_model("model-c", "16Gi", 0))
     after = h.review(im_scale(2, 1, name="model-b"))
     assert after["allowed"] is True, after.get("status")
+
+
+def test_deeply_nested_json_is_a_400_not_a_500():
+    h = Harness(ClusterCache(None))  # type: ignore[arg-type]
+    resp = h.client.post("/validate", data=b"[" * 5000 + b"]" * 5000, content_type="application/json")
+    assert resp.status_code == 400
+    assert "nested too deeply" in resp.get_data(as_text=True)
