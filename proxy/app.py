@@ -42,6 +42,10 @@ JSON = "application/json"
 SSE_HEADERS = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 # Status we log (nginx's convention) when a client hung up while its request was held.
 CLIENT_CLOSED = 499
+# While a model answers, record activity at least this often (and when a long answer ends), so a stream or
+# a start longer than the cooldown never has its model stopped under it. Cheap: local touches are a store,
+# Kubernetes ones are throttled to one status write per model every few seconds.
+BUSY_TOUCH_SECONDS = 0.5
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -275,7 +279,7 @@ class ProxyApp:
             path = f"{path}?{query}"
         headers = environ_headers(environ, drop_authorization=bool(self._keys))
         if backends:
-            return self._forward(label, backends, path, headers, raw, stream is True)
+            return self._forward(key, label, backends, path, headers, raw, stream is True)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
 
     def _authorized(self, environ: dict[str, Any]) -> bool:
@@ -307,7 +311,14 @@ class ProxyApp:
         return _json_answer(400, error_body(400, message, code, param))
 
     def _forward(
-        self, label: str, backends: list[str], path: str, headers: list[tuple[str, str]], raw: bytes, stream: bool
+        self,
+        key: str,
+        label: str,
+        backends: list[str],
+        path: str,
+        headers: list[tuple[str, str]],
+        raw: bytes,
+        stream: bool,
     ) -> Answer:
         upstream = self.upstream
         backend = upstream.acquire(backends)
@@ -336,20 +347,22 @@ class ProxyApp:
         self.metrics.count_request(label, status)
         if stream or response.headers.get("content-type", "").startswith("text/event-stream"):
             # Status and headers go out now; the body follows chunk by chunk as the backend sends it.
-            return status, out_headers, self._relay(response, backend, label)
+            return status, out_headers, self._relay(response, backend, label, key)
         try:
             body = upstream.read_all(response, backend)
         except UpstreamError as exc:
             return self._upstream_failed(label, exc)
         finally:
             upstream.release(backend)
+            if self._slow(started):
+                self.scaler.touch(key, time.time())  # a long answer: the model was busy until now
         out_headers.append(("Content-Length", str(len(body))))
         return status, out_headers, [body]
 
-    def _relay(self, response: httpx.Response, backend: str, label: str) -> Iterator[bytes]:
+    def _relay(self, response: httpx.Response, backend: str, label: str, key: str) -> Iterator[bytes]:
         """Upstream bytes as they arrive; the upstream stream is closed however the client's ends."""
         try:
-            yield from raw_chunks(response)
+            yield from self._busy(raw_chunks(response), key)
         except httpx.HTTPError as exc:
             log.warning("stream from %s for %s broke: %s", backend, label, exc)
             self.metrics.upstream_errors.labels(label, "stream_broken").inc()
@@ -358,6 +371,20 @@ class ProxyApp:
         finally:
             response.close()
             self.upstream.release(backend)
+            self.scaler.touch(key, time.time())
+
+    def _slow(self, started_perf: float) -> bool:
+        return time.perf_counter() - started_perf >= BUSY_TOUCH_SECONDS
+
+    def _busy(self, chunks: Iterator[bytes], key: str) -> Iterator[bytes]:
+        """Pass chunks through, recording activity every few seconds: a model streaming is not idle."""
+        last = time.monotonic()
+        for chunk in chunks:
+            yield chunk
+            now = time.monotonic()
+            if now - last >= BUSY_TOUCH_SECONDS:
+                last = now
+                self.scaler.touch(key, time.time())
 
     def _upstream_failed(self, label: str, exc: UpstreamError) -> Answer:
         log.warning("upstream failure for %s: %s", label, exc)
@@ -436,7 +463,8 @@ class ProxyApp:
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
-        return self._forward(label, outcome, path, headers, raw, False)
+        self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
+        return self._forward(ticket.key, label, outcome, path, headers, raw, False)
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
@@ -523,8 +551,10 @@ class ProxyApp:
                     response.status_code, f"{label} answered {response.status_code}: {detail}", "upstream_status"
                 )
                 return
+            self.scaler.touch(ticket.key, time.time())  # held since before the start: busy from now
             try:
-                yield from raw_chunks(response) if response.is_stream_consumed else response.iter_bytes()
+                chunks = raw_chunks(response) if response.is_stream_consumed else response.iter_bytes()
+                yield from self._busy(chunks, ticket.key)
             except httpx.HTTPError as exc:
                 self.metrics.upstream_errors.labels(label, "stream_broken").inc()
                 yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
@@ -534,6 +564,7 @@ class ProxyApp:
             ticket.release()
             if response is not None:
                 response.close()
+                self.scaler.touch(ticket.key, time.time())
             if backend is not None:
                 upstream.release(backend)
 

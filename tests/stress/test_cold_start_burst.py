@@ -244,12 +244,6 @@ models:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the idle rule (budget.idle_seconds, used by LocalScaler.stop_idle) counts from the last request's "
-    "arrival or the process start, so requests held through a start longer than the cooldown, or a stream "
-    "longer than it, do not keep the model alive: it is stopped under them (reported)",
-)
 def test_a_model_is_not_stopped_as_idle_while_it_serves_the_requests_that_woke_it(tmp_path: Path) -> None:
     """Cooldown 1 s, start-up 1.5 s, an 8-token stream at 0.4 s a token: the model is busy all along."""
     config = tmp_path / "local.yaml"
