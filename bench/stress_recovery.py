@@ -131,6 +131,7 @@ def cold_start_figures(repeat: int, burst: int) -> dict[str, Any]:
     first: list[float] = []
     last: list[float] = []
     lost = 0
+    statuses: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="ibc-coldstart-") as tmp:
         work = Path(tmp)
         config = work / "local.yaml"
@@ -153,6 +154,10 @@ def cold_start_figures(repeat: int, burst: int) -> dict[str, Any]:
             finally:
                 svc.stop()
             lost += sum(1 for status, _ in results if status != 200)
+            for status, _ in results:
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if any(status != 200 for status, _ in results):
+                print(f"not every answer was 200: {statuses}\n{svc.log_tail(30)}", file=sys.stderr, flush=True)
             first.append(min(t for _, t in results))
             last.append(max(t for _, t in results))
     d, f, la = statistics.median(direct), statistics.median(first), statistics.median(last)
@@ -166,6 +171,7 @@ def cold_start_figures(repeat: int, burst: int) -> dict[str, Any]:
         "ratio_first": round(f / d, 3),
         "ratio_last": round(la / d, 3),
         "not_200": lost,
+        "statuses": statuses,
     }
 
 
