@@ -1,8 +1,8 @@
 """Shared machinery of the stress tier (and of bench/stress_recovery.py): real `ibc` processes that can be
-killed with SIGKILL and restarted, TLS files, /proc readers and a load recorder that says how long a
-service took to answer again.
+killed with SIGKILL and restarted, TLS files, /proc readers, a load recorder that says how long a
+service took to answer again, and a recording stand-in for local mode's process runtime.
 
-Why one module: every fault test needs the same four things done the same way, and a benchmark that
+Why one module: every fault test needs the same things done the same way, and a benchmark that
 reports recovery times must measure exactly what the tests assert on.
 """
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,18 +222,6 @@ def service(
     if tls is not None:
         argv += ["--tls-cert", str(tls.paths.cert), "--tls-key", str(tls.paths.key)]
     return Service(name, argv, port, work / f"{name}.log", ready_path, tls.paths.ca if tls else None)
-
-
-@contextlib.contextmanager
-def running(*services: Service) -> Iterator[tuple[Service, ...]]:
-    """Start the services (in order) and stop them whatever happens."""
-    try:
-        for s in services:
-            s.start()
-        yield services
-    finally:
-        for s in services:
-            s.stop()
 
 
 # ----------------------------------------------------------------------------- load
