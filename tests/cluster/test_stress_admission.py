@@ -146,17 +146,24 @@ def pair(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def create_models(k8s_client: Any, namespace: str, count: int) -> list[str]:
+    """`count` 16Gi models at 0 replicas (creates pass the webhook too: retried if it timed out)."""
     custom = client.CustomObjectsApi(k8s_client)
     names = [f"s-{i:02d}" for i in range(count)]
-    with ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda n: custom.create_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, inference_model(n, f"{MODEL_GI}Gi", 0, namespace)
-                ),
-                names,
-            )
-        )
+
+    def create(name: str) -> None:
+        for attempt in range(5):
+            try:
+                custom.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, inference_model(name, f"{MODEL_GI}Gi", 0, namespace)
+                )
+                return
+            except ApiException as exc:
+                if exc.status != 500 or attempt == 4:
+                    raise
+                time.sleep(0.5)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(create, names))
     return names
 
 
@@ -172,7 +179,12 @@ def live_ledger(k8s_client: Any, namespace: str, now: float) -> dict[str, dict[s
 
 
 class Admitted:
-    """Polls what the API server stored and what the ledger promises; records any overcommit."""
+    """Polls what the API server stored (the admitted desired replicas); records any overcommit.
+
+    The ledger's raw entries are not checked against the node: an entry stops counting once a webhook
+    process saw the spec reach it (so a scale-down frees memory at once), but stays in the ConfigMap
+    until its TTL, so their sum may legitimately exceed the node.
+    """
 
     def __init__(self, cp: ControlPlane, namespace: str) -> None:
         self.api = cp.api_client()
@@ -196,20 +208,12 @@ class Admitted:
         while not self._stop.is_set():
             try:
                 stored = sum(stored_replicas(self.api, self.namespace).values()) * MODEL_GI
-                promised = (
-                    sum(
-                        e["replicas"] * e["memory"] for e in live_ledger(self.api, self.namespace, time.time()).values()
-                    )
-                    // GI
-                )
             except ApiException:
                 continue
             self.samples += 1
             self.peak_gi = max(self.peak_gi, stored)
             if stored > CAPACITY_GI:
                 self.violations.append(f"{stored}Gi of {MODEL_GI}Gi replicas stored on a {CAPACITY_GI}Gi node")
-            if promised > CAPACITY_GI:
-                self.violations.append(f"the ledger promises {promised}Gi on a {CAPACITY_GI}Gi node")
             self._stop.wait(0.05)
 
 
@@ -348,7 +352,7 @@ def test_a_webhook_process_killed_under_load_recovers_and_its_promises_expire(
     assert all(o == "admitted" or explained(o) or timed_out(o) for o in others), others[:3]
 
     # Nothing promised outlives its TTL: once every model is back at 0 and the TTL has passed, the
-    # ledger holds no live entry and the whole pool is free again.
+    # ledger holds no live entry and the whole pool is admitted again.
     custom = client.CustomObjectsApi(k8s_client)
     for name in names:
         assert scale(custom, namespace, name, 0) == "admitted"
