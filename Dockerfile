@@ -16,10 +16,13 @@ COPY pyproject.toml README.md ./
 COPY budget/ budget/
 COPY kubeview/ kubeview/
 COPY certs/ certs/
+COPY serving/ serving/
 COPY extender/ extender/
 COPY webhook/ webhook/
 COPY proxy/ proxy/
 COPY controller/ controller/
+COPY mockbackend/ mockbackend/
+COPY local/ local/
 COPY ibc/ ibc/
 RUN /opt/ibc/bin/pip install . \
     && /opt/ibc/bin/python -m compileall -q /opt/ibc/lib

@@ -117,11 +117,11 @@ def naive_factory(backend: str) -> Any:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """`--serve KIND`: run one proxy under ibc.serve (gunicorn gthread), as `ibc proxy` does."""
+    """`--serve KIND`: run one proxy under serving.runner (gunicorn gthread), as `ibc proxy` does."""
     import logging
 
     from ibc.logs import configure
-    from ibc.serve import serve
+    from serving.runner import serve
 
     configure("WARNING")
     logging.getLogger("gunicorn.error").setLevel(logging.INFO)  # keep "listening" for readiness

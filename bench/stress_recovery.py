@@ -36,7 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from proxy.runtime import free_port  # noqa: E402
+from local.runtime import free_port  # noqa: E402
 from tests.stress.scenarios import extender_kill9, local_kill9, webhook_kill9  # noqa: E402
 from tests.stress.support import TLSFiles, service, wait_until  # noqa: E402
 

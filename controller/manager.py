@@ -24,13 +24,14 @@ from controller.errors import ControllerError, NotLeader, ObservationError
 from controller.events import EventRecorder
 from controller.kube import Kube
 from controller.leader import LeaderElector, default_identity
-from controller.metrics import ControllerMetrics, MemoryCollector, MetricsServer, MetricsSettings, create_app
+from controller.metrics import ControllerMetrics, MemoryCollector, MetricsSettings, create_app
 from controller.observations import ObservationStore
 from controller.observe import MemorySource, MetricsApiSource, NoSource, PrometheusSource
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ControllerSettings
 from kubeview import ClusterCache, load_api_client
+from serving.runner import ThreadedServer, serve_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Controller:
         self._session: threading.Event | None = None
         self._threads: list[threading.Thread] = []
         self._observe_errors: dict[str, float] = {}
-        self.server: MetricsServer | None = None
+        self.server: ThreadedServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -107,7 +108,8 @@ class Controller:
                     leader=self._leading.is_set,
                 )
             )
-            self.server = MetricsServer(app, self.settings.metrics_bind).start()
+            self.server = serve_in_thread(app, self.settings.metrics_bind, access_log=False, name="metrics-http")
+            log.info("metrics and model memory served on %s", self.server.url)
         self.cache.add_listener(self._on_event)
         self.cache.start()
         t0 = last_warning = time.monotonic()

@@ -6,30 +6,24 @@ places: dashboards and alerts (the three ``inference_model_memory_*`` gauges), s
 scrape time from the same records the JSON endpoint serves, so a deleted model's series disappear with
 it and the two never disagree.
 
-The server is werkzeug's threaded WSGI server inside the controller process, not gunicorn: the
-records live in the controller's memory (its cache and observations), which forked workers could not
-see, and a scrape endpoint needs no worker pool.
+The server is `serving.runner.serve_in_thread` (werkzeug, a thread per request) inside the controller
+process, not gunicorn: the records live in the controller's memory (its cache and observations), which
+forked workers could not see, and a scrape endpoint needs no worker pool.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from flask import Flask, Response, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from budget.quantity import format_bytes
-
-log = logging.getLogger(__name__)
+from serving.http import add_json_errors, add_metrics, add_probes, json_response
 
 
 @dataclass(frozen=True)
@@ -150,31 +144,22 @@ class MetricsSettings:
     leader: Callable[[], bool] = lambda: True
 
 
-def _error(status: int, error: str, message: str) -> tuple[Response, int]:
-    return jsonify({"error": error, "message": message}), status
+def _error(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return json_response({"error": code, "message": message}, status, headers)
 
 
 def create_app(settings: MetricsSettings) -> Flask:
     """The metrics/health/model-memory app (a fresh one per call, for tests)."""
     app = Flask("ibc-controller")
+    add_json_errors(app, _error, service="controller")
+    add_metrics(app, settings.registry, multiprocess=False)
+    add_probes(
+        app,
+        lambda: None if settings.ready() else "cache not synced yet",
+        lambda: {"role": "leader" if settings.leader() else "standby"},
+    )
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(settings.registry), mimetype=CONTENT_TYPE_LATEST)
-
-    @app.get("/livez")
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return Response("ok\n", mimetype="text/plain")
-
-    @app.get("/readyz")
-    def readyz() -> tuple[Response, int]:
-        if settings.ready():
-            role = "leader" if settings.leader() else "standby"
-            return Response(f"ok ({role})\n", mimetype="text/plain"), 200
-        return Response("cache not synced yet\n", mimetype="text/plain"), 503
-
-    def _find(namespace: str | None, name: str) -> tuple[Response, int]:
+    def _find(namespace: str | None, name: str) -> Response:
         found = [m for m in settings.models() if m.name == name and (namespace is None or m.namespace == namespace)]
         if not found:
             where = f" in namespace {namespace!r}" if namespace else ""
@@ -187,66 +172,15 @@ def create_app(settings: MetricsSettings) -> Flask:
                 f"InferenceModel {name!r} exists in namespaces {spaces}: "
                 f"add ?namespace= or use /models/NS/{name}/metrics",
             )
-        return jsonify(found[0].as_json()), 200
+        return json_response(found[0].as_json())
 
     @app.get("/models/<name>/metrics")
-    def model_metrics(name: str) -> tuple[Response, int]:
+    def model_metrics(name: str) -> Response:
         namespace = request.args.get("namespace") or None
         return _find(namespace, name)
 
     @app.get("/models/<namespace>/<name>/metrics")
-    def namespaced_model_metrics(namespace: str, name: str) -> tuple[Response, int]:
+    def namespaced_model_metrics(namespace: str, name: str) -> Response:
         return _find(namespace, name)
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
-        code = exc.code or 500
-        return _error(code, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("metrics endpoint failed")
-        return _error(500, "internal_error", "the controller could not answer; see its log")
-
     return app
-
-
-def parse_bind(text: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `[::1]:PORT` -> (host, port); raises ValueError with the expected form."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:8080)")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port_text)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape; errors still reach the log."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        return None
-
-
-class MetricsServer:
-    """A threaded WSGI server in a daemon thread; ``stop()`` closes it."""
-
-    def __init__(self, app: Flask, bind: str) -> None:
-        host, port = parse_bind(bind)
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = self._server.host if self._server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self._server.server_port}"
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        log.info("metrics and model memory served on %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from extender.metrics import Metrics
 from extender.reservations import ReservationBook
@@ -22,6 +22,7 @@ from extender.service import Extender
 from extender.settings import Settings
 from extender.source import CacheSource
 from extender.wire import WireError, filter_result, host_priorities, parse_binding_args, parse_extender_args
+from serving.http import add_json_errors, add_metrics, add_probes, json_response
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,9 @@ class EnvelopeError(Exception):
         self.message = message
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json({"Error": message}, status)
+def _error(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    """The extender's error body: `{"Error": message}`, the key the scheduler's verbs read."""
+    return json_response({"Error": message}, status, headers)
 
 
 def _read_capped(max_bytes: int) -> bytes:
@@ -106,24 +104,17 @@ def create_app(
     def _envelope_error(exc: EnvelopeError) -> Response:
         metrics.bad_requests.labels(request.path.strip("/") or "root").inc()
         log.info("refused %s %s: %s", request.method, request.path, exc.message)
-        return _error(exc.status, exc.message)
+        return _error(exc.status, "bad_request", exc.message)
 
     @app.errorhandler(WireError)
     def _wire_error(exc: WireError) -> Response:
         metrics.bad_requests.labels(request.path.strip("/") or "root").inc()
         log.info("refused %s %s: %s", request.method, request.path, exc)
-        return _error(400, str(exc))
+        return _error(400, "bad_request", str(exc))
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        if isinstance(exc, RequestEntityTooLarge):
-            return _error(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes")
-        return _error(exc.code or 500, f"{exc.name}: {request.method} {request.path}")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return _error(500, f"internal error in the inference budget extender: {type(exc).__name__}")
+    add_json_errors(app, _error, service="extender", max_body_bytes=settings.max_request_bytes)
+    add_probes(app, lambda: None if source.synced else "the cluster view has not synced yet")
+    add_metrics(app, metrics.registry)
 
     @app.post("/filter")
     def filter_() -> Response:
@@ -131,7 +122,7 @@ def create_app(
         args = parse_extender_args(envelope())
         answer = extender.filter(args)
         body = filter_result(args, answer.passed, answer.failed, answer.unresolvable, answer.error)
-        response = _json(body)
+        response = json_response(body)
         metrics.filter_seconds.labels(args.form).observe(time.perf_counter() - started)
         metrics.filter_nodes.labels(args.form).observe(len(args.node_names))
         return response
@@ -139,30 +130,16 @@ def create_app(
     @app.post("/prioritize")
     def prioritize() -> Response:
         args = parse_extender_args(envelope())
-        return _json(host_priorities(extender.prioritize(args)))
+        return json_response(host_priorities(extender.prioritize(args)))
 
     @app.post("/bind")
     def bind() -> Response:
         args = parse_binding_args(envelope())
         if not settings.bind_pods:
             message = "this extender was started with --no-bind; remove bindVerb from the scheduler config"
-            return _json({"Error": message})
+            return json_response({"Error": message})
         answer = extender.bind(args.pod_namespace, args.pod_name, args.pod_uid, args.node)
-        return _json({"Error": answer.error})
-
-    @app.get("/livez")
-    def livez() -> Response:
-        return _json({"status": "ok"})
-
-    @app.get("/readyz")
-    def readyz() -> Response:
-        if source.synced:
-            return _json({"status": "ready"})
-        return _json({"status": "syncing", "message": "the cluster view has not synced yet"}, 503)
-
-    @app.get("/metrics")
-    def metrics_() -> Response:
-        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
+        return json_response({"Error": answer.error})
 
     @app.get("/debug/reservations")
     def reservations() -> Response:
@@ -178,7 +155,7 @@ def create_app(
             }
             for r in extender.book.live(now)
         ]
-        return _json({"reservations": held})
+        return json_response({"reservations": held})
 
     @app.get("/debug/view")
     def view() -> Response:
@@ -203,6 +180,6 @@ def create_app(
             }
             for n in current.nodes
         }
-        return _json({"synced": source.synced, "nodes": nodes})
+        return json_response({"synced": source.synced, "nodes": nodes})
 
     return app

@@ -10,8 +10,8 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from extender.source import BindError
-from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache
+from extender.source import BindError, CacheSource
+from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache, load_api_client
 from kubeview.rest import ApiCallError, raw_request, request_json
 
 log = logging.getLogger(__name__)
@@ -80,3 +80,9 @@ def live_cache(api: Any, *, namespace: str | None = None) -> ClusterCache:
             PLURAL,
         )
     return ClusterCache(api, kinds=kinds, namespace=namespace)
+
+
+def cluster_source(kubeconfig: str | None, *, namespace: str | None = None) -> CacheSource:
+    """Start a list+watch cache against the API server (kubeconfig file, or in-cluster when None)."""
+    api = load_api_client(kubeconfig)
+    return CacheSource(live_cache(api, namespace=namespace).start(), KubeApi(api))

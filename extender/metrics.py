@@ -1,16 +1,15 @@
 """Prometheus metrics of the extender: numbers belong here and in logs, never in scheduler reasons.
 
 Each app gets its own registry (tests create many apps). Under gunicorn with
-`PROMETHEUS_MULTIPROC_DIR` set, values live in the shared directory and `/metrics` aggregates them.
+`PROMETHEUS_MULTIPROC_DIR` set, values live in the shared directory and `/metrics` (`serving.metrics`)
+aggregates them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Filter answers in about a millisecond at 1,000 nodes (NodeNames); the tail up to a second shows
 # Nodes-form requests carrying thousands of full Node objects.
@@ -67,11 +66,3 @@ class Metrics:
         for (result, reason), count in counts:
             if count:
                 self.node_verdicts.labels(result, reason or "none").inc(count)
-
-    def exposition(self) -> bytes:
-        """The text format for `/metrics` (aggregated across processes in multiprocess mode)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)

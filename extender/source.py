@@ -1,7 +1,7 @@
 """Where the extender's knowledge comes from, and the one write it makes (a pod's Binding).
 
 The view (nodes, models, bound model pods) comes from a :class:`kubeview.ClusterCache`: the live
-list+watch cache in a cluster (see extender.kube), or the same cache fed once from a snapshot file
+list+watch cache in a cluster (`extender.kube.cluster_source`), or the same cache fed once from a snapshot file
 (`--cluster-state`, for trying the extender without a cluster). Writes go through an
 :class:`ApiWriter` so tests can swap in a fake and the decision code never sees the kubernetes client.
 """
@@ -84,13 +84,3 @@ class CacheSource:
         """Read a `--cluster-state` file (raises budget.SnapshotError with a clear message)."""
         snapshot = load_snapshot(path)
         return cls.from_objects([dict(o) for o in snapshot.objects])
-
-    @classmethod
-    def from_cluster(cls, kubeconfig: str | None, *, namespace: str | None = None) -> CacheSource:
-        """Start a list+watch cache against the API server (kubeconfig file, or in-cluster when None)."""
-        from extender.kube import KubeApi, live_cache
-        from kubeview.cache import load_api_client
-
-        api = load_api_client(kubeconfig)
-        cache = live_cache(api, namespace=namespace).start()
-        return cls(cache, KubeApi(api))

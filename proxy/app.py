@@ -18,16 +18,16 @@ proxy's CPU per request. Every other endpoint is an ordinary Flask route.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any
 
 import httpx
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
@@ -35,6 +35,7 @@ from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, 
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
+from serving.http import add_json_errors, add_metrics, add_probes
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ def error_response(
     status: int, message: str, code: str, param: str | None = None, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     return Response(json.dumps(error_body(status, message, code, param)), status, headers=headers, mimetype=JSON)
+
+
+def _render_error(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    """`serving.http`'s error hook, in OpenAI's shape."""
+    return error_response(status, message, code, headers=headers)
 
 
 def sse_error(status: int, message: str, code: str) -> bytes:
@@ -161,14 +167,10 @@ class ProxyApp:
         self._keys = settings.api_key_digests
 
     # ----- small endpoints -----
-    def livez(self) -> Response:
-        return Response("ok\n", 200, mimetype="text/plain")
-
-    def readyz(self) -> Response:
+    def not_ready(self) -> str | None:
+        """Why `/readyz` answers 503 (the scaler has no initial state yet), or None when ready."""
         ready = getattr(self.scaler, "ready", None)
-        if callable(ready) and not ready():
-            return Response("scaler not synced\n", 503, mimetype="text/plain")
-        return Response("ok\n", 200, mimetype="text/plain")
+        return "scaler not synced" if callable(ready) and not ready() else None
 
     def _check_ready(self) -> bool:
         """Whether the scaler has its initial state; once true it is not asked again."""
@@ -176,17 +178,18 @@ class ProxyApp:
             self._scaler_ready = True
         return self._scaler_ready
 
-    def metrics_endpoint(self) -> Response:
-        body, content_type = self.metrics.render()
-        return Response(body, 200, content_type=content_type)
-
-    def authorized(self) -> bool:
+    # ----- the auth hook: every route of the proxy's app, and routes others add to it -----
+    def authorized(self, environ: Mapping[str, Any] | None = None) -> bool:
+        """Whether the request (Flask's current one unless `environ` is given) carries a valid API key;
+        always true when the proxy has no keys."""
         if not self._keys:
             return True
-        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        header = (request.environ if environ is None else environ).get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and digest_key(token.strip()) in self._keys
 
     def unauthorized(self) -> Response:
+        """The 401 a route answers when `authorized()` is false (counted like the proxy's own)."""
         self.metrics.count_request("", 401)
         return error_response(
             401,
@@ -194,6 +197,18 @@ class ProxyApp:
             "invalid_api_key",
             headers=[("WWW-Authenticate", "Bearer")],
         )
+
+    def require_key(self, view: Callable[..., Response]) -> Callable[..., Response]:
+        """Wrap a Flask view so it answers 401 without a valid API key: how a route added to the proxy's
+        app (local mode's `/models/{name}/metrics`) gets the same authentication as `/v1/*`."""
+
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Response:
+            if not self.authorized():
+                return self.unauthorized()
+            return view(*args, **kwargs)
+
+        return guarded
 
     def _describe(self, model: Model) -> dict[str, Any]:
         return {
@@ -208,15 +223,11 @@ class ProxyApp:
         }
 
     def list_models(self) -> Response:
-        if not self.authorized():
-            return self.unauthorized()
         models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))
         body = {"object": "list", "data": [self._describe(m) for m in models]}
         return Response(json.dumps(body), 200, mimetype=JSON)
 
     def get_model(self, ref: str) -> Response:
-        if not self.authorized():
-            return self.unauthorized()
         model = self.router.find(ref)
         if model is None:
             return error_response(404, f"The model `{ref}` does not exist.", "model_not_found", "model")
@@ -238,7 +249,7 @@ class ProxyApp:
         return body
 
     def _post(self, environ: dict[str, Any]) -> Answer:
-        if self._keys and not self._authorized(environ):
+        if self._keys and not self.authorized(environ):
             self.metrics.count_request("", 401)
             return _json_answer(401, UNAUTHORIZED_BODY, [("WWW-Authenticate", "Bearer")])
         if not self._scaler_ready and not self._check_ready():
@@ -281,10 +292,6 @@ class ProxyApp:
         if backends:
             return self._forward(key, label, backends, path, headers, raw, stream is True)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
-
-    def _authorized(self, environ: dict[str, Any]) -> bool:
-        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        return scheme.lower() == "bearer" and digest_key(token.strip()) in self._keys
 
     def _read_body(self, environ: dict[str, Any]) -> bytes | None:
         """The request body, or None when it is larger than `max_body_bytes` (then it is not read)."""
@@ -583,6 +590,15 @@ def _upstream_message(body: bytes) -> str:
     return body[:500].decode("utf-8", "replace")
 
 
+def proxy_of(app: Flask) -> ProxyApp:
+    """The :class:`ProxyApp` behind an app `create_app` built: its auth hook (`require_key`) and metrics
+    registry are the public way to add routes and collectors (local mode does)."""
+    proxy = app.extensions.get("ibc_proxy")
+    if not isinstance(proxy, ProxyApp):
+        raise TypeError("not an app built by proxy.app.create_app")
+    return proxy
+
+
 def create_app(
     settings: ProxySettings,
     scaler: Scaler,
@@ -595,11 +611,10 @@ def create_app(
     app = Flask("ibc-proxy")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["ibc_proxy"] = proxy
-    app.add_url_rule("/livez", "livez", proxy.livez, methods=["GET"])
-    app.add_url_rule("/readyz", "readyz", proxy.readyz, methods=["GET"])
-    app.add_url_rule("/metrics", "metrics", proxy.metrics_endpoint, methods=["GET"])
-    app.add_url_rule("/v1/models", "list_models", proxy.list_models, methods=["GET"])
-    app.add_url_rule("/v1/models/<path:ref>", "get_model", proxy.get_model, methods=["GET"])
+    add_probes(app, proxy.not_ready)
+    add_metrics(app, proxy.metrics.registry)
+    app.add_url_rule("/v1/models", "list_models", proxy.require_key(proxy.list_models), methods=["GET"])
+    app.add_url_rule("/v1/models/<path:ref>", "get_model", proxy.require_key(proxy.get_model), methods=["GET"])
     # POST /v1/* is answered by `proxy.wsgi` before Flask sees it (see ProxyApp.wsgi); the rule stays
     # so Flask answers other methods on these paths with 405, and serves the route if ever reached.
     app.add_url_rule(
@@ -617,41 +632,11 @@ def create_app(
 
     app.wsgi_app = wsgi  # type: ignore[method-assign]
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        if status == 413:
-            limit = settings.max_body_bytes
-            return error_response(413, f"request body larger than {limit} bytes", "request_too_large")
-        if status == 404:
-            return error_response(404, f"no route for {request.method} {request.path}", "not_found")
-        if status == 405:
-            return error_response(
-                405,
-                f"{request.method} is not allowed on {request.path}",
-                "method_not_allowed",
-                headers=[("Allow", ", ".join(exc.valid_methods or []))],  # type: ignore[attr-defined]
-            )
-        return error_response(status, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
+    add_json_errors(app, _render_error, service="proxy", max_body_bytes=settings.max_body_bytes)
 
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        if isinstance(exc, ScalerUnavailable):
-            return error_response(503, f"the scaler is unavailable: {exc}", "scaler_unavailable")
-        return Response(
-            json.dumps(
-                {
-                    "error": {
-                        "message": "internal error in the proxy",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "internal_error",
-                    }
-                }
-            ),
-            500,
-            mimetype=JSON,
-        )
+    @app.errorhandler(ScalerUnavailable)
+    def scaler_unavailable(exc: ScalerUnavailable) -> Response:
+        log.exception("the scaler failed on %s %s", request.method, request.path)
+        return error_response(503, f"the scaler is unavailable: {exc}", "scaler_unavailable")
 
     return app

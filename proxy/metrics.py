@@ -1,16 +1,15 @@
 """Prometheus metrics of the proxy, created per app so each test (and each gunicorn worker) gets its own.
 
-Under several gunicorn workers `ibc/serve.py` sets `PROMETHEUS_MULTIPROC_DIR` before the fork; the
+Under several gunicorn workers `serving.runner` sets `PROMETHEUS_MULTIPROC_DIR` before the fork; the
 metrics then write to shared files and `/metrics` merges every worker's. The hot path caches labelled
 children per (model, status) so one request costs a dict lookup and an increment, not a `labels()` call.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 COLD_START_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 450, 600, 900)
@@ -82,13 +81,3 @@ class ProxyMetrics:
 
     def reject(self, model: str, reason: str) -> None:
         self.rejections.labels(model, reason).inc()
-
-    def render(self) -> tuple[bytes, str]:
-        """The exposition text: every worker's values in multiprocess mode, else this registry's."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
-            return generate_latest(merged), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST

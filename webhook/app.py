@@ -9,7 +9,6 @@ plain HTTP 400 JSON error. The decision itself is :mod:`webhook.admit`; the race
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,10 +16,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from budget import BudgetError, ClusterView
 from budget.objects import LABEL_MODEL
+from serving.http import add_json_errors, add_metrics, add_probes, json_response
 from webhook.admit import BUSY_CODE, Classifier, Demand, LookupFailed, ObjectLookup, decide
 from webhook.ledger import Ledger, LedgerBusy, LedgerEntry, LedgerUnavailable, Outcome
 from webhook.metrics import Metrics
@@ -62,12 +61,9 @@ class CacheLookup:
         return self.source.get("Deployment", namespace, name)
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message, "code": status}, status)
+def _error(status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    """The webhook's plain-HTTP error body (for requests that are not a review): message and status."""
+    return json_response({"error": message, "code": status}, status, headers)
 
 
 class Admitter:
@@ -199,23 +195,21 @@ def create_app(
     if add_listener is not None:
         add_listener(admitter.observe)
 
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        if isinstance(exc, RequestEntityTooLarge):
-            return _error(413, f"request body exceeds the limit of {settings.max_request_bytes} bytes")
-        return _error(exc.code or 400, f"{exc.name}: {request.method} {request.path}")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        return _error(500, f"internal error in the inference budget webhook: {type(exc).__name__}")
+    add_json_errors(app, _error, service="webhook", max_body_bytes=settings.max_request_bytes)
+    add_probes(
+        app,
+        lambda: None if not settings.require_synced or source.synced else "the cluster view has not synced yet",
+        lambda: {"ledger": ledger.mode},
+    )
+    add_metrics(app, metrics.registry)
 
     @app.post("/validate")
     def validate() -> Response:
         started = time.perf_counter()
         length = request.content_length
         if length is not None and length > settings.max_request_bytes:
-            return _error(413, f"request body is {length} bytes; the limit is {settings.max_request_bytes} bytes")
+            limit = settings.max_request_bytes
+            return _error(413, "request_too_large", f"request body is {length} bytes; the limit is {limit} bytes")
         body = request.get_data(cache=False)
         try:
             req = parse_review(body)
@@ -223,9 +217,10 @@ def create_app(
             if not exc.uid:
                 metrics.bad_requests.inc()
                 log.info("refused a body that is not an AdmissionReview: %s", exc.message)
-                return _error(400, exc.message)
+                return _error(400, "bad_request", exc.message)
             metrics.reviews.labels("unknown", "denied", "malformed").inc()
-            return _json(review_response(exc.uid, denied(400, "malformed", f"malformed AdmissionReview: {exc}")))
+            answer = denied(400, "malformed", f"malformed AdmissionReview: {exc}")
+            return json_response(review_response(exc.uid, answer))
         try:
             verdict = admitter.admit(req)
         except Exception as exc:  # a bug must still produce an answer the apiserver can read
@@ -233,23 +228,9 @@ def create_app(
             verdict = denied(500, "internal_error", f"internal error in the inference budget webhook: {exc!r}")
         resource = req.resource + (f"/{req.sub_resource}" if req.sub_resource else "")
         metrics.reviews.labels(resource, "allowed" if verdict.allowed else "denied", verdict.reason).inc()
-        response = _json(review_response(req.uid, verdict))
+        response = json_response(review_response(req.uid, verdict))
         metrics.review_seconds.labels(resource).observe(time.perf_counter() - started)
         return response
-
-    @app.get("/livez")
-    def livez() -> Response:
-        return _json({"status": "ok"})
-
-    @app.get("/readyz")
-    def readyz() -> Response:
-        if not settings.require_synced or source.synced:
-            return _json({"status": "ready", "ledger": ledger.mode})
-        return _json({"status": "syncing", "message": "the cluster view has not synced yet"}, 503)
-
-    @app.get("/metrics")
-    def metrics_() -> Response:
-        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/debug/ledger")
     def ledger_() -> Response:
@@ -257,8 +238,8 @@ def create_app(
         try:
             entries = ledger.entries()
         except LedgerUnavailable as exc:
-            return _error(503, str(exc))
-        return _json(
+            return _error(503, "ledger_unavailable", str(exc))
+        return json_response(
             {
                 "mode": ledger.mode,
                 "entries": [

@@ -1,16 +1,13 @@
 """Prometheus metrics of the admission webhook: how often it allows and denies, and how fast.
 
 Each app gets its own registry (tests create many apps). Under gunicorn with several workers,
-`ibc.serve` sets `PROMETHEUS_MULTIPROC_DIR`; values then live in the shared directory and `/metrics`
+`serving.runner` sets `PROMETHEUS_MULTIPROC_DIR`; values then live in the shared directory and `/metrics`
 aggregates every worker.
 """
 
 from __future__ import annotations
 
-import os
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # A review answered from the cache takes well under a millisecond; one that commits to the ledger adds
 # a GET and a PUT to the API server (a few ms); the tail shows conflicts and retries.
@@ -45,11 +42,3 @@ class Metrics:
             "Bodies refused with HTTP 400 because they were not an AdmissionReview with a uid.",
             registry=self.registry,
         )
-
-    def exposition(self) -> bytes:
-        """The text format for `/metrics` (aggregated across processes in multiprocess mode)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)

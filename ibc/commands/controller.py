@@ -94,7 +94,6 @@ def _fail(message: str) -> int:
 def settings_from_args(args: argparse.Namespace) -> Any:
     """Flags -> ControllerSettings; raises ValueError with a one-line message on bad input."""
     from controller.leader import LeaseTimings
-    from controller.metrics import parse_bind
     from controller.observe import DEFAULT_PROMETHEUS_QUERY, check_query_template
     from controller.settings import (
         ControllerSettings,
@@ -102,6 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ObserveSettings,
         ReconcileSettings,
     )
+    from serving.bind import parse_bind
 
     if args.metrics_bind:
         parse_bind(args.metrics_bind)

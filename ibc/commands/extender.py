@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from budget import BudgetError
-from ibc.serve import add_server_arguments, serve, server_options
+from serving.runner import add_server_arguments, serve, server_options
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,9 @@ def run(args: argparse.Namespace) -> int:
     def live_factory() -> Any:
         # Runs in the worker after the fork: the API client and watch threads are never shared.
         from extender import create_app
+        from extender.kube import cluster_source
 
-        source = CacheSource.from_cluster(args.kubeconfig)
+        source = cluster_source(args.kubeconfig)
         if not source.cache.wait_synced(timeout=10):
             log.warning("cluster view not synced after 10 s; /readyz stays 503 and filter answers an error")
         _tune_runtime()

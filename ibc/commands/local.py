@@ -1,8 +1,8 @@
 """`ibc local`: the whole product on one machine, with no cluster: the proxy, the budget, and models as processes.
 
 Local mode is the proxy's request path (`proxy.app.create_app`) with the local scaler
-(`proxy.local.LocalScaler`), which decides with the same budget function as the webhook and starts
-each model's command as a process. It runs under `ibc.serve.serve` with ONE gunicorn worker and
+(`local.scaler.LocalScaler`), which decides with the same budget function as the webhook and starts
+each model's command as a process. It runs under `serving.runner.serve` with ONE gunicorn worker and
 many threads: the scaler's table of processes and its lock must be shared by every request, which
 several worker processes could not do (and then two cold requests could overcommit).
 
@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 from ibc.commands.proxy import add_request_path_arguments
-from proxy.local_config import LocalConfig, LocalConfigError, load_config
+from local.config import LocalConfig, LocalConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,10 @@ def _stop_on_signals(close: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ibc.serve import ServeError, parse_bind, serve
-    from proxy.runtime import become_subreaper, sweep_children
+    from local.runtime import become_subreaper, sweep_children
     from proxy.settings import ProxySettings, SettingsError, load_api_keys
+    from serving.bind import ServeError, parse_bind
+    from serving.runner import serve
 
     try:
         config = load_config(args.config)
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     _warn_missing_executables(config)
 
     def factory() -> Any:
-        from proxy.local import create_local_app
+        from local.scaler import create_local_app
 
         app, scaler = create_local_app(config, settings)
         atexit.register(scaler.close)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from proxy.mock_backend import MockSettings, parse_bind, serve
+from mockbackend.server import MockSettings, serve
+from serving.bind import parse_bind
 
 
 def _non_negative(value: str) -> float:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ibc.serve import add_server_arguments, serve, server_options
+from serving.runner import add_server_arguments, serve, server_options
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from budget import BudgetError
 from budget.snapshot import load_snapshot
-from ibc.serve import add_server_arguments, serve, server_options
+from serving.runner import add_server_arguments, serve, server_options
 
 log = logging.getLogger(__name__)
 

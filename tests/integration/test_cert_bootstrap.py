@@ -29,7 +29,7 @@ from certs.bootstrap import BootstrapSettings, bootstrap
 from certs.errors import BootstrapError
 from certs.generate import TLSBundle, generate_serving_certificate
 from ibc.__main__ import main
-from ibc.serve import ThreadedServer, serve_in_thread
+from serving.runner import ThreadedServer, serve_in_thread
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """A renewed certificate is served to new connections without a restart, and no request fails meanwhile.
 
-Real servers on 127.0.0.1: the in-thread werkzeug server of `ibc.serve.serve_in_thread`, and gunicorn via
-`ibc.serve.serve` in a subprocess with two workers. Clients open a fresh connection per request and trust
+Real servers on 127.0.0.1: the in-thread werkzeug server of `serving.runner.serve_in_thread`, and gunicorn via
+`serving.runner.serve` in a subprocess with two workers. Clients open a fresh connection per request and trust
 every CA of the test (as a caBundle does during a CA rotation), so a failure means the server broke,
 not that the client was picky.
 """
@@ -30,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flask import Flask
 
 from certs.generate import TLSBundle, generate_serving_certificate, write_files
-from ibc.serve import ThreadedServer, serve_in_thread
+from serving.runner import ThreadedServer, serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -276,14 +276,14 @@ def test_client_certificates_stay_required_across_a_rotation(tmp_path: Path, thr
         _fetch_serial(server.port, without_cert)
 
 
-# --- the same under gunicorn, through ibc.serve.serve -----------------------------------------------------
+# --- the same under gunicorn, through serving.runner.serve -----------------------------------------------------
 
 _SERVER = textwrap.dedent(
     """
     import os, sys
     from flask import Flask
     from ibc.logs import configure
-    from ibc.serve import serve
+    from serving.runner import serve
 
     bind, cert_dir, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from ibc.__main__ import main
-from proxy.runtime import free_port
+from local.runtime import free_port
 
 pytestmark = pytest.mark.integration
 

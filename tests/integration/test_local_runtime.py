@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from proxy.runtime import Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port, session_members
+from local.runtime import Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port, session_members
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,7 @@ def test_memory_sample_sums_the_process_tree(runtime, backend_script):
 PARENT = textwrap.dedent(
     """
     import sys, time, threading
-    from proxy.runtime import ProcessRuntime, ProcessSpec
+    from local.runtime import ProcessRuntime, ProcessSpec
     rt = ProcessRuntime(forward_output=False)
     argv = (sys.executable, "-c", "import time; time.sleep(600)")
     proc = rt.spawn(ProcessSpec(owner="local/s", name="s", argv=argv, port=1, health_url="http://127.0.0.1:1/"))

@@ -1,4 +1,4 @@
-"""The proxy's app under the production runner (`ibc.serve.serve`: gunicorn, several gthread workers).
+"""The proxy's app under the production runner (`serving.runner.serve`: gunicorn, several gthread workers).
 
 What differs from the in-thread server of the other tests and a user would notice: requests answered
 by different worker processes all show up in `/metrics` (Prometheus multiprocess mode), keep-alive
@@ -30,7 +30,7 @@ SERVER = textwrap.dedent(
     import sys
     from budget import ClusterView, Model, Node
     from ibc.logs import configure
-    from ibc.serve import serve
+    from serving.runner import serve
     from proxy.app import create_app
     from proxy.settings import ProxySettings
     from proxy.static_scaler import StaticScaler

@@ -21,10 +21,10 @@ import openai
 import pytest
 
 from budget import ClusterView, Model, Node, Placement
-from ibc.serve import serve_in_thread
 from proxy.app import ProxyApp, create_app
 from proxy.settings import ProxySettings
 from proxy.static_scaler import StaticScaler
+from serving.runner import serve_in_thread
 from tests.integration.test_mock_backend import MockProcess
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ import httpx
 
 from budget import format_bytes
 from certs.generate import CertPaths, TLSBundle, generate_serving_certificate, renew_serving_certificate, write_files
-from proxy.local_config import LocalConfig
-from proxy.runtime import ManagedProcess, Phase, ProcessSpec, free_port
+from local.config import LocalConfig
+from local.runtime import ManagedProcess, Phase, ProcessSpec, free_port
 
 IBC = [sys.executable, "-m", "ibc"]
 GI = 2**30

@@ -8,7 +8,7 @@ arbitrary bytes, arbitrary JSON, the captured real requests with fields replaced
 wrong type or deleted, bad quantities and durations where memory and cooldowns are read, bodies over
 each size cap, empty bodies, and wrong content types and methods. Flask test clients from each
 service's `create_app` carry the bulk (fast); a few requests go over real sockets, including chunked
-and truncated bodies, to the servers `ibc.serve.serve_in_thread` runs and to the mock backend.
+and truncated bodies, to the servers `serving.runner.serve_in_thread` runs and to the mock backend.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from extender import CacheSource
 from extender import Settings as ExtenderSettings
 from extender import create_app as extender_app
 from ibc.commands.webhook import snapshot_cache
-from ibc.serve import serve_in_thread
+from local.config import LocalConfig, LocalModel, LocalNode
+from local.scaler import LocalScaler, add_local_routes
+from mockbackend.server import MockInThread, MockSettings
 from proxy.app import create_app as proxy_app
-from proxy.local import LocalScaler, add_local_routes
-from proxy.local_config import LocalConfig, LocalModel, LocalNode
-from proxy.mock_backend import MockInThread, MockSettings
 from proxy.settings import ProxySettings
 from proxy.static_scaler import StaticScaler
+from serving.runner import serve_in_thread
 from tests.stress.scenarios import extender_objects, filter_args, scale_review, webhook_objects
 from tests.stress.support import RecordingRuntime
 from webhook import LocalLedger, WebhookSettings

@@ -3,7 +3,7 @@
 Why: cert-manager renews the webhook's and the extender's certificates at 2/3 of their lifetime, and the
 kubelet swaps the mounted Secret in place; a server that fails handshakes for a moment fails
 admissions (failurePolicy: Fail) or scheduling attempts. The real `ibc webhook` and `ibc extender`
-processes (gunicorn, `certs.reload` behind `ibc.serve`) serve while clients open a NEW connection for
+processes (gunicorn, `certs.reload` behind `serving.runner`) serve while clients open a NEW connection for
 every request (so every request is a full handshake, verified against the CA) and the pair is
 rotated several times: through a kubelet-style `..data` symlink swap (both files change at once) and
 through `certs.generate.write_files` (key first, then certificate: for a moment the two do not match,

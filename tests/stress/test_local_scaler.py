@@ -30,9 +30,9 @@ from collections.abc import Iterator
 import pytest
 
 from budget import Decision, explain, format_bytes
-from proxy.local import LocalScaler
-from proxy.local_config import LocalConfig, LocalModel, LocalNode
-from proxy.runtime import ManagedProcess, ProcessRuntime, ProcessSpec
+from local.config import LocalConfig, LocalModel, LocalNode
+from local.runtime import ManagedProcess, ProcessRuntime, ProcessSpec
+from local.scaler import LocalScaler
 from proxy.scaler import ScaleDenied
 from tests.stress.support import RecordingRuntime
 

@@ -12,8 +12,8 @@ from controller.metrics import (
     MetricsSettings,
     ModelMemory,
     create_app,
-    parse_bind,
 )
+from serving.bind import parse_bind
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from proxy.local import LocalScaler, create_local_app
-from proxy.local_config import parse_config
+from local.config import parse_config
+from local.scaler import LocalScaler, create_local_app
 from proxy.settings import ProxySettings, digest_key
 from tests.unit.test_local_scaler import SEED, Clock, FakeRuntime
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from proxy.local_config import (
+from local.config import (
     DEFAULT_COOLDOWN_SECONDS,
     DEFAULT_HEALTH,
     DEFAULT_STARTUP_TIMEOUT_SECONDS,

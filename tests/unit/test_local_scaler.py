@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from budget import UnknownModelError, explain
-from proxy.local import LocalScaler, metrics_body, resolve_command
-from proxy.local_config import parse_config
-from proxy.runtime import ManagedProcess, MemorySample, Phase, ProcessError
+from local.config import parse_config
+from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError
+from local.scaler import LocalScaler, metrics_body, resolve_command
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.mock_backend import MockBackend, MockSettings, _Request, parse_bind
+from mockbackend.server import MockBackend, MockSettings, _Request
+from serving.bind import parse_bind
 
 pytestmark = pytest.mark.unit
 

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from certs.generate import generate_serving_certificate, write_files
-from ibc.serve import (
-    BindError,
-    ServeError,
-    add_server_arguments,
-    check_tls_options,
-    format_bind,
-    parse_bind,
-    serve,
-    server_options,
-)
+from serving.bind import BindError, ServeError, format_bind, parse_bind
+from serving.runner import add_server_arguments, check_tls_options, serve, server_options
 
 pytestmark = pytest.mark.unit
 

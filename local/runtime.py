@@ -7,7 +7,7 @@ is SIGTERM then SIGKILL after a grace period, sent to the whole process group. A
 an `ibc local` killed with SIGKILL is asked to go by the kernel (`PR_SET_PDEATHSIG`, Linux only).
 
 The runtime only runs processes; whether one may start (the memory budget) is decided by the local
-scaler in :mod:`proxy.local` with :func:`budget.decide_scale`.
+scaler in :mod:`local.scaler` with :func:`budget.decide_scale`.
 """
 
 from __future__ import annotations

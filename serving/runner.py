@@ -1,4 +1,4 @@
-"""The one way every `ibc` server command runs its Flask app: gunicorn gthread workers, TLS that follows
+"""The one way every `ibc` server runs its Flask app: gunicorn gthread workers, TLS that follows
 certificate rotation, Prometheus multiprocess mode, and an in-thread twin for tests.
 
 Why one runner: the webhook, the extender, the proxy and the controller's endpoints must all get the
@@ -34,6 +34,8 @@ from gunicorn.glogging import Logger
 
 from certs.errors import CertFileError
 from certs.reload import DEFAULT_CHECK_INTERVAL_MS, CertReloader
+from serving.bind import ServeError, format_bind, parse_bind, url_host
+from serving.metrics import MULTIPROC_ENV
 
 if TYPE_CHECKING:
     from werkzeug.serving import BaseWSGIServer
@@ -41,45 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[..., Any]
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-class ServeError(ValueError):
-    """The server cannot start as configured (bad bind address, TLS files, worker counts)."""
-
-
-class BindError(ServeError):
-    """A bind address is not of the form HOST:PORT."""
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`; empty host = all interfaces, 0.0.0.0) into host and port.
-
-    Port 0 asks the OS for a free port. Raises BindError with a one-line message.
-    """
-    text = bind.strip() if isinstance(bind, str) else ""
-    if text.startswith("unix:"):
-        raise BindError(f"bind {bind!r}: unix sockets are not supported, use HOST:PORT")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":") or not host:
-            raise BindError(f"bind {bind!r}: expected [IPv6]:PORT, e.g. [::1]:8443")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise BindError(f"bind {bind!r}: expected HOST:PORT, e.g. 0.0.0.0:8443 or 127.0.0.1:0")
-        if ":" in host:
-            raise BindError(f"bind {bind!r}: put an IPv6 address in brackets, e.g. [::]:8443")
-        host = host or "0.0.0.0"
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise BindError(f"bind {bind!r}: port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def format_bind(host: str, port: int) -> str:
-    """The inverse of parse_bind, with brackets around IPv6 hosts."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_server_arguments(
@@ -338,24 +301,38 @@ def serve_in_thread(
     tls_key: str | None = None,
     client_ca: str | None = None,
     reload_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS,
+    access_log: bool = True,
+    name: str | None = None,
 ) -> ThreadedServer:
     """Serve `app` from a daemon thread with werkzeug (a thread per request) and the same reloading TLS
-    context `serve` uses; for tests and tools, not production (the TLS handshake runs on the accepting
-    thread). Port 0 picks a free port; the chosen one is in `.url`/`.port`. Raises ServeError or
-    CertFileError on bad input."""
-    from werkzeug.serving import make_server
+    context `serve` uses. For tests and tools, and for servers whose state lives in one process (the
+    controller's metrics endpoint): not for a request path (the TLS handshake runs on the accepting
+    thread). Port 0 picks a free port; the chosen one is in `.url`/`.port`. `access_log=False` drops the
+    line per request (errors still reach the log). Raises ServeError or CertFileError on bad input."""
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            return None
 
     host, port = parse_bind(bind)
     check_tls_options(tls_cert, tls_key, client_ca)
     reloader = None
     if tls_cert and tls_key:
         reloader = CertReloader(tls_cert, tls_key, client_ca=client_ca, check_interval_ms=reload_interval_ms)
-    server = make_server(host, port, app, threaded=True, ssl_context=reloader.server_context() if reloader else None)
+    server = make_server(
+        host,
+        port,
+        app,
+        threaded=True,
+        request_handler=None if access_log else QuietHandler,
+        ssl_context=reloader.server_context() if reloader else None,
+    )
     bound_port = server.socket.getsockname()[1]
-    url_host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
     scheme = "https" if reloader else "http"
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"serve-{bound_port}", daemon=True
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name or f"serve-{bound_port}", daemon=True
     )
     thread.start()
-    return ThreadedServer(f"{scheme}://{format_bind(url_host, bound_port)}", host, bound_port, reloader, server, thread)
+    url = f"{scheme}://{format_bind(url_host(host), bound_port)}"
+    return ThreadedServer(url, host, bound_port, reloader, server, thread)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from serving.bind import format_bind
+
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -415,14 +417,6 @@ class _Connection(asyncio.Protocol):
             transport.write(_chunk(final) + b"0\r\n\r\n")
 
 
-def parse_bind(bind: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[::1]:PORT`) to a (host, port) pair; raises ValueError with the reason."""
-    host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:8001")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 async def start_server(settings: MockSettings, host: str, port: int) -> tuple[asyncio.Server, MockBackend]:
     """Start listening (the startup delay counts from here); returns the server and its state."""
     backend = MockBackend(settings)
@@ -444,7 +438,7 @@ def serve(settings: MockSettings, host: str, port: int, on_listening: Callable[[
         server, _ = await start_server(settings, host, port)
         sock_host, sock_port = server.sockets[0].getsockname()[:2]
         if on_listening is not None:
-            on_listening(f"http://{sock_host}:{sock_port}")
+            on_listening(f"http://{format_bind(sock_host, sock_port)}")
         async with server:
             await stop.wait()
 
@@ -462,7 +456,7 @@ class MockInThread:
         future = asyncio.run_coroutine_threadsafe(start_server(settings, host, port), self._loop)
         self._server, self.backend = future.result(timeout=10)
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
-        self.url = f"http://{sock_host}:{sock_port}"
+        self.url = f"http://{format_bind(sock_host, sock_port)}"
 
     def stop(self) -> None:
         async def close() -> None:

@@ -4,7 +4,7 @@ Local mode is the proxy with this scaler, not a second proxy. Where the Kubernet
 `/scale` and lets the webhook decide, this one decides itself, with the same function
 (:func:`budget.decide_scale`), on a view built from the config's nodes and models and the processes
 that are alive, under one lock, so concurrent cold requests can never overcommit. A denial is a
-:class:`~proxy.scaler.ScaleDenied` carrying the decision, which the proxy turns into the same 429.
+:class:`proxy.scaler.ScaleDenied` carrying the decision, which the proxy turns into the same 429.
 
 A replica holds its declared memory from the moment the decision grants it (before the fork, which
 runs outside the lock) until its exit has been seen, so a process that is still starting or still
@@ -29,8 +29,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from budget import ClusterView, Placement, UnknownModelError, advise, decide_scale, format_bytes, idle_seconds
-from proxy.local_config import NAMESPACE, LocalConfig, LocalModel
-from proxy.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
+from local.config import NAMESPACE, LocalConfig, LocalModel
+from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
+from proxy.app import create_app, error_response, proxy_of
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 if TYPE_CHECKING:
@@ -508,26 +509,19 @@ class LocalMemoryCollector(Collector):
 
 
 def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
-    """Add `GET /models/{name}/metrics` and the memory gauges to an app built by `proxy.app.create_app`."""
-    from proxy.app import error_response
-
-    proxy = app.extensions.get("ibc_proxy")
-    authorized = getattr(proxy, "authorized", None) or getattr(proxy, "_authorized", None)
-    unauthorized = getattr(proxy, "unauthorized", None) or getattr(proxy, "_unauthorized", None)
+    """Add `GET /models/{name}/metrics` and the memory gauges to an app built by `proxy.app.create_app`,
+    through the proxy's public hooks: its API-key check and its metrics registry."""
+    proxy = proxy_of(app)
 
     def model_metrics(name: str) -> Response:
-        if authorized is not None and unauthorized is not None and not authorized():
-            return unauthorized()  # type: ignore[no-any-return]
         try:
             memory = scaler.memory(name)
         except UnknownModelError:
             return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
         return Response(json.dumps(metrics_body(memory)), 200, mimetype="application/json")
 
-    app.add_url_rule("/models/<name>/metrics", "local_model_metrics", model_metrics, methods=["GET"])
-    metrics = getattr(proxy, "metrics", None)
-    if metrics is not None:
-        metrics.registry.register(LocalMemoryCollector(scaler))
+    app.add_url_rule("/models/<name>/metrics", "local_model_metrics", proxy.require_key(model_metrics), methods=["GET"])
+    proxy.metrics.registry.register(LocalMemoryCollector(scaler))
     app.extensions["ibc_local"] = scaler
 
 
@@ -535,8 +529,6 @@ def create_local_app(
     config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None
 ) -> tuple[Flask, LocalScaler]:
     """The proxy's app with the local scaler (started here) and the local routes; the caller closes the scaler."""
-    from proxy.app import create_app
-
     scaler = (scaler or LocalScaler(config)).start()
     app = create_app(settings, scaler)
     add_local_routes(app, scaler)
