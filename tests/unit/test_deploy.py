@@ -302,10 +302,10 @@ def test_pods_meet_the_restricted_pod_security_standard(variant):
 
 #: Where each `ibc <command>` defines its HTTP routes: a probe must point at a route its server has.
 ROUTE_SOURCES = {
-    "proxy": ("proxy/app.py",),
-    "webhook": ("webhook/app.py",),
-    "extender": ("extender/app.py",),
-    "controller": ("controller/metrics.py",),
+    "proxy": ("proxy/app.py", "serving/http.py"),
+    "webhook": ("webhook/app.py", "serving/http.py"),
+    "extender": ("extender/app.py", "serving/http.py"),
+    "controller": ("controller/metrics.py", "serving/http.py"),
 }
 #: Liveness is /livez everywhere except where the component does not serve it yet (see the report).
 LIVENESS_EXCEPTIONS: dict[str, str] = {}
