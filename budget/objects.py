@@ -16,7 +16,8 @@ from budget.errors import BudgetError, ObjectError
 from budget.quantity import parse_duration, parse_quantity
 from budget.view import ClusterView, Model, Node, Placement, PodRequest, model_key
 
-GROUP = "inference.eh-ops.io"
+GROUP = "inference.eh-ops.io"  # the InferenceModel API group, also the prefix of our labels and annotations
+VERSION = "v1alpha1"  # the InferenceModel API version
 LABEL_MODEL = f"{GROUP}/model"
 ANNOTATION_MEMORY = f"{GROUP}/memory"
 ANNOTATION_CAPACITY = f"{GROUP}/memory-capacity"

@@ -89,16 +89,6 @@ def format_bytes(n: int) -> str:
     return str(n)
 
 
-def format_bytes_approx(n: int) -> str:
-    """Round to one decimal of the largest binary unit at or below `n` (for log hints): `74.5Gi`."""
-    for unit, size in _FORMAT_UNITS:
-        if n >= size:
-            value = n / size
-            text = f"{value:.1f}".rstrip("0").rstrip(".")
-            return f"{text}{unit}"
-    return str(n)
-
-
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 

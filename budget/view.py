@@ -27,10 +27,6 @@ class Node:
     capacity_bytes: int | None = None
     capacity_source: str = "none"  # "annotation", "gfd-labels" or "none"
 
-    @property
-    def budgeted(self) -> bool:
-        return self.capacity_bytes is not None
-
 
 @dataclass(frozen=True)
 class Model:
@@ -50,10 +46,6 @@ class Model:
     @property
     def key(self) -> str:
         return model_key(self.namespace, self.name)
-
-    @property
-    def display_name(self) -> str:
-        return self.name
 
 
 @dataclass(frozen=True)
@@ -179,10 +171,6 @@ class ClusterView:
         models = dict(self.models)
         models[model.key] = model
         return self._derived(models=models)
-
-    def with_desired(self, key: str, replicas: int) -> ClusterView:
-        """The same view with one model's desired replicas changed (admission in flight, what-if)."""
-        return self.with_model(replace(self.models[key], replicas=replicas))
 
     def with_reservations(self, reservations: Iterable[Reservation]) -> ClusterView:
         return self._derived(reservations=self.reservations + tuple(reservations))

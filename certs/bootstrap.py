@@ -28,21 +28,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from certs.errors import BootstrapError, CertFileError, InvalidInput
 from certs.generate import (
@@ -58,6 +53,7 @@ from certs.generate import (
     service_dns_names,
     write_files,
 )
+from kubeview.api import SECRETS, VALIDATING_WEBHOOK_CONFIGURATIONS, ApiError, Kube
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +130,10 @@ class _StoredSecret:
     annotations: dict[str, str]
 
 
-def bootstrap(
-    api_client: client.ApiClient, settings: BootstrapSettings, *, now: datetime | None = None
-) -> BootstrapResult:
+def bootstrap(api_client: Any, settings: BootstrapSettings, *, now: datetime | None = None) -> BootstrapResult:
     """Run steps 1-5 of the module docstring once. BootstrapError (one line) when the API refuses a
     step; CertFileError when the files cannot be written."""
-    core = client.CoreV1Api(api_client)
-    admission = client.AdmissionregistrationV1Api(api_client)
+    core = admission = Kube(api_client, timeout_seconds=_REQUEST_TIMEOUT_SECONDS)
     wanted_dns = service_dns_names(settings.service, settings.namespace, settings.extra_dns)
     wanted_ips = parse_ip_addresses(settings.ip_addresses)
     warnings: list[str] = []
@@ -212,7 +205,7 @@ def bootstrap(
 
 
 def bootstrap_forever(
-    api_client: client.ApiClient,
+    api_client: Any,
     settings: BootstrapSettings,
     *,
     interval_seconds: float,
@@ -269,17 +262,19 @@ def _previous_ca_pem(bundle: TLSBundle, now: datetime | None) -> bytes | None:
     return ca.public_bytes(serialization.Encoding.PEM)
 
 
-def _read_secret(core: client.CoreV1Api, settings: BootstrapSettings) -> _StoredSecret | None:
+def _secret_path(settings: BootstrapSettings, name: bool = True) -> str:
+    return SECRETS.path(settings.namespace, settings.secret_name if name else None)
+
+
+def _read_secret(kube: Kube, settings: BootstrapSettings) -> _StoredSecret | None:
+    what = f"read Secret {settings.namespace}/{settings.secret_name}"
     try:
-        with _reachable(f"read Secret {settings.namespace}/{settings.secret_name}"):
-            secret = core.read_namespaced_secret(
-                settings.secret_name, settings.namespace, _request_timeout=_REQUEST_TIMEOUT_SECONDS
-            )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise _api_error(f"read Secret {settings.namespace}/{settings.secret_name}", exc) from exc
-    data = secret.data or {}
+        secret = kube.get(_secret_path(settings))
+    except ApiError as exc:
+        raise _api_error(what, exc) from exc
+    if secret is None:
+        return None
+    data = secret.get("data") or {}
     try:
         bundle = TLSBundle(
             ca_pem=_b64(data.get("ca.crt")),
@@ -289,12 +284,12 @@ def _read_secret(core: client.CoreV1Api, settings: BootstrapSettings) -> _Stored
         )
     except (binascii.Error, ValueError):
         bundle = TLSBundle(b"", b"", b"")  # rotation_reason reports it as unparsable
-    meta = secret.metadata or client.V1ObjectMeta()
-    return _StoredSecret(bundle, meta.resource_version or "", dict(meta.annotations or {}))
+    meta = secret.get("metadata") or {}
+    return _StoredSecret(bundle, _resource_version(secret), dict(meta.get("annotations") or {}))
 
 
-def _require_secret(core: client.CoreV1Api, settings: BootstrapSettings) -> _StoredSecret:
-    stored = _read_secret(core, settings)
+def _require_secret(kube: Kube, settings: BootstrapSettings) -> _StoredSecret:
+    stored = _read_secret(kube, settings)
     if stored is None:
         raise BootstrapError(
             f"Secret {settings.namespace}/{settings.secret_name} was reported to exist (409) but is gone"
@@ -307,38 +302,28 @@ def _secret_body(
     bundle: TLSBundle,
     resource_version: str | None,
     annotations: dict[str, str] | None = None,
-) -> client.V1Secret:
-    return client.V1Secret(
-        api_version="v1",
-        kind="Secret",
-        metadata=client.V1ObjectMeta(
-            name=settings.secret_name,
-            namespace=settings.namespace,
-            labels=dict(_LABELS),
-            annotations=annotations or None,
-            resource_version=resource_version,
-        ),
-        type=SECRET_TYPE,
-        data=_secret_data(bundle),
-    )
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": settings.secret_name, "namespace": settings.namespace, "labels": dict(_LABELS)}
+    if annotations:
+        metadata["annotations"] = annotations
+    if resource_version:
+        metadata["resourceVersion"] = resource_version
+    return {"apiVersion": SECRETS.api_version, "kind": SECRETS.kind, "metadata": metadata, "type": SECRET_TYPE,
+            "data": _secret_data(bundle)}  # fmt: skip
 
 
-def _secret_data(bundle: TLSBundle) -> dict[str, bytes | str]:
+def _secret_data(bundle: TLSBundle) -> dict[str, str]:
     data = {"ca.crt": bundle.ca_pem, "tls.crt": bundle.cert_pem, "tls.key": bundle.key_pem}
     if bundle.ca_key_pem:
         data["ca.key"] = bundle.ca_key_pem
-    # The client sends values as they are: they must already be base64 text.
     return {key: base64.b64encode(value).decode("ascii") for key, value in data.items()}
 
 
-def _create_secret(core: client.CoreV1Api, settings: BootstrapSettings, bundle: TLSBundle) -> _StoredSecret | None:
+def _create_secret(kube: Kube, settings: BootstrapSettings, bundle: TLSBundle) -> _StoredSecret | None:
     """Create the Secret; None if another replica created it first (409)."""
     try:
-        with _reachable(f"create Secret {settings.namespace}/{settings.secret_name}"):
-            created = core.create_namespaced_secret(
-                settings.namespace, _secret_body(settings, bundle, None), _request_timeout=_REQUEST_TIMEOUT_SECONDS
-            )
-    except ApiException as exc:
+        created = kube.create(_secret_path(settings, name=False), _secret_body(settings, bundle, None))
+    except ApiError as exc:
         if exc.status == 409:
             log.info("Secret %s/%s was created by another replica; using it", settings.namespace, settings.secret_name)
             return None
@@ -347,16 +332,13 @@ def _create_secret(core: client.CoreV1Api, settings: BootstrapSettings, bundle: 
 
 
 def _replace_secret(
-    core: client.CoreV1Api, settings: BootstrapSettings, stored: _StoredSecret, bundle: TLSBundle
+    kube: Kube, settings: BootstrapSettings, stored: _StoredSecret, bundle: TLSBundle
 ) -> _StoredSecret | None:
     """Replace the Secret if it is still the version we read; None if a peer changed it first (409)."""
     body = _secret_body(settings, bundle, stored.resource_version, stored.annotations)
     try:
-        with _reachable(f"update Secret {settings.namespace}/{settings.secret_name}"):
-            replaced = core.replace_namespaced_secret(
-                settings.secret_name, settings.namespace, body, _request_timeout=_REQUEST_TIMEOUT_SECONDS
-            )
-    except ApiException as exc:
+        replaced = kube.replace(_secret_path(settings), body)
+    except ApiError as exc:
         if exc.status == 409:
             log.info(
                 "Secret %s/%s was rotated by another replica; using its pair", settings.namespace, settings.secret_name
@@ -375,9 +357,7 @@ def _refuse_cert_manager(stored: _StoredSecret, settings: BootstrapSettings) -> 
         )
 
 
-def _publish_ca_bundle(
-    admission: client.AdmissionregistrationV1Api, names: Sequence[str], ca_pem: bytes, *, must_contain_only: bool
-) -> list[str]:
+def _publish_ca_bundle(kube: Kube, names: Sequence[str], ca_pem: bytes, *, must_contain_only: bool) -> list[str]:
     """Make every webhook of each named configuration trust `ca_pem`; return the names patched.
 
     With `must_contain_only` the caBundle becomes exactly `ca_pem`; without, the CAs already trusted
@@ -386,16 +366,13 @@ def _publish_ca_bundle(
     patched = []
     for name in names:
         for attempt in range(1, _PATCH_ATTEMPTS + 1):
-            config = _read_webhook_config(admission, name)
+            config = _read_webhook_config(kube, name)
             ops = _ca_bundle_patch(config, ca_pem, must_contain_only=must_contain_only)
             if not ops:
                 break
             try:
-                with _reachable(f"patch caBundle of ValidatingWebhookConfiguration {name}"):
-                    admission.patch_validating_webhook_configuration(
-                        name, ops, _request_timeout=_REQUEST_TIMEOUT_SECONDS
-                    )
-            except ApiException as exc:
+                kube.json_patch(VALIDATING_WEBHOOK_CONFIGURATIONS.path(name=name), ops)
+            except ApiError as exc:
                 # A failed `test` op (the webhook list changed under us) or a write conflict: read again.
                 if exc.status in (409, 422, 500) and attempt < _PATCH_ATTEMPTS:
                     log.info("caBundle patch of %s raced another change (%s); retrying", name, exc.status)
@@ -407,25 +384,20 @@ def _publish_ca_bundle(
     return patched
 
 
-def _read_webhook_config(
-    admission: client.AdmissionregistrationV1Api, name: str
-) -> client.V1ValidatingWebhookConfiguration:
+def _read_webhook_config(kube: Kube, name: str) -> dict[str, Any]:
     try:
-        with _reachable(f"read ValidatingWebhookConfiguration {name}"):
-            return admission.read_validating_webhook_configuration(name, _request_timeout=_REQUEST_TIMEOUT_SECONDS)
-    except ApiException as exc:
+        return kube.request("GET", VALIDATING_WEBHOOK_CONFIGURATIONS.path(name=name))
+    except ApiError as exc:
         raise _api_error(f"read ValidatingWebhookConfiguration {name}", exc) from exc
 
 
-def _ca_bundle_patch(
-    config: client.V1ValidatingWebhookConfiguration, ca_pem: bytes, *, must_contain_only: bool
-) -> list[dict[str, Any]]:
+def _ca_bundle_patch(config: dict[str, Any], ca_pem: bytes, *, must_contain_only: bool) -> list[dict[str, Any]]:
     """JSON-patch operations setting each webhook's caBundle where it differs, guarded by a `test` of the
     resourceVersion read: a concurrent change makes the apiserver refuse (422) instead of us overwriting
     it with a bundle computed from an old state. Empty when nothing differs."""
     ops: list[dict[str, Any]] = []
-    for index, webhook in enumerate(config.webhooks or []):
-        current = _b64((webhook.client_config.ca_bundle if webhook.client_config else None) or "")
+    for index, webhook in enumerate(config.get("webhooks") or []):
+        current = _b64(((webhook or {}).get("clientConfig") or {}).get("caBundle") or "")
         desired = ca_pem if must_contain_only else _widen(ca_pem, current)
         if current == desired:
             continue
@@ -456,8 +428,8 @@ def _widen(ca_pem: bytes, current: bytes) -> bytes:
     return out
 
 
-def _resource_version(obj: client.V1Secret | client.V1ValidatingWebhookConfiguration) -> str:
-    return (obj.metadata.resource_version if obj.metadata else None) or ""
+def _resource_version(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def _b64(value: str | bytes | None) -> bytes:
@@ -466,25 +438,7 @@ def _b64(value: str | bytes | None) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
-@contextlib.contextmanager
-def _reachable(what: str) -> Iterator[None]:
-    """Turn transport failures (refused, timed out, TLS) into a one-line BootstrapError; API answers
-    (ApiException) pass through for the caller to read their status."""
-    try:
-        yield
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise BootstrapError(f"cannot {what}: API server unreachable: {reason}") from exc
-
-
-def _api_error(what: str, exc: ApiException) -> BootstrapError:
-    reason = exc.reason or "error"
-    return BootstrapError(f"cannot {what}: HTTP {exc.status} {reason}{_status_message(exc)}")
-
-
-def _status_message(exc: ApiException) -> str:
-    try:
-        message = json.loads(exc.body or "{}").get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return f": {message}" if message else ""
+def _api_error(what: str, exc: ApiError) -> BootstrapError:
+    if exc.status == 0:
+        return BootstrapError(f"cannot {what}: API server unreachable: {exc.message}")
+    return BootstrapError(f"cannot {what}: HTTP {exc.status} {exc.reason}: {exc.message}")

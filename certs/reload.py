@@ -230,17 +230,5 @@ def build_server_context(
     return context
 
 
-def reloading_server_context(
-    cert_file: str | os.PathLike[str],
-    key_file: str | os.PathLike[str],
-    *,
-    client_ca: str | os.PathLike[str] | None = None,
-    check_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS,
-) -> ssl.SSLContext:
-    """Shortcut: `CertReloader(...).server_context()`, for a server that needs nothing but the context."""
-    reloader = CertReloader(cert_file, key_file, client_ca=client_ca, check_interval_ms=check_interval_ms)
-    return reloader.server_context()
-
-
 def _stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

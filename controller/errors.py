@@ -1,8 +1,8 @@
 """The controller's exceptions: a small tree so the reconcile loop can tell bad specs from API trouble.
 
 A bad spec (template that cannot become a Deployment) is the user's to fix: it becomes a condition and
-an Event and is not retried until the object changes. An API error may be transient and is retried
-with backoff. Neither may crash the controller.
+an Event and is not retried until the object changes. An API error (`kubeview.api.ApiError`) may be
+transient and is retried with backoff. Neither may crash the controller.
 """
 
 from __future__ import annotations
@@ -25,21 +25,6 @@ class TemplateError(SpecError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="InvalidTemplate")
-
-
-class KubeError(ControllerError):
-    """The API server answered with an error status (or could not be reached: status 0)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}" if status else message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-    @property
-    def denied_by_webhook(self) -> bool:
-        """True when an admission webhook refused the write (the message says so)."""
-        return "admission webhook" in self.message and "denied the request" in self.message
 
 
 class NotLeader(ControllerError):

@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from controller.errors import ControllerError
-from controller.kube import Kube, events_path
+from controller.kube import Kube
+from kubeview.api import EVENTS, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class EventRecorder:
                     return False
                 seen.last_written = now
                 patch = {"series": {"count": seen.count, "lastObservedTime": micro_time(now)}}
-                target = events_path(seen.namespace, seen.name)
+                target = EVENTS.path(seen.namespace, seen.name)
             else:
                 ref = regarding_ref(regarding)
                 name = f"{ref.get('name', 'object')}.{secrets.token_hex(8)}"
@@ -147,13 +148,13 @@ class EventRecorder:
                 patch = None
         try:
             if patch is None:
-                self.kube.create(events_path(seen.namespace), body)
+                self.kube.create(EVENTS.path(seen.namespace), body)
                 log.info("event %s %s: %s", reason, (regarding.get("metadata") or {}).get("name"), note)
             else:
                 self.kube.merge_patch(target, patch)
             self.written += 1
             return True
-        except ControllerError as exc:
+        except (ControllerError, ApiError) as exc:
             log.warning("could not record event %s (%s): %s", reason, note, exc)
             return False
 

@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controller.errors import ControllerError, KubeError
+from controller.errors import ControllerError
 from controller.events import micro_time
-from controller.kube import Kube, lease_path
+from controller.kube import Kube
+from kubeview.api import LEASES, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class LeaderElector:
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt: True when this process holds the Lease afterwards."""
-        path = lease_path(self.namespace, self.name)
+        path = LEASES.path(self.namespace, self.name)
         try:
             lease = self.kube.get(path)
             if lease is None:
@@ -101,7 +102,7 @@ class LeaderElector:
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": self._spec(0, None),
                 }
-                created = self.kube.create(lease_path(self.namespace), body)
+                created = self.kube.create(LEASES.path(self.namespace), body)
                 self._observe(created)
                 return True
             spec = lease.get("spec") or {}
@@ -119,7 +120,7 @@ class LeaderElector:
             updated = self.kube.replace(path, body)
             self._observe(updated)
             return True
-        except KubeError as exc:
+        except ApiError as exc:
             if exc.status != 409:  # 409: another candidate won the race; not worth a warning
                 log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
             return False
@@ -135,7 +136,7 @@ class LeaderElector:
 
     def release(self) -> None:
         """Give the Lease up on a clean shutdown so a successor need not wait for it to expire."""
-        path = lease_path(self.namespace, self.name)
+        path = LEASES.path(self.namespace, self.name)
         try:
             lease = self.kube.get(path)
             spec = (lease or {}).get("spec") or {}
@@ -144,7 +145,7 @@ class LeaderElector:
             spec = {**spec, "holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": micro_time(self.wall_clock())}
             self.kube.replace(path, {**lease, "spec": spec})
             log.info("released lease %s/%s", self.namespace, self.name)
-        except ControllerError as exc:
+        except (ControllerError, ApiError) as exc:
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, exc)
 
     def run(self, on_started: Callable[[], None], on_stopped: Callable[[], None], stop: threading.Event) -> None:

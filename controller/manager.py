@@ -30,7 +30,7 @@ from controller.observe import MemorySource, MetricsApiSource, NoSource, Prometh
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ControllerSettings
-from kubeview import ClusterCache, load_api_client
+from kubeview import ApiError, ClusterCache, load_api_client
 from serving.runner import ThreadedServer, serve_in_thread
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Controller:
                 self.metrics.reconciles.labels("ok").inc()
             except NotLeader:
                 self.metrics.reconciles.labels("not_leader").inc()
-            except ControllerError as exc:
+            except (ControllerError, ApiError) as exc:
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.reconciles.labels("error").inc()
                 log.warning("reconcile %s failed (retry in %.0fs): %s", key, delay, exc)

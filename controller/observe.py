@@ -22,6 +22,7 @@ from budget import BudgetError, parse_quantity
 from budget.objects import LABEL_MODEL
 from controller.errors import ControllerError, ObservationError
 from controller.kube import Kube
+from kubeview.api import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class MetricsApiSource:
         path = f"/apis/metrics.k8s.io/v1beta1/namespaces/{quote(namespace)}/pods"
         try:
             body = self.kube.request("GET", path, query={"labelSelector": f"{LABEL_MODEL}={model}"})
-        except ControllerError as exc:
+        except (ControllerError, ApiError) as exc:
             raise ObservationError(f"metrics API: {exc}") from exc
         wanted = set(pods)
         out: dict[str, int] = {}

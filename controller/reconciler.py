@@ -21,11 +21,11 @@ from budget.objects import LABEL_MODEL, model_from_inferencemodel
 from budget.view import model_key
 from controller import translate as tr
 from controller.advice import recommend, status_advice
-from controller.errors import KubeError, SpecError
+from controller.errors import SpecError
 from controller.events import EventRecorder, EventType
 from controller.guard import FightGuard, digest
 from controller.idle import idle_verdict
-from controller.kube import Kube, deployment_path, model_path, service_path
+from controller.kube import Kube
 from controller.metrics import ControllerMetrics, ModelMemory
 from controller.observations import ObservationStore
 from controller.queue import WorkQueue
@@ -41,6 +41,7 @@ from controller.status import (
     status_patch,
     with_times,
 )
+from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, SERVICES, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Reconciler:
             return _Outcome()
         except SpecError as exc:
             return _Outcome(None, Problem(exc.reason, str(exc)))
-        except KubeError as exc:
+        except ApiError as exc:
             live = self.cache.get("Deployment", namespace, workload.deployment_name or name)
             if exc.denied_by_webhook:
                 self.queue.add_rate_limited(model_key(namespace, name), base_seconds=5.0, max_seconds=120.0)
@@ -187,7 +188,7 @@ class Reconciler:
                 self.queue.add(model_key(namespace, name), verdict.hold_seconds)
             return live
         old_replicas = None if live is None else (live.get("spec") or {}).get("replicas", 1)
-        result = self.kube.apply(deployment_path(namespace, dep_name), config)
+        result = self.kube.apply(DEPLOYMENTS.path(namespace, dep_name), config)
         self._count_write("Deployment")
         self.cache.apply("Deployment", "MODIFIED", result)
         self.guard.applied(guard_key, config_digest, int((result.get("metadata") or {}).get("generation") or 0))
@@ -236,13 +237,13 @@ class Reconciler:
             checked = self._service_checked.get(key)
         if checked and checked[0] == config_digest and now - checked[1] < self.settings.resync_seconds:
             return
-        live = self.kube.get(service_path(namespace, name))
+        live = self.kube.get(SERVICES.path(namespace, name))
         if live is not None and not tr.controlled_by(live, model):
             raise SpecError(
                 f"Service {name} already exists and is not owned by this InferenceModel", reason="ServiceConflict"
             )
         if live is None or not tr.contains(live, config):
-            self.kube.apply(service_path(namespace, name), config)
+            self.kube.apply(SERVICES.path(namespace, name), config)
             self._count_write("Service")
         with self._lock:
             self._service_checked[key] = (config_digest, now)
@@ -252,12 +253,12 @@ class Reconciler:
         namespace, name = tr.name_of(model)
         live = self.cache.get("Deployment", namespace, name)
         if live is not None and tr.controlled_by(live, model):
-            self.kube.delete(deployment_path(namespace, name))
+            self.kube.delete(DEPLOYMENTS.path(namespace, name))
             self._count_write("Deployment")
             self._event(model, "Normal", "DeploymentDeleted", "Delete", f"Deployment {name} removed: no template")
-            svc = self.kube.get(service_path(namespace, name))
+            svc = self.kube.get(SERVICES.path(namespace, name))
             if svc is not None and tr.controlled_by(svc, model):
-                self.kube.delete(service_path(namespace, name))
+                self.kube.delete(SERVICES.path(namespace, name))
         with self._lock:
             self._service_checked.pop(model_key(namespace, name), None)
 
@@ -287,8 +288,8 @@ class Reconciler:
             patch["metadata"] = {"resourceVersion": rv}
         namespace, name = tr.name_of(model)
         try:
-            self.kube.merge_patch(model_path(namespace, name, "scale"), patch)
-        except KubeError as exc:
+            self.kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
+        except ApiError as exc:
             if exc.status == 409:
                 log.info("%s: changed while scaling to zero; looking again", key)
                 self.queue.add(key)
@@ -377,8 +378,8 @@ class Reconciler:
         if patch is None:
             return
         try:
-            result = self.kube.merge_patch(model_path(namespace, name, "status"), {"status": patch})
-        except KubeError as exc:
+            result = self.kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "status"), {"status": patch})
+        except ApiError as exc:
             if exc.status == 404:  # deleted meanwhile; the watch will say so
                 return
             raise

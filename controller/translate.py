@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from budget import BudgetError, parse_quantity
-from budget.objects import ANNOTATION_MEMORY, DEFAULT_REPLICAS, LABEL_MODEL
+from budget.objects import ANNOTATION_MEMORY, DEFAULT_REPLICAS, GROUP, LABEL_MODEL, VERSION
 from controller.errors import SpecError, TemplateError
 
-GROUP = "inference.eh-ops.io"
-VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "InferenceModel"
 FIELD_MANAGER = "inference-budget-controller"

@@ -1,18 +1,17 @@
 """The extender's Kubernetes I/O: raw API calls, the live cache, reading a pod, posting a Binding.
 
-Requests go through :mod:`kubeview.rest` (plain JSON, the kubernetes>=37 call convention in one place);
-its :class:`ApiCallError` carries the HTTP status and the Status message.
+Requests go through :mod:`kubeview.api` (each resource knows its path; one :class:`ApiError` carries the
+HTTP status and the Status message).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import quote
 
 from extender.source import BindError, CacheSource
-from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache, load_api_client
-from kubeview.rest import ApiCallError, raw_request, request_json
+from kubeview.api import INFERENCE_MODELS, PODS, ApiError, load_api_client, raw_request, request_json
+from kubeview.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +23,9 @@ class KubeApi:
         self.api = api
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(name)}"
         try:
-            body = request_json(self.api, "GET", path, timeout=5.0)
-        except ApiCallError as exc:
+            body = request_json(self.api, "GET", PODS.path(namespace, name), timeout=5.0)
+        except ApiError as exc:
             if exc.status == 404:
                 return None
             raise BindError(f"reading pod {namespace}/{name} failed: {exc}") from exc
@@ -43,10 +41,10 @@ class KubeApi:
             "metadata": metadata,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
-        path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(name)}/binding"
         try:
+            path = PODS.path(namespace, name, "binding")
             raw = raw_request(self.api, "POST", path, body=body, timeout=timeout_seconds)
-        except ApiCallError as exc:
+        except ApiError as exc:
             raise BindError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
         status = raw.status
         raw.release_conn()
@@ -57,13 +55,13 @@ class KubeApi:
 def serves_inferencemodels(api: Any) -> bool:
     """Discovery: is the InferenceModel resource served? (Without it the cache would never sync.)"""
     try:
-        body = request_json(api, "GET", f"/apis/{GROUP}/{VERSION}", timeout=10.0)
-    except ApiCallError as exc:
+        body = request_json(api, "GET", f"/apis/{INFERENCE_MODELS.api_version}", timeout=10.0)
+    except ApiError as exc:
         if exc.status == 404:
             return False
         raise
     resources = body.get("resources") or [] if isinstance(body, dict) else []
-    return any(r.get("name") == PLURAL for r in resources if isinstance(r, dict))
+    return any(r.get("name") == INFERENCE_MODELS.plural for r in resources if isinstance(r, dict))
 
 
 def live_cache(api: Any, *, namespace: str | None = None) -> ClusterCache:
@@ -73,11 +71,10 @@ def live_cache(api: Any, *, namespace: str | None = None) -> ClusterCache:
         kinds += ("InferenceModel",)
     else:
         log.warning(
-            "the API server does not serve %s/%s %s (CRD not installed?): model pods must carry their memory "
+            "the API server does not serve %s %s (CRD not installed?): model pods must carry their memory "
             "annotation",
-            GROUP,
-            VERSION,
-            PLURAL,
+            INFERENCE_MODELS.api_version,
+            INFERENCE_MODELS.plural,
         )
     return ClusterCache(api, kinds=kinds, namespace=namespace)
 

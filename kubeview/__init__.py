@@ -1,11 +1,13 @@
-"""The live source of the budget view: list+watch of Nodes, Pods, Deployments and InferenceModels.
+"""Kubernetes, for every part: the one API layer (`kubeview.api`: resources that know their paths, JSON
+in and out, one `ApiError` carrying the HTTP status) and the live source of the budget view
+(`kubeview.cache`: list+watch of Nodes, Pods, Deployments and InferenceModels).
 
 This is the Kubernetes adapter the architecture places beside `budget/`: it imports the kubernetes
-client so that `budget/` never has to. It keeps the raw objects and their translations
+client so that `budget/` never has to. The cache keeps the raw objects and their translations
 (:mod:`budget.objects`) and hands out immutable :class:`budget.ClusterView` snapshots.
 """
 
-from kubeview.cache import KIND_SPECS, ClusterCache, KindSpec, load_api_client
-from kubeview.rest import ApiCallError, raw_request, request_json
+from kubeview.api import ApiError, Kube, Resource, load_api_client
+from kubeview.cache import ClusterCache
 
-__all__ = ["KIND_SPECS", "ApiCallError", "ClusterCache", "KindSpec", "load_api_client", "raw_request", "request_json"]
+__all__ = ["ApiError", "ClusterCache", "Kube", "Resource", "load_api_client"]

@@ -13,11 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
-
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 
 from budget import ClusterView, Model, Node, ObjectError, Placement
 from budget.objects import (
@@ -29,41 +25,11 @@ from budget.objects import (
     placement_from_pod,
 )
 from budget.view import model_key
-from kubeview.rest import ApiCallError, raw_request
+from kubeview.api import RESOURCES, ApiError, raw_request
 
 log = logging.getLogger(__name__)
 
-GROUP = "inference.eh-ops.io"
-VERSION = "v1alpha1"
-PLURAL = "inferencemodels"
-
 Listener = Callable[[str, str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class KindSpec:
-    """How to list one kind: its API path (cluster-wide or per namespace) and its `kind`."""
-
-    kind: str
-    path: str  # e.g. /api/v1/nodes; for namespaced kinds {ns} is filled or the cluster-wide path used
-    namespaced: bool
-
-
-KIND_SPECS: dict[str, KindSpec] = {
-    "Node": KindSpec("Node", "/api/v1/nodes", False),
-    "Pod": KindSpec("Pod", "/api/v1/{ns}pods", True),
-    "Deployment": KindSpec("Deployment", "/apis/apps/v1/{ns}deployments", True),
-    "InferenceModel": KindSpec("InferenceModel", f"/apis/{GROUP}/{VERSION}/{{ns}}{PLURAL}", True),
-}
-
-
-def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """An ApiClient from a kubeconfig file, or in-cluster config when none is given."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig, context=context)
-    cfg = client.Configuration()
-    config.load_incluster_config(client_configuration=cfg)
-    return client.ApiClient(cfg)
 
 
 def obj_key(obj: dict[str, Any]) -> str:
@@ -77,7 +43,7 @@ class ClusterCache:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Any,
         *,
         kinds: tuple[str, ...] = ("Node", "Pod", "Deployment", "InferenceModel"),
         namespace: str | None = None,
@@ -203,15 +169,10 @@ class ClusterCache:
 
     # ----- list + watch -----
     def _path(self, kind: str) -> str:
-        spec = KIND_SPECS[kind]
-        ns = f"namespaces/{self.namespace}/" if (spec.namespaced and self.namespace) else ""
-        return spec.path.format(ns=ns)
+        return RESOURCES[kind].path(self.namespace)
 
     def _request(self, path: str, query: dict[str, Any], timeout: float | tuple[float, float]) -> Any:
-        try:
-            return raw_request(self.api, "GET", path, query=query, timeout=timeout)
-        except ApiCallError as exc:
-            raise ApiException(status=exc.status, reason=exc.message) from exc
+        return raw_request(self.api, "GET", path, query=query, timeout=timeout)
 
     def _list(self, kind: str) -> str:
         query: dict[str, Any] = {}
@@ -280,11 +241,11 @@ class ClusterCache:
                         self.apply(kind, str(etype), obj)
             except _Gone:
                 log.info("watch of %s expired (410); re-listing", kind)
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status == 410:
                     log.info("watch of %s expired (410); re-listing", kind)
                 else:
-                    log.warning("list/watch of %s failed: %s %s", kind, exc.status, exc.reason)
+                    log.warning("list/watch of %s failed: %s", kind, exc)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
             except Exception as exc:

@@ -11,8 +11,6 @@ once per model every `touch_interval_seconds`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import re
 import threading
@@ -22,13 +20,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
-
 from budget import ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
 from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
 from budget.objects import LABEL_MODEL
-from kubeview.cache import GROUP, PLURAL, VERSION, ClusterCache
+from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, ApiError, Kube
+from kubeview.cache import ClusterCache
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,7 +35,6 @@ KINDS = ("Node", "Pod", "Deployment", "InferenceModel")
 FAILED_WAITING_REASONS = frozenset(
     {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName"}
 )
-_WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the request: (?P<message>.*)', re.S)
 _REASON_PREFIX = re.compile(r"^(?P<reason>[a-z][a-z_]*): (?P<rest>.*)$", re.S)
 _RETRY_SUFFIX = re.compile(r"; retry after (?P<seconds>[0-9]+)s$")
 _AVAILABLE = re.compile(r"; (?P<quantity>[0-9]+(?:[KMGTPE]i)?) available")
@@ -112,22 +107,11 @@ def _url(ip: str, port: int) -> str:
     return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
 
-def denial_from(exc: ApiException) -> str | None:
+def denial_from(exc: ApiError) -> str | None:
     """The webhook's message when the API server refused a write because an admission webhook denied it."""
     if exc.status not in (400, 403, 409, 422, 429):
         return None
-    body: Any = exc.body
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    message = ""
-    if isinstance(body, str) and body:
-        try:
-            parsed = json.loads(body)
-            message = str(parsed.get("message") or "") if isinstance(parsed, dict) else ""
-        except ValueError:
-            message = body
-    match = _WEBHOOK_DENIAL.search(message)
-    return match.group("message").strip() if match else None
+    return exc.webhook_denial
 
 
 def denied_decision(local: Decision, webhook_message: str, default_retry_after_seconds: int) -> Decision:
@@ -163,7 +147,7 @@ class KubeScaler:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Any,
         *,
         namespace: str | None = None,
         cache: ClusterCache | None = None,
@@ -171,8 +155,6 @@ class KubeScaler:
         request_timeout_seconds: float = 10.0,
         default_retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
         clock: Callable[[], float] = time.time,
-        custom_api: Any = None,
-        apps_api: Any = None,
     ) -> None:
         self.api = api
         self.namespace = namespace
@@ -181,8 +163,7 @@ class KubeScaler:
         self.request_timeout_seconds = request_timeout_seconds
         self.default_retry_after_seconds = default_retry_after_seconds
         self._clock = clock
-        self._custom = custom_api or client.CustomObjectsApi(api)  # tests pass stand-ins
-        self._apps = apps_api or client.AppsV1Api(api)
+        self._kube = Kube(api, timeout_seconds=request_timeout_seconds)
         self._changed = threading.Condition()
         self._pods: dict[str, dict[str, _Pod]] = {}  # model key -> pod key -> info
         self._models: dict[str, _ModelSpec] = {}  # model key -> InferenceModel facts
@@ -310,15 +291,8 @@ class KubeScaler:
             if im is not None:
                 if _model_spec(im).desired_replicas >= replicas:
                     return
-                self._custom.patch_namespaced_custom_object_scale(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    {"spec": {"replicas": replicas}},
-                    _request_timeout=self.request_timeout_seconds,
-                )
+                path = INFERENCE_MODELS.path(namespace, name, "scale")
+                self._kube.merge_patch(path, {"spec": {"replicas": replicas}})
             else:
                 deployment = self._deployment_of(namespace, name)
                 if deployment is None:
@@ -326,24 +300,14 @@ class KubeScaler:
                 current = (deployment.get("spec") or {}).get("replicas", 1)
                 if isinstance(current, int) and current >= replicas:
                     return
-                self._apps.patch_namespaced_deployment_scale(
-                    deployment["metadata"]["name"],
-                    namespace,
-                    {"spec": {"replicas": replicas}},
-                    _request_timeout=self.request_timeout_seconds,
-                )
-        except ApiException as exc:
+                path = DEPLOYMENTS.path(namespace, deployment["metadata"]["name"], "scale")
+                self._kube.merge_patch(path, {"spec": {"replicas": replicas}})
+        except ApiError as exc:
             webhook_message = denial_from(exc)
             if webhook_message is None:
-                raise ScalerUnavailable(
-                    f"scaling {model_key} to {replicas} failed: {exc.status} {exc.reason}: {_api_message(exc)}"
-                ) from exc
+                raise ScalerUnavailable(f"scaling {model_key} to {replicas} failed: {exc}") from exc
             log.info("scale-up of %s to %d denied: %s", model_key, replicas, webhook_message)
             raise ScaleDenied(self._denied(model_key, replicas, webhook_message)) from exc
-        except ScalerUnavailable:
-            raise
-        except Exception as exc:  # urllib3 errors: the API server is unreachable
-            raise ScalerUnavailable(f"scaling {model_key} to {replicas} failed: {exc}") from exc
         log.info("asked for %d replica(s) of %s", replicas, model_key)
 
     def _denied(self, model_key: str, replicas: int, webhook_message: str) -> Decision:
@@ -399,25 +363,14 @@ class KubeScaler:
                 self._touched.pop(key, None)  # Deployment-only models have no status to write
                 continue
             try:
-                self._custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    {"status": {"lastRequestTime": rfc3339(seen)}},
-                    _request_timeout=self.request_timeout_seconds,
-                )
-            except ApiException as exc:
+                path = INFERENCE_MODELS.path(namespace, name, "status")
+                self._kube.merge_patch(path, {"status": {"lastRequestTime": rfc3339(seen)}})
+            except ApiError as exc:
                 if exc.status == 404:
                     self._touched.pop(key, None)
                     continue
-                log.warning("lastRequestTime of %s not written: %s %s", key, exc.status, exc.reason)
-                self._written_at[key] = time.monotonic()  # back off one interval
-                continue
-            except Exception as exc:
                 log.warning("lastRequestTime of %s not written: %s", key, exc)
-                self._written_at[key] = time.monotonic()
+                self._written_at[key] = time.monotonic()  # back off one interval
                 continue
             self._written[key] = seen
             self._written_at[key] = time.monotonic()
@@ -425,11 +378,3 @@ class KubeScaler:
             written += 1
         return written
 
-
-def _api_message(exc: ApiException) -> str:
-    body: Any = exc.body
-    with contextlib.suppress(Exception):
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and parsed.get("message"):
-            return str(parsed["message"])
-    return str(body or "")[:300]

@@ -1,9 +1,8 @@
 """The webhook's doors to the API server: the shared ConfigMap ledger, parent lookups, the live cache.
 
 Why this module exists: the admission logic (:mod:`webhook.admit`) and the ledger rules
-(:mod:`webhook.ledger`) are pure; everything here does I/O through a kubernetes ``ApiClient`` with raw
-JSON through :mod:`kubeview.rest` (the generated models are slow and their call convention changed in
-kubernetes 37).
+(:mod:`webhook.ledger`) are pure; everything here does I/O through :mod:`kubeview.api`, the one
+Kubernetes API layer (raw JSON on a kubernetes ``ApiClient``; resources know their paths).
 
 :class:`ConfigMapLedger` is ResourceQuota admission's pattern applied to memory: read the ledger with a
 fresh GET (never the cache), decide, then PUT with the resourceVersion read; a 409 means another
@@ -21,11 +20,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote
 
 from budget.objects import LABEL_MODEL
-from kubeview import ClusterCache
-from kubeview.rest import ApiCallError, request_json
+from kubeview.api import CONFIGMAPS, DEPLOYMENTS, INFERENCE_MODELS, ApiError, request_json
+from kubeview.cache import ClusterCache
 from webhook.admit import LookupFailed
 from webhook.ledger import (
     DEFAULT_PRUNE_GRACE_SECONDS,
@@ -44,12 +42,7 @@ from webhook.ledger import (
 
 log = logging.getLogger(__name__)
 
-GROUP = "inference.eh-ops.io"
-VERSION = "v1alpha1"
 LEDGER_LABELS = {"app.kubernetes.io/name": "ibc-webhook", "app.kubernetes.io/component": "admission-ledger"}
-
-
-ApiError = ApiCallError  # the shared raw request's error: `status` (0 when unreachable) and `message`
 
 
 def webhook_cache(api: Any, namespace: str | None = None) -> ClusterCache:
@@ -83,16 +76,14 @@ class ApiLookup:
         cached = self.cache.get("InferenceModel", namespace, name)
         if cached is not None:
             return cached
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/inferencemodels/{quote(name)}"
-        return self._get(f"InferenceModel {namespace}/{name}", path)
+        return self._get(f"InferenceModel {namespace}/{name}", INFERENCE_MODELS.path(namespace, name))
 
     def deployment(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         cached = self.cache.get("Deployment", namespace, name)
         if cached is not None:
             return cached
         # The cache holds only labelled (model) Deployments: anything else is read by name.
-        path = f"/apis/apps/v1/namespaces/{quote(namespace)}/deployments/{quote(name)}"
-        return self._get(f"Deployment {namespace}/{name}", path)
+        return self._get(f"Deployment {namespace}/{name}", DEPLOYMENTS.path(namespace, name))
 
 
 class _Conflict(Exception):
@@ -128,7 +119,7 @@ class ConfigMapLedger:
         self.sleep = sleep
         self._lock = threading.Lock()
         self._last_rv: str | None = None  # resourceVersion of this process's latest write
-        self.path = f"/api/v1/namespaces/{quote(namespace)}/configmaps/{quote(name)}"
+        self.path = CONFIGMAPS.path(namespace, name)
 
     def _timeout(self, deadline: float) -> float:
         return max(0.2, min(2.0, deadline - time.monotonic()))
@@ -158,8 +149,7 @@ class ConfigMapLedger:
         }
         try:
             if resource_version is None:
-                path = f"/api/v1/namespaces/{quote(self.namespace)}/configmaps"
-                stored = request_json(self.api, "POST", path, body=body, timeout=timeout)
+                stored = request_json(self.api, "POST", CONFIGMAPS.path(self.namespace), body=body, timeout=timeout)
             else:
                 body["metadata"]["resourceVersion"] = resource_version
                 stored = request_json(self.api, "PUT", self.path, body=body, timeout=timeout)

@@ -12,13 +12,10 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import Any
 
 from certs.errors import BootstrapError, CertFileError, InvalidInput
 from certs.generate import DEFAULT_DAYS, KEY_TYPES, describe, generate_serving_certificate, write_files
-
-if TYPE_CHECKING:
-    from kubernetes.client import ApiClient
 
 _EPILOG_GENERATE = """\
 example:
@@ -195,24 +192,16 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _api_client(kubeconfig: str | None) -> ApiClient:
+def _api_client(kubeconfig: str | None) -> Any:
     """An ApiClient from `kubeconfig`, or from the pod's service account when None."""
-    from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    from kubeview import load_api_client
+
     try:
-        if kubeconfig:
-            if not Path(kubeconfig).is_file():
-                raise InvalidInput(f"--kubeconfig {kubeconfig}: no such file")
-            return cast(
-                "ApiClient",
-                config.new_client_from_config(  # type: ignore[no-untyped-call]
-                    config_file=kubeconfig, persist_config=False
-                ),
-            )
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        return client.ApiClient(configuration)
+        if kubeconfig and not Path(kubeconfig).is_file():
+            raise InvalidInput(f"--kubeconfig {kubeconfig}: no such file")
+        return load_api_client(kubeconfig)
     except ConfigException as exc:
         where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account (or pass --kubeconfig)"
         raise BootstrapError(f"cannot load {where}: {exc}") from exc

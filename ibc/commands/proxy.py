@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     kubeconfig, namespace = args.kubeconfig, args.namespace
 
     def factory() -> Any:
-        from kubeview.cache import load_api_client
+        from kubeview import load_api_client
         from proxy.app import create_app
         from proxy.kube_scaler import KubeScaler
 

@@ -29,7 +29,8 @@ import yaml
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from controller.kube import Kube, deployment_path, lease_path, model_path, service_path
+from controller.kube import Kube
+from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, LEASES, SERVICES
 from tests.cluster.harness import ControlPlane, ManagedProcess, PodSimulator, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ class Env:
         kubectl_ok(self.cp, "apply", "-f", "-", input=json.dumps(body))
 
     def model(self, name: str) -> dict[str, Any]:
-        obj = self.kube.get(model_path(self.ns, name))
+        obj = self.kube.get(INFERENCE_MODELS.path(self.ns, name))
         assert obj is not None, f"InferenceModel {name} is gone"
         return obj
 
@@ -146,7 +147,7 @@ class Env:
         return {}
 
     def deployment(self, name: str) -> dict[str, Any] | None:
-        return self.kube.get(deployment_path(self.ns, name))
+        return self.kube.get(DEPLOYMENTS.path(self.ns, name))
 
     def pods(self, name: str) -> list[dict[str, Any]]:
         body = self.kube.get(f"/api/v1/namespaces/{self.ns}/pods", {"labelSelector": f"{LABEL}={name}"})
@@ -251,7 +252,7 @@ def test_model_becomes_a_deployment_whose_pods_run_and_kubectl_shows_ready(env: 
     assert env.condition("model-a", "Scheduled")["reason"] == "AllScheduled"
     pods = env.pods("model-a")
     assert len(pods) == 2 and all(p["spec"]["nodeName"] == env.node for p in pods)
-    assert env.kube.get(service_path(env.ns, "model-a")) is not None
+    assert env.kube.get(SERVICES.path(env.ns, "model-a")) is not None
 
     out = kubectl_ok(env.cp, "get", "inferencemodels", "-n", env.ns)
     header, row = out.splitlines()[0].split(), out.splitlines()[1].split()
@@ -326,7 +327,7 @@ def test_sigkilled_leader_is_replaced_and_the_new_one_converges_without_flapping
     for name in models:
         env.wait_ready(name)
     converged = time.monotonic() - t_kill
-    lease = env.kube.get(lease_path(env.ns, "ibc-controller"))
+    lease = env.kube.get(LEASES.path(env.ns, "ibc-controller"))
     assert lease is not None
     assert lease["spec"]["holderIdentity"].endswith(f"_{b.pid}")
     assert lease["spec"]["leaseTransitions"] >= 1
@@ -476,7 +477,7 @@ def test_least_privilege_rbac_is_enough_and_no_more(env: Env) -> None:
     env.start_controller("sa", kubeconfig=kubeconfig)
     env.apply_model("model-rbac", cooldownPeriod="2s")
     env.wait_ready("model-rbac")
-    assert env.kube.get(service_path(env.ns, "model-rbac")) is not None
+    assert env.kube.get(SERVICES.path(env.ns, "model-rbac")) is not None
     wait_for(lambda: env.model("model-rbac")["spec"]["replicas"] == 0, timeout=30, message="idle via /scale")
     assert env.events("IdleScaleDown")
 
@@ -538,7 +539,7 @@ def test_deleting_the_model_garbage_collects_its_deployment_and_service(env: Env
     kubectl_ok(env.cp, "delete", "inferencemodel", "-n", env.ns, "model-gc")
     wait_for(lambda: env.deployment("model-gc") is None, timeout=30, message="Deployment garbage-collected")
     wait_for(lambda: not env.pods("model-gc"), timeout=30, message="pods gone")
-    wait_for(lambda: env.kube.get(service_path(env.ns, "model-gc")) is None, timeout=30, message="Service gone")
+    wait_for(lambda: env.kube.get(SERVICES.path(env.ns, "model-gc")) is None, timeout=30, message="Service gone")
 
 
 class PrometheusStub:

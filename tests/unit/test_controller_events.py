@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from controller.errors import KubeError
 from controller.events import REPORTING_CONTROLLER, EventRecorder, event_body, truncate_note
+from kubeview.api import ApiError as KubeError
 
 pytestmark = pytest.mark.unit
 

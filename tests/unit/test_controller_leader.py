@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from controller.errors import KubeError
 from controller.leader import LeaderElector, LeaseTimings
+from kubeview.api import ApiError as KubeError
 
 pytestmark = pytest.mark.unit
 

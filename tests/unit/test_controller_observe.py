@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.errors import KubeError, ObservationError
+from controller.errors import ObservationError
 from controller.observe import (
     DEFAULT_PROMETHEUS_QUERY,
     MetricsApiSource,
@@ -17,6 +17,7 @@ from controller.observe import (
     parse_prometheus_value,
     render_query,
 )
+from kubeview.api import ApiError as KubeError
 
 pytestmark = pytest.mark.unit
 

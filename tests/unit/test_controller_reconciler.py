@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from controller.errors import KubeError
 from controller.events import EventRecorder
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ReconcileSettings
 from controller.status import rfc3339
 from kubeview import ClusterCache
+from kubeview.api import ApiError as KubeError
 
 pytestmark = pytest.mark.unit
 

@@ -7,6 +7,7 @@ webhook's words (from the captured Python-client exception), and that activity w
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes.client.rest import ApiException
 
-from kubeview import ClusterCache
+from kubeview import ApiError, ClusterCache
 from proxy.kube_scaler import KubeScaler, denial_from, denied_decision, rfc3339
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
@@ -72,8 +73,29 @@ def pod(name: str, model: str, ip: str = "10.1.0.5", ready: bool = True, **statu
     }
 
 
+class _Raw:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def release_conn(self) -> None:
+        pass
+
+
+class _Resp:
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.status, self.reason, self.response = 200, "OK", _Raw(json.dumps(body).encode())
+
+
 class FakeCustomApi:
-    """Records scale and status patches; raises `error` on a scale patch when set."""
+    """An ApiClient stand-in: records scale and status patches; raises `error` on a scale patch when set."""
+
+    def param_serialize(self, method: str, path: str, body: Any = None, **_: Any) -> tuple[str, str, Any]:
+        return method, path, body
+
+    def call_api(self, method: str, path: str, body: Any, **_: Any) -> _Resp:
+        _, _, group, version, _, namespace, plural, name, sub = path.split("/")
+        patch = getattr(self, f"patch_namespaced_custom_object_{sub}")
+        return _Resp(patch(group, version, namespace, plural, name, body))
 
     def __init__(self) -> None:
         self.scale_patches: list[tuple[str, str, dict[str, Any]]] = []
@@ -117,7 +139,7 @@ def api() -> FakeCustomApi:
 
 @pytest.fixture
 def scaler(cache: ClusterCache, api: FakeCustomApi) -> KubeScaler:
-    return KubeScaler(None, cache=cache, custom_api=api, apps_api=object(), touch_interval_seconds=0.2)
+    return KubeScaler(api, cache=cache, touch_interval_seconds=0.2)
 
 
 def test_ready_pods_are_backends_at_the_model_port(scaler: KubeScaler, cache: ClusterCache) -> None:
@@ -169,7 +191,7 @@ def test_backend_url_is_used_once_a_replica_is_ready(scaler: KubeScaler, cache: 
 def test_pod_of_a_deployment_only_model_uses_its_container_port(api: FakeCustomApi) -> None:
     c = ClusterCache(api=None)
     c.apply("Pod", "ADDED", pod("solo-0", "solo", ip="10.2.0.1"))
-    scaler = KubeScaler(None, cache=c, custom_api=api, apps_api=object())
+    scaler = KubeScaler(api, cache=c)
     assert scaler.backends("ml/solo") == ["http://10.2.0.1:9000"]
 
 
@@ -281,8 +303,7 @@ def test_denied_decision_parses_the_webhook_message(
 
 
 def test_denial_parsing_ignores_non_webhook_bodies() -> None:
-    exc = ApiException(status=403, reason="Forbidden")
-    exc.body = "not json at all"
+    exc = ApiError(403, "Forbidden", "not json at all")
     assert denial_from(exc) is None
 
 
