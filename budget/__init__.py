@@ -6,7 +6,7 @@ extender answer from one function: :func:`budget.decide.decide_scale` for admiss
 :func:`budget.decide.filter_nodes` / :func:`budget.decide.score_nodes` for node placement.
 """
 
-from budget.advice import Advice, advise
+from budget.advice import SizingAdvice, advise
 from budget.decide import (
     REASON_INSUFFICIENT,
     REASON_NO_BUDGET,
@@ -35,7 +35,6 @@ __all__ = [
     "REASON_INSUFFICIENT",
     "REASON_NO_BUDGET",
     "REASON_SELECTOR",
-    "Advice",
     "Blocking",
     "BudgetError",
     "ClusterView",
@@ -49,6 +48,7 @@ __all__ = [
     "PodRequest",
     "QuantityError",
     "Reservation",
+    "SizingAdvice",
     "SnapshotError",
     "UnknownModelError",
     "advise",

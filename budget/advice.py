@@ -19,7 +19,7 @@ SIGNIFICANT_PERCENT = 3
 
 
 @dataclass(frozen=True)
-class Advice:
+class SizingAdvice:
     """What the numbers say, for status fields, log hints and metrics."""
 
     declared_bytes: int
@@ -40,7 +40,7 @@ def _round_up(n: int) -> int:
 
 def advise(
     model: str, declared_bytes: int, observed_peak_bytes: int, *, headroom_percent: float = DEFAULT_HEADROOM_PERCENT
-) -> Advice:
+) -> SizingAdvice:
     """Compare declared memory with the observed peak and suggest a value with headroom, rounded up."""
     if declared_bytes <= 0:
         raise ValueError(f"{model}: declared memory must be positive, got {declared_bytes}")
@@ -52,18 +52,18 @@ def advise(
     suggested = _round_up(math.ceil(observed_peak_bytes * (1 + headroom_percent / 100)))
     declared, peak = format_bytes(declared_bytes), format_bytes(_round_up_to_mi(observed_peak_bytes))
     if observed_peak_bytes > declared_bytes:
-        return Advice(
+        return SizingAdvice(
             declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, suggested,
             f"Observed peak exceeds declared memory: raise memory to {format_bytes(suggested)} to avoid OOM",
             f"{model} declared {declared} but observed peak is {peak} ({-over}% underprovisioned)",
         )
     if suggested < declared_bytes and over >= SIGNIFICANT_PERCENT:
-        return Advice(
+        return SizingAdvice(
             declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, suggested,
             f"Consider reducing memory to {format_bytes(suggested)} for better packing",
             f"{model} declared {declared} but observed peak is {peak} ({over}% overprovisioned)",
         )
-    return Advice(
+    return SizingAdvice(
         declared_bytes, observed_peak_bytes, math.floor(ratio * 100), ratio, over, None,
         "Declared memory matches observed usage", None,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from budget.errors import BudgetError, ObjectError
@@ -74,6 +74,13 @@ def _name(obj: Obj) -> tuple[str, str]:
     if not isinstance(namespace, str):
         raise ObjectError(f"{_describe(obj)}: metadata.namespace must be a string")
     return namespace, name
+
+
+def rfc3339(moment: float | datetime) -> str:
+    """POSIX seconds (or an aware datetime) to RFC 3339 UTC with whole seconds, `2026-01-15T10:30:00Z`, as
+    metav1.Time serializes it: the one formatter for status fields, Events and log lines."""
+    seconds = moment.timestamp() if isinstance(moment, datetime) else moment
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: object, *, field: str = "time") -> float | None:

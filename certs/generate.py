@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from budget.objects import rfc3339
 from certs.errors import CertFileError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def renew_serving_certificate(
         raise InvalidInput("the bundle has no CA key matching the CA that signed its certificate")
     ca_cert, ca_key = reusable
     if ca_cert.not_valid_after_utc < now + timedelta(days=days):
-        raise InvalidInput(f"the CA ends {_stamp(ca_cert.not_valid_after_utc)}, before a {days}-day certificate")
+        raise InvalidInput(f"the CA ends {rfc3339(ca_cert.not_valid_after_utc)}, before a {days}-day certificate")
     cert_pem, key_pem = _issue_leaf(ca_cert, ca_key, dns_names, ips, days, key_type, now)
     return TLSBundle(ca_pem=bundle.ca_pem, cert_pem=cert_pem, key_pem=key_pem, ca_key_pem=bundle.ca_key_pem)
 
@@ -348,10 +349,10 @@ def rotation_reason(
         return "tls.crt is not signed by a CA in ca.crt"
     for what, item in (("tls.crt", cert), ("its CA", ca)):
         if item.not_valid_before_utc > now + _BACKDATE:
-            return f"{what} is not valid before {_stamp(item.not_valid_before_utc)}"
+            return f"{what} is not valid before {rfc3339(item.not_valid_before_utc)}"
         if item.not_valid_after_utc <= now + renew_before:
             state = "expired" if item.not_valid_after_utc <= now else "expires"
-            return f"{what} {state} {_stamp(item.not_valid_after_utc)} (renewal due {_days(renew_before)} before)"
+            return f"{what} {state} {rfc3339(item.not_valid_after_utc)} (renewal due {_days(renew_before)} before)"
     have_dns = {name.lower() for name in bundle.dns_names}
     have_ips = set(bundle.ip_addresses)
     missing = [n for n in dns_names if n.lower() not in have_dns]
@@ -397,7 +398,7 @@ def read_files(directory: str | os.PathLike[str]) -> TLSBundle:
 def describe(bundle: TLSBundle) -> str:
     """One line for people: serial, expiry and SANs of the serving certificate."""
     names = ", ".join([*bundle.dns_names, *bundle.ip_addresses])
-    return f"serial {bundle.serial:x}, valid until {_stamp(bundle.not_after)}, SANs {names}"
+    return f"serial {bundle.serial:x}, valid until {rfc3339(bundle.not_after)}, SANs {names}"
 
 
 def _new_key(key_type: KeyType) -> PrivateKey:
@@ -479,10 +480,6 @@ def _utc(now: datetime | None) -> datetime:
     if now.tzinfo is None:
         raise InvalidInput("now must be timezone-aware")
     return now.astimezone(UTC)
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _days(delta: timedelta) -> str:

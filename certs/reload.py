@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
+from budget.objects import rfc3339
 from certs.errors import CertFileError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ class CertReloader:
         self._front, _ = self._build()
         self._front.sni_callback = self._on_handshake
         log.info(
-            "serving certificate serial %x from %s, valid until %s", pair.serial, self.cert_file, _stamp(pair.not_after)
+            "serving certificate serial %x from %s, valid until %s",
+            pair.serial,
+            self.cert_file,
+            rfc3339(pair.not_after),
         )
 
     @property
@@ -157,7 +161,7 @@ class CertReloader:
             "reloaded serving certificate: serial %x -> %x, valid until %s",
             previous.serial,
             pair.serial,
-            _stamp(pair.not_after),
+            rfc3339(pair.not_after),
         )
         return True
 
@@ -196,7 +200,7 @@ class CertReloader:
                 "serving certificate serial %x from %s expired at %s",
                 pair.serial,
                 self.cert_file,
-                _stamp(pair.not_after),
+                rfc3339(pair.not_after),
             )
         return context, pair
 
@@ -228,7 +232,3 @@ def build_server_context(
             ) from exc
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

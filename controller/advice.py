@@ -7,18 +7,18 @@ value to what ``kubectl get inferencemodel -o yaml`` shows. Advice only: nothing
 
 from __future__ import annotations
 
-from budget import Advice, advise
+from budget import SizingAdvice, advise
 from budget.advice import DEFAULT_HEADROOM_PERCENT
+from budget.objects import rfc3339
 from budget.quantity import format_bytes
 from controller.status import Advice as StatusAdvice
-from controller.status import rfc3339
 
 __all__ = ["DEFAULT_HEADROOM_PERCENT", "recommend", "status_advice"]
 
 
 def recommend(
     model: str, declared_bytes: int, observed_peak_bytes: int, headroom_percent: float = DEFAULT_HEADROOM_PERCENT
-) -> Advice | None:
+) -> SizingAdvice | None:
     """The budget's advice for one model; None when nothing is declared (no ratio to speak of)."""
     if declared_bytes <= 0:
         return None
@@ -26,7 +26,7 @@ def recommend(
 
 
 def status_advice(
-    declared_text: str, advice: Advice | None, peak_bytes: int | None, observed_at: float | None
+    declared_text: str, advice: SizingAdvice | None, peak_bytes: int | None, observed_at: float | None
 ) -> StatusAdvice:
     """The status fields: declared as written, the peak exactly (it is read back after a restart)."""
     if advice is None or peak_bytes is None:

@@ -32,7 +32,7 @@ class _Record:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class GuardOutcome:
     """`write` now or not; `hold_seconds` > 0 when backing off from a fight; `revert` when undoing a change."""
 
     write: bool
@@ -57,27 +57,27 @@ class FightGuard:
         self.max_hold_seconds = max_hold_seconds
         self._records: dict[str, _Record] = {}
 
-    def check(self, key: str, config_digest: str, live_generation: int | None, now: float) -> Verdict:
+    def check(self, key: str, config_digest: str, live_generation: int | None, now: float) -> GuardOutcome:
         """Should the controller apply `config_digest` to the object `key`, whose spec is at `live_generation`?"""
         rec = self._records.get(key)
         if rec is None or live_generation is None or rec.digest != config_digest:
-            return Verdict(write=True)  # first time, object gone, or the model changed: apply
+            return GuardOutcome(write=True)  # first time, object gone, or the model changed: apply
         if live_generation == rec.generation:
-            return Verdict(write=False)  # nobody touched the spec since our apply: normalization only
+            return GuardOutcome(write=False)  # nobody touched the spec since our apply: normalization only
         rec.reverts = [t for t in rec.reverts if now - t < self.window_seconds]
         if now < rec.hold_until:
-            return Verdict(write=False, revert=True, hold_seconds=rec.hold_until - now)
+            return GuardOutcome(write=False, revert=True, hold_seconds=rec.hold_until - now)
         if rec.held:  # a hold just ended: try once more; losing again doubles the next hold
             rec.held = False
             rec.reverts.append(now)
-            return Verdict(write=True, revert=True)
+            return GuardOutcome(write=True, revert=True)
         if len(rec.reverts) >= self.max_reverts:
             over = len(rec.reverts) - self.max_reverts
             hold = min(self.max_hold_seconds, self.hold_seconds * 2**over)
             rec.hold_until, rec.held = now + hold, True
-            return Verdict(write=False, revert=True, hold_seconds=hold)
+            return GuardOutcome(write=False, revert=True, hold_seconds=hold)
         rec.reverts.append(now)
-        return Verdict(write=True, revert=True)
+        return GuardOutcome(write=True, revert=True)
 
     def applied(self, key: str, config_digest: str, generation: int) -> None:
         """Remember the apply of `config_digest` that left the object at `generation`."""

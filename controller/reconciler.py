@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from budget import BudgetError, format_duration, parse_quantity
-from budget.objects import LABEL_MODEL, model_from_inferencemodel
+from budget.objects import LABEL_MODEL, model_from_inferencemodel, rfc3339
 from budget.view import model_key
 from controller import translate as tr
 from controller.advice import recommend, status_advice
@@ -37,7 +37,6 @@ from controller.status import (
     desired_status,
     live_pods,
     pending_pods,
-    rfc3339,
     status_patch,
     with_times,
 )

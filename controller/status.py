@@ -10,11 +10,11 @@ The controller owns every status field except ``lastRequestTime`` (the proxy's),
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from budget.objects import rfc3339
 from controller.translate import Workload, selector_string
 
 # Status fields this controller writes; anything else (lastRequestTime) belongs to someone else.
@@ -32,11 +32,6 @@ OWNED_FIELDS = (
     "lastObservation",
 )
 CONDITION_TYPES = ("Ready", "Scheduled", "Reconciled")
-
-
-def rfc3339(ts: float) -> str:
-    """POSIX seconds -> `2026-01-15T10:30:00Z` (whole seconds, as metav1.Time serializes)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @dataclass(frozen=True)

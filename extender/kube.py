@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from extender.source import BindError, CacheSource
+from extender.source import BindingError, CacheSource
 from kubeview.api import INFERENCE_MODELS, PODS, ApiError, load_api_client, raw_request, request_json
 from kubeview.cache import ClusterCache
 
@@ -28,7 +28,7 @@ class KubeApi:
         except ApiError as exc:
             if exc.status == 404:
                 return None
-            raise BindError(f"reading pod {namespace}/{name} failed: {exc}") from exc
+            raise BindingError(f"reading pod {namespace}/{name} failed: {exc}") from exc
         return body if isinstance(body, dict) else None
 
     def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
@@ -45,11 +45,11 @@ class KubeApi:
             path = PODS.path(namespace, name, "binding")
             raw = raw_request(self.api, "POST", path, body=body, timeout=timeout_seconds)
         except ApiError as exc:
-            raise BindError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
+            raise BindingError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
         status = raw.status
         raw.release_conn()
         if status != 201:
-            raise BindError(f"binding {namespace}/{name} to {node}: unexpected HTTP {status}")
+            raise BindingError(f"binding {namespace}/{name} to {node}: unexpected HTTP {status}")
 
 
 def serves_inferencemodels(api: Any) -> bool:

@@ -41,7 +41,7 @@ from budget.view import model_key
 from extender.metrics import Metrics
 from extender.reservations import ReservationBook
 from extender.settings import Settings
-from extender.source import BindError, CacheSource
+from extender.source import BindingError, CacheSource
 from extender.wire import ExtenderArgs
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Extender:
             pod = self._bind_request(namespace, name, uid, base, now)
         except ObjectError as exc:
             return self._bind_answer(BindAnswer("invalid_pod", f"pod {ref}: {exc}"))
-        except BindError as exc:
+        except BindingError as exc:
             return self._bind_answer(BindAnswer("bind_failed", str(exc)))
         reservation = None
         if pod is not None:
@@ -259,7 +259,7 @@ class Extender:
                     reservation = self.book.reserve(pod, node, now=now)
         try:
             self.source.writer.bind(namespace, name, uid, node, self.settings.bind_timeout_seconds)
-        except BindError as exc:
+        except BindingError as exc:
             if reservation is not None:
                 self.book.release(reservation.uid, only=reservation)
             log.warning("bind: %s", exc)
@@ -283,7 +283,7 @@ class Extender:
             return None
         fetched_uid = (fetched.get("metadata") or {}).get("uid")
         if uid and fetched_uid and fetched_uid != uid:
-            raise BindError(f"pod {namespace}/{name} now has UID {fetched_uid}, not {uid}: it was recreated")
+            raise BindingError(f"pod {namespace}/{name} now has UID {fetched_uid}, not {uid}: it was recreated")
         return self._pod_request(fetched, base)
 
     def _bind_answer(self, answer: BindAnswer) -> BindAnswer:

@@ -22,7 +22,7 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 SNAPSHOT_KINDS = ("InferenceModel", "Deployment", "Node", "Pod")  # models first: pods fall back to them
 
 
-class BindError(Exception):
+class BindingError(Exception):
     """Posting the Binding failed; the message says why (the scheduler shows it and retries)."""
 
 
@@ -41,7 +41,7 @@ class NoApi:
         return None
 
     def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
-        raise BindError("this extender runs from a snapshot file (--cluster-state) and cannot bind pods")
+        raise BindingError("this extender runs from a snapshot file (--cluster-state) and cannot bind pods")
 
 
 class CacheSource:

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
@@ -29,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from budget import ClusterView, Placement, UnknownModelError, advise, decide_scale, format_bytes, idle_seconds
+from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
 from proxy.app import create_app, error_response, proxy_of
@@ -426,13 +426,6 @@ class LocalScaler:
                 log.exception("local supervisor iteration failed")
 
 
-def iso_time(seconds: float | None) -> str | None:
-    """RFC 3339 UTC (`2024-01-15T10:30:00Z`) as the InferenceModel status writes it."""
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def metrics_body(memory: ModelMemory) -> dict[str, Any]:
     """The JSON of `GET /models/{name}/metrics`: the controller's fields, plus the live state and current use."""
     peak = memory.observed_peak_bytes
@@ -451,7 +444,7 @@ def metrics_body(memory: ModelMemory) -> dict[str, Any]:
         if advice and advice.recommendation_bytes
         else None,
         "recommendation": advice.recommendation if advice else None,
-        "lastObservation": iso_time(memory.last_observation),
+        "lastObservation": rfc3339(memory.last_observation) if memory.last_observation is not None else None,
         "replicas": memory.replicas,
         "readyReplicas": memory.ready_replicas,
         "source": memory.source or "none",

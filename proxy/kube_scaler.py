@@ -17,12 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from budget import ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
 from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
-from budget.objects import LABEL_MODEL
+from budget.objects import LABEL_MODEL, rfc3339
 from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, ApiError, Kube
 from kubeview.cache import ClusterCache
 from proxy.scaler import ScaleDenied, ScalerUnavailable
@@ -58,11 +57,6 @@ class _ModelSpec:
     backend_url: str | None
     ready_replicas: int
     desired_replicas: int
-
-
-def rfc3339(seconds: float) -> str:
-    """POSIX seconds to RFC 3339 UTC with second precision, as `status.lastRequestTime` stores it."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _pod_info(obj: Mapping[str, Any]) -> _Pod:
@@ -377,4 +371,3 @@ class KubeScaler:
             self.status_patches += 1
             written += 1
         return written
-

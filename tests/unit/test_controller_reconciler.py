@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from budget.objects import rfc3339
 from controller.events import EventRecorder
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ReconcileSettings
-from controller.status import rfc3339
 from kubeview import ClusterCache
 from kubeview.api import ApiError as KubeError
 

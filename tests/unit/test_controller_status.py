@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from budget.objects import rfc3339
 from controller.status import (
     Advice,
     Observed,
@@ -14,7 +15,6 @@ from controller.status import (
     desired_status,
     live_pods,
     pending_pods,
-    rfc3339,
     status_patch,
     with_times,
 )

@@ -20,7 +20,7 @@ from budget import PodRequest
 from budget.decide import REASON_INSUFFICIENT, REASON_NO_BUDGET, REASON_UNKNOWN_NODE
 from budget.objects import ANNOTATION_CAPACITY, ANNOTATION_MEMORY, LABEL_MODEL
 from extender import CacheSource, ReservationBook, Settings, create_app
-from extender.source import BindError
+from extender.source import BindingError
 from kubeview.cache import ClusterCache
 
 pytestmark = pytest.mark.unit
@@ -94,7 +94,7 @@ class FakeWriter:
 
     def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
         if self.fail:
-            raise BindError(self.fail)
+            raise BindingError(self.fail)
         self.bindings.append((namespace, name, uid, node))
 
 

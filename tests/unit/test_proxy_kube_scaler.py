@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from kubernetes.client.rest import ApiException
 
+from budget.objects import rfc3339
 from kubeview import ApiError, ClusterCache
-from proxy.kube_scaler import KubeScaler, denial_from, denied_decision, rfc3339
+from proxy.kube_scaler import KubeScaler, denial_from, denied_decision
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 pytestmark = pytest.mark.unit
