@@ -6,7 +6,7 @@ extender answer from one function: :func:`budget.decide.decide_scale` for admiss
 :func:`budget.decide.filter_nodes` / :func:`budget.decide.score_nodes` for node placement.
 """
 
-from budget.advice import SizingAdvice, advise
+from budget.advice import ModelMemory, SizingAdvice, advise, metrics_body
 from budget.decide import (
     REASON_INSUFFICIENT,
     REASON_NO_BUDGET,
@@ -41,6 +41,7 @@ __all__ = [
     "Decision",
     "DurationError",
     "Model",
+    "ModelMemory",
     "Node",
     "NodeVerdict",
     "ObjectError",
@@ -58,6 +59,7 @@ __all__ = [
     "format_bytes",
     "format_duration",
     "idle_seconds",
+    "metrics_body",
     "parse_duration",
     "parse_quantity",
     "score_nodes",

@@ -1,13 +1,15 @@
 """Right-sizing advice: declared memory against the observed peak. Advice only; nothing here changes a spec.
 
-The controller (Kubernetes) and local mode (process RSS) both call :func:`advise`, so their status,
-logs, metrics and `GET /models/{name}/metrics` read the same way.
+The controller (Kubernetes) and local mode (process RSS) both call :func:`advise` and both describe a
+model with one :class:`ModelMemory` (`metrics_body` is its JSON), so their status, logs, metrics and
+`GET /models/{name}/metrics` read the same way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from budget.quantity import format_bytes
 
@@ -71,3 +73,66 @@ def advise(
 
 def _round_up_to_mi(n: int) -> int:
     return math.ceil(n / MI) * MI
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """One model's declared and observed memory, as `GET /models/{name}/metrics` and the
+    `inference_model_memory_*` gauges show it. The controller fills it from the InferenceModel and its
+    observations; local mode from its config and its processes, adding the live state, the current use
+    and why the last process ended (None in a cluster)."""
+
+    namespace: str
+    name: str
+    model_name: str
+    declared_bytes: int | None
+    observed_peak_bytes: int | None = None
+    utilization_percent: int | None = None
+    recommended_bytes: int | None = None
+    recommendation: str | None = None
+    last_observation: str | None = None  # RFC 3339
+    replicas: int = 0
+    ready_replicas: int = 0
+    source: str = "none"
+    state: str | None = None
+    observed_bytes: int | None = None
+    last_failure: str | None = None
+
+
+def metrics_body(m: ModelMemory) -> dict[str, Any]:
+    """The body of `GET /models/{name}/metrics`: bytes as integers, and as quantities for people (observed
+    use rounded up to a MiB: a process's RSS is rarely a round number)."""
+
+    def fmt(n: int | None) -> str | None:
+        return None if n is None else format_bytes(n)
+
+    def fmt_observed(n: int | None) -> str | None:
+        return None if n is None else format_bytes(_round_up_to_mi(n))
+
+    ratio = None
+    if m.declared_bytes and m.observed_peak_bytes is not None:
+        ratio = round(m.observed_peak_bytes / m.declared_bytes, 4)
+    body: dict[str, Any] = {
+        "model": m.name,
+        "namespace": m.namespace,
+        "modelName": m.model_name,
+        "declaredMemory": fmt(m.declared_bytes),
+        "declaredMemoryBytes": m.declared_bytes,
+        "observedPeakMemory": fmt_observed(m.observed_peak_bytes),
+        "observedPeakMemoryBytes": m.observed_peak_bytes,
+        "utilizationPercent": m.utilization_percent,
+        "utilizationRatio": ratio,
+        "recommendedMemory": fmt(m.recommended_bytes),
+        "recommendation": m.recommendation,
+        "lastObservation": m.last_observation,
+        "replicas": m.replicas,
+        "readyReplicas": m.ready_replicas,
+        "source": m.source,
+    }
+    if m.state is not None:  # local mode: the process side
+        body["state"] = m.state
+        body["observedMemory"] = fmt_observed(m.observed_bytes) if m.observed_bytes else None
+        body["observedMemoryBytes"] = m.observed_bytes
+        # Why the last process ended without being asked to (exit code and its last output line).
+        body["lastFailure"] = m.last_failure
+    return body

@@ -24,13 +24,14 @@ from controller.errors import ControllerError, NotLeader, ObservationError
 from controller.events import EventRecorder
 from controller.kube import Kube
 from controller.leader import LeaderElector, default_identity
-from controller.metrics import ControllerMetrics, MemoryCollector, MetricsSettings, create_app
+from controller.metrics import ControllerMetrics, MetricsSettings, create_app
 from controller.observations import ObservationStore
 from controller.observe import MemorySource, MetricsApiSource, NoSource, PrometheusSource
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ControllerSettings
 from kubeview import ApiError, ClusterCache, load_api_client
+from serving.metrics import MemoryCollector
 from serving.runner import ThreadedServer, serve_in_thread
 
 log = logging.getLogger(__name__)

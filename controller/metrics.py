@@ -2,9 +2,10 @@
 
 Why this module exists: observed memory is advice, and people and tools read advice in different
 places: dashboards and alerts (the three ``inference_model_memory_*`` gauges), scripts
-(``GET /models/{name}/metrics``) and probes (``/livez`` (alias ``/healthz``), ``/readyz``). The gauges are produced at
-scrape time from the same records the JSON endpoint serves, so a deleted model's series disappear with
-it and the two never disagree.
+(``GET /models/{name}/metrics``) and probes (``/livez`` (alias ``/healthz``), ``/readyz``). The gauges
+(`serving.metrics.MemoryCollector`) are produced at scrape time from the same `budget.ModelMemory`
+records the JSON endpoint serves, so a deleted model's series disappear with it and the two never
+disagree.
 
 The server is `serving.runner.serve_in_thread` (werkzeug, a thread per request) inside the controller
 process, not gunicorn: the records live in the controller's memory (its cache and observations), which
@@ -13,94 +14,14 @@ forked workers could not see, and a scrape endpoint needs no worker pool.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from flask import Flask, Response, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from budget.quantity import format_bytes
+from budget.advice import ModelMemory, metrics_body
 from serving.http import add_json_errors, add_metrics, add_probes, json_response
-
-
-@dataclass(frozen=True)
-class ModelMemory:
-    """One model's declared and observed memory, as the gauges and the JSON endpoint show it."""
-
-    namespace: str
-    name: str
-    model_name: str
-    declared_bytes: int | None
-    observed_peak_bytes: int | None = None
-    utilization_percent: int | None = None
-    recommended_bytes: int | None = None
-    recommendation: str | None = None
-    last_observation: str | None = None
-    replicas: int = 0
-    ready_replicas: int = 0
-    source: str = "none"
-
-    def as_json(self) -> dict[str, Any]:
-        """The body of `GET /models/{name}/metrics` (bytes as integers, and formatted for people)."""
-
-        def fmt(n: int | None) -> str | None:
-            return None if n is None else format_bytes(n)
-
-        ratio = None
-        if self.declared_bytes and self.observed_peak_bytes is not None:
-            ratio = round(self.observed_peak_bytes / self.declared_bytes, 4)
-        return {
-            "model": self.name,
-            "namespace": self.namespace,
-            "modelName": self.model_name,
-            "declaredMemory": fmt(self.declared_bytes),
-            "declaredMemoryBytes": self.declared_bytes,
-            "observedPeakMemory": fmt(self.observed_peak_bytes),
-            "observedPeakMemoryBytes": self.observed_peak_bytes,
-            "utilizationPercent": self.utilization_percent,
-            "utilizationRatio": ratio,
-            "recommendedMemory": fmt(self.recommended_bytes),
-            "recommendation": self.recommendation,
-            "lastObservation": self.last_observation,
-            "replicas": self.replicas,
-            "readyReplicas": self.ready_replicas,
-            "source": self.source,
-        }
-
-
-class MemoryCollector(Collector):
-    """The three per-model memory gauges, built from the current records at each scrape."""
-
-    def __init__(self, models: Callable[[], Sequence[ModelMemory]]) -> None:
-        self._models = models
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["model", "namespace"]
-        declared = GaugeMetricFamily(
-            "inference_model_memory_declared_bytes",
-            "Memory declared in the InferenceModel (spec.memory)",
-            labels=labels,
-        )
-        peak = GaugeMetricFamily(
-            "inference_model_memory_observed_peak_bytes", "Peak memory one replica was observed to use", labels=labels
-        )
-        ratio = GaugeMetricFamily(
-            "inference_model_memory_utilization_ratio", "Observed peak divided by declared memory", labels=labels
-        )
-        for m in self._models():
-            values = [m.name, m.namespace]
-            if m.declared_bytes is not None:
-                declared.add_metric(values, float(m.declared_bytes))
-            if m.observed_peak_bytes is not None:
-                peak.add_metric(values, float(m.observed_peak_bytes))
-                if m.declared_bytes:
-                    ratio.add_metric(values, m.observed_peak_bytes / m.declared_bytes)
-        yield declared
-        yield peak
-        yield ratio
 
 
 class ControllerMetrics:
@@ -172,7 +93,7 @@ def create_app(settings: MetricsSettings) -> Flask:
                 f"InferenceModel {name!r} exists in namespaces {spaces}: "
                 f"add ?namespace= or use /models/NS/{name}/metrics",
             )
-        return json_response(found[0].as_json())
+        return json_response(metrics_body(found[0]))
 
     @app.get("/models/<name>/metrics")
     def model_metrics(name: str) -> Response:

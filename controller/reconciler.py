@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from budget import BudgetError, format_duration, parse_quantity
+from budget.advice import ModelMemory
 from budget.objects import LABEL_MODEL, model_from_inferencemodel, rfc3339
 from budget.view import model_key
 from controller import translate as tr
@@ -26,7 +27,7 @@ from controller.events import EventRecorder, EventType
 from controller.guard import FightGuard, digest
 from controller.idle import idle_verdict
 from controller.kube import Kube
-from controller.metrics import ControllerMetrics, ModelMemory
+from controller.metrics import ControllerMetrics
 from controller.observations import ObservationStore
 from controller.queue import WorkQueue
 from controller.settings import ReconcileSettings

@@ -19,20 +19,29 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from budget import ClusterView, Placement, UnknownModelError, advise, decide_scale, format_bytes, idle_seconds
+from budget import (
+    ClusterView,
+    ModelMemory,
+    Placement,
+    UnknownModelError,
+    advise,
+    decide_scale,
+    format_bytes,
+    idle_seconds,
+    metrics_body,
+)
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
 from proxy.app import create_app, error_response, proxy_of
 from proxy.scaler import ScaleDenied, ScalerUnavailable
+from serving.metrics import MemoryCollector
 
 if TYPE_CHECKING:
     from proxy.settings import ProxySettings
@@ -56,22 +65,6 @@ class _Pending:
     serial: int
     node: str
     decided_at: float
-
-
-@dataclass(frozen=True)
-class ModelMemory:
-    """Declared and observed memory of one model, the local twin of the InferenceModel status fields."""
-
-    model: str
-    state: str
-    replicas: int
-    ready_replicas: int
-    declared_bytes: int
-    observed_bytes: int | None
-    observed_peak_bytes: int | None
-    source: str | None
-    last_observation: float | None
-    last_failure: str | None = None
 
 
 class LocalScaler:
@@ -251,22 +244,30 @@ class LocalScaler:
     # -- observation ------------------------------------------------------------------------------
 
     def memory(self, model_ref: str) -> ModelMemory:
-        """Declared and observed memory of one model (raises UnknownModelError)."""
+        """Declared and observed memory of one model, with the budget's advice (raises UnknownModelError)."""
         model = self._model(model_ref)
         state = self.state(model.key)
         with self._cond:
             sample = self._observed.get(model.key)
+            peak = self._peak_bytes.get(model.key)
+            observed_at = self._last_observation.get(model.key)
+            advice = advise(model.name, model.memory_bytes, peak) if peak is not None else None
             return ModelMemory(
-                model=model.name,
-                state=state,
+                namespace=NAMESPACE,
+                name=model.name,
+                model_name=model.name,
+                declared_bytes=model.memory_bytes,
+                observed_peak_bytes=peak,
+                utilization_percent=advice.utilization_percent if advice else None,
+                recommended_bytes=advice.recommendation_bytes if advice else None,
+                recommendation=advice.recommendation if advice else None,
+                last_observation=rfc3339(observed_at) if observed_at is not None else None,
                 replicas=sum(1 for p in self._replicas[model.key] if p.phase is not Phase.STOPPING)
                 + len(self._pending[model.key]),
                 ready_replicas=sum(1 for p in self._replicas[model.key] if p.phase is Phase.READY),
-                declared_bytes=model.memory_bytes,
+                source=sample.source if sample else "none",
+                state=state,
                 observed_bytes=sample.memory_bytes if sample else None,
-                observed_peak_bytes=self._peak_bytes.get(model.key),
-                source=sample.source if sample else None,
-                last_observation=self._last_observation.get(model.key),
                 last_failure=self._failure.get(model.key),
             )
 
@@ -426,79 +427,11 @@ class LocalScaler:
                 log.exception("local supervisor iteration failed")
 
 
-def metrics_body(memory: ModelMemory) -> dict[str, Any]:
-    """The JSON of `GET /models/{name}/metrics`: the controller's fields, plus the live state and current use."""
-    peak = memory.observed_peak_bytes
-    advice = advise(memory.model, memory.declared_bytes, peak) if peak is not None else None
-    return {
-        "model": memory.model,
-        "namespace": NAMESPACE,
-        "modelName": memory.model,
-        "declaredMemory": format_bytes(memory.declared_bytes),
-        "declaredMemoryBytes": memory.declared_bytes,
-        "observedPeakMemory": format_bytes(_round_up_mi(peak)) if peak is not None else None,
-        "observedPeakMemoryBytes": peak,
-        "utilizationPercent": advice.utilization_percent if advice else None,
-        "utilizationRatio": round(advice.utilization_ratio, 4) if advice else None,
-        "recommendedMemory": format_bytes(advice.recommendation_bytes)
-        if advice and advice.recommendation_bytes
-        else None,
-        "recommendation": advice.recommendation if advice else None,
-        "lastObservation": rfc3339(memory.last_observation) if memory.last_observation is not None else None,
-        "replicas": memory.replicas,
-        "readyReplicas": memory.ready_replicas,
-        "source": memory.source or "none",
-        "state": memory.state,
-        "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
-        "observedMemoryBytes": memory.observed_bytes,
-        # Why the last process ended without being asked to (exit code and its last output line).
-        "lastFailure": memory.last_failure,
-    }
-
-
-def _round_up_mi(n: int) -> int:
-    return -(-n // 2**20) * 2**20
-
-
 def resolve_command(argv: list[str]) -> list[str]:
     """`ibc ...` runs as this interpreter's `python -m ibc ...`: the same install, with or without PATH."""
     if argv and argv[0] == "ibc":
         return [sys.executable, "-m", "ibc", *argv[1:]]
     return argv
-
-
-class LocalMemoryCollector(Collector):
-    """The controller's three `inference_model_memory_*` gauges (plus current use), read at each scrape."""
-
-    def __init__(self, scaler: LocalScaler) -> None:
-        self._scaler = scaler
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["model", "namespace"]
-        declared = GaugeMetricFamily(
-            "inference_model_memory_declared_bytes",
-            "Memory declared in the local config (models[].memory)",
-            labels=labels,
-        )
-        peak = GaugeMetricFamily(
-            "inference_model_memory_observed_peak_bytes", "Peak memory one replica was observed to use", labels=labels
-        )
-        ratio = GaugeMetricFamily(
-            "inference_model_memory_utilization_ratio", "Observed peak divided by declared memory", labels=labels
-        )
-        current = GaugeMetricFamily(
-            "inference_model_memory_observed_bytes", "Memory the largest replica uses now", labels=labels
-        )
-        for model in self._scaler.config.models:
-            memory = self._scaler.memory(model.key)
-            values = [model.name, NAMESPACE]
-            declared.add_metric(values, float(memory.declared_bytes))
-            if memory.observed_peak_bytes is not None:
-                peak.add_metric(values, float(memory.observed_peak_bytes))
-                ratio.add_metric(values, memory.observed_peak_bytes / memory.declared_bytes)
-            if memory.observed_bytes is not None:
-                current.add_metric(values, float(memory.observed_bytes))
-        yield from (declared, peak, ratio, current)
 
 
 def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
@@ -514,7 +447,13 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
         return Response(json.dumps(metrics_body(memory)), 200, mimetype="application/json")
 
     app.add_url_rule("/models/<name>/metrics", "local_model_metrics", proxy.require_key(model_metrics), methods=["GET"])
-    proxy.metrics.registry.register(LocalMemoryCollector(scaler))
+    proxy.metrics.registry.register(
+        MemoryCollector(
+            lambda: [scaler.memory(m.key) for m in scaler.config.models],
+            declared_help="Memory declared in the local config (models[].memory)",
+            current=True,
+        )
+    )
     app.extensions["ibc_local"] = scaler
 
 

@@ -4,9 +4,14 @@ workers (`PROMETHEUS_MULTIPROC_DIR` set by `serving.runner`), every worker's val
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from budget.advice import ModelMemory
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -21,3 +26,46 @@ def render(registry: CollectorRegistry, *, multiprocess: bool | None = None) -> 
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class MemoryCollector(Collector):
+    """The per-model memory gauges (`inference_model_memory_*`), built from the current records at each
+    scrape, so a deleted model's series disappear with it; the controller and local mode both serve them.
+    `current=True` adds the memory in use now (local mode samples it)."""
+
+    def __init__(
+        self,
+        models: Callable[[], Iterable[ModelMemory]],
+        *,
+        declared_help: str = "Memory declared in the InferenceModel (spec.memory)",
+        current: bool = False,
+    ) -> None:
+        self._models = models
+        self._declared_help = declared_help
+        self._current = current
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "namespace"]
+        declared = GaugeMetricFamily("inference_model_memory_declared_bytes", self._declared_help, labels=labels)
+        peak = GaugeMetricFamily(
+            "inference_model_memory_observed_peak_bytes", "Peak memory one replica was observed to use", labels=labels
+        )
+        ratio = GaugeMetricFamily(
+            "inference_model_memory_utilization_ratio", "Observed peak divided by declared memory", labels=labels
+        )
+        now = GaugeMetricFamily(
+            "inference_model_memory_observed_bytes", "Memory the largest replica uses now", labels=labels
+        )
+        for m in self._models():
+            values = [m.name, m.namespace]
+            if m.declared_bytes is not None:
+                declared.add_metric(values, float(m.declared_bytes))
+            if m.observed_peak_bytes is not None:
+                peak.add_metric(values, float(m.observed_peak_bytes))
+                if m.declared_bytes:
+                    ratio.add_metric(values, m.observed_peak_bytes / m.declared_bytes)
+            if m.observed_bytes is not None:
+                now.add_metric(values, float(m.observed_bytes))
+        yield from (declared, peak, ratio)
+        if self._current:
+            yield now

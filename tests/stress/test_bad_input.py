@@ -32,9 +32,9 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
 from budget import ClusterView, Model, Node
+from budget import ModelMemory as ControllerModelMemory
 from budget.objects import ANNOTATION_CAPACITY, ANNOTATION_MEMORY, LABEL_MODEL
 from controller.metrics import MetricsSettings
-from controller.metrics import ModelMemory as ControllerModelMemory
 from controller.metrics import create_app as controller_app
 from extender import CacheSource
 from extender import Settings as ExtenderSettings

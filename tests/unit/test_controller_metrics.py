@@ -6,14 +6,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.metrics import (
-    ControllerMetrics,
-    MemoryCollector,
-    MetricsSettings,
-    ModelMemory,
-    create_app,
-)
+from budget import ModelMemory
+from controller.metrics import ControllerMetrics, MetricsSettings, create_app
 from serving.bind import parse_bind
+from serving.metrics import MemoryCollector
 
 pytestmark = pytest.mark.unit
 

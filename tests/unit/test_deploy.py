@@ -743,9 +743,10 @@ def exported_metric_names() -> set[str]:
     """Every series name the components export, read from live collectors (no server needed)."""
     from prometheus_client import CollectorRegistry
 
-    from controller.metrics import ControllerMetrics, MemoryCollector
+    from controller.metrics import ControllerMetrics
     from extender.metrics import Metrics as ExtenderMetrics
     from proxy.metrics import ProxyMetrics
+    from serving.metrics import MemoryCollector
     from webhook.metrics import Metrics as WebhookMetrics
 
     registry = CollectorRegistry()

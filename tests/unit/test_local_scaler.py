@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from budget import UnknownModelError, explain
+from budget import UnknownModelError, explain, metrics_body
 from local.config import parse_config
 from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError
-from local.scaler import LocalScaler, metrics_body, resolve_command
+from local.scaler import LocalScaler, resolve_command
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 pytestmark = pytest.mark.unit
