@@ -65,7 +65,8 @@ class Decision:
     placements: Mapping[str, int] = field(default_factory=dict)  # node -> new replicas placed there
 
 
-def _pool_name(selector: Mapping[str, str]) -> str:
+def pool_name(selector: Mapping[str, str]) -> str:
+    """How a pool is named in messages and status: its nodeSelector, or "all budgeted nodes"."""
     if not selector:
         return "all budgeted nodes"
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -155,6 +156,30 @@ def _retry_after(blocking: tuple[Blocking, ...], default: int) -> int:
     return max(1, math.ceil(min(known)))
 
 
+def free_after_admitted(
+    view: ClusterView, now: float, *, exclude: str = ""
+) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
+    """Free bytes per budgeted node once the replicas other models were admitted for, but that hold no
+    memory yet, are placed (first-fit-decreasing), and where they land as (model key, node, bytes).
+
+    `exclude` is the model being decided: its own missing replicas are the question, not the ground.
+    """
+    free = view.free_bytes(now)
+    pending: list[tuple[int, str, Model]] = []
+    for other in view.models.values():
+        if other.key == exclude or other.memory_bytes <= 0:
+            continue
+        missing = other.replicas - _held(view, other.key, now)
+        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
+    pending.sort(key=lambda item: (-item[0], item[1]))
+    landed: list[tuple[str, str, int]] = []
+    for memory, other_key, other in pending:
+        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
+        if node is not None:
+            landed.append((other_key, node, memory))
+    return free, landed
+
+
 def decide_scale(
     view: ClusterView,
     model_ref: str,
@@ -171,22 +196,12 @@ def decide_scale(
         raise BudgetError(f"replicas must be a non-negative integer, got {replicas!r}")
     key = model.key
     name = model.model_name or model.name
-    pool = _pool_name(model.node_selector)
+    pool = pool_name(model.node_selector)
     pool_nodes = _candidates(view.nodes, model.node_selector)
-    free = view.free_bytes(now)
-
-    # Replicas other models were admitted for but do not hold memory yet go first, largest first.
-    pending: list[tuple[int, str, Model]] = []
-    for other in view.models.values():
-        if other.key == key or other.memory_bytes <= 0:
-            continue
-        missing = other.replicas - _held(view, other.key, now)
-        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
-    pending.sort(key=lambda item: (-item[0], item[1]))
+    free, landed = free_after_admitted(view, now, exclude=key)
     starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
-    for memory, other_key, other in pending:
-        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
-        if node is not None and node in pool_nodes:
+    for other_key, where, memory in landed:
+        if where in pool_nodes:
             starting[other_key] = starting.get(other_key, 0) + memory
 
     available = max((free[n] for n in pool_nodes), default=0)

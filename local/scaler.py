@@ -96,6 +96,7 @@ class LocalScaler:
         self._serial = 0
         self._last_request: dict[str, float] = {}
         self._failure: dict[str, str] = {}
+        self._halted: set[str] = set()  # stopped by hand since their last start
         self._observed: dict[str, MemorySample] = {}
         self._peak_bytes: dict[str, int] = {}
         self._last_observation: dict[str, float] = {}
@@ -173,6 +174,7 @@ class LocalScaler:
                     self._serial += 1
                     granted.append(_Pending(self._serial, node, now))
             self._pending[model.key].extend(granted)
+            self._halted.discard(model.key)
             self._view = None
         errors = []
         for pending in granted:
@@ -207,6 +209,8 @@ class LocalScaler:
                 starting = self._pending[model.key] or any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
                     raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
+                if not starting and model.key in self._halted:
+                    raise ScalerUnavailable(f"{model.name} was stopped by hand while it started")
                 if self._closing:
                     raise ScalerUnavailable("ibc local is shutting down")
                 remaining = deadline - time.monotonic()
@@ -318,17 +322,29 @@ class LocalScaler:
                 idle_for = idle_seconds(view_model, [p.started_at for p in plist], now)
                 if idle_for < model.cooldown_seconds:
                     continue
-                log.info(
-                    "%s idle for %ds (cooldown %ds): stopping it to free %s",
-                    model.name,
-                    idle_for,
-                    model.cooldown_seconds,
-                    format_bytes(model.memory_bytes * len(ready)),
-                )
-                for proc in ready:
-                    self._runtime.stop(proc)
+                why = f"idle for {int(idle_for)}s (cooldown {int(model.cooldown_seconds)}s)"
+                self._stop_locked(model, ready, why)
                 stopped.append(model.name)
         return stopped
+
+    def stop_model(self, model_ref: str) -> int:
+        """Stop a model by hand (`POST /models/{name}/stop`): its cooldown's stop path, now, for every
+        replica that is starting or ready. Returns how many were asked to stop (0: nothing running)."""
+        model = self._model(model_ref)
+        with self._cond:
+            self._prune_locked()
+            live = [p for p in self._replicas[model.key] if p.phase in (Phase.STARTING, Phase.READY)]
+            if live:
+                self._halted.add(model.key)  # requests held for a start that is stopped now get told so
+                self._stop_locked(model, live, "stopped by hand")
+            return len(live)
+
+    def _stop_locked(self, model: LocalModel, procs: list[ManagedProcess], why: str) -> None:
+        """The one stop path: log what it frees, then SIGTERM (SIGKILL after the grace period)."""
+        log.info("%s %s: stopping it to free %s", model.name, why, format_bytes(model.memory_bytes * len(procs)))
+        for proc in procs:
+            self._runtime.stop(proc)
+        self._cond.notify_all()
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -462,6 +478,6 @@ def create_local_app(
 ) -> tuple[Flask, LocalScaler]:
     """The proxy's app with the local scaler (started here) and the local routes; the caller closes the scaler."""
     scaler = (scaler or LocalScaler(config)).start()
-    app = create_app(settings, scaler)
+    app = create_app(settings, scaler, source="ibc local")
     add_local_routes(app, scaler)
     return app, scaler

@@ -31,10 +31,12 @@ from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
+from proxy.control import add_control_routes
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
+from proxy.status import RefusalLog, add_status_routes
 from serving.http import add_json_errors, add_metrics, add_probes
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ class ProxyApp:
         )
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
+        self.refusals = RefusalLog()  # the last refusal per model, for GET /status
 
     # ----- small endpoints -----
     def not_ready(self) -> str | None:
@@ -425,6 +428,7 @@ class ProxyApp:
                 404, error_body(404, f"The model `{label}` does not exist.", "model_not_found", "model")
             )
         if not decision.allowed:
+            self.refusals.record(decision)
             self.metrics.reject(label, "insufficient_memory")
             self.metrics.count_request(label, 429)
             return too_many_answer(decision)
@@ -439,6 +443,7 @@ class ProxyApp:
             self.cold.scale_up(key, replicas, self.settings.cold_start_timeout_seconds)
         except ScaleDenied as exc:
             ticket.release()
+            self.refusals.record(exc.decision)
             self.metrics.reject(label, "scale_denied")
             self.metrics.count_request(label, 429)
             return too_many_answer(exc.decision)
@@ -605,8 +610,12 @@ def create_app(
     *,
     transport: httpx.BaseTransport | None = None,
     metrics: ProxyMetrics | None = None,
+    source: str = "ibc proxy",
 ) -> Flask:
-    """The proxy as a Flask app; `app.extensions["ibc_proxy"]` is its :class:`ProxyApp` (tests read it)."""
+    """The proxy as a Flask app; `app.extensions["ibc_proxy"]` is its :class:`ProxyApp` (tests read it).
+
+    `source` names the process in `GET /status` (`ibc proxy` or `ibc local`).
+    """
     proxy = ProxyApp(settings, scaler, transport=transport, metrics=metrics)
     app = Flask("ibc-proxy")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -615,6 +624,9 @@ def create_app(
     add_metrics(app, proxy.metrics.registry)
     app.add_url_rule("/v1/models", "list_models", proxy.require_key(proxy.list_models), methods=["GET"])
     app.add_url_rule("/v1/models/<path:ref>", "get_model", proxy.require_key(proxy.get_model), methods=["GET"])
+    add_status_routes(app, proxy, source=source)
+    if callable(getattr(scaler, "stop_model", None)):  # a scaler that can stop a model by hand (local mode)
+        add_control_routes(app, proxy)
     # POST /v1/* is answered by `proxy.wsgi` before Flask sees it (see ProxyApp.wsgi); the rule stays
     # so Flask answers other methods on these paths with 405, and serves the route if ever reached.
     app.add_url_rule(
