@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from budget.advice import Advice, advise
+from budget.advice import MI, Advice, advise
 from budget.decide import Blocking, Decision, decide_scale, explain, free_after_admitted, idle_seconds, pool_name
 from budget.errors import BudgetError
 from budget.quantity import format_bytes, format_duration, parse_quantity
@@ -124,11 +124,9 @@ def _state(model: Model, placed: int, ready: int, scaler_state: str | None) -> s
     """The scaler's word when it has one (it knows failures); else what the view shows."""
     if scaler_state in STATES:
         return scaler_state
-    if ready:
-        return "ready"
-    if model.replicas > 0:
-        return "starting"
-    return "stopping" if placed else "stopped"
+    if model.replicas == 0:
+        return "stopping" if placed else "stopped"  # scaled to zero: its pods still hold memory until gone
+    return "ready" if ready else "starting"
 
 
 def build_status(view: ClusterView, now: float, counters: Counters | None = None, *, source: str = "") -> Status:
@@ -253,6 +251,11 @@ def format_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _peak(n: int | None) -> str | None:
+    """An observed peak for people: rounded up to whole Mi (a peak of 22144Ki reads 22Mi)."""
+    return None if n is None else format_bytes(-(-n // MI) * MI)
+
+
 def _duration(seconds: float | None) -> str | None:
     return None if seconds is None else format_duration(seconds)
 
@@ -315,7 +318,7 @@ def _model_body(m: ModelStatus, now: float) -> dict[str, Any]:
         "held_requests": m.held_requests,
         "queue_limit": m.queue_limit,
         "last_refusal": _refusal_body(m.last_refusal, now) if m.last_refusal else None,
-        "observed_peak": format_bytes(m.observed_peak_bytes) if m.observed_peak_bytes is not None else None,
+        "observed_peak": _peak(m.observed_peak_bytes),
         "observed_peak_bytes": m.observed_peak_bytes,
         "advice": None,
         "next_start": None,
@@ -369,10 +372,13 @@ def status_body(status: Status) -> dict[str, Any]:
 
 
 def observed_peaks(objects: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """`status.observedPeakMemory` of InferenceModel objects (the controller writes it), by model key."""
+    """`status.observedPeakMemory` of InferenceModel objects (the controller writes it), by model key.
+
+    Objects of other kinds are skipped; objects without a `kind` (items of a list) count as InferenceModels.
+    """
     peaks: dict[str, int] = {}
     for obj in objects:
-        if obj.get("kind") != "InferenceModel":
+        if obj.get("kind", "InferenceModel") != "InferenceModel":  # list items carry no kind
             continue
         meta = obj.get("metadata") or {}
         peak = (obj.get("status") or {}).get("observedPeakMemory") if isinstance(obj.get("status"), dict) else None

@@ -16,6 +16,9 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ibc.commands.plan", "what-if: would scaling a model fit the cluster snapshot? (exit 0 fits, 1 not)"),
     "local": ("ibc.commands.local", "run the proxy, the budget and models as local processes (no cluster)"),
+    "status": ("ibc.commands.status", "show the memory budget: nodes, models, timers, held requests, refusals"),
+    "start": ("ibc.commands.control", "start a model now if the budget allows (ibc local, or a cluster)"),
+    "stop": ("ibc.commands.control", "stop a model now and free its memory (ibc local, or a cluster)"),
     "proxy": ("ibc.commands.proxy", "OpenAI-compatible proxy: route by model, scale from zero, explained 429"),
     "extender": ("ibc.commands.extender", "kube-scheduler extender: filter, prioritize, bind by memory budget"),
     "webhook": ("ibc.commands.webhook", "validating admission webhook for InferenceModels and model Deployments"),
