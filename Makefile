@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools bench clean
+.PHONY: setup run plan test lint unit kube-binaries tools browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,8 +36,12 @@ kube-binaries:
 tools: setup
 	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
 
-## test: every gate and every tier: lint, unit, integration, cluster (and stress, bounded)
-test: lint kube-binaries tools
+## browser: Debian's chromium and chromium-driver for the status page's browser test (quick when present)
+browser:
+	bash tests/browser/install-chromium.sh
+
+## test: every gate and every tier: lint, unit, integration (with the browser test), cluster (and stress, bounded)
+test: lint kube-binaries tools browser
 	$(BIN)/python -m pytest -m "unit or integration or cluster or stress" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
