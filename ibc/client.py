@@ -26,6 +26,10 @@ class ClientError(Exception):
     """The proxy could not be reached, or answered something else than expected (message is one line)."""
 
 
+class InputError(ClientError):
+    """A flag's value cannot be used (a missing key file, a malformed URL): the command exits 2."""
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int
@@ -51,10 +55,10 @@ def api_key(path: str | None) -> str | None:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise ClientError(f"--api-key-file {path}: {exc.strerror or exc}") from exc
+            raise InputError(f"--api-key-file {path}: {exc.strerror or exc}") from exc
         keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
-            raise ClientError(f"--api-key-file {path}: no key in the file")
+            raise InputError(f"--api-key-file {path}: no key in the file")
         return keys[0]
     return os.environ.get(KEY_ENV) or None
 
@@ -76,9 +80,9 @@ def call(
     try:
         response = httpx.request(method, target, headers=headers, params=params, timeout=timeout_seconds)
     except httpx.InvalidURL as exc:
-        raise ClientError(f"--url {url}: {exc}") from exc
+        raise InputError(f"--url {url}: {exc}") from exc
     except httpx.UnsupportedProtocol as exc:
-        raise ClientError(f"--url {url}: give http:// or https:// ({exc})") from exc
+        raise InputError(f"--url {url}: give http:// or https:// ({exc})") from exc
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach {url}: {exc} (is `ibc local` or `ibc proxy` running there?)") from exc
     try:

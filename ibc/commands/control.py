@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from ibc.client import DEFAULT_URL, ClientError, add_client_arguments, api_key, call, error_message
+from ibc.client import DEFAULT_URL, ClientError, InputError, add_client_arguments, api_key, call, error_message
 
 SCALE_TIMEOUT_SECONDS = 10.0
 
@@ -129,4 +129,4 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _via_cluster(verb, args) if args.kubeconfig else _via_proxy(verb, args)
     except ClientError as exc:
-        return _fail(verb, str(exc), 1)
+        return _fail(verb, str(exc), 2 if isinstance(exc, InputError) else 1)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ibc.client import DEFAULT_URL, ClientError, add_client_arguments, api_key, call, error_message
+from ibc.client import DEFAULT_URL, ClientError, InputError, add_client_arguments, api_key, call, error_message
 
 BAR_WIDTH = 40
 DEFAULT_WATCH_SECONDS = 2.0
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     except BudgetError as exc:
         return _fail(str(exc))
     except ClientError as exc:
-        return _fail(str(exc), 1)
+        return _fail(str(exc), 2 if isinstance(exc, InputError) else 1)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -282,3 +282,29 @@ def test_ibc_status_bad_input_is_one_line(argv, said, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and said in err and len(err.splitlines()) == 1, err
     assert err.startswith("ibc status: ")
+
+
+def test_docs_show_the_golden_output():
+    """docs/status.md shows `ibc status` as it prints (the golden file), so the docs cannot drift."""
+    docs = (ROOT / "docs" / "status.md").read_text()
+    assert (FIXTURES / "seed-status.txt").read_text() in docs
+    for image in ("status-page.png", "status-page-phone.png"):
+        assert image in docs and (ROOT / "docs" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+BAD_CONTROL = [
+    ("wait-negative", ["start", "model-a", "--wait", "-1"], "--wait -1"),
+    ("wait-too-long", ["start", "model-a", "--wait", "99999"], "--wait 99999"),
+    ("url-and-kubeconfig", ["stop", "model-a", "--url", "http://x", "--kubeconfig", "/k"], "not both"),
+    ("missing-kubeconfig", ["stop", "model-a", "--kubeconfig", "/nonexistent"], "no such file"),
+    ("missing-key-file", ["start", "model-a", "--api-key-file", "/nonexistent"], "--api-key-file /nonexistent"),
+    ("url-without-scheme", ["stop", "model-a", "--url", "127.0.0.1:8080"], "--url 127.0.0.1:8080"),
+]
+
+
+@pytest.mark.parametrize(("argv", "said"), [b[1:] for b in BAD_CONTROL], ids=[b[0] for b in BAD_CONTROL])
+def test_ibc_start_stop_bad_input_is_one_line(argv, said, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1 and err.startswith(f"ibc {argv[0]}: "), err
+    assert code == 2
