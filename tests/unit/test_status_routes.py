@@ -97,3 +97,21 @@ def test_the_page_is_self_contained_and_holds_no_data(runtime):  # noqa: F811 (f
     assert 'fetch("status"' in html and "model-a" not in html  # the data comes from /status, behind the key
     for external in ("http://", "https://", "<link", "src="):  # nothing loaded from elsewhere
         assert external not in html, external
+
+
+def test_the_kubernetes_proxy_serves_status_but_no_manual_control():
+    """`ibc proxy` (any scaler without `stop_model`): /status and the page, but replicas change via the API."""
+    from proxy.static_scaler import StaticScaler
+    from tests.unit.test_proxy_app import make_client, seed_view
+
+    client, _, _ = make_client(StaticScaler(seed_view(), {"default/model-a": ["http://10.0.0.1:8000"]}))
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 429
+    doc = client.get("/status").get_json()
+    assert doc["source"] == "ibc proxy"
+    models = {m["name"]: m for m in doc["models"]}
+    assert models["model-b"]["last_refusal"]["available"] == refused.get_json()["available"] == "48Gi"
+    assert models["model-a"]["state"] == "ready" and 120 <= models["model-a"]["idle_for_seconds"] < 180
+    assert client.get("/").status_code == 200
+    missing = client.post("/models/model-a/stop")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "not_found"
