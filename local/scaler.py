@@ -38,6 +38,7 @@ from budget import (
 )
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
+from local.control import add_control_routes
 from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
 from proxy.app import create_app, error_response, proxy_of
 from proxy.scaler import ScaleDenied, ScalerUnavailable
@@ -451,8 +452,9 @@ def resolve_command(argv: list[str]) -> list[str]:
 
 
 def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
-    """Add `GET /models/{name}/metrics` and the memory gauges to an app built by `proxy.app.create_app`,
-    through the proxy's public hooks: its API-key check and its metrics registry."""
+    """Add `GET /models/{name}/metrics`, manual start/stop (`local.control`) and the memory gauges to an
+    app built by `proxy.app.create_app`, through the proxy's public hooks: its API-key check and its
+    metrics registry."""
     proxy = proxy_of(app)
 
     def model_metrics(name: str) -> Response:
@@ -463,6 +465,7 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
         return Response(json.dumps(metrics_body(memory)), 200, mimetype="application/json")
 
     app.add_url_rule("/models/<name>/metrics", "local_model_metrics", proxy.require_key(model_metrics), methods=["GET"])
+    add_control_routes(app, scaler)
     proxy.metrics.registry.register(
         MemoryCollector(
             lambda: [scaler.memory(m.key) for m in scaler.config.models],

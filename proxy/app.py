@@ -31,7 +31,6 @@ from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
-from proxy.control import add_control_routes
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
@@ -625,8 +624,6 @@ def create_app(
     app.add_url_rule("/v1/models", "list_models", proxy.require_key(proxy.list_models), methods=["GET"])
     app.add_url_rule("/v1/models/<path:ref>", "get_model", proxy.require_key(proxy.get_model), methods=["GET"])
     add_status_routes(app, proxy, source=source)
-    if callable(getattr(scaler, "stop_model", None)):  # a scaler that can stop a model by hand (local mode)
-        add_control_routes(app, proxy)
     # POST /v1/* is answered by `proxy.wsgi` before Flask sees it (see ProxyApp.wsgi); the rule stays
     # so Flask answers other methods on these paths with 405, and serves the route if ever reached.
     app.add_url_rule(

@@ -15,15 +15,16 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response
 
 from budget import Decision
 from budget.status import Counters, Refusal, build_status, observed_peaks, status_body
 
-if TYPE_CHECKING:
-    from proxy.app import ProxyApp
+# The ProxyApp these functions read (its scaler, waiting rooms, settings, refusals and auth hook) is
+# typed Any: proxy.app imports this module, and a type-only import back would be an import cycle.
+ProxyApp = Any
 
 PAGE_RESOURCE = "status_page.html"
 # The page is static: caching it briefly is harmless; the data comes from /status, never cached.
@@ -88,13 +89,11 @@ def add_status_routes(app: Flask, proxy: ProxyApp, *, source: str) -> None:
     page = page_html()
 
     def status() -> Response:
-        if not proxy.authorized():
-            return proxy.unauthorized()
         body = json.dumps(status_document(proxy, source))
         return Response(body, 200, mimetype="application/json", headers=[("Cache-Control", "no-store")])
 
     def index() -> Response:
         return Response(page, 200, mimetype="text/html", headers=PAGE_HEADERS)
 
-    app.add_url_rule("/status", "status", status, methods=["GET"])
+    app.add_url_rule("/status", "status", proxy.require_key(status), methods=["GET"])
     app.add_url_rule("/", "status_page", index, methods=["GET"])

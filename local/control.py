@@ -1,10 +1,10 @@
-"""Manual start and stop: `POST /models/{name}/start` and `POST /models/{name}/stop` (local mode).
+"""Manual start and stop in local mode: `POST /models/{name}/start` and `POST /models/{name}/stop`.
 
-A start is the request path's start without a request: the scaler's `scale_up`, which decides with
-`budget.decide_scale` (a refusal is the same explained 429, and becomes the model's last refusal in
-`GET /status`). A stop is the scaler's `stop_model`, the path its cooldown takes. Registered only
-when the scaler can stop a model by hand (`stop_model`); in a cluster `ibc stop` scales the
-InferenceModel to 0 through the API instead.
+A start is the request path's start without a request: the local scaler's `scale_up`, which decides
+with `budget.decide_scale` (a refusal is the same explained 429, and becomes the model's last refusal
+in `GET /status`). A stop is the scaler's `stop_model`, the path its cooldown takes. Added through the
+proxy's public hooks (`proxy_of`, `require_key`); in a cluster `ibc stop` scales the InferenceModel to
+0 through the API instead, so the proxy has no such routes.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from flask import Flask, Response, request
 
 from budget import Model
+from proxy.app import error_response, proxy_of, too_many_answer
 from proxy.scaler import ScaleDenied, ScalerUnavailable
-
-if TYPE_CHECKING:
-    from proxy.app import ProxyApp
 
 JSON = "application/json"
 
@@ -29,17 +27,14 @@ def _json(status: int, body: object) -> Response:
     return Response(json.dumps(body), status, mimetype=JSON)
 
 
-def add_control_routes(app: Flask, proxy: ProxyApp) -> None:
-    """Add the start and stop routes (same API-key rule as /v1)."""
-    from proxy.app import error_response, too_many_answer
-
-    scaler = proxy.scaler
+def add_control_routes(app: Flask, scaler: Any) -> None:
+    """Add the start and stop routes to an app `proxy.app.create_app` built around the local scaler
+    (same API-key rule as /v1)."""
+    proxy = proxy_of(app)
     limit = proxy.settings.cold_start_timeout_seconds
 
     def find(name: str) -> Model | Response:
-        """The model, or the 401 / 404 answer."""
-        if not proxy.authorized():
-            return proxy.unauthorized()
+        """The model, or the 404 answer."""
         model = proxy.router.find(name)
         if model is None:
             return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
@@ -81,9 +76,9 @@ def add_control_routes(app: Flask, proxy: ProxyApp) -> None:
         model = find(name)
         if isinstance(model, Response):
             return model
-        stopping = scaler.stop_model(model.key)  # type: ignore[attr-defined]
+        stopping = scaler.stop_model(model.key)
         body = {"model": model.model_name or model.name, "key": model.key, "state": scaler.state(model.key)}
         return _json(202 if stopping else 200, {**body, "stopping": stopping})
 
-    app.add_url_rule("/models/<name>/start", "model_start", start, methods=["POST"])
-    app.add_url_rule("/models/<name>/stop", "model_stop", stop, methods=["POST"])
+    app.add_url_rule("/models/<name>/start", "model_start", proxy.require_key(start), methods=["POST"])
+    app.add_url_rule("/models/<name>/stop", "model_stop", proxy.require_key(stop), methods=["POST"])
