@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
-from budget.advice import MI, Advice, advise
+from budget.advice import MI, SizingAdvice, advise
 from budget.decide import Blocking, Decision, decide_scale, explain, free_after_admitted, idle_seconds, pool_name
 from budget.errors import BudgetError
+from budget.objects import rfc3339
 from budget.quantity import format_bytes, format_duration, parse_quantity
 from budget.view import ClusterView, Model, matches, model_key
 
@@ -101,7 +101,7 @@ class ModelStatus:
     queue_limit: int | None
     last_refusal: Refusal | None
     observed_peak_bytes: int | None
-    advice: Advice | None
+    advice: SizingAdvice | None
     next_start: Decision | None  # for a model holding nothing: would a request start it now?
 
 
@@ -246,11 +246,6 @@ def _model_status(
 # ----- serialization (the JSON of GET /status; `ibc status` and the page read only this) -----
 
 
-def format_time(seconds: float) -> str:
-    """RFC 3339 UTC with whole seconds, as Kubernetes writes times."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _peak(n: int | None) -> str | None:
     """An observed peak for people: rounded up to whole Mi (a peak of 22144Ki reads 22Mi)."""
     return None if n is None else format_bytes(-(-n // MI) * MI)
@@ -289,7 +284,7 @@ def _room(capacity: int, used: int, free: int, placeable: int) -> dict[str, Any]
 def _refusal_body(refusal: Refusal, now: float) -> dict[str, Any]:
     body = explain(refusal.decision)
     return {
-        "at": format_time(refusal.at),
+        "at": rfc3339(refusal.at),
         "at_seconds": refusal.at,
         "ago_seconds": max(0.0, now - refusal.at),
         "reason": refusal.decision.reason,
@@ -347,7 +342,7 @@ def _start_extra(d: Decision) -> dict[str, Any]:
 def status_body(status: Status) -> dict[str, Any]:
     """The JSON document: pools, nodes (with the replicas on each), models (largest holder first)."""
     return {
-        "now": format_time(status.now),
+        "now": rfc3339(status.now),
         "now_seconds": status.now,
         "source": status.source,
         "pools": [

@@ -83,34 +83,26 @@ def _via_proxy(verb: str, args: argparse.Namespace) -> int:
 
 
 def _via_cluster(verb: str, args: argparse.Namespace) -> int:
-    from kubeview.cache import GROUP, PLURAL, VERSION, load_api_client
-    from kubeview.rest import ApiCallError, request_json
+    from kubeview.api import INFERENCE_MODELS, ApiError, Kube, load_api_client
 
     if not Path(args.kubeconfig).is_file():
         return _fail(verb, f"--kubeconfig {args.kubeconfig}: no such file")
     try:
-        api = load_api_client(args.kubeconfig)
+        kube = Kube(load_api_client(args.kubeconfig), timeout_seconds=SCALE_TIMEOUT_SECONDS)
     except Exception as exc:  # the kubernetes client raises its own ConfigException and plain errors
         return _fail(verb, f"--kubeconfig {args.kubeconfig}: {exc}")
-    path = f"/apis/{GROUP}/{VERSION}/namespaces/{args.namespace}/{PLURAL}/{args.model}/scale"
+    path = INFERENCE_MODELS.path(args.namespace, args.model, "scale")
     try:
-        scale = request_json(api, "GET", path, timeout=SCALE_TIMEOUT_SECONDS)
+        scale = kube.get(path)
+        if scale is None:
+            return _fail(verb, f"no InferenceModel {args.namespace}/{args.model}", 1)
         current = int((scale.get("spec") or {}).get("replicas") or 0)
         replicas = 0 if verb == "stop" else max(1, current)
         if replicas != current:
-            request_json(
-                api,
-                "PATCH",
-                path,
-                body={"spec": {"replicas": replicas}},
-                content_type="application/merge-patch+json",
-                timeout=SCALE_TIMEOUT_SECONDS,
-            )
-    except ApiCallError as exc:
-        if exc.status == 404:
-            return _fail(verb, f"no InferenceModel {args.namespace}/{args.model}", 1)
-        if exc.status in (400, 403, 422) and verb == "start":  # the webhook's deny (or RBAC) says why
-            print(f"{args.model}: not started: {exc.message}", file=sys.stderr)
+            kube.merge_patch(path, {"spec": {"replicas": replicas}})
+    except ApiError as exc:
+        if verb == "start" and exc.webhook_denial:  # the admission webhook refused the scale-up: say why
+            print(f"{args.model}: not started: {exc.webhook_denial}", file=sys.stderr)
             return 1
         return _fail(verb, f"{args.namespace}/{args.model}: {exc}", 1)
     if replicas == current:

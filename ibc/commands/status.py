@@ -100,13 +100,14 @@ def _from_cluster(
     kubeconfig: str, namespace: str | None, now: float | None
 ) -> tuple[Callable[[], dict[str, Any]], Any]:
     from budget.status import Counters, build_status, observed_peaks, status_body
-    from kubeview.cache import ClusterCache, load_api_client
+    from kubeview.api import load_api_client
+    from kubeview.cache import ClusterCache
 
     try:
         api = load_api_client(kubeconfig)
     except Exception as exc:  # the kubernetes client raises its own ConfigException and plain errors
         raise ClientError(f"--kubeconfig {kubeconfig}: {exc}") from exc
-    cache = ClusterCache(api, kinds=("Node", "Pod", "Deployment", "InferenceModel"), namespace=namespace)
+    cache = ClusterCache(api, namespace=namespace)  # nodes, model pods, Deployments, InferenceModels
     cache.start()
     if not cache.wait_synced(SYNC_TIMEOUT_SECONDS):
         cache.stop()
