@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools bench clean
+.PHONY: setup run plan test lint unit kube-binaries tools pods-node bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,9 +36,13 @@ kube-binaries:
 tools: setup
 	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
 
-## test: every gate and every tier: lint, unit, integration, cluster (and stress, bounded)
-test: lint kube-binaries tools
-	$(BIN)/python -m pytest -m "unit or integration or cluster or stress" -p no:cacheprovider; \
+## pods-node: the pods profile's real node: Debian packages, kubelet/kube-proxy/containerd, images (cached)
+pods-node: setup kube-binaries tools
+	@bash tests/pods/prepare.sh
+
+## test: every gate and every tier: lint, unit, integration, cluster, pods (and stress, bounded)
+test: lint kube-binaries tools pods-node
+	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 unit: setup
