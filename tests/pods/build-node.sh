@@ -16,12 +16,15 @@
 #        build-node.sh --check    exit 0 if the cached binaries match the pins, 1 otherwise
 set -euo pipefail
 
-KUBE_VERSION=v1.36.3           # must equal tests/cluster/build-kube.sh's pin (same module graph)
 CONTAINERD_VERSION=v2.4.2      # newest containerd 2.x on the Go proxy when pinned (containerdbin/go.mod)
+CONTAINERD_TAGS=no_btrfs,no_zfs,no_devmapper   # no snapshotters needing cgo or kernel features we lack
 BINARIES=(kubelet kube-proxy containerd containerd-shim-runc-v2 ctr pause)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KUBEBIN="$HERE/../cluster/kubebin"
+# The control plane's pin: kubelet and kube-proxy come from the same release and module graph.
+KUBE_VERSION="$(sed -n 's/^KUBE_VERSION=\(v[0-9.]*\).*/\1/p' "$HERE/../cluster/build-kube.sh")"
+KUBE_MINOR="$(cut -d. -f2 <<<"$KUBE_VERSION")"
 CACHE="${IBC_NODE_CACHE:-$HOME/.cache/ibc/node}"
 
 log() { printf '[build-node %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -29,8 +32,8 @@ log() { printf '[build-node %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 want_stamp() {
     local sums
     sums="$(cat "$KUBEBIN/go.mod" "$KUBEBIN/go.sum" "$HERE/node-go.sum" "$HERE/containerdbin/go.mod" \
-        "$HERE/containerdbin/go.sum" "$HERE/containerdbin/pause/main.go" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
-    printf 'kube=%s containerd=%s inputs=%s\n' "$KUBE_VERSION" "$CONTAINERD_VERSION" "$sums"
+        "$HERE/containerdbin/go.sum" "$HERE/containerdbin/pause/main.go" | sha256sum | cut -c1-16)"
+    printf 'kube=%s containerd=%s tags=%s inputs=%s\n' "$KUBE_VERSION" "$CONTAINERD_VERSION" "$CONTAINERD_TAGS" "$sums"
 }
 BIN_DIR="$CACHE/$(want_stamp | sha256sum | cut -c1-12)/bin"
 STAMP="$BIN_DIR/.stamp"
@@ -73,7 +76,7 @@ cp "$KUBEBIN/go.mod" "$modfile_dir/go.mod"
 sort -u "$KUBEBIN/go.sum" "$HERE/node-go.sum" > "$modfile_dir/go.sum"
 ver_flags=""
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ver_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=36"
+    ver_flags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$KUBE_MINOR"
     ver_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 log "building kubelet, kube-proxy $KUBE_VERSION (-p $JOBS; ~1 min on a warm Go cache, ~5 min cold)"
@@ -89,7 +92,7 @@ log "building containerd $CONTAINERD_VERSION, its runc shim, ctr and pause (~1.5
 (
     cd "$HERE/containerdbin"
     ld="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
-    go build -p "$JOBS" -trimpath -tags no_btrfs,no_zfs,no_devmapper -ldflags "$ld" -o "$BIN_DIR/" tool
+    go build -p "$JOBS" -trimpath -tags "$CONTAINERD_TAGS" -ldflags "$ld" -o "$BIN_DIR/" tool
     go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/pause" ./pause
 )
 log "containerd built in $(( $(date +%s) - t1 ))s"
@@ -98,5 +101,7 @@ for b in "${BINARIES[@]}"; do
     [[ -x "$BIN_DIR/$b" ]] || { log "ERROR: $BIN_DIR/$b missing after build"; exit 1; }
 done
 want_stamp > "$STAMP"
+# Binaries of older pins are never used again.
+find "$CACHE" -mindepth 1 -maxdepth 1 -type d ! -path "$(dirname "$BIN_DIR")" -exec rm -rf {} +
 log "node binaries built in $(( $(date +%s) - start ))s: $BIN_DIR"
 echo "$BIN_DIR"

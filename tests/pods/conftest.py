@@ -174,7 +174,6 @@ def pods_cluster(request: pytest.FixtureRequest) -> Iterator[PodsCluster]:
     keep = os.environ.get("IBC_CLUSTER_KEEP", "") not in ("", "0")
     timings: dict[str, float] = dict(_state["timings"])
     profile_t0 = time.monotonic()
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
     with node.node_lock(LOCK_WAIT_SECONDS):
         node.clean_previous_run()
         snapshot = host.HostSnapshot.take(node.CGROUP_ROOT)
@@ -212,6 +211,7 @@ def pods_cluster(request: pytest.FixtureRequest) -> Iterator[PodsCluster]:
             cluster = PodsCluster(cp, rn, imgs, _state["helm"], timings)
             cluster.notes["sysctls the kubelet changed (restored)"] = rn.restored_sysctls
             yield cluster
+            _state.setdefault("report", []).append(f"[pods] notes: {json.dumps(cluster.notes, default=str)}")
         finally:
             t0 = time.monotonic()
             if rn is not None:
@@ -227,13 +227,19 @@ def pods_cluster(request: pytest.FixtureRequest) -> Iterator[PodsCluster]:
                 shutil.rmtree(work, ignore_errors=True)
             timings["teardown"] = time.monotonic() - t0
             timings["profile (fixture) total"] = time.monotonic() - profile_t0
-            if reporter is not None:
-                reporter.write_line("[pods] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-                if failed or keep:
-                    reporter.write_line(f"[pods] work dir kept: {work}")
-                if left:
-                    reporter.write_line(f"[pods] the host differs after teardown: {left}")
+            lines = _state.setdefault("report", [])
+            lines.append("[pods] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+            if failed or keep:
+                lines.append(f"[pods] work dir kept: {work}")
+            if left:
+                lines.append(f"[pods] the host differs after teardown: {left}")
     assert left == [], f"teardown left the host changed: {left}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What each step took (and what the story measured), after the session's fixtures are gone."""
+    for line in _state.get("report", []):
+        terminalreporter.write_line(line)
 
 
 def unique(prefix: str) -> str:

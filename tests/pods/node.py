@@ -183,7 +183,7 @@ class RealNode:
         self.timings.containerd_ready = time.monotonic() - t0
         t0 = time.monotonic()
         for img in images:
-            self.ctr("images", "import", "--no-unpack", str(img.archive), timeout=300)
+            self.ctr("images", "import", str(img.archive), timeout=300)
         self.timings.images_imported = time.monotonic() - t0
         self.dns = ClusterDNS(self.cp.api_client, GATEWAY).start()
         self._start_kubelet()
@@ -241,6 +241,9 @@ disabled_plugins = [
 
 [plugins.'io.containerd.internal.v1.opt']
   path = "{d / "opt"}"
+
+[plugins.'io.containerd.image-verifier.v1.bindir']
+  bin_dir = "{d / "image-verifier"}"
 
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "overlayfs"

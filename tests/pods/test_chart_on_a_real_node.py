@@ -19,7 +19,6 @@ The story (tests run in file order on module state; run the module whole):
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -165,8 +164,9 @@ def story(pods_cluster: PodsCluster) -> Iterator[Story]:
     )
     cluster.timings["every Deployment Available (after helm install)"] = time.monotonic() - t0
     proxy_ip = cluster.get_json("service", f"{RELEASE}-proxy", "-n", RELEASE_NAMESPACE)["spec"]["clusterIP"]
-    yield Story(cluster, f"http://{proxy_ip}:80")
-    print(f"[pods] story notes: {json.dumps(cluster.notes, default=str)}")
+    story = Story(cluster, f"http://{proxy_ip}:80")
+    yield story
+    cluster.notes.update(story.notes)
 
 
 def _pod_summary(cluster: PodsCluster) -> str:
