@@ -7,18 +7,24 @@ apiserver through its Service and certificate, the extender called by the chart'
 controller and the proxy, and model pods (``ibc mock-backend`` in the same image) reached at their pod IPs.
 
 The story (tests run in file order on module state; run the module whole):
-1. ``helm install``: every Deployment Available, no CrashLoopBackOff, root filesystem read-only.
-2. model-a (80Gi) runs in a container placed by the chart's scheduler through the extender and is
+1-2. ``helm install``: every Deployment Available, no CrashLoopBackOff, uid 65532 on a read-only root.
+3. model-a (80Gi) runs in a container placed by the chart's scheduler through the extender and is
    served through the proxy's Service, the proxy dialling the model pod's IP.
-3. model-b (60Gi) gets the immediate 429 with the seed's numbers (60Gi requested, 48Gi available,
+4. model-b (60Gi) gets the immediate 429 with the seed's numbers (60Gi requested, 48Gi available,
    blocked by model-a); ``kubectl scale`` is refused by the webhook in its pod with the same words.
-4. model-a idles out: the controller scales it to zero and its container is gone from containerd.
-5. 50 concurrent requests for model-b, sent at zero, are held through its cold start (a real container
+5. A real Prometheus scrapes every component and, through the kubelet's cAdvisor, the model pods; the
+   controller's observed-memory source reads model-a's memory from it into the model's status.
+6. model-a idles out: the controller scales it to zero and its container is gone from containerd.
+7. 50 concurrent requests for model-b, sent at zero, are held through its cold start (a real container
    start and a readiness probe that passes once the mock has "loaded") and all served.
+8. Every panel of the chart's Grafana dashboard, evaluated against that Prometheus, finds its series
+   (or, for counts of what never happened here, at least its metric families are scraped).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import threading
 import time
@@ -30,14 +36,16 @@ import openai
 import pytest
 import yaml
 
-from tests.cluster.harness import wait_for
+from tests.cluster.harness import free_port, wait_for
 from tests.cluster.test_seed_e2e import IDLE, chat, tokens
 from tests.pods.conftest import CHART, RELEASE, RELEASE_NAMESPACE, PodsCluster
+from tests.pods.node import GATEWAY
+from tests.pods.prometheus import POD_MEMORY_QUERY, Prometheus
 
 MODELS_NAMESPACE = "models"
 SCHEDULER_NAME = "inference-budget-scheduler"
 MODEL_PORT = 8000
-COOLDOWN_A_SECONDS = 30
+COOLDOWN_A_SECONDS = 45
 LOAD_SECONDS = 3.0  # model-b's mock answers 503 on /health this long after it starts ("loading weights")
 BURST = 50
 DEPLOYMENTS = ("controller", "extender", "proxy", "scheduler", "webhook")
@@ -47,6 +55,7 @@ DEPLOYMENTS = ("controller", "extender", "proxy", "scheduler", "webhook")
 class Story:
     cluster: PodsCluster
     proxy_url: str
+    prometheus: Prometheus
     notes: dict[str, Any] = field(default_factory=dict)
 
     def kubectl(self, *args: str, input: str | None = None) -> Any:
@@ -129,6 +138,20 @@ def _deployments_available(cluster: PodsCluster) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def story(pods_cluster: PodsCluster) -> Iterator[Story]:
     cluster = pods_cluster
+    prometheus = Prometheus(cluster.cp, cluster.cp.work_dir.parent / "prometheus", GATEWAY, free_port())
+    # The controller reads its pods' memory from that Prometheus (advice only), every few seconds.
+    values = cluster.cp.work_dir / "values-pods.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "controller": {
+                    "observedMemory": "prometheus",
+                    "prometheusUrl": prometheus.url,
+                    "extraArgs": [f"--prometheus-query={POD_MEMORY_QUERY}", "--observe-interval-seconds=3"],
+                }
+            }
+        )
+    )
     t0 = time.monotonic()
     res = cluster.helm_cmd(
         "install",
@@ -141,6 +164,8 @@ def story(pods_cluster: PodsCluster) -> Iterator[Story]:
         f"image.repository={cluster.project_repository}",
         "--set",
         f"image.tag={cluster.project_tag}",
+        "--values",
+        str(values),
     )
     assert res.returncode == 0, f"helm install failed:\n{res.stdout}\n{res.stderr}"
     cluster.timings["helm install"] = time.monotonic() - t0
@@ -164,9 +189,21 @@ def story(pods_cluster: PodsCluster) -> Iterator[Story]:
     )
     cluster.timings["every Deployment Available (after helm install)"] = time.monotonic() - t0
     proxy_ip = cluster.get_json("service", f"{RELEASE}-proxy", "-n", RELEASE_NAMESPACE)["spec"]["clusterIP"]
-    story = Story(cluster, f"http://{proxy_ip}:80")
-    yield story
-    cluster.notes.update(story.notes)
+    cas = {}
+    prometheus.work_dir.mkdir(parents=True, exist_ok=True)
+    for component in ("webhook", "extender"):  # their serving certificates chain to these (ibc certs bootstrap)
+        secret = cluster.get_json("secret", f"{RELEASE}-{component}-tls", "-n", RELEASE_NAMESPACE)
+        cas[component] = prometheus.work_dir / f"{component}-ca.crt"
+        cas[component].write_bytes(base64.b64decode(secret["data"]["ca.crt"]))
+    kubelet = f"127.0.0.1:{cluster.node.kubelet_port}"
+    prometheus.discover(RELEASE_NAMESPACE)
+    prometheus.start(prometheus.config(RELEASE, RELEASE_NAMESPACE, cas, kubelet))
+    story = Story(cluster, f"http://{proxy_ip}:80", prometheus)
+    try:
+        yield story
+    finally:
+        prometheus.stop()
+        cluster.notes.update(story.notes)
 
 
 def _pod_summary(cluster: PodsCluster) -> str:
@@ -318,7 +355,34 @@ def test_4_model_b_gets_the_seed_429_and_kubectl_scale_is_refused_by_the_webhook
     assert story.model("model-b")["spec"]["replicas"] == 0
 
 
-def test_5_model_a_idles_out_and_its_container_is_removed(models: Story) -> None:
+def test_5_prometheus_scrapes_every_component_and_the_controller_observes_model_a(models: Story) -> None:
+    prom = models.prometheus
+    want = {"ibc-http": 4, "ibc-webhook": 2, "ibc-extender": 1, "kubelet-cadvisor": 1}  # proxies + controllers
+
+    def all_up() -> bool:
+        up: dict[str, int] = {}
+        for t in prom.api("targets")["activeTargets"]:
+            if t["health"] == "up":
+                up[t["labels"]["job"]] = up.get(t["labels"]["job"], 0) + 1
+        return up == want
+
+    wait_for(all_up, timeout=60, interval=1, message=lambda: f"every target up: {prom.targets()}")
+    (pod,) = models.pods("model-a")
+    promql = POD_MEMORY_QUERY.replace("{namespace}", MODELS_NAMESPACE).replace("{pod}", pod["metadata"]["name"])
+    series = prom.query(promql)
+    assert len(series) == 1 and float(series[0]["value"][1]) > 1e6, series
+    # The controller (in its pod) asked that Prometheus for model-a's pod and wrote the advice to status.
+
+    def observed() -> dict[str, Any] | None:
+        status = models.model("model-a").get("status", {})
+        return status if status.get("observedPeakMemory") else None
+
+    status = wait_for(observed, timeout=30, interval=0.5, message="model-a's observed peak in its status")
+    models.notes["model-a observed peak"] = status["observedPeakMemory"]
+    assert status["declaredMemory"] == "80Gi"
+
+
+def test_6_model_a_idles_out_and_its_container_is_removed(models: Story) -> None:
     story = models
     (pod,) = story.pods("model-a")
     container_id = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
@@ -337,7 +401,7 @@ def test_5_model_a_idles_out_and_its_container_is_removed(models: Story) -> None
     )
 
 
-def test_6_fifty_concurrent_requests_are_held_through_model_b_s_cold_start(models: Story) -> None:
+def test_7_fifty_concurrent_requests_are_held_through_model_b_s_cold_start(models: Story) -> None:
     story = models
     wait_for(
         lambda: {m["id"]: m["state"] for m in _proxy_models(story)}.get("model-a") == "stopped",
@@ -399,3 +463,38 @@ def _ts(value: str) -> float:
     import datetime as dt
 
     return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def _dashboard_expressions() -> list[tuple[str, str]]:
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                out.append((panel["title"], target["expr"]))
+    return out
+
+
+#: Panels counting what the story never makes happen: their metric families must be scraped, but an
+#: empty answer is the right one.
+NOTHING_HAPPENED = {
+    "Backend errors": "no model server failed",
+    "Ledger conflicts and bad requests": "no admission ledger conflict, no malformed review",
+    "Writes, leadership, observation errors": "observation errors: Prometheus always answered",
+    "Nodes refused, by reason": "the one node never refused a pod",
+}
+
+
+def test_8_every_dashboard_panel_finds_its_series_in_prometheus(models: Story) -> None:
+    prom = models.prometheus
+    families = prom.metadata()
+    empty: dict[str, list[str]] = {}
+    for title, expr in _dashboard_expressions():
+        promql = expr.replace("$__rate_interval", "2m").replace("$model", ".*").replace("$namespace", ".*")
+        for name in set(re.findall(r"\b((?:ibc|inference)_[a-z_]+?)(?:_bucket)?\b", promql)):
+            assert name in families, f"panel {title!r}: {name} is not scraped from any component"
+        if not prom.query(promql):
+            empty.setdefault(title, []).append(expr)
+    models.notes["dashboard panels with no series (nothing of the kind happened)"] = sorted(empty)
+    unexplained = {t: e for t, e in empty.items() if t not in NOTHING_HAPPENED}
+    assert unexplained == {}, unexplained
