@@ -4,7 +4,7 @@ Why this module exists: the chart's dashboard and the controller's ``--observed-
 source are only as good as the series they find. Here Prometheus scrapes every component's pods, found
 through the apiserver (:meth:`Prometheus.discover`), on ``/metrics`` (the proxy and controller over HTTP,
 the webhook and extender over TLS verified against their own CA), and the node's kubelet
-(``/metrics/cadvisor``: the model pods' containers' memory). It listens on the node bridge's address so
+(``/metrics/resource``: the model pods' containers' memory). It listens on the node bridge's address so
 the controller, in its pod, can query it.
 """
 
@@ -26,7 +26,7 @@ from tests.cluster.harness import ControlPlane, ManagedProcess, wait_for
 log = logging.getLogger(__name__)
 
 #: Memory of one model pod, for the controller's observed-memory source ({namespace}, {pod} filled in).
-POD_MEMORY_QUERY = 'max(container_memory_working_set_bytes{namespace="{namespace}",pod="{pod}",container!=""})'
+POD_MEMORY_QUERY = 'max(container_memory_working_set_bytes{namespace="{namespace}",pod="{pod}"})'
 
 
 class Prometheus:
@@ -41,7 +41,7 @@ class Prometheus:
         return f"http://{self.address}:{self.port}"
 
     def config(self, release: str, namespace: str, tls_cas: dict[str, Path], kubelet: str) -> dict[str, Any]:
-        """Jobs: proxy and controller over HTTP; webhook and extender over TLS; the kubelet's cAdvisor."""
+        """Jobs: proxy and controller over HTTP; webhook and extender over TLS; the kubelet's resource metrics."""
 
         def files(job: str) -> list[dict[str, Any]]:
             return [{"files": [str(self.work_dir / "targets" / f"{job}.json")], "refresh_interval": "5s"}]
@@ -62,9 +62,9 @@ class Prometheus:
             )
         jobs.append(
             {
-                "job_name": "kubelet-cadvisor",
+                "job_name": "kubelet-resource",
                 "scheme": "https",
-                "metrics_path": "/metrics/cadvisor",
+                "metrics_path": "/metrics/resource",
                 "tls_config": {
                     "ca_file": str(self.cp.ca_file),
                     "cert_file": str(self.cp.admin_cert),
@@ -149,7 +149,3 @@ class Prometheus:
     def targets(self) -> dict[str, str]:
         """Scrape URL -> health of every active target."""
         return {t["scrapeUrl"]: t["health"] for t in self.api("targets")["activeTargets"]}
-
-    def metadata(self) -> set[str]:
-        """Metric families Prometheus has seen in a scrape (with or without a sample yet)."""
-        return set(self.api("metadata"))

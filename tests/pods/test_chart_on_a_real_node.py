@@ -12,8 +12,8 @@ The story (tests run in file order on module state; run the module whole):
    served through the proxy's Service, the proxy dialling the model pod's IP.
 4. model-b (60Gi) gets the immediate 429 with the seed's numbers (60Gi requested, 48Gi available,
    blocked by model-a); ``kubectl scale`` is refused by the webhook in its pod with the same words.
-5. A real Prometheus scrapes every component and, through the kubelet's cAdvisor, the model pods; the
-   controller's observed-memory source reads model-a's memory from it into the model's status.
+5. A real Prometheus scrapes every component and, through the kubelet's resource metrics, the model
+   pods; the controller's observed-memory source reads model-a's memory from it into the model's status.
 6. model-a idles out: the controller scales it to zero and its container is gone from containerd.
 7. 50 concurrent requests for model-b, sent at zero, are held through its cold start (a real container
    start and a readiness probe that passes once the mock has "loaded") and all served.
@@ -41,6 +41,9 @@ from tests.cluster.test_seed_e2e import IDLE, chat, tokens
 from tests.pods.conftest import CHART, RELEASE, RELEASE_NAMESPACE, PodsCluster
 from tests.pods.node import GATEWAY
 from tests.pods.prometheus import POD_MEMORY_QUERY, Prometheus
+
+# The first test's setup installs the chart and waits for it (minutes on a loaded 2-core machine).
+pytestmark = pytest.mark.timeout(900)
 
 MODELS_NAMESPACE = "models"
 SCHEDULER_NAME = "inference-budget-scheduler"
@@ -357,7 +360,7 @@ def test_4_model_b_gets_the_seed_429_and_kubectl_scale_is_refused_by_the_webhook
 
 def test_5_prometheus_scrapes_every_component_and_the_controller_observes_model_a(models: Story) -> None:
     prom = models.prometheus
-    want = {"ibc-http": 4, "ibc-webhook": 2, "ibc-extender": 1, "kubelet-cadvisor": 1}  # proxies + controllers
+    want = {"ibc-http": 4, "ibc-webhook": 2, "ibc-extender": 1, "kubelet-resource": 1}  # proxies + controllers
 
     def all_up() -> bool:
         up: dict[str, int] = {}
@@ -475,8 +478,8 @@ def _dashboard_expressions() -> list[tuple[str, str]]:
     return out
 
 
-#: Panels counting what the story never makes happen: their metric families must be scraped, but an
-#: empty answer is the right one.
+#: Panels counting what the story never makes happen: their queries must be valid, and an empty answer
+#: is the right one (a labelled counter that never counted is not even exposed yet).
 NOTHING_HAPPENED = {
     "Backend errors": "no model server failed",
     "Ledger conflicts and bad requests": "no admission ledger conflict, no malformed review",
@@ -487,14 +490,20 @@ NOTHING_HAPPENED = {
 
 def test_8_every_dashboard_panel_finds_its_series_in_prometheus(models: Story) -> None:
     prom = models.prometheus
-    families = prom.metadata()
+    expressions = [
+        (title, expr.replace("$__rate_interval", "2m").replace("$model", ".*").replace("$namespace", ".*"))
+        for title, expr in _dashboard_expressions()
+    ]
+    assert len(expressions) >= 20, expressions
     empty: dict[str, list[str]] = {}
-    for title, expr in _dashboard_expressions():
-        promql = expr.replace("$__rate_interval", "2m").replace("$model", ".*").replace("$namespace", ".*")
-        for name in set(re.findall(r"\b((?:ibc|inference)_[a-z_]+?)(?:_bucket)?\b", promql)):
-            assert name in families, f"panel {title!r}: {name} is not scraped from any component"
-        if not prom.query(promql):
-            empty.setdefault(title, []).append(expr)
+
+    def every_panel_answers() -> bool:
+        empty.clear()
+        for title, promql in expressions:
+            if not prom.query(promql):  # raises on an invalid expression
+                empty.setdefault(title, []).append(promql)
+        return not set(empty) - set(NOTHING_HAPPENED)
+
+    # The last scrapes of the burst's counters may be a scrape interval behind.
+    wait_for(every_panel_answers, timeout=30, interval=2, message=lambda: f"series for every panel; empty: {empty}")
     models.notes["dashboard panels with no series (nothing of the kind happened)"] = sorted(empty)
-    unexplained = {t: e for t, e in empty.items() if t not in NOTHING_HAPPENED}
-    assert unexplained == {}, unexplained
