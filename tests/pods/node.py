@@ -95,8 +95,9 @@ def clean_previous_run() -> list[str]:
         saved = json.loads(SNAPSHOT_FILE.read_text())
         snap = host.HostSnapshot(**saved["snapshot"])
         left = host.restore(snap, Path(saved["bin_dir"]), saved["mount_prefixes"], [BRIDGE])
-        with contextlib.suppress(OSError):
-            shutil.rmtree(saved["work_dir"], ignore_errors=True)
+        work = Path(saved["work_dir"])
+        # the session's directory (control plane and node) when the conftest made it, else the node's own
+        shutil.rmtree(work.parent if work.parent.name.startswith("ibc-pods-") else work, ignore_errors=True)
     finally:
         SNAPSHOT_FILE.unlink(missing_ok=True)
     log.warning("cleaned up after a previous pods run; still different: %s", left)
