@@ -374,6 +374,9 @@ def test_5_prometheus_scrapes_every_component_and_the_controller_observes_model_
     promql = POD_MEMORY_QUERY.replace("{namespace}", MODELS_NAMESPACE).replace("{pod}", pod["metadata"]["name"])
     series = prom.query(promql)
     assert len(series) == 1 and float(series[0]["value"][1]) > 1e6, series
+    # The chart's scheduler called the extender, which bound model-a's pod itself (bindVerb).
+    bound = prom.query('sum(ibc_extender_decisions_total{verb="bind",result="bound"})')
+    assert bound and float(bound[0]["value"][1]) >= 1, bound
     # The controller (in its pod) asked that Prometheus for model-a's pod and wrote the advice to status.
 
     def observed() -> dict[str, Any] | None:
