@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,65 +175,77 @@ def pods_cluster(request: pytest.FixtureRequest) -> Iterator[PodsCluster]:
     keep = os.environ.get("IBC_CLUSTER_KEEP", "") not in ("", "0")
     timings: dict[str, float] = dict(_state["timings"])
     profile_t0 = time.monotonic()
-    with node.node_lock(LOCK_WAIT_SECONDS):
-        node.clean_previous_run()
-        snapshot = host.HostSnapshot.take(node.CGROUP_ROOT)
-        work = Path(tempfile.mkdtemp(prefix="ibc-pods-"))
-        cp: ControlPlane | None = None
-        rn: node.RealNode | None = None
-        left: list[str] = []
+    with contextlib.ExitStack() as stack:
         try:
-            node.create_bridge()
-            t0 = time.monotonic()
-            cp = ControlPlane.start_new(
-                bin_dir=_state["kube_bin"],
-                work_dir=work / "control-plane",
-                keep_work_dir=True,
-                address=node.GATEWAY,
-                controllers=CONTROLLERS,
-                apiserver_extra_args=APISERVER_ARGS,
-                kubelet_client_cert=True,
-            )
-            timings["control plane"] = time.monotonic() - t0
-            rn = node.RealNode(
-                cp,
-                _state["node_bin"],
-                work / "node",
-                snapshot,
-                labels=POOL,
-                annotations={"inference.eh-ops.io/memory-capacity": CAPACITY},
-            )
-            imgs: images.ImageSet = _state["images"]
-            rn.start(imgs.all(), images.PAUSE_IMAGE)
-            timings["containerd ready"] = rn.timings.containerd_ready
-            timings["images imported"] = rn.timings.images_imported
-            timings["node Ready (after kubelet start)"] = rn.timings.node_ready
-            timings["kube-proxy ready"] = rn.timings.kube_proxy_ready
-            cluster = PodsCluster(cp, rn, imgs, _state["helm"], timings)
-            cluster.notes["sysctls the kubelet changed (restored)"] = rn.restored_sysctls
-            yield cluster
-            _state.setdefault("report", []).append(f"[pods] notes: {json.dumps(cluster.notes, default=str)}")
-        finally:
-            t0 = time.monotonic()
-            if rn is not None:
-                left = rn.stop()
-            else:
-                left = host.restore(snapshot, None, [str(work)], [node.BRIDGE])
-            if cp is not None:
-                cp.stop(remove_work_dir=False)
-            failed = request.session.testsfailed > 0
-            if not (failed or keep):
-                import shutil
+            stack.enter_context(node.node_lock(LOCK_WAIT_SECONDS))
+        except node.NodeBusy as exc:
+            if harness.in_ci():
+                raise
+            pytest.skip(f"pods profile skipped: {exc}")
+        timings["waiting for the node lock"] = time.monotonic() - profile_t0
+        yield from _profile(request, timings, profile_t0, keep)
 
-                shutil.rmtree(work, ignore_errors=True)
-            timings["teardown"] = time.monotonic() - t0
-            timings["profile (fixture) total"] = time.monotonic() - profile_t0
-            lines = _state.setdefault("report", [])
-            lines.append("[pods] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-            if failed or keep:
-                lines.append(f"[pods] work dir kept: {work}")
-            if left:
-                lines.append(f"[pods] the host differs after teardown: {left}")
+
+def _profile(
+    request: pytest.FixtureRequest, timings: dict[str, float], profile_t0: float, keep: bool
+) -> Iterator[PodsCluster]:
+    """Start the node, yield the cluster, put the host back (the caller holds the node lock)."""
+    node.clean_previous_run()
+    snapshot = host.HostSnapshot.take(node.CGROUP_ROOT)
+    work = Path(tempfile.mkdtemp(prefix="ibc-pods-"))
+    cp: ControlPlane | None = None
+    rn: node.RealNode | None = None
+    left: list[str] = []
+    try:
+        node.create_bridge()
+        t0 = time.monotonic()
+        cp = ControlPlane.start_new(
+            bin_dir=_state["kube_bin"],
+            work_dir=work / "control-plane",
+            keep_work_dir=True,
+            address=node.GATEWAY,
+            controllers=CONTROLLERS,
+            apiserver_extra_args=APISERVER_ARGS,
+            kubelet_client_cert=True,
+        )
+        timings["control plane"] = time.monotonic() - t0
+        rn = node.RealNode(
+            cp,
+            _state["node_bin"],
+            work / "node",
+            snapshot,
+            labels=POOL,
+            annotations={"inference.eh-ops.io/memory-capacity": CAPACITY},
+        )
+        imgs: images.ImageSet = _state["images"]
+        rn.start(imgs.all(), images.PAUSE_IMAGE)
+        timings["containerd ready"] = rn.timings.containerd_ready
+        timings["images imported"] = rn.timings.images_imported
+        timings["node Ready (after kubelet start)"] = rn.timings.node_ready
+        timings["kube-proxy ready"] = rn.timings.kube_proxy_ready
+        cluster = PodsCluster(cp, rn, imgs, _state["helm"], timings)
+        cluster.notes["sysctls the kubelet changed (restored)"] = rn.restored_sysctls
+        yield cluster
+        _state.setdefault("report", []).append(f"[pods] notes: {json.dumps(cluster.notes, default=str)}")
+    finally:
+        t0 = time.monotonic()
+        if rn is not None:
+            left = rn.stop()
+        else:
+            left = host.restore(snapshot, None, [str(work)], [node.BRIDGE])
+        if cp is not None:
+            cp.stop(remove_work_dir=False)
+        failed = request.session.testsfailed > 0
+        if not (failed or keep):
+            shutil.rmtree(work, ignore_errors=True)
+        timings["teardown"] = time.monotonic() - t0
+        timings["profile (fixture) total"] = time.monotonic() - profile_t0
+        lines = _state.setdefault("report", [])
+        lines.append("[pods] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        if failed or keep:
+            lines.append(f"[pods] work dir kept: {work}")
+        if left:
+            lines.append(f"[pods] the host differs after teardown: {left}")
     assert left == [], f"teardown left the host changed: {left}"
 
 

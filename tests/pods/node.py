@@ -152,6 +152,7 @@ class RealNode:
     timings: NodeTimings = field(default_factory=NodeTimings)
     dns: ClusterDNS | None = None
     restored_sysctls: dict[str, tuple[str, str]] = field(default_factory=dict)
+    kubelet_port: int = 0
 
     @property
     def sock(self) -> Path:
