@@ -169,7 +169,7 @@ class PodsCluster:
         return self.images.project.name.rsplit(":", 1)[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # torn down after the profile, not at the end of the whole session
 def pods_cluster(request: pytest.FixtureRequest) -> Iterator[PodsCluster]:
     """The machine's one real node, joined to its own control plane; the chart is not installed yet."""
     keep = os.environ.get("IBC_CLUSTER_KEEP", "") not in ("", "0")

@@ -357,6 +357,7 @@ def project_image(base: Image, dockerfile: Path = REPO / "Dockerfile") -> Image:
         # Keep the base (next build reuses it); drop the built image and its build stage.
         with contextlib.suppress(ImageError):
             _run([*buildah, "rmi", name], "buildah rmi", env)
+            _run([*buildah, "rmi", "--prune"], "buildah rmi --prune (the unnamed build stage)", env)
     for old in CACHE.glob("ibc-*.oci.tar"):
         if old != dest:
             old.unlink(missing_ok=True)
