@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools browser bench clean
+.PHONY: setup run plan test lint unit kube-binaries tools browser pods-node bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,9 +40,13 @@ tools: setup
 browser:
 	bash tests/browser/install-chromium.sh
 
-## test: every gate and every tier: lint, unit, integration (with the browser test), cluster (and stress, bounded)
-test: lint kube-binaries tools browser
-	$(BIN)/python -m pytest -m "unit or integration or cluster or stress" -p no:cacheprovider; \
+## pods-node: the pods profile's real node: Debian packages, kubelet/kube-proxy/containerd, images (cached)
+pods-node: setup kube-binaries tools
+	@bash tests/pods/prepare.sh
+
+## test: every gate and every tier: lint, unit, integration (with the browser test), cluster, pods (and stress, bounded)
+test: lint kube-binaries tools browser pods-node
+	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 unit: setup

@@ -37,16 +37,13 @@ def _in_tier(item: pytest.Item) -> bool:
     return HERE in Path(str(item.path)).resolve().parents
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+_ci = harness.in_ci
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test of this directory ``cluster`` (before ``-m`` deselection runs)."""
-    for item in items:
-        if _in_tier(item):
-            item.add_marker(pytest.mark.cluster)
+    harness.marks_directory(items, HERE, pytest.mark.cluster)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -82,6 +82,18 @@ T = TypeVar("T")
 # small helpers
 
 
+def in_ci() -> bool:
+    """True under CI (``CI=true``): a tier that cannot run must fail there, not skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def marks_directory(items: list[Any], directory: Path, marker: Any) -> None:
+    """Add ``marker`` to every collected item under ``directory`` (a tier's conftest, before ``-m``)."""
+    for item in items:
+        if directory in Path(str(item.path)).resolve().parents:
+            item.add_marker(marker)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -483,6 +495,13 @@ class ControlPlane:
     work_dir: Path
     keep_work_dir: bool = False
     apiserver_extra_args: Sequence[str] = ()
+    #: The apiserver's listen/advertise address. 127.0.0.1 unless pods on a real node must reach it
+    #: (the pods profile puts it on its bridge's gateway address; see tests/pods/node.py).
+    address: str = "127.0.0.1"
+    #: kube-controller-manager --controllers.
+    controllers: str = CONTROLLERS
+    #: Give the apiserver a client certificate for kubelets (``kubectl logs/exec`` on a real node).
+    kubelet_client_cert: bool = False
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     startup_seconds: dict[str, float] = field(default_factory=dict)
     extra_schedulers: list[SchedulerHandle] = field(default_factory=list)
@@ -504,12 +523,19 @@ class ControlPlane:
 
     @classmethod
     def start_new(
-        cls, bin_dir: Path | None = None, work_dir: Path | None = None, keep_work_dir: bool = False
+        cls,
+        bin_dir: Path | None = None,
+        work_dir: Path | None = None,
+        keep_work_dir: bool = False,
+        **options: Any,
     ) -> ControlPlane:
-        """Build-if-needed, then start a control plane in a fresh temp dir (or ``work_dir``)."""
+        """Build-if-needed, then start a control plane in a fresh temp dir (or ``work_dir``).
+
+        ``options`` set the other fields (``address``, ``controllers``, ``apiserver_extra_args``).
+        """
         bin_dir = bin_dir or ensure_binaries()
         wd = work_dir or Path(tempfile.mkdtemp(prefix="ibc-cluster-"))
-        cp = cls(bin_dir=bin_dir, work_dir=wd, keep_work_dir=keep_work_dir or work_dir is not None)
+        cp = cls(bin_dir=bin_dir, work_dir=wd, keep_work_dir=keep_work_dir or work_dir is not None, **options)
         try:
             cp.start()
         except BaseException:
@@ -534,7 +560,7 @@ class ControlPlane:
         self.ca_file = pki.ca_file
         self.ca_cert_pem, self.ca_key_pem = pki.ca_cert_pem, pki.ca_key_pem
         api_port, etcd_port, etcd_peer = free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{self.address}:{api_port}"
         serving = pki.issue(
             "apiserver",
             "kube-apiserver",
@@ -545,12 +571,16 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ip_addresses=["127.0.0.1", "10.96.0.1"],
+            ip_addresses=sorted({"127.0.0.1", self.address, "10.96.0.1"}),
             server=True,
         )
         self.admin_cert, self.admin_key = pki.issue(
             "admin", "kubernetes-admin", organizations=["system:masters"], client=True
         )
+        kubelet_flags: list[str] = []
+        if self.kubelet_client_cert:  # what the apiserver presents to kubelets; they trust the same CA
+            crt, key = pki.issue("kubelet-client", "kube-apiserver", organizations=["system:masters"], client=True)
+            kubelet_flags = [f"--kubelet-client-certificate={crt}", f"--kubelet-client-key={key}"]
         kcm_cert = pki.issue("kube-controller-manager", "system:kube-controller-manager", client=True)
         sched_cert = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
         sa_key, sa_pub = pki.service_account_keys()
@@ -603,13 +633,14 @@ class ControlPlane:
             [
                 self._bin("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.address}",
                 f"--secure-port={api_port}",
-                "--advertise-address=127.0.0.1",
+                f"--advertise-address={self.address}",
                 "--endpoint-reconciler-type=none",
                 f"--tls-cert-file={serving[0]}",
                 f"--tls-private-key-file={serving[1]}",
                 f"--client-ca-file={self.ca_file}",
+                *kubelet_flags,
                 "--authorization-mode=Node,RBAC",
                 # the default plugin set already has MutatingAdmissionWebhook and ValidatingAdmissionWebhook
                 "--enable-admission-plugins=NodeRestriction",
@@ -642,7 +673,7 @@ class ControlPlane:
                 f"--cert-dir={self.work_dir / 'kcm-certs'}",
                 "--leader-elect=false",
                 "--use-service-account-credentials=false",
-                f"--controllers={CONTROLLERS}",
+                f"--controllers={self.controllers}",
                 f"--service-account-private-key-file={sa_key}",
                 f"--root-ca-file={self.ca_file}",
                 "--concurrent-deployment-syncs=5",

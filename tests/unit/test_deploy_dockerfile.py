@@ -1,6 +1,7 @@
 """The Dockerfile, checked without a container engine: parsed into instructions and held to the rules that
-decide whether the image starts and runs safely (no engine runs on these machines, so a build is not an
-option; these rules catch what a build would, and what a build would not: root, a missing package).
+decide whether the image starts and runs safely (in seconds, on any machine; the `pods` profile,
+tests/pods, builds the image with buildah and runs it, but needs root and minutes; these rules also catch
+what a build would not: root, a missing package).
 """
 
 from __future__ import annotations
