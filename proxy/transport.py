@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from proxy.client_io import immediate_poll
+
 MAX_HEAD_BYTES = 64 * 1024
 RECV_BYTES = 65536
 
@@ -155,6 +157,9 @@ def parse_chunk_size(line: bytes) -> int:
     return int(match.group(1), 16)
 
 
+_LAST = b""  # `_take_chunk`'s answer after the last chunk (a real chunk's data is never empty)
+
+
 class _NothingSent(Exception):
     """A pooled connection turned out closed before any byte of the request was written."""
 
@@ -183,7 +188,7 @@ class _Conn:
     def stale(self) -> bool:
         """Readable while idle means closed by the peer (or garbage): not reusable."""
         try:
-            poller = select.poll()
+            poller = immediate_poll()
             poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
             return bool(poller.poll(0))
         except (OSError, ValueError):
@@ -245,56 +250,59 @@ class _Body(httpx.SyncByteStream):
             yield piece
         self._done = True
 
-    def _line(self) -> bytes:
-        """The next CRLF-terminated line of the chunked framing, without its CRLF."""
+    def _chunked(self) -> Iterator[bytes]:
+        """Each arrival's complete chunks joined into one piece: a backlog (a slow proxy, a burst) costs
+        one write downstream, not one per token."""
         conn = self._conn
         buf = conn.buffer
-        eol = buf.find(b"\r\n")
-        while eol < 0:
-            if len(buf) > MAX_HEAD_BYTES:
-                raise BadMessage("chunk size line too long")
+        while True:
+            pieces = []
+            while True:
+                piece = self._take_chunk(buf)
+                if piece is None:
+                    break
+                if not piece:  # _LAST
+                    if pieces:
+                        yield b"".join(pieces)
+                    self._done = True
+                    return
+                pieces.append(piece)
+            if pieces:
+                yield b"".join(pieces)
             if not conn.fill():
                 raise BadMessage("the backend closed the connection mid-chunk")
-            eol = buf.find(b"\r\n")
-        line = bytes(buf[:eol])
-        del buf[: eol + 2]
-        return line
 
-    def _chunked(self) -> Iterator[bytes]:
-        conn = self._conn
-        buf = conn.buffer
-        while True:
-            size = parse_chunk_size(self._line())
-            if size == 0:
-                self._trailer()
-                self._done = True
-                return
-            while len(buf) < size + 2:
-                if not conn.fill():
-                    raise BadMessage("the backend closed the connection mid-chunk")
-            if buf[size : size + 2] != b"\r\n":
-                raise BadMessage("chunk data not followed by CRLF")
-            piece = bytes(buf[:size])
-            del buf[: size + 2]
-            yield piece
-
-    def _trailer(self) -> None:
-        """Optional trailer fields after the last chunk, then the blank line; validated, then dropped."""
-        conn = self._conn
-        buf = conn.buffer
-        while True:
-            if buf[:2] == b"\r\n" or buf[:1] == b"\n":
-                del buf[: 2 if buf[:1] == b"\r" else 1]
-                return
-            end = _BLANK_LINE.search(buf)
-            if end is not None:
-                parse_fields(split_lines(bytes(buf[: end.start()])))
-                del buf[: end.end()]
-                return
+    @staticmethod
+    def _take_chunk(buf: bytearray) -> bytes | None:
+        """The next chunk's data if it is complete in `buf` (consumed), `_LAST` after the last chunk and
+        its trailer, None when more bytes are needed (nothing consumed)."""
+        eol = buf.find(b"\r\n")
+        if eol < 0:
             if len(buf) > MAX_HEAD_BYTES:
-                raise BadMessage("chunked trailer too large")
-            if not conn.fill():
-                raise BadMessage("the backend closed the connection in the chunked trailer")
+                raise BadMessage("chunk size line too long")
+            return None
+        size = parse_chunk_size(bytes(buf[:eol]))
+        start = eol + 2
+        if size == 0:
+            # Optional trailer fields after the last chunk, then the blank line; validated, then dropped.
+            if buf[start : start + 2] == b"\r\n" or buf[start : start + 1] == b"\n":
+                del buf[: start + (2 if buf[start : start + 1] == b"\r" else 1)]
+                return _LAST
+            end = _BLANK_LINE.search(buf, start)
+            if end is None:
+                if len(buf) - start > MAX_HEAD_BYTES:
+                    raise BadMessage("chunked trailer too large")
+                return None
+            parse_fields(split_lines(bytes(buf[start : end.start()])))
+            del buf[: end.end()]
+            return _LAST
+        if len(buf) < start + size + 2:
+            return None
+        if buf[start + size : start + size + 2] != b"\r\n":
+            raise BadMessage("chunk data not followed by CRLF")
+        piece = bytes(buf[start : start + size])
+        del buf[: start + size + 2]
+        return piece
 
     def _until_close(self) -> Iterator[bytes]:
         conn = self._conn
