@@ -29,77 +29,23 @@ Results: a Markdown table on stdout and JSON in bench/out/concurrency_bench.json
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
-import resource
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import proxy_bench as pb  # the servers, their RSS/CPU and LiteLLM helpers
+
+from tests.stress.support import hold_streams, raise_fd_limit, rss_bytes, stream_request
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 MODEL = pb.MODEL
 TARGETS = ("backend", "proxy-gevent", "proxy-gthread", "local-gevent", "local-gthread", "local-threads", "litellm")
-
-
-def request_bytes(tokens: int) -> bytes:
-    body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": tokens}
-    ).encode()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-class _Stream(asyncio.Protocol):
-    """One client: send the request, timestamp every arrival that carries an SSE `data:` event."""
-
-    def __init__(self, payload: bytes, started: float, done: asyncio.Future[None]) -> None:
-        self.payload = payload
-        self.started = started
-        self.done = done
-        self.head = b""
-        self.status = 0
-        self.first: float | None = None
-        self.last = 0.0
-        self.gaps: list[float] = []
-        self.finished = False
-        self.tail = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self.payload)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
-        if not self.status:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
-                return
-            head, data = self.head.split(b"\r\n\r\n", 1)
-            self.status = int(head.split(b" ", 2)[1])
-        if b"data:" in data:
-            if self.first is None:
-                self.first = now
-            else:
-                self.gaps.append(now - self.last)
-            self.last = now
-        if b"[DONE]" in self.tail + data:
-            self.finished = True
-        self.tail = data[-16:]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
 
 
 @dataclass
@@ -119,81 +65,26 @@ class Run:
     load: str
 
 
-async def _one(host: str, port: int, payload: bytes, timeout: float) -> _Stream | None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    started = time.perf_counter()
-    try:
-        transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _Stream(payload, started, done), host, port), timeout
-        )
-    except (OSError, TimeoutError):
-        return None
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        transport.close()
-    return proto
-
-
-async def _load(url: str, n: int, payload: bytes, timeout: float, server: pb.Server | None) -> dict[str, Any]:
-    host, port = url.removeprefix("http://").split(":")
-    peak = [0.0]
-
-    async def sample() -> None:
-        while True:
-            if server is not None:
-                peak[0] = max(peak[0], proxy_rss_mib(server))
-            await asyncio.sleep(0.1)
-
-    sampler = asyncio.create_task(sample())
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(_one(host, int(port), payload, timeout) for _ in range(n)))
-    wall = time.perf_counter() - t0
-    sampler.cancel()
-    ok = [r for r in results if r is not None and r.status == 200 and r.finished and r.first is not None]
-    ttfc = [r.first - r.started for r in ok if r.first is not None]
-    gaps = [g for r in ok for g in r.gaps]
-    return {"ok": len(ok), "ttfc": ttfc, "gaps": gaps, "wall": wall, "peak": peak[0]}
-
-
-def proxy_rss_mib(server: pb.Server) -> float:
-    """RSS of the proxy's processes, without model backends that local mode started (they are the baseline)."""
-    total_kib, pids, seen = 0, [server.proc.pid], set()
-    while pids:
-        pid = pids.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        with contextlib.suppress(OSError):
-            if b"mock-backend" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                pids.extend(int(c) for c in (task / "children").read_text().split())
-    return total_kib / 1024
-
-
 def measure(name: str, url: str, n: int, args: argparse.Namespace, server: pb.Server | None) -> Run:
-    payload = request_bytes(args.tokens)
-    asyncio.run(_load(url, 1, payload, 30, None))  # warm: a started model, a pooled connection
-    idle = proxy_rss_mib(server) if server is not None else 0.0
+    payload = stream_request(MODEL, args.tokens)
+    hold_streams(url, 1, payload, 60)  # warm: a started model, a pooled connection
+    mib = 1 << 20
+    idle = rss_bytes(server.proc.pid) / mib if server is not None else 0.0
     cpu0 = server.cpu_seconds() if server is not None else 0.0
     load = os.getloadavg()
-    got = asyncio.run(_load(url, n, payload, args.timeout, server))
+    rss_of = (lambda: rss_bytes(server.proc.pid)) if server is not None else None
+    got = hold_streams(url, n, payload, args.timeout, rss_of)
     cpu = (server.cpu_seconds() - cpu0) if server is not None else 0.0
-    peak = max(got["peak"], idle)
+    peak = max(got.peak_rss_bytes / mib, idle)
     return Run(
         target=name,
         streams=n,
-        completed=got["ok"],
-        errors=n - got["ok"],
-        ttfc_p50_s=round(pb.percentile(got["ttfc"], 0.50), 3),
-        ttfc_p99_s=round(pb.percentile(got["ttfc"], 0.99), 3),
-        wall_s=round(got["wall"], 2),
-        gap_p99_s=round(pb.percentile(got["gaps"], 0.99), 3),
+        completed=got.completed,
+        errors=got.errors,
+        ttfc_p50_s=round(pb.percentile(got.ttfc_seconds, 0.50), 3),
+        ttfc_p99_s=round(pb.percentile(got.ttfc_seconds, 0.99), 3),
+        wall_s=round(got.wall_seconds, 2),
+        gap_p99_s=round(pb.percentile(got.gap_seconds, 0.99), 3),
         rss_idle_mib=round(idle, 1),
         rss_peak_mib=round(peak, 1),
         rss_per_stream_kib=round((peak - idle) * 1024 / n, 1) if server is not None else 0.0,
@@ -270,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm-venv", default="/tmp/litellm-venv")
     parser.add_argument("--out", default=str(OUT / "concurrency_bench.json"))
     args = parser.parse_args(argv)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if max(args.streams) + 100 > hard:
-        print(f"open-files limit {hard} is too low for {max(args.streams)} streams", file=sys.stderr)
+    try:
+        raise_fd_limit(max(args.streams) + 100)
+    except AssertionError as exc:
+        print(exc, file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="ibc-concurrency-bench-"))
     py = sys.executable

@@ -562,12 +562,17 @@ class ProxyApp:
                 )
                 return
             self.scaler.touch(ticket.key, time.time())  # held since before the start: busy from now
+            watch = DisconnectWatch(environ, response.close)
             try:
                 chunks = raw_chunks(response) if response.is_stream_consumed else response.iter_bytes()
                 yield from self._busy(chunks, ticket.key)
             except httpx.HTTPError as exc:
+                if watch.gone:
+                    return
                 self.metrics.upstream_errors.labels(label, "stream_broken").inc()
                 yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
+            finally:
+                watch.stop()
         except UpstreamError as exc:
             yield sse_error(exc.status, str(exc), exc.code)
         finally:
