@@ -7,7 +7,7 @@ side on the same machine, N clients each opening ONE streamed completion at the 
 
 - `backend`: `ibc mock-backend` alone (the baseline every ratio is taken against);
 - `proxy-gevent` / `proxy-gthread`: the proxy's app with a fixed view in front of that same backend, run
-  by `ibc.serve.serve` as `ibc proxy` runs it (2 workers; gevent with 10,000 connections, or gthread
+  by `serving.runner.serve` as `ibc proxy` runs it (2 workers; gevent with 10,000 connections, or gthread
   with 64 threads: the old default);
 - `local-gevent` / `local-gthread`: `ibc local` with its defaults (1 worker), whose model is an
   `ibc mock-backend` with the same flags, started by local mode;
