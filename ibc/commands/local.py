@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import math
 import os
@@ -177,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
         app, scaler = create_local_app(config, settings)
         atexit.register(scaler.close)
         _stop_on_signals(scaler.close)
+        # As `ibc proxy` does: objects from imports and start-up live as long as the worker; keep them out
+        # of every later full collection, which stops every stream while it runs.
+        gc.collect()
+        gc.freeze()
         return app
 
     main_pid = os.getpid()
