@@ -125,8 +125,15 @@ def start_target(name: str, backend: str, workdir: Path, args: argparse.Namespac
         cfg = workdir / "litellm.yaml"
         params = {"model": f"openai/{MODEL}", "api_base": f"{backend}/v1", "api_key": "x"}
         cfg.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": params}]}))
-        argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
-        return pb.start(name, argv, port, "chat", workdir, timeout=300)
+        argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)]
+        # As bench/proxy_bench.py runs it: 1 worker (its default), no authentication on either side.
+        env = {
+            **os.environ,
+            "LITELLM_LOG": "ERROR",
+            "DISABLE_SCHEMA_UPDATE": "true",
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+        }
+        return pb.start(name, argv, port, "chat", workdir, env=env, timeout=300)
     raise ValueError(name)
 
 
@@ -181,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for name in args.targets:
-            server = backend if name == "backend" else start_target(name, backend.url, workdir, args, max(args.streams))
+            try:
+                top = max(args.streams)
+                server = backend if name == "backend" else start_target(name, backend.url, workdir, args, top)
+            except RuntimeError as exc:  # one proxy that cannot start must not lose the others' figures
+                print(f"{name}: not measured: {exc}", file=sys.stderr, flush=True)
+                continue
             try:
                 for n in args.streams:
                     if name == "litellm" and n > args.litellm_max_streams:
