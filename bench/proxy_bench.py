@@ -129,9 +129,19 @@ def serve_main(args: argparse.Namespace) -> int:
     if kind == "naive":
         factory = lambda: naive_factory(backend)  # noqa: E731
     else:
-        upstream = {"ibc": "lean", "ibc-httpcore": "httpcore", "ibc-client": "client"}[kind]
+        upstream = {"ibc": "lean", "ibc-gthread": "lean", "ibc-httpcore": "httpcore", "ibc-client": "client"}[kind]
         factory = lambda: ibc_factory(backend, upstream)  # noqa: E731
-    return serve(factory, bind=args.bind, workers=args.workers, threads=args.threads, name=f"bench-{kind}")
+    # `ibc` runs as `ibc proxy` does by default (gevent); `ibc-gthread` is the thread-per-request model.
+    worker_class = "gevent" if kind == "ibc" else "gthread"
+    return serve(
+        factory,
+        bind=args.bind,
+        workers=args.workers,
+        threads=args.threads,
+        name=f"bench-{kind}",
+        worker_class=worker_class,
+        worker_connections=10000,
+    )
 
 
 @dataclass
@@ -728,11 +738,13 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["ibc", "ibc-httpcore", "naive"],
-        choices=["ibc", "ibc-httpcore", "ibc-client", "naive"],
+        default=["ibc", "ibc-gthread", "ibc-httpcore", "naive"],
+        choices=["ibc", "ibc-gthread", "ibc-httpcore", "ibc-client", "naive"],
         help="proxies to compare besides direct and LiteLLM (ibc = lean transport)",
     )
-    parser.add_argument("--serve", choices=["ibc", "ibc-httpcore", "ibc-client", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["ibc", "ibc-gthread", "ibc-httpcore", "ibc-client", "naive"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--bind", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,7 +9,8 @@ sits beside its baseline or peer and the ratio, stamped with the machine (CPU, c
 Python), the date, the commit and the load average before, during and after.
 
 Sections (`--only`): proxy (bench/proxy_bench.py), webhook (bench/webhook_bench.py), extender
-(bench/extender_bench.py), recovery and coldstart (bench/stress_recovery.py). Raw figures go to
+(bench/extender_bench.py), recovery and coldstart (bench/stress_recovery.py), concurrency
+(bench/concurrency_bench.py). Raw figures go to
 bench/out/results.json, each script's output to bench/out/logs/<section>.log.
 
     .venv/bin/ibc bench --quick                  # or: .venv/bin/python bench/run_all.py --quick
@@ -303,12 +304,23 @@ def section_coldstart(ctx: Context) -> dict[str, Any]:
     return {"bench": read_json(out, began), "seconds": round(took)}
 
 
+def section_concurrency(ctx: Context) -> dict[str, Any]:
+    out = OUT / "concurrency_bench.json"
+    streams = ["100", "1000"] if ctx.quick else ["100", "1000", "5000"]
+    targets = ["backend", "local-gevent", "proxy-gevent", "proxy-gthread"] + (["litellm"] if ctx.litellm else [])
+    argv = [PY, str(BENCH / "concurrency_bench.py"), "--streams", *streams, "--targets", *targets, "--out", str(out)]
+    began = time.time()
+    took = run_script("concurrency", argv, 3600)
+    return {"bench": read_json(out, began), "seconds": round(took)}
+
+
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "proxy": section_proxy,
     "webhook": section_webhook,
     "extender": section_extender,
     "recovery": section_recovery,
     "coldstart": section_coldstart,
+    "concurrency": section_concurrency,
 }
 
 
@@ -526,12 +538,43 @@ def render_coldstart(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_concurrency(s: dict[str, Any]) -> list[str]:
+    runs = s["bench"]
+    base = {r["streams"]: r for r in runs if r["target"] == "backend"}
+    lines = [
+        "## Concurrent streams (bench/concurrency_bench.py)",
+        "",
+        "N clients each open one streamed completion at the same moment (20 tokens 50 ms apart: a 1-s stream) "
+        "against `ibc mock-backend` alone and through each proxy. Ratios are to the backend alone at the same N. "
+        "`proxy-*`: the proxy's app as `ibc proxy` runs it (2 workers; gevent, or gthread x 64 threads, the old "
+        "default); `local-gevent`: `ibc local` with its defaults (1 worker). RSS per stream: the proxy's peak RSS "
+        "over its idle RSS, divided by N.",
+        "",
+        "| target | streams | completed | TTFC p50 / p99 (s) | wall (s) | gap p99 (s) "
+        "| xbackend TTFC p99 / wall / gap p99 "
+        "| RSS per stream (KiB) | load at start |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        b = base.get(r["streams"])
+        ratios = "—"
+        if b and r["target"] != "backend":
+            ratios = " / ".join(ratio(r[k], b[k]) for k in ("ttfc_p99_s", "wall_s", "gap_p99_s"))
+        lines.append(
+            f"| {r['target']} | {r['streams']} | {r['completed']}/{r['streams']} "
+            f"| {r['ttfc_p50_s']} / {r['ttfc_p99_s']} "
+            f"| {r['wall_s']} | {r['gap_p99_s']} | {ratios} | {r['rss_per_stream_kib'] or '—'} | {r['load']} |"
+        )
+    return lines
+
+
 RENDERERS = {
     "proxy": render_proxy,
     "webhook": render_webhook,
     "extender": render_extender,
     "recovery": render_recovery,
     "coldstart": render_coldstart,
+    "concurrency": render_concurrency,
 }
 
 

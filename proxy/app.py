@@ -30,6 +30,7 @@ import httpx
 from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
+from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
@@ -51,6 +52,7 @@ BUSY_TOUCH_SECONDS = 0.5
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    408: "timeout_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -162,7 +164,11 @@ class ProxyApp:
             mode=settings.upstream,
         )
         self.cold = ColdStarts(
-            scaler, queue_size=settings.queue_size, total_limit=settings.max_held_requests, metrics=self.metrics
+            scaler,
+            queue_size=settings.queue_size,
+            total_limit=settings.max_held_requests,
+            bytes_limit=settings.max_held_bytes,
+            metrics=self.metrics,
         )
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
@@ -257,11 +263,14 @@ class ProxyApp:
         if not self._scaler_ready and not self._check_ready():
             body = error_body(503, "the proxy is still loading the models", "not_ready")
             return _json_answer(503, body, [("Retry-After", "1")])
-        raw = self._read_body(environ)
-        if raw is None:
-            self.metrics.count_request("", 413)
-            limit = self.settings.max_body_bytes
-            return _json_answer(413, error_body(413, f"request body larger than {limit} bytes", "request_too_large"))
+        try:
+            raw = read_body(environ, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        except BodyError as exc:
+            self.metrics.count_request("", exc.status)
+            status, out, body = _json_answer(exc.status, error_body(exc.status, str(exc), exc.code))
+            if isinstance(exc, BodyTimeout):  # the rest of the upload must not be read as a request
+                return status, [*out, ("Connection", "close")], ClosingAnswer(body, environ)
+            return status, out, body
         try:
             payload = json.loads(raw)
         except RecursionError:  # [[[[...]]]] deeper than Python's recursion limit: still a bad request
@@ -292,28 +301,9 @@ class ProxyApp:
             path = f"{path}?{query}"
         headers = environ_headers(environ, drop_authorization=bool(self._keys))
         if backends:
-            return self._forward(key, label, backends, path, headers, raw, stream is True)
+            return self._forward(key, label, backends, path, headers, raw, stream is True, environ)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
 
-    def _read_body(self, environ: dict[str, Any]) -> bytes | None:
-        """The request body, or None when it is larger than `max_body_bytes` (then it is not read)."""
-        limit = self.settings.max_body_bytes
-        stream = environ["wsgi.input"]
-        length = environ.get("CONTENT_LENGTH")
-        if length:
-            try:
-                size = int(length)
-            except ValueError:
-                size = -1
-            if size > limit:
-                return None
-            if size >= 0:
-                return bytes(stream.read(size)) if size else b""
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if chunked or environ.get("wsgi.input_terminated"):
-            data = bytes(stream.read(limit + 1))
-            return None if len(data) > limit else data
-        return b""
 
     def _bad(self, message: str, code: str, param: str | None = None) -> Answer:
         self.metrics.count_request("", 400)
@@ -328,6 +318,7 @@ class ProxyApp:
         headers: list[tuple[str, str]],
         raw: bytes,
         stream: bool,
+        environ: dict[str, Any],
     ) -> Answer:
         upstream = self.upstream
         backend = upstream.acquire(backends)
@@ -356,7 +347,7 @@ class ProxyApp:
         self.metrics.count_request(label, status)
         if stream or response.headers.get("content-type", "").startswith("text/event-stream"):
             # Status and headers go out now; the body follows chunk by chunk as the backend sends it.
-            return status, out_headers, self._relay(response, backend, label, key)
+            return status, out_headers, self._relay(response, backend, label, key, environ)
         try:
             body = upstream.read_all(response, backend)
         except UpstreamError as exc:
@@ -368,16 +359,24 @@ class ProxyApp:
         out_headers.append(("Content-Length", str(len(body))))
         return status, out_headers, [body]
 
-    def _relay(self, response: httpx.Response, backend: str, label: str, key: str) -> Iterator[bytes]:
-        """Upstream bytes as they arrive; the upstream stream is closed however the client's ends."""
+    def _relay(
+        self, response: httpx.Response, backend: str, label: str, key: str, environ: dict[str, Any]
+    ) -> Iterator[bytes]:
+        """Upstream bytes as they arrive; the upstream stream is closed however the client's ends, and at
+        once when the client leaves (under gevent), so the backend stops generating for nobody."""
+        watch = DisconnectWatch(environ, response.close)
         try:
             yield from self._busy(raw_chunks(response), key)
         except httpx.HTTPError as exc:
+            if watch.gone:
+                log.info("client of a %s stream went away; upstream request closed", label)
+                return
             log.warning("stream from %s for %s broke: %s", backend, label, exc)
             self.metrics.upstream_errors.labels(label, "stream_broken").inc()
             if not response.headers.get("content-encoding"):
                 yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
         finally:
+            watch.stop()
             response.close()
             self.upstream.release(backend)
             self.scaler.touch(key, time.time())
@@ -432,7 +431,7 @@ class ProxyApp:
             self.metrics.count_request(label, 429)
             return too_many_answer(decision)
         try:
-            ticket = self.cold.enter(key, label)
+            ticket = self.cold.enter(key, label, len(raw))
         except QueueFull as exc:
             self.metrics.reject(label, "queue_full")
             self.metrics.count_request(label, 503)
@@ -475,7 +474,7 @@ class ProxyApp:
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
-        return self._forward(ticket.key, label, outcome, path, headers, raw, False)
+        return self._forward(ticket.key, label, outcome, path, headers, raw, False, environ)
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
@@ -563,12 +562,17 @@ class ProxyApp:
                 )
                 return
             self.scaler.touch(ticket.key, time.time())  # held since before the start: busy from now
+            watch = DisconnectWatch(environ, response.close)
             try:
                 chunks = raw_chunks(response) if response.is_stream_consumed else response.iter_bytes()
                 yield from self._busy(chunks, ticket.key)
             except httpx.HTTPError as exc:
+                if watch.gone:
+                    return
                 self.metrics.upstream_errors.labels(label, "stream_broken").inc()
                 yield sse_error(502, f"the model backend broke the stream: {exc}", "upstream_stream_broken")
+            finally:
+                watch.stop()
         except UpstreamError as exc:
             yield sse_error(exc.status, str(exc), exc.code)
         finally:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.client_io import immediate_poll
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """The model's waiting room is full; the client should retry later."""
+
+
+# What one held request costs the proxy besides its body: under gevent a greenlet's stack and frames,
+# the WSGI environ, the socket and its kernel buffers (measured: see docs/proxy.md, "Concurrency").
+HELD_OVERHEAD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -39,10 +45,11 @@ class _Flight:
 class Ticket:
     """A place in a model's waiting room; `release()` gives it back (idempotent, thread-safe)."""
 
-    def __init__(self, rooms: ColdStarts, key: str, label: str) -> None:
+    def __init__(self, rooms: ColdStarts, key: str, label: str, cost_bytes: int = 0) -> None:
         self._rooms = rooms
         self.key = key
         self.label = label
+        self.cost_bytes = cost_bytes
         self._released = False
 
     def release(self) -> None:
@@ -67,13 +74,16 @@ class ColdStarts:
         *,
         queue_size: int,
         total_limit: int | None = None,
+        bytes_limit: int | None = None,
         metrics: ProxyMetrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scaler = scaler
         self.queue_size = queue_size
         self.total_limit = total_limit
+        self.bytes_limit = bytes_limit
         self._total = 0
+        self._total_bytes = 0
         self.metrics = metrics
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -83,24 +93,33 @@ class ColdStarts:
         self._scaled: set[str] = set()  # models whose scale-up succeeded during the current episode
 
     # ----- waiting rooms -----
-    def enter(self, key: str, label: str) -> Ticket:
-        """A place in `key`'s waiting room; QueueFull when `queue_size` requests already wait there."""
+    def enter(self, key: str, label: str, body_bytes: int = 0) -> Ticket:
+        """A place in `key`'s waiting room; QueueFull when `queue_size` requests already wait there, or
+        when all held requests together would exceed `total_limit` or `bytes_limit` (body + overhead)."""
+        cost = body_bytes + HELD_OVERHEAD_BYTES
         with self._lock:
             waiting = self._waiting.get(key, 0)
             if waiting >= self.queue_size:
                 raise QueueFull(f"{waiting} requests already wait for {label} to start (the limit per model)")
             if self.total_limit is not None and self._total >= self.total_limit:
                 raise QueueFull(f"{self._total} requests already wait for models to start (the limit of this worker)")
+            if self.bytes_limit is not None and self._total_bytes + cost > self.bytes_limit:
+                raise QueueFull(
+                    f"{self._total} held requests already use {self._total_bytes >> 20} MiB "
+                    f"(the memory limit of this worker is {self.bytes_limit >> 20} MiB)"
+                )
             self._waiting[key] = waiting + 1
             self._total += 1
+            self._total_bytes += cost
             self._episode_started.setdefault(key, self._monotonic())
         if self.metrics is not None:
             self.metrics.queue_depth.labels(label).inc()
-        return Ticket(self, key, label)
+        return Ticket(self, key, label, cost)
 
     def _leave(self, ticket: Ticket) -> None:
         with self._lock:
             self._total -= 1
+            self._total_bytes -= ticket.cost_bytes
             left = self._waiting.get(ticket.key, 0) - 1
             if left > 0:
                 self._waiting[ticket.key] = left
@@ -173,7 +192,7 @@ def client_gone(environ: Mapping[str, Any]) -> bool:
         fd = sock.fileno()
         if fd < 0:
             return True
-        poller = select.poll()
+        poller = immediate_poll()
         poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
         events = poller.poll(0)
         if not events:

@@ -25,12 +25,18 @@ class ProxySettings:
     max_body_bytes: int = 16 * 1024 * 1024
     # 600 s: a vLLM cold start (image pull + weight load of a 70B model) takes minutes.
     cold_start_timeout_seconds: float = 600.0
-    # 256 per model: each waiting request holds a server thread; beyond this a client is better
-    # told "queue_full" at once than left hanging.
-    queue_size: int = 256
-    # Held requests of all models together (None = no limit): each holds a server thread, so `ibc proxy`
-    # keeps some threads of every worker for warm models during a cold-start burst.
+    # 4096 per model: under gevent a held request is a greenlet (~64 KiB with its socket), so a burst
+    # of a few thousand clients waits for the start; beyond this a client is better told "queue_full".
+    queue_size: int = 4096
+    # Held requests of all models together (None = no limit). Under gthread each holds a server thread,
+    # so the commands keep some threads of every worker for warm models during a cold-start burst.
     max_held_requests: int | None = None
+    # Memory all held requests of a worker may use together (their bodies + HELD_OVERHEAD_BYTES each);
+    # None = no limit. The commands default to an eighth of the memory available at start, at most 4 GiB.
+    max_held_bytes: int | None = None
+    # 30 s for the whole request body once its head arrived: a 16 MiB upload needs ~4.5 Mbit/s; a client
+    # that stalls (announces more than it sends) gets 408 and its connection closed, not a held slot.
+    body_timeout_seconds: float = 30.0
     # How often a waiting streaming client gets an SSE comment (also keeps idle-timeout proxies happy).
     progress_interval_seconds: float = 5.0
     # How often a waiting non-streaming request checks whether its client has hung up.
@@ -55,10 +61,14 @@ class ProxySettings:
             raise SettingsError(f"cold start timeout must be > 0 s, got {self.cold_start_timeout_seconds}")
         if self.queue_size < 1:
             raise SettingsError(f"queue size must be >= 1, got {self.queue_size}")
+        if self.max_held_bytes is not None and self.max_held_bytes < 1:
+            raise SettingsError(f"max held bytes must be >= 1, got {self.max_held_bytes}")
         if self.max_held_requests is not None and self.max_held_requests < 1:
             raise SettingsError(f"max held requests must be >= 1, got {self.max_held_requests}")
         if self.progress_interval_seconds <= 0 or self.disconnect_check_seconds <= 0:
             raise SettingsError("progress and disconnect-check intervals must be > 0 s")
+        if self.body_timeout_seconds <= 0:
+            raise SettingsError(f"body timeout must be > 0 s, got {self.body_timeout_seconds}")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
             raise SettingsError("upstream timeouts must be > 0 s")
         if self.upstream not in ("lean", "httpcore", "client"):

@@ -6,28 +6,163 @@ machine, a separate write for headers and body). A proxy in front of known model
 this: write the request in one `sendall`, parse a status line and headers, read a Content-Length,
 chunked or close-delimited body as it arrives, and put the socket back for the next request.
 
+Exactness is not traded for speed, because a proxy that guesses is a smuggling or double-billing bug:
+
+- a request is re-sent (on a fresh connection, never to a second replica from here) only when none of
+  its bytes left this process: the pooled connection was found closed before writing, or the very first
+  `send` failed with nothing written. Once the request is written, any failure is reported, never retried:
+  the backend may have read it and started a billed generation;
+- the response head and body framing are parsed as strictly as h11 (the differential test
+  `tests/unit/test_transport_parser.py` holds the two to the same verdicts), and stricter in one place:
+  a response with both Content-Length and Transfer-Encoding is refused (RFC 9112 6.3 lets a recipient
+  treat it as an error; h11 lets Transfer-Encoding win).
+
 It is an `httpx.BaseTransport`, so the request path still deals in `httpx.Request`/`httpx.Response`
 and `iter_raw()`, and tests swap in `httpx.MockTransport`. `https://` backends (an InferenceModel's
-`backendUrl` may be one) go through a regular `httpx.HTTPTransport`.
+`backendUrl` may be one) go through a regular `httpx.HTTPTransport`. Under gunicorn's gevent worker the
+`socket` and `select` modules are patched, so every wait here yields to other requests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import re
 import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
+
+from proxy.client_io import immediate_poll
 
 MAX_HEAD_BYTES = 64 * 1024
 RECV_BYTES = 65536
 
+# RFC 9110/9112 grammar, as h11 applies it (lenient only where real servers need it: a missing reason
+# phrase, bare LF line ends, obsolete line folding, whitespace after a chunk size).
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: [ \t\x21-\xff]*)?")
+_FIELD_VALUE = rb"[^\x00\s](?:[ \t]+[^\x00\s]|[^\x00\s])*"
+_HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*(" + _FIELD_VALUE + rb")?[ \t]*")
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
+_DIGITS = re.compile(rb"[0-9]{1,20}")
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_FOLD = re.compile(rb"[ \t]+")
 
-class _Closed(Exception):
-    """The peer closed the connection before a complete response head."""
+
+class BadMessage(ValueError):
+    """The backend's bytes are not a valid HTTP/1.1 response (the proxy answers 502, never guesses)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """A parsed response head and how its body is framed: `mode` is length, chunked, close or none."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    mode: str
+    length: int
+    keep_alive: bool
+
+
+def split_lines(block: bytes) -> list[bytes]:
+    """The lines of a head (without its blank line), CRLF or bare LF."""
+    return [line[:-1] if line.endswith(b"\r") else line for line in block.split(b"\n")]
+
+
+def unfold(lines: list[bytes]) -> list[bytes]:
+    """Field lines with obsolete line folding joined to the line they continue."""
+    out: list[bytes] = []
+    for line in lines:
+        fold = _FOLD.match(line)
+        if fold and out:
+            out[-1] += b" " + line[fold.end() :]
+        elif fold:
+            raise BadMessage("continuation line at the start of the headers")
+        else:
+            out.append(line)
+    return out
+
+
+def parse_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Header (or trailer) lines as (name, value) pairs; BadMessage on any malformed line."""
+    fields = []
+    for line in unfold(lines):
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            raise BadMessage(f"bad header line {line[:80]!r}")
+        fields.append((match.group(1), match.group(2) or b""))
+    return fields
+
+
+def body_framing(status: int, method: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+    """(mode, length) of a response body; BadMessage for conflicting or malformed framing headers."""
+    length: bytes | None = None
+    encoding: bytes | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            values = {v.strip() for v in value.split(b",")}
+            if len(values) != 1:
+                raise BadMessage("conflicting Content-Length values")
+            (one,) = values
+            if not _DIGITS.fullmatch(one):
+                raise BadMessage(f"bad Content-Length {value[:40]!r}")
+            if length is not None and length != one:
+                raise BadMessage("conflicting Content-Length headers")
+            length = one
+        elif lower == b"transfer-encoding":
+            if encoding is not None:
+                raise BadMessage("more than one Transfer-Encoding header")
+            encoding = value.lower()
+            if encoding != b"chunked":
+                raise BadMessage(f"unsupported Transfer-Encoding {value[:40]!r} (only chunked)")
+    if status in (204, 304) or method == "HEAD":
+        return "none", 0
+    if encoding is not None and length is not None:
+        raise BadMessage("both Content-Length and Transfer-Encoding: chunked")
+    if encoding is not None:
+        return "chunked", 0
+    if length is not None:
+        return "length", int(length)
+    return "close", 0
+
+
+def parse_head(block: bytes, method: str) -> Head | None:
+    """The head in `block` (up to, not including, its blank line); None for a 1xx (another head follows)."""
+    lines = split_lines(block)
+    match = _STATUS_LINE.fullmatch(lines[0]) if lines else None
+    if match is None:
+        raise BadMessage(f"bad status line {lines[0][:80] if lines else b''!r}")
+    status = int(match.group(3))
+    headers = parse_fields(lines[1:])
+    if status < 200:
+        if status == 101:
+            raise BadMessage("101 Switching Protocols without an Upgrade request")
+        return None
+    mode, length = body_framing(status, method, headers)
+    connection = b",".join(v for n, v in headers if n.lower() == b"connection").lower()
+    tokens = {t.strip() for t in connection.split(b",")}
+    keep_alive = match.group(1, 2) == (b"1", b"1") and b"close" not in tokens
+    return Head(status, headers, mode, length, keep_alive and mode != "close")
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size in a chunk header line (without its CRLF); BadMessage unless it is hex digits."""
+    match = _CHUNK_HEADER.fullmatch(line)
+    if match is None:
+        raise BadMessage(f"bad chunk size line {line[:40]!r}")
+    return int(match.group(1), 16)
+
+
+_LAST = b""  # `_take_chunk`'s answer after the last chunk (a real chunk's data is never empty)
+
+
+class _NothingSent(Exception):
+    """A pooled connection turned out closed before any byte of the request was written."""
 
 
 class _Conn:
@@ -54,26 +189,36 @@ class _Conn:
     def stale(self) -> bool:
         """Readable while idle means closed by the peer (or garbage): not reusable."""
         try:
-            poller = select.poll()
+            poller = immediate_poll()
             poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
 
+    def write(self, payload: bytes) -> None:
+        """Send all of `payload`; `_NothingSent` when the very first send fails having written nothing."""
+        view = memoryview(payload)
+        sent = 0
+        while sent < len(view):
+            try:
+                sent += self.sock.send(view[sent:])
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                if sent == 0:
+                    raise _NothingSent() from exc
+                raise
+
 
 class _Body(httpx.SyncByteStream):
     """The response body, de-chunked, yielded as it arrives; the socket goes back to the pool at the end."""
 
-    def __init__(
-        self, transport: LeanTransport, conn: _Conn, request: httpx.Request, mode: str, length: int, keep_alive: bool
-    ) -> None:
+    def __init__(self, transport: LeanTransport, conn: _Conn, request: httpx.Request, head: Head) -> None:
         self._transport = transport
         self._conn = conn
         self._request = request
-        self._mode = mode  # "length", "chunked", "close" or "none"
-        self._length = length
-        self._keep_alive = keep_alive
-        self._done = mode == "none" or (mode == "length" and length == 0)
+        self._mode = head.mode
+        self._length = head.length
+        self._keep_alive = head.keep_alive
+        self._done = head.mode == "none" or (head.mode == "length" and head.length == 0)
         self._released = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -84,6 +229,9 @@ class _Body(httpx.SyncByteStream):
                 yield from self._chunked()
             elif self._mode == "close":
                 yield from self._until_close()
+        except BadMessage as exc:
+            self._keep_alive = False
+            raise httpx.RemoteProtocolError(f"backend sent a malformed body: {exc}", request=self._request) from exc
         except TimeoutError as exc:
             self._keep_alive = False
             raise httpx.ReadTimeout(f"backend silent for too long: {exc}", request=self._request) from exc
@@ -96,8 +244,7 @@ class _Body(httpx.SyncByteStream):
         remaining = self._length
         while remaining > 0:
             if not conn.buffer and not conn.fill():
-                self._keep_alive = False
-                raise httpx.RemoteProtocolError("backend closed the connection mid-body", request=self._request)
+                raise BadMessage("the backend closed the connection mid-body")
             piece = bytes(conn.buffer[:remaining])
             del conn.buffer[: len(piece)]
             remaining -= len(piece)
@@ -105,43 +252,58 @@ class _Body(httpx.SyncByteStream):
         self._done = True
 
     def _chunked(self) -> Iterator[bytes]:
+        """Each arrival's complete chunks joined into one piece: a backlog (a slow proxy, a burst) costs
+        one write downstream, not one per token."""
         conn = self._conn
         buf = conn.buffer
         while True:
-            eol = buf.find(b"\r\n")
-            while eol < 0:
-                if len(buf) > MAX_HEAD_BYTES or not conn.fill():
-                    self._keep_alive = False
-                    raise httpx.RemoteProtocolError("bad or truncated chunked body", request=self._request)
-                eol = buf.find(b"\r\n")
-            try:
-                size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
-            except ValueError:
-                self._keep_alive = False
-                raise httpx.RemoteProtocolError("bad chunk size", request=self._request) from None
-            if size == 0:
-                # The last chunk, then optional trailer lines, then an empty line.
-                while True:
-                    if len(buf) >= eol + 4 and buf[eol + 2 : eol + 4] == b"\r\n":
-                        del buf[: eol + 4]
-                        break
-                    end = buf.find(b"\r\n\r\n", eol + 2)
-                    if end >= 0:
-                        del buf[: end + 4]
-                        break
-                    if len(buf) > MAX_HEAD_BYTES or not conn.fill():
-                        self._keep_alive = False
-                        raise httpx.RemoteProtocolError("truncated chunked trailer", request=self._request)
-                self._done = True
-                return
-            need = eol + 2 + size + 2
-            while len(buf) < need:
-                if not conn.fill():
-                    self._keep_alive = False
-                    raise httpx.RemoteProtocolError("backend closed the connection mid-chunk", request=self._request)
-            piece = bytes(buf[eol + 2 : eol + 2 + size])
-            del buf[:need]
-            yield piece
+            pieces = []
+            while True:
+                piece = self._take_chunk(buf)
+                if piece is None:
+                    break
+                if not piece:  # _LAST
+                    if pieces:
+                        yield b"".join(pieces)
+                    self._done = True
+                    return
+                pieces.append(piece)
+            if pieces:
+                yield b"".join(pieces)
+            if not conn.fill():
+                raise BadMessage("the backend closed the connection mid-chunk")
+
+    @staticmethod
+    def _take_chunk(buf: bytearray) -> bytes | None:
+        """The next chunk's data if it is complete in `buf` (consumed), `_LAST` after the last chunk and
+        its trailer, None when more bytes are needed (nothing consumed)."""
+        eol = buf.find(b"\r\n")
+        if eol < 0:
+            if len(buf) > MAX_HEAD_BYTES:
+                raise BadMessage("chunk size line too long")
+            return None
+        size = parse_chunk_size(bytes(buf[:eol]))
+        start = eol + 2
+        if size == 0:
+            # Optional trailer fields after the last chunk, then the blank line; validated, then dropped.
+            if buf[start : start + 2] == b"\r\n" or buf[start : start + 1] == b"\n":
+                del buf[: start + (2 if buf[start : start + 1] == b"\r" else 1)]
+                return _LAST
+            end = _BLANK_LINE.search(buf, start)
+            if end is None:
+                if len(buf) - start > MAX_HEAD_BYTES:
+                    raise BadMessage("chunked trailer too large")
+                return None
+            parse_fields(split_lines(bytes(buf[start : end.start()])))
+            del buf[: end.end()]
+            return _LAST
+        if len(buf) < start + size + 2:
+            return None
+        if buf[start + size : start + size + 2] != b"\r\n":
+            raise BadMessage("chunk data not followed by CRLF")
+        piece = bytes(buf[start : start + size])
+        del buf[: start + size + 2]
+        return piece
 
     def _until_close(self) -> Iterator[bytes]:
         conn = self._conn
@@ -164,6 +326,24 @@ class _Body(httpx.SyncByteStream):
             self._transport._checkin(self._conn)
         else:
             self._conn.close()
+
+
+def _connect_socket(origin: tuple[str, int], timeout_seconds: float) -> socket.socket:
+    """A connected TCP socket. An IP address (a pod's, a local replica's) skips name resolution, which
+    under gevent is a hand-off to a pool of native threads: 1,000 connects at once queued behind it."""
+    host = origin[0].strip("[]")
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection(origin, timeout=timeout_seconds)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_seconds)
+        sock.connect((host, origin[1]))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class LeanTransport(httpx.BaseTransport):
@@ -214,7 +394,7 @@ class LeanTransport(httpx.BaseTransport):
 
     def _connect(self, origin: tuple[str, int], request: httpx.Request) -> _Conn:
         try:
-            sock = socket.create_connection(origin, timeout=self.connect_timeout_seconds)
+            sock = _connect_socket(origin, self.connect_timeout_seconds)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {origin[0]}:{origin[1]} timed out", request=request) from exc
         except OSError as exc:
@@ -255,98 +435,68 @@ class LeanTransport(httpx.BaseTransport):
         if conn is not None:
             try:
                 return self._exchange(conn, request, payload)
-            except _Closed:
-                pass  # the backend closed an idle connection just as we used it: one fresh try
+            except _NothingSent:
+                pass  # the backend closed this idle connection before we wrote a byte: one fresh try
         conn = self._connect(origin, request)
         try:
             return self._exchange(conn, request, payload)
-        except _Closed as exc:
-            raise httpx.RemoteProtocolError("backend closed the connection without answering", request=request) from exc
+        except _NothingSent as exc:
+            raise httpx.ConnectError(
+                "the backend closed a new connection before any byte of the request was written", request=request
+            ) from exc
 
     def _exchange(self, conn: _Conn, request: httpx.Request, payload: bytes) -> httpx.Response:
-        """Send and read the response head; `_Closed` only when nothing came back on a reused socket."""
+        """Write the request and read the response head; `_NothingSent` only if no byte was written."""
         try:
             try:
-                conn.sock.sendall(payload)
-            except (BrokenPipeError, ConnectionResetError) as exc:
+                conn.write(payload)
+            except _NothingSent:
                 conn.close()
-                if conn.reused:
-                    raise _Closed() from exc
-                raise httpx.WriteError(f"sending to the backend failed: {exc}", request=request) from exc
-            status, headers, mode, length, keep_alive = self._read_head(conn, request)
+                raise
+            except OSError as exc:
+                raise httpx.WriteError(f"sending to the backend failed midway: {exc}", request=request) from exc
+            head = self._read_head(conn, request)
+        except _NothingSent:
+            raise
         except TimeoutError as exc:
             conn.close()
             raise httpx.ReadTimeout("the backend did not answer in time", request=request) from exc
-        except _Closed:
+        except BadMessage as exc:
             conn.close()
-            if conn.reused:
-                raise
-            raise httpx.RemoteProtocolError(
-                "backend closed the connection without answering", request=request
-            ) from None
+            raise httpx.RemoteProtocolError(f"backend sent a malformed response: {exc}", request=request) from exc
         except httpx.HTTPError:
             conn.close()
             raise
         except OSError as exc:
             conn.close()
-            if conn.reused and not conn.buffer:
-                raise _Closed() from exc
-            raise httpx.ReadError(f"reading from the backend failed: {exc}", request=request) from exc
-        if request.method == "HEAD":
-            mode = "none"
-        body = _Body(self, conn, request, mode, length, keep_alive)
+            raise httpx.ReadError(
+                f"the backend broke the connection after the request was sent (not re-sent): {exc}", request=request
+            ) from exc
+        body = _Body(self, conn, request, head)
         return httpx.Response(
-            status, headers=headers, stream=body, request=request, extensions={"http_version": b"HTTP/1.1"}
+            head.status, headers=head.headers, stream=body, request=request, extensions={"http_version": b"HTTP/1.1"}
         )
 
-    def _read_head(self, conn: _Conn, request: httpx.Request) -> tuple[int, list[tuple[bytes, bytes]], str, int, bool]:
+    def _read_head(self, conn: _Conn, request: httpx.Request) -> Head:
         buf = conn.buffer
         while True:
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
+            end = _BLANK_LINE.search(buf)
+            while end is None:
+                if buf[:2] == b"\r\n" or buf[:1] == b"\n":
+                    raise BadMessage("empty status line")
                 if len(buf) > MAX_HEAD_BYTES:
-                    raise httpx.RemoteProtocolError("response head too large", request=request)
+                    raise BadMessage("response head too large")
                 if not conn.fill():
                     if not buf:
-                        raise _Closed()
-                    raise httpx.RemoteProtocolError("truncated response head", request=request)
-                end = buf.find(b"\r\n\r\n")
-            lines = bytes(buf[:end]).split(b"\r\n")
-            del buf[: end + 4]
-            parts = lines[0].split(b" ", 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-                raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}", request=request)
-            status = int(parts[1])
-            if 100 <= status < 200 and status != 101:
-                continue  # 100 Continue and friends: the real answer follows
-            break
-        headers: list[tuple[bytes, bytes]] = []
-        length = -1
-        chunked = False
-        connection = b""
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise httpx.RemoteProtocolError(f"bad header line {line[:80]!r}", request=request)
-            name, value = name.strip(), value.strip()
-            headers.append((name, value))
-            lower = name.lower()
-            if lower == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise httpx.RemoteProtocolError("bad Content-Length", request=request) from None
-            elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection":
-                connection = value.lower()
-        keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in connection
-        if parts[0] == b"HTTP/1.0":
-            keep_alive = b"keep-alive" in connection
-        if status in (204, 304):
-            return status, headers, "none", 0, keep_alive
-        if chunked:
-            return status, headers, "chunked", 0, keep_alive
-        if length >= 0:
-            return status, headers, "length", length, keep_alive
-        return status, headers, "close", 0, False
+                        raise httpx.RemoteProtocolError(
+                            "the backend closed the connection after the request was sent, without answering "
+                            "(not re-sent: it may have been processed)",
+                            request=request,
+                        )
+                    raise BadMessage("truncated response head")
+                end = _BLANK_LINE.search(buf)
+            block = bytes(buf[: end.start()])
+            del buf[: end.end()]
+            head = parse_head(block, request.method)
+            if head is not None:
+                return head  # else a 1xx such as 100 Continue: the real answer follows

@@ -1,12 +1,18 @@
-"""The one way every `ibc` server runs its Flask app: gunicorn gthread workers, TLS that follows
-certificate rotation, Prometheus multiprocess mode, and an in-thread twin for tests.
+"""The one way every `ibc` server runs its Flask app: gunicorn workers (gthread, or gevent for the
+proxy), TLS that follows certificate rotation, Prometheus multiprocess mode, and an in-thread twin for tests.
 
 Why one runner: the webhook, the extender, the proxy and the controller's endpoints must all get the
 same things right, and each is easy to get wrong alone:
 
 - the app is built in each worker after the fork (gunicorn's default, no `preload_app`), so Kubernetes
   clients, watch threads and httpx pools are never shared across processes;
-- `gthread` workers, because the proxy streams and holds requests during a cold start;
+- `gthread` workers by default; the proxy and local mode ask for `gevent` (one greenlet per connection,
+  measured in docs/proxy.md), which holds thousands of streams per process where a thread each could
+  not. Under gevent, gunicorn's keep-alive timeout bounds the wait for each request head: it is the
+  header deadline (`header_timeout`);
+- gevent workers with a fixed port each listen on their own SO_REUSEPORT socket, so the kernel spreads
+  connections over them;
+- the soft open-files limit is raised to the hard one: every held stream is two descriptors;
 - TLS through gunicorn's `ssl_context` hook, which gunicorn calls per connection, answered with the
   reloading context of `certs.reload`: a renewed Secret is served without a restart;
 - with more than one worker, `PROMETHEUS_MULTIPROC_DIR` (a fresh temp dir unless set) exists before the
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[..., Any]
+WORKER_CLASSES = ("gthread", "gevent")
 
 
 def add_server_arguments(
@@ -127,18 +134,27 @@ def serve(
     on_exit: Callable[[], None] | None = None,
     access_log: bool = False,
     reload_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS,
+    worker_class: str = "gthread",
+    worker_connections: int = 1000,
+    header_timeout: int | None = None,
 ) -> int:
     """Run `app_factory()` under gunicorn until SIGTERM/SIGINT; return the exit code for `run(args)`.
 
     Returns 0 after a clean shutdown, 1 if gunicorn fails (e.g. the factory raises in a worker: no worker
     boots), 2 for bad input (bind, worker counts, TLS files), after printing one line to stderr.
     `post_fork()` runs in each worker right after the fork, before `app_factory()`; `on_exit()` runs in
-    the master just before it exits.
+    the master just before it exits. With `worker_class="gevent"`, each worker serves up to
+    `worker_connections` connections at once and `header_timeout` (seconds) bounds the wait for each
+    request head, including the idle time between keep-alive requests (default: `keepalive`).
     """
     try:
         host, port = parse_bind(bind)
         if workers < 1 or threads < 1 or timeout < 0:
             raise ServeError(f"workers ({workers}) and threads ({threads}) must be >= 1, timeout >= 0")
+        if worker_class not in WORKER_CLASSES:
+            raise ServeError(f"worker class must be one of {', '.join(WORKER_CLASSES)}, got {worker_class!r}")
+        if worker_connections < 1 or (header_timeout is not None and header_timeout < 1):
+            raise ServeError("worker connections and the header timeout must be >= 1")
         check_tls_options(tls_cert, tls_key, client_ca)
         reloader = None
         if tls_cert and tls_key:
@@ -148,14 +164,22 @@ def serve(
         return 2
 
     owned_multiproc_dir = _prepare_multiprocess(workers, name)
+    raise_open_files_limit()
+    cooperative = worker_class == "gevent"
+    shape = f"{worker_connections} connections" if cooperative else f"{threads} threads"
     options: dict[str, Any] = {
         "bind": [format_bind(host, port)],
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        "worker_class": worker_class,
+        "worker_connections": worker_connections,
         "timeout": timeout,
         "graceful_timeout": graceful_timeout,
-        "keepalive": keepalive,
+        "keepalive": header_timeout if cooperative and header_timeout else keepalive,
+        # gevent workers do not take turns at a shared listening socket: the one awake accepts a whole
+        # burst (measured: 2 workers served no more than 1). A socket per worker (SO_REUSEPORT) lets the
+        # kernel spread connections; port 0 would give each worker a different port, so not then.
+        "reuse_port": cooperative and workers > 1 and port != 0,
         "proc_name": f"ibc-{name}",
         "loglevel": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         "errorlog": "-",
@@ -171,12 +195,13 @@ def serve(
         "child_exit": _mark_worker_dead,
         "on_exit": _exit_hook(on_exit, owned_multiproc_dir),
         "when_ready": lambda _server: log.info(
-            "%s listening on %s://%s (%d workers x %d threads)",
+            "%s listening on %s://%s (%d workers x %s, %s)",
             name,
             "https" if reloader else "http",
             format_bind(host, port),
             workers,
-            threads,
+            shape,
+            worker_class,
         ),
     }
     master_pid = os.getpid()
@@ -196,6 +221,20 @@ def serve(
         if owned_multiproc_dir is not None and os.getpid() == master_pid:
             shutil.rmtree(owned_multiproc_dir, ignore_errors=True)
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (children inherit it); the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 class _GunicornApp(BaseApplication):  # type: ignore[misc]

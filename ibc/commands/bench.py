@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SECTIONS = ("proxy", "webhook", "extender", "recovery", "coldstart")
+SECTIONS = ("proxy", "webhook", "extender", "recovery", "coldstart", "concurrency")
 REPO = Path(__file__).resolve().parents[2]
 
 

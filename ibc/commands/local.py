@@ -2,9 +2,10 @@
 
 Local mode is the proxy's request path (`proxy.app.create_app`) with the local scaler
 (`local.scaler.LocalScaler`), which decides with the same budget function as the webhook and starts
-each model's command as a process. It runs under `serving.runner.serve` with ONE gunicorn worker and
-many threads: the scaler's table of processes and its lock must be shared by every request, which
-several worker processes could not do (and then two cold requests could overcommit).
+each model's command as a process. It runs under `serving.runner.serve` with ONE gunicorn worker
+(gevent by default: a greenlet per connection, as `ibc proxy`): the scaler's table of processes and its
+lock must be shared by every request, which several worker processes could not do (and then two cold
+requests could overcommit).
 
 Shutdown leaves no child behind, in three layers: the worker stops every model process (SIGTERM, then
 SIGKILL after its grace period) as soon as it is asked to stop and again at exit; each child is asked
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import math
 import os
@@ -26,13 +28,18 @@ import sys
 import threading
 from typing import Any
 
-from ibc.commands.proxy import add_request_path_arguments
+from ibc.commands.proxy import (
+    add_concurrency_arguments,
+    add_request_path_arguments,
+    check_concurrency,
+    held_limits,
+)
 from local.config import LocalConfig, LocalConfigError, load_config
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "127.0.0.1:8080"
-# Each request held during a cold start occupies a thread; 64 covers a burst at a single-user machine.
+# With --worker-class gthread, each request held during a cold start occupies a thread.
 DEFAULT_THREADS = 64
 # Threads never given to held requests, so running models answer during a cold-start burst.
 RESERVED_THREADS = 16
@@ -61,9 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_THREADS,
         metavar="N",
-        help=f"request threads, one per request in flight or held (default {DEFAULT_THREADS}, at least {MIN_THREADS})",
+        help=f"with --worker-class gthread: request threads, one per request in flight or held "
+        f"(default {DEFAULT_THREADS}, at least {MIN_THREADS})",
     )
     add_request_path_arguments(parser, cold_start_default=None)
+    add_concurrency_arguments(parser)
     parser.add_argument("--check", action="store_true", help="validate the configuration, print it, and exit")
 
 
@@ -130,11 +139,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         parse_bind(args.bind)
-        if args.threads < MIN_THREADS:
+        if problem := check_concurrency(args):
+            raise ServeError(problem)
+        if args.worker_class == "gthread" and args.threads < MIN_THREADS:
             raise ServeError(
                 f"--threads {args.threads}: at least {MIN_THREADS} ({RESERVED_THREADS} stay free for running models, "
                 "the rest hold requests while a model starts)"
             )
+        max_held, max_held_bytes = held_limits(args, args.threads)
         cold_start = args.cold_start_timeout
         if cold_start is None:
             cold_start = max(m.startup_timeout_seconds for m in config.models)
@@ -143,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
             queue_size=args.queue_size,
             read_timeout_seconds=args.upstream_timeout,
             max_body_bytes=args.max_body_bytes,
-            # Like `ibc proxy`: some threads always stay free for models that are already running.
-            max_held_requests=args.threads - RESERVED_THREADS,
+            # Like `ibc proxy`: under gthread some threads always stay free for running models.
+            max_held_requests=max_held,
+            max_held_bytes=max_held_bytes,
+            body_timeout_seconds=args.body_timeout,
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )
     except (LocalConfigError, ServeError, SettingsError) as exc:
@@ -164,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
         app, scaler = create_local_app(config, settings)
         atexit.register(scaler.close)
         _stop_on_signals(scaler.close)
+        # As `ibc proxy` does: objects from imports and start-up live as long as the worker; keep them out
+        # of every later full collection, which stops every stream while it runs.
+        gc.collect()
+        gc.freeze()
         return app
 
     main_pid = os.getpid()
@@ -180,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         bind=args.bind,
         workers=1,
         threads=args.threads,
+        worker_class=args.worker_class,
+        worker_connections=args.connections,
+        header_timeout=args.header_timeout,
         name="local",
         # The worker stops its model processes while it drains: give it their grace period and a margin.
         graceful_timeout=math.ceil(grace) + 5,

@@ -1,9 +1,11 @@
 """`ibc proxy`: the OpenAI-compatible front door in a cluster (the request path with the Kubernetes scaler).
 
 Each gunicorn worker builds its own app after the fork: its own watch cache of InferenceModels, model
-pods and nodes, its own keep-alive pool to the backends. Held requests (cold starts) occupy a thread
-each, so the worker keeps some threads for warm models: at most `threads - 16` requests (and at most
-`--queue-size` per model) wait at once in one worker; beyond that a cold request gets 503 `queue_full`.
+pods and nodes, its own keep-alive pool to the backends. Workers are gevent's by default: a connection
+is a greenlet, so one worker holds `--connections` streams and held requests (cold starts) at once,
+bounded per model by `--queue-size` and together by `--max-held-mib`. With `--worker-class gthread` a
+request holds a thread, and the worker keeps 16 threads for warm models (at most `threads - 16` held).
+Beyond a bound a cold request gets 503 `queue_full`. See docs/proxy.md, "Concurrency".
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 64
 # Threads of a worker never given to held requests, so warm models are served during a cold-start burst.
 RESERVED_THREADS = 16
+# Client connections one gevent worker serves at once (each stream also holds an upstream socket):
+# 10,000 covers the 5,000-stream target with room for keep-alive idlers; the fd limit is raised to match.
+DEFAULT_CONNECTIONS = 10000
+# Seconds for a request head to arrive (also the keep-alive idle limit): slowloris clients are cut here.
+DEFAULT_HEADER_TIMEOUT = 10
+DEFAULT_BODY_TIMEOUT = 30.0
+HELD_MEMORY_SHARE = 8  # held requests may use 1/8 of the memory available at start ...
+HELD_MEMORY_MAX_MIB = 4096  # ... and at most 4 GiB per worker
 SYNC_TIMEOUT_SECONDS = 20.0
 
 
@@ -65,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--namespace", metavar="NS", help="serve only the models of this namespace (default all)")
     add_request_path_arguments(group, cold_start_default=600.0)
+    add_concurrency_arguments(group)
 
 
 def add_request_path_arguments(
@@ -86,7 +97,22 @@ def add_request_path_arguments(
         + ("(default 600, a vLLM cold start)" if cold_start_default else "(default: the longest startup_timeout)"),
     )
     group.add_argument(
-        "--queue-size", type=int, default=256, metavar="N", help="requests held per starting model (default 256)"
+        "--queue-size", type=int, default=4096, metavar="N", help="requests held per starting model (default 4096)"
+    )
+    group.add_argument(
+        "--max-held-mib",
+        type=int,
+        metavar="MIB",
+        help="memory all held requests of a worker may use (bodies + 64 KiB each; "
+        f"default 1/{HELD_MEMORY_SHARE} of the available memory, at most {HELD_MEMORY_MAX_MIB})",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"whole request body must arrive within this, else 408 and the connection closes "
+        f"(default {DEFAULT_BODY_TIMEOUT:g})",
     )
     group.add_argument(
         "--upstream-timeout",
@@ -95,6 +121,67 @@ def add_request_path_arguments(
         metavar="SECONDS",
         help="longest silence from a backend while it answers (default 600)",
     )
+
+
+def add_concurrency_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """How the proxy holds connections (shared by `ibc proxy` and `ibc local`); see docs/proxy.md."""
+    group.add_argument(
+        "--worker-class",
+        choices=("gevent", "gthread"),
+        default="gevent",
+        help="gevent (default): a greenlet per connection, thousands of streams per worker; "
+        "gthread: a thread per request (--threads)",
+    )
+    group.add_argument(
+        "--connections",
+        type=int,
+        default=DEFAULT_CONNECTIONS,
+        metavar="N",
+        help=f"client connections per gevent worker (default {DEFAULT_CONNECTIONS})",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=int,
+        default=DEFAULT_HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help="a request head must arrive within this (also the keep-alive idle limit), else the "
+        f"connection closes (gevent; default {DEFAULT_HEADER_TIMEOUT})",
+    )
+
+
+def held_limits(args: argparse.Namespace, threads: int) -> tuple[int | None, int | None]:
+    """(max held requests, max held bytes) of one worker: threads bound gthread, memory bounds gevent."""
+    held_bytes = args.max_held_mib << 20 if args.max_held_mib else default_held_bytes()
+    if args.worker_class == "gthread":
+        return max(1, threads - RESERVED_THREADS) if threads > RESERVED_THREADS else 1, held_bytes
+    return None, held_bytes
+
+
+def default_held_bytes() -> int:
+    """An eighth of MemAvailable (at most 4 GiB): what held requests may use when no flag says."""
+    available = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if available <= 0:
+        available = 8 << 30
+    return min(available // HELD_MEMORY_SHARE, HELD_MEMORY_MAX_MIB << 20)
+
+
+def check_concurrency(args: argparse.Namespace) -> str | None:
+    """Why the concurrency flags are unusable (one line), or None."""
+    if args.connections < 1:
+        return f"--connections must be >= 1, got {args.connections}"
+    if args.header_timeout < 1:
+        return f"--header-timeout must be >= 1, got {args.header_timeout}"
+    if args.max_held_mib is not None and args.max_held_mib < 1:
+        return f"--max-held-mib must be >= 1, got {args.max_held_mib}"
+    return None
 
 
 def _fail(message: str) -> int:
@@ -111,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail("not running in a cluster: give --kubeconfig FILE (or set KUBECONFIG)")
     if args.threads < 1:
         return _fail(f"--threads must be >= 1, got {args.threads}")
+    if problem := check_concurrency(args):
+        return _fail(problem)
+    max_held, max_held_bytes = held_limits(args, args.threads)
     try:
         keys = load_api_keys(args.api_key_file) if args.api_key_file else frozenset()
         settings = ProxySettings(
@@ -119,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
             cold_start_timeout_seconds=args.cold_start_timeout,
             queue_size=args.queue_size,
             read_timeout_seconds=args.upstream_timeout,
-            max_held_requests=max(1, args.threads - RESERVED_THREADS) if args.threads > RESERVED_THREADS else 1,
+            max_held_requests=max_held,
+            max_held_bytes=max_held_bytes,
+            body_timeout_seconds=args.body_timeout,
         )
     except SettingsError as exc:
         return _fail(str(exc))
@@ -142,4 +234,11 @@ def run(args: argparse.Namespace) -> int:
         gc.freeze()
         return app
 
-    return serve(factory, name="proxy", **server_options(args))
+    return serve(
+        factory,
+        name="proxy",
+        worker_class=args.worker_class,
+        worker_connections=args.connections,
+        header_timeout=args.header_timeout,
+        **server_options(args),
+    )

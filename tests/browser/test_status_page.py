@@ -114,7 +114,7 @@ def test_the_page_shows_a_started_model_and_a_refusal(browser, local_factory, tm
 
     server.client().chat.completions.create(model="model-c", messages=MESSAGES)  # fits beside model-a
     _wait_for(browser, '.seg[data-model="model-c"]', text=("16Gi",))
-    _wait_for(browser, 'tr[data-model="model-c"][data-state="ready"]', text=("0 / 256",))  # served: none held
+    _wait_for(browser, 'tr[data-model="model-c"][data-state="ready"]', text=("0 / 4096",))  # none held, of --queue-size
     _wait_for(browser, '.node[data-node="shadow"]', text=("96Gi of 128Gi used", "32Gi free"))
     _shot(browser, "status-page.png", tmp_path)
 

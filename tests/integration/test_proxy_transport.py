@@ -271,3 +271,45 @@ def test_request_head_carries_method_target_and_headers(
     assert lines[0] == b"POST /v1/chat/completions?a=1 HTTP/1.1"
     assert b"content-length: 3" in [line.lower() for line in lines]
     assert any(line.lower().startswith(b"host: 127.0.0.1:") for line in lines)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a crashing backend or a dropped pod does."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_request_written_to_a_reused_connection_is_never_sent_again(
+    serve: Callable[[Script], ScriptedServer], transport: LeanTransport, how: str
+) -> None:
+    # The first request is answered and the connection kept; the second is read, then the backend dies
+    # without answering. It may have started (and billed) a generation: the proxy must not re-send it.
+    def answer_then_die(conn: socket.socket, n: int) -> bool:
+        if n == 0:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return True
+        if how == "reset":
+            _reset(conn)
+        return False
+
+    server = serve(answer_then_die)
+    assert post(transport, server.url)[2] == b"ok"
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        post(transport, server.url, body=b'{"second":1}')
+    assert server.bodies == [b'{"x":1}', b'{"second":1}'], "the second request was sent exactly once"
+    assert server.connections == 1
+
+
+def test_fresh_connection_reset_after_the_request_is_read_is_not_retried(
+    serve: Callable[[Script], ScriptedServer], transport: LeanTransport
+) -> None:
+    def die(conn: socket.socket, n: int) -> bool:
+        _reset(conn)
+        return False
+
+    server = serve(die)
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        post(transport, server.url)
+    assert server.requests == 1
+    assert server.connections == 1

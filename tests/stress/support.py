@@ -8,10 +8,13 @@ reports recovery times must measure exactly what the tests assert on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
+import resource
 import signal
 import ssl
 import subprocess
@@ -414,3 +417,161 @@ class RecordingRuntime:
     def _notify(self, proc: ManagedProcess) -> None:
         if self._listener is not None:
             self._listener(proc)
+
+
+# ----------------------------------------------------------------------------- many streams at once
+
+
+def stream_request(model: str, tokens: int, host: str = "bench") -> bytes:
+    """The raw bytes of one streamed chat completion (Connection: close: one stream per connection)."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": tokens}
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Stream(asyncio.Protocol):
+    """One client: send the request, timestamp every arrival that carries an SSE `data:` event."""
+
+    def __init__(self, payload: bytes, done: asyncio.Future[None]) -> None:
+        self.payload = payload
+        self.done = done
+        self.started = time.perf_counter()
+        self.head = b""
+        self.status = 0
+        self.first: float | None = None
+        self.last = 0.0
+        self.gaps: list[float] = []
+        self.finished = False
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.payload)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if not self.status:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, data = self.head.split(b"\r\n\r\n", 1)
+            self.status = int(head.split(b" ", 2)[1])
+        if b"data:" in data:
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps.append(now - self.last)
+            self.last = now
+        if b"[DONE]" in self.tail + data:
+            self.finished = True
+        self.tail = data[-16:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass
+class StreamRun:
+    """What N clients saw: streams that ended with `[DONE]` after a 200, first-chunk times, gaps, wall."""
+
+    streams: int
+    completed: int
+    ttfc_seconds: list[float]
+    gap_seconds: list[float]
+    wall_seconds: float
+    statuses: dict[int, int]
+    peak_rss_bytes: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.streams - self.completed
+
+
+async def _one_stream(host: str, port: int, payload: bytes, timeout: float) -> _Stream | None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    try:
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: _Stream(payload, done), host, port), timeout
+        )
+    except (OSError, TimeoutError):
+        return None
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        transport.close()
+    return proto
+
+
+def hold_streams(
+    url: str, n: int, payload: bytes, timeout_seconds: float, rss_of: Callable[[], int] | None = None
+) -> StreamRun:
+    """Open `n` streams at the same moment (one asyncio process of raw sockets) and wait for all of them;
+    `rss_of()` is sampled every 100 ms and its peak returned. Raise the fd limit first (`raise_fd_limit`)."""
+
+    async def run() -> StreamRun:
+        host, port = url.removeprefix("http://").split(":")
+        peak = [0]
+
+        async def sample() -> None:
+            while rss_of is not None:
+                peak[0] = max(peak[0], rss_of())
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_one_stream(host, int(port), payload, timeout_seconds) for _ in range(n)))
+        wall = time.perf_counter() - t0
+        sampler.cancel()
+        ok = [r for r in results if r is not None and r.status == 200 and r.finished and r.first is not None]
+        statuses: dict[int, int] = {}
+        for r in results:
+            code = r.status if r is not None else 0
+            statuses[code] = statuses.get(code, 0) + 1
+        return StreamRun(
+            streams=n,
+            completed=len(ok),
+            ttfc_seconds=[r.first - r.started for r in ok if r.first is not None],
+            gap_seconds=[g for r in ok for g in r.gaps],
+            wall_seconds=wall,
+            statuses=statuses,
+            peak_rss_bytes=peak[0],
+        )
+
+    return asyncio.run(run())
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise this process's soft open-files limit to the hard one; AssertionError if below `needed`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    assert hard >= needed, f"open-files hard limit {hard} < {needed} needed (raise it: ulimit -Hn)"
+    return hard
+
+
+def rss_bytes(pid: int, skip: str = "mock-backend") -> int:
+    """Resident memory of `pid` and its descendants, leaving out processes whose command line has `skip`."""
+    rows = proc_table()
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children(p, rows))
+        if p in rows and skip in rows[p][1]:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

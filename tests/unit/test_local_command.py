@@ -27,7 +27,12 @@ def test_check_summarises_the_seed_example(capsys):
             id="bad-config",
         ),
         pytest.param(["--bind", "8080"], None, "bind '8080': expected HOST:PORT", id="bad-bind"),
-        pytest.param(["--threads", "4"], None, "--threads 4: at least 17", id="too-few-threads"),
+        pytest.param(
+            ["--worker-class", "gthread", "--threads", "4"], None, "--threads 4: at least 17", id="too-few-threads"
+        ),
+        pytest.param(["--connections", "0"], None, "--connections must be >= 1", id="no-connections"),
+        pytest.param(["--header-timeout", "0"], None, "--header-timeout must be >= 1", id="no-header-time"),
+        pytest.param(["--max-held-mib", "0"], None, "--max-held-mib must be >= 1", id="no-held-memory"),
         pytest.param(["--queue-size", "0"], None, "queue size must be >= 1", id="bad-queue"),
         pytest.param(["--api-key-file", "/nonexistent/keys"], None, "cannot read API key file", id="no-key-file"),
     ],

@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 
 from budget import ClusterView, Decision, Model, Node, Placement, decide_scale
 from proxy.app import ProxyApp, create_app
+from proxy.coldstart import HELD_OVERHEAD_BYTES
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
 from proxy.static_scaler import StaticScaler
@@ -376,6 +377,45 @@ def test_total_held_limit_protects_threads_for_warm_models(scaler: StaticScaler)
     assert client.post("/v1/chat/completions", json=chat("model-a")).status_code == 200
     scaler.set_backends("default/model-c", [BACKEND_C])
     waiter.join(5)
+
+
+@pytest.mark.parametrize(
+    ("limit_bytes", "body_padding", "second"),
+    [
+        pytest.param(2 * HELD_OVERHEAD_BYTES + 1000, 0, 200, id="two-fit"),
+        pytest.param(2 * HELD_OVERHEAD_BYTES, 1000, 503, id="bodies-count-too"),
+        pytest.param(HELD_OVERHEAD_BYTES + 100, 0, 503, id="one-fits"),
+    ],
+)
+def test_held_requests_are_bounded_by_memory(
+    scaler: StaticScaler, limit_bytes: int, body_padding: int, second: int
+) -> None:
+    client, proxy, _ = make_client(scaler, max_held_bytes=limit_bytes)
+    first: list[int] = []
+    padded = chat("model-c", user="x" * body_padding)
+    waiter = threading.Thread(target=lambda: first.append(client.post("/v1/chat/completions", json=padded).status_code))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not proxy.cold.waiting() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if second == 503:
+        resp = client.post("/v1/chat/completions", json=padded)
+        assert resp.status_code == 503
+        assert "memory limit" in resp.get_json()["error"]["message"]
+    else:
+        other = threading.Thread(
+            target=lambda: first.append(client.post("/v1/chat/completions", json=padded).status_code)
+        )
+        other.start()
+        while proxy.cold.waiting().get("default/model-c") != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.cold.waiting() == {"default/model-c": 2}
+    scaler.set_backends("default/model-c", [BACKEND_C])
+    waiter.join(5)
+    if second == 200:
+        other.join(5)
+    assert all(code == 200 for code in first)
+    assert proxy.cold.waiting() == {}
 
 
 class FailingStart(StaticScaler):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.settings import digest_key
+from proxy.settings import ProxySettings, digest_key
 from tests.unit.test_local_app import CHAT, _app, runtime  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.unit
@@ -30,7 +30,7 @@ def test_a_429_becomes_the_models_last_refusal_with_the_same_numbers(runtime):  
     assert (node["name"], node["used"], node["free"]) == ("shadow", "80Gi", "48Gi")
     assert [(r["model"], r["memory"], r["ready"]) for r in node["replicas"]] == [("model-a", "80Gi", True)]
     models = _models(client)
-    assert models["model-a"]["state"] == "ready" and models["model-a"]["queue_limit"] == 256
+    assert models["model-a"]["state"] == "ready" and models["model-a"]["queue_limit"] == ProxySettings().queue_size
     assert models["model-c"]["last_refusal"] is None
 
 
