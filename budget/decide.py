@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 from budget.errors import BudgetError, UnknownModelError
@@ -27,16 +27,25 @@ REASON_UNKNOWN_NODE = "node is unknown to the inference budget"
 DEFAULT_RETRY_AFTER_SECONDS = 30
 
 
+BlockingState = Literal["idle", "starting", "stopping"]
+
+
 @dataclass(frozen=True)
 class Blocking:
-    """A model holding memory the request would need, and how long it has been idle."""
+    """A model holding memory the request would need: how long it has been idle and when it frees it."""
 
     model: str
     memory_bytes: int
     idle_for_seconds: float
     cooldown_seconds: float
     replicas: int = 1
-    starting: bool = False  # admitted replicas that do not hold a node yet (they will, soon)
+    state: BlockingState = "idle"
+    free_in_seconds: float | None = None  # when all its memory is free if nothing else changes; None: never
+    key: str = ""  # namespace/name, to take it out of a view (what-if)
+
+    @property
+    def starting(self) -> bool:
+        return self.state == "starting"
 
     @property
     def cooldown_remaining_seconds(self) -> float | None:
@@ -48,10 +57,17 @@ class Blocking:
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer to "may this model have N replicas?": a value, serialized only at the edges."""
+    """The answer to "may this model have N replicas?": a value, serialized only at the edges.
+
+    On a memory denial, `blocking` starts with the smallest set of models whose memory going (on their
+    own schedule) lets the request fit, `retry_blocking` says how many those are, and
+    `retry_after_seconds` is when that happens. `retry_after_seconds` is 0 when waiting cannot help.
+    """
 
     allowed: bool
-    reason: str  # fits | no_change | decrease | insufficient_memory | no_matching_nodes | exceeds_node_capacity
+    # fits | no_change | decrease | insufficient_memory | no_matching_nodes | exceeds_node_capacity
+    # | exceeds_pool_capacity
+    reason: str
     message: str
     model: str
     model_key: str
@@ -63,12 +79,22 @@ class Decision:
     blocking: tuple[Blocking, ...] = ()
     retry_after_seconds: int = 0
     placements: Mapping[str, int] = field(default_factory=dict)  # node -> new replicas placed there
+    retry_blocking: int = 0
+
+    @property
+    def where(self) -> str:
+        """The pool for people: `pool inference-pool=gpu-nodes`, or `the whole cluster` without a selector."""
+        return self.pool if self.pool == WHOLE_CLUSTER else f"pool {self.pool}"
+
+
+WHOLE_CLUSTER = "the whole cluster"
+NEVER_REASONS = frozenset({"no_matching_nodes", "exceeds_node_capacity", "exceeds_pool_capacity"})
 
 
 def pool_name(selector: Mapping[str, str]) -> str:
     """How a pool is named in messages and status: its nodeSelector, or "all budgeted nodes"."""
     if not selector:
-        return "all budgeted nodes"
+        return WHOLE_CLUSTER
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
@@ -105,55 +131,200 @@ def _candidates(nodes: Iterable[Node], selector: Mapping[str, str]) -> list[str]
     return [n.name for n in nodes if n.capacity_bytes is not None and matches(selector, n.labels)]
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """Where the new replicas of one model would go on one view (the placement step of the decision)."""
+
+    new: int  # replicas that need new memory
+    placed: dict[str, int]  # node -> new replicas placed
+    pool_nodes: list[str]
+    available_bytes: int  # largest free space on one pool node, after admitted replicas of others
+    starting: dict[str, int]  # model key -> memory of its admitted, unplaced replicas landing in the pool
+
+    @property
+    def fits(self) -> bool:
+        return sum(self.placed.values()) == self.new
+
+
+def _fit(view: ClusterView, model: Model, replicas: int, now: float) -> _Fit:
+    """First-fit-decreasing of the model's new replicas after the replicas admitted for other models.
+
+    Per node today; per device (one replica on `devices` devices of one node) slots in here.
+    """
+    key = model.key
+    pool_nodes = _candidates(view.nodes, model.node_selector)
+    free = view.free_bytes(now)
+    # Replicas other models were admitted for but do not hold memory yet go first, largest first.
+    pending: list[tuple[int, str, Model]] = []
+    for other in view.models.values():
+        if other.key == key or other.memory_bytes <= 0:
+            continue
+        missing = other.replicas - _held(view, other.key, now)
+        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
+    pending.sort(key=lambda item: (-item[0], item[1]))
+    starting: dict[str, int] = {}
+    for memory, other_key, other in pending:
+        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
+        if node is not None and node in pool_nodes:
+            starting[other_key] = starting.get(other_key, 0) + memory
+    available = max(0, max((free[n] for n in pool_nodes), default=0))
+    new = max(0, replicas - _held(view, key, now)) if replicas >= model.replicas else 0
+    placed: dict[str, int] = {}
+    if model.memory_bytes > 0:
+        for _ in range(new):
+            node = _first_fit(free, pool_nodes, model.memory_bytes)
+            if node is None:
+                break
+            placed[node] = placed.get(node, 0) + 1
+    else:
+        new = 0
+    return _Fit(new, placed, pool_nodes, available, starting)
+
+
+def _free_in(model: Model | None, state: BlockingState, idle_for: float, ready_in: float,
+             free_by: float | None, now: float) -> float | None:
+    """Seconds until a blocking model's memory is free if nothing else changes; None: not on its own."""
+    if state == "stopping":
+        return None if free_by is None else max(0.0, free_by - now)
+    cooldown = model.cooldown_seconds if model else 0.0
+    if cooldown <= 0:
+        return None
+    if state == "starting":
+        # Ready first; the request that started it then counts as activity, so the cooldown runs from then.
+        return ready_in + cooldown
+    return max(0.0, cooldown - idle_for)
+
+
 def _blocking(
     view: ClusterView, target_key: str, pool_nodes: set[str], now: float, starting: dict[str, int]
 ) -> tuple[Blocking, ...]:
-    """Models holding memory in the pool: placed replicas, then admitted replicas still starting."""
+    """Models holding memory in the pool (placed, reserved, or admitted and still starting), in display order."""
     memory: dict[str, int] = {}
     count: dict[str, int] = {}
     started: dict[str, list[float]] = {}
+    states: dict[str, set[str]] = {}
+    ready_in: dict[str, float] = {}
+    free_by: dict[str, float | None] = {}
+
+    def hold(key: str, mem: int, state: str, started_at: float | None, by: float | None = None) -> None:
+        memory[key] = memory.get(key, 0) + mem
+        states.setdefault(key, set()).add(state)
+        model = view.models.get(key)
+        if model is not None and mem >= model.memory_bytes > 0:
+            count[key] = count.get(key, 0) + mem // model.memory_bytes
+        else:
+            count[key] = count.get(key, 0) + 1
+        if started_at is not None:
+            started.setdefault(key, []).append(started_at)
+        if state == "starting":
+            startup = model.startup_seconds if model else 0.0
+            begun = now if started_at is None else min(now, started_at)
+            ready_in[key] = max(ready_in.get(key, 0.0), max(0.0, begun + startup - now))
+        if state == "stopping":
+            previous = free_by.get(key, by)
+            free_by[key] = None if by is None or previous is None else max(previous, by)
+
     for p in view.placements:
-        if p.node not in pool_nodes or p.model == target_key:
-            continue
-        memory[p.model] = memory.get(p.model, 0) + p.memory_bytes
-        count[p.model] = count.get(p.model, 0) + 1
-        if p.started_at is not None:
-            started.setdefault(p.model, []).append(p.started_at)
+        if p.node in pool_nodes and p.model != target_key:
+            hold(p.model, p.memory_bytes, p.state, p.started_at, p.free_by)
+    for r in view.live_reservations(now):
+        if r.node in pool_nodes and r.model != target_key:
+            hold(r.model, r.memory_bytes, "starting", None)
+    for key, mem in starting.items():
+        hold(key, mem, "starting", None)
+
     out = []
     for key, mem in memory.items():
         model = view.models.get(key)
+        seen = states[key]
+        state: BlockingState = "stopping" if seen == {"stopping"} else "starting" if "starting" in seen else "idle"
+        idle_for = 0.0 if state == "starting" else idle_seconds(model, started.get(key, []), now)
         out.append(
             Blocking(
-                model=model.model_name or model.name if model else key.split("/", 1)[-1],
+                model=(model.model_name or model.name) if model else key.split("/", 1)[-1],
                 memory_bytes=mem,
-                idle_for_seconds=idle_seconds(model, started.get(key, []), now),
+                idle_for_seconds=idle_for,
                 cooldown_seconds=model.cooldown_seconds if model else 0.0,
                 replicas=count[key],
+                state=state,
+                free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
+                key=key,
             )
         )
-    out.sort(key=lambda b: (-b.idle_for_seconds, -b.memory_bytes, b.model))
-    pending = []
-    for key, mem in sorted(starting.items()):
-        model = view.models[key]
-        pending.append(
-            Blocking(
-                model=model.model_name or model.name,
-                memory_bytes=mem,
-                idle_for_seconds=0.0,
-                cooldown_seconds=model.cooldown_seconds,
-                replicas=mem // model.memory_bytes,
-                starting=True,
-            )
-        )
-    return tuple(out + pending)
+    order = {"idle": 0, "stopping": 1, "starting": 2}
+    out.sort(key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model))
+    return tuple(out)
 
 
-def _retry_after(blocking: tuple[Blocking, ...], default: int) -> int:
-    remaining = [b.cooldown_remaining_seconds for b in blocking]
-    known = [r for r in remaining if r is not None]
-    if not known:
-        return default
-    return max(1, math.ceil(min(known)))
+def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
+    """Memory of replicas other models were admitted for and do not hold yet, by model key."""
+    out = {}
+    for other in view.models.values():
+        missing = other.replicas - _held(view, other.key, now)
+        if other.key != target_key and missing > 0 and other.memory_bytes > 0:
+            out[other.key] = missing * other.memory_bytes
+    return out
+
+
+def without(view: ClusterView, keys: Iterable[str]) -> ClusterView:
+    """The view once these models' memory is free: no replicas, placements or reservations (what-if)."""
+    gone = set(keys)
+    if not gone:
+        return view
+    models = [replace(m, replicas=0) if m.key in gone else m for m in view.models.values()]
+    return ClusterView.build(
+        nodes=view.nodes,
+        models=models,
+        placements=[p for p in view.placements if p.model not in gone],
+        reservations=[r for r in view.reservations if r.model not in gone],
+    )
+
+
+class RetryPlan(NamedTuple):
+    """The smallest set of blocking models whose memory going lets the request fit, and when that is."""
+
+    blockers: tuple[Blocking, ...]
+    after_seconds: float | None  # None: some of them never go on their own (cooldown disabled)
+
+
+def plan_retry(
+    view: ClusterView, model: Model, replicas: int, now: float, blocking: tuple[Blocking, ...]
+) -> RetryPlan | None:
+    """The earliest moment the request fits if nothing else changes; None when it never fits in the pool.
+
+    Tries the blockers' free times in order; at the first time at which the models free by then make
+    room, gives back (smallest first) every one the request does not need, so what is left is minimal.
+    """
+
+    def fits(keys: Iterable[str]) -> bool:
+        return _fit(without(view, keys), model, replicas, now).fits
+
+    if not fits(b.key for b in blocking):
+        return None
+    timed = sorted((b for b in blocking if b.free_in_seconds is not None), key=lambda b: b.free_in_seconds or 0.0)
+    chosen: list[Blocking] | None = None
+    for i, b in enumerate(timed):
+        if i + 1 < len(timed) and timed[i + 1].free_in_seconds == b.free_in_seconds:
+            continue  # models free at the same moment are taken together
+        if fits(x.key for x in timed[: i + 1]):
+            chosen = timed[: i + 1]
+            break
+    if chosen is None:
+        chosen = list(blocking)  # only models that never scale down on their own can make room
+    for b in sorted(chosen, key=lambda x: (x.memory_bytes, -(x.free_in_seconds or math.inf), x.model)):
+        rest = [x for x in chosen if x is not b]
+        if fits(x.key for x in rest):
+            chosen = rest
+    times = [b.free_in_seconds for b in chosen]
+    after = None if any(t is None for t in times) else max([0.0, *(t for t in times if t is not None)])
+    chosen.sort(key=lambda x: (x.free_in_seconds if x.free_in_seconds is not None else math.inf, x.model))
+    return RetryPlan(tuple(chosen), after)
+
+
+def _describe_blocking(b: Blocking) -> str:
+    if b.state == "idle":
+        return f"{b.model} ({format_bytes(b.memory_bytes)}, idle {format_duration(b.idle_for_seconds)})"
+    return f"{b.model} ({format_bytes(b.memory_bytes)}, {b.state})"
 
 
 def free_after_admitted(
@@ -196,15 +367,9 @@ def decide_scale(
         raise BudgetError(f"replicas must be a non-negative integer, got {replicas!r}")
     key = model.key
     name = model.model_name or model.name
-    pool = pool_name(model.node_selector)
-    pool_nodes = _candidates(view.nodes, model.node_selector)
-    free, landed = free_after_admitted(view, now, exclude=key)
-    starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
-    for other_key, where, memory in landed:
-        if where in pool_nodes:
-            starting[other_key] = starting.get(other_key, 0) + memory
-
-    available = max((free[n] for n in pool_nodes), default=0)
+    pool = _pool_name(model.node_selector)
+    where = pool if pool == WHOLE_CLUSTER else f"pool {pool}"
+    fit = _fit(view, model, replicas, now)
 
     def decision(allowed: bool, reason: str, message: str, **extra: Any) -> Decision:
         return Decision(
@@ -216,72 +381,78 @@ def decide_scale(
             memory_bytes=model.memory_bytes,
             replicas_from=model.replicas,
             replicas_to=replicas,
-            available_bytes=max(0, available),
+            available_bytes=fit.available_bytes,
             pool=pool,
             **extra,
         )
 
     if replicas < model.replicas:
         return decision(True, "decrease", f"{name}: scaling down from {model.replicas} to {replicas}")
-    held = _held(view, key, now)
-    new = replicas - held
-    if new <= 0 or model.memory_bytes == 0:
+    if fit.new <= 0:
         return decision(True, "no_change", f"{name}: {replicas} replica(s) need no new memory")
-
-    placed: dict[str, int] = {}
-    for _ in range(new):
-        node = _first_fit(free, pool_nodes, model.memory_bytes)
-        if node is None:
-            break
-        placed[node] = placed.get(node, 0) + 1
-    if sum(placed.values()) == new:
+    if fit.fits:
         return decision(
             True,
             "fits",
-            f"{name} fits: {new} new replica(s) of {format_bytes(model.memory_bytes)} in pool {pool}",
-            placements=placed,
+            f"{name} fits: {fit.new} new replica(s) of {format_bytes(model.memory_bytes)} in {where}",
+            placements=fit.placed,
         )
 
     need = f"{name} needs {format_bytes(model.memory_bytes)}"
-    if new > 1:
-        need = f"{name} needs {new} more replicas of {format_bytes(model.memory_bytes)}"
-    if not pool_nodes:
-        return decision(
-            False,
-            "no_matching_nodes",
-            f"{need} but no budgeted node matches pool {pool}",
-            retry_after_seconds=default_retry_after_seconds,
-        )
-    capacities = [n.capacity_bytes or 0 for n in view.nodes if n.name in pool_nodes]
+    if fit.new > 1:
+        need = f"{name} needs {fit.new} more replicas of {format_bytes(model.memory_bytes)}"
+    if not fit.pool_nodes:
+        return decision(False, "no_matching_nodes", f"{need} but no budgeted node matches {where}")
+    capacities = [n.capacity_bytes or 0 for n in view.nodes if n.name in fit.pool_nodes]
     if model.memory_bytes > max(capacities):
         return decision(
             False,
             "exceeds_node_capacity",
-            f"{need} but the largest node in pool {pool} has {format_bytes(max(capacities))}; "
+            f"{need} but the largest node in {where} has {format_bytes(max(capacities))}; "
             "it can never fit without a larger node",
-            retry_after_seconds=default_retry_after_seconds,
         )
-    blocking = _blocking(view, key, set(pool_nodes), now, starting)
-    message = f"{need} in pool {pool}; {format_bytes(max(0, available))} available"
-    if blocking:
-        parts = [
-            f"{b.model} ({format_bytes(b.memory_bytes)}, "
-            + ("starting" if b.starting else f"idle {format_duration(b.idle_for_seconds)}")
-            + ")"
-            for b in blocking
-        ]
-        message += "; blocked by " + ", ".join(parts)
+    blocking = _blocking(view, key, set(fit.pool_nodes), now, fit.starting)
+    # Taking a model away can move others' admitted replicas into the pool, so the plan weighs every model.
+    everyone = _blocking(view, key, {n.name for n in view.nodes}, now, _unplaced(view, key, now))
+    plan = plan_retry(view, model, replicas, now, everyone)
+    if plan is None:
+        total = sum(capacities)
+        return decision(
+            False,
+            "exceeds_pool_capacity",
+            f"{name} cannot have {replicas} replica(s) of {format_bytes(model.memory_bytes)} in {where} even with "
+            f"nothing else running ({len(capacities)} node(s), {format_bytes(total)} in all); "
+            "it can never fit without more nodes",
+            blocking=blocking,
+        )
+    shown = {b.key: b for b in blocking}
+    plan = plan._replace(blockers=tuple(shown.get(b.key, b) for b in plan.blockers))
+    named = {b.key for b in plan.blockers}
+    ordered = plan.blockers + tuple(b for b in blocking if b.key not in named)
+    message = f"{need} in {where}; {format_bytes(fit.available_bytes)} available"
+    if ordered:
+        message += "; blocked by " + ", ".join(_describe_blocking(b) for b in ordered)
+    if plan.after_seconds is None:
+        never = [b.model for b in plan.blockers if b.free_in_seconds is None]
+        message += f"; {', '.join(never)} never frees its memory on its own (no cooldown)"
+        retry = default_retry_after_seconds
+    else:
+        retry = max(1, math.ceil(plan.after_seconds))
+        if len(plan.blockers) < len(ordered):
+            names = " and ".join(b.model for b in plan.blockers)
+            message += f"; it fits once {names} {'is' if len(plan.blockers) == 1 else 'are'} gone, in {retry}s"
     return decision(
         False,
         "insufficient_memory",
         message,
-        blocking=blocking,
-        retry_after_seconds=_retry_after(blocking, default_retry_after_seconds),
+        blocking=ordered,
+        retry_after_seconds=retry,
+        retry_blocking=len(plan.blockers),
     )
 
 
 def explain(decision: Decision) -> dict[str, Any]:
-    """The 429 / deny body: the seed's shape plus a human sentence and the retry hint."""
+    """The 429 / deny body: the seed's shape plus a human sentence and the retry hint (null: waiting cannot help)."""
     body: dict[str, Any] = {
         "message": decision.message,
         "requested": {
@@ -293,7 +464,8 @@ def explain(decision: Decision) -> dict[str, Any]:
         "blocking": [_blocking_body(b) for b in decision.blocking],
     }
     if not decision.allowed:
-        body = {"error": decision.reason, **body, "retry_after_seconds": decision.retry_after_seconds}
+        retry = decision.retry_after_seconds or None
+        body = {"error": decision.reason, **body, "retry_after_seconds": retry}
     return body
 
 
@@ -303,8 +475,8 @@ def _blocking_body(b: Blocking) -> dict[str, Any]:
         "memory": format_bytes(b.memory_bytes),
         "idle_for": format_duration(b.idle_for_seconds),
     }
-    if b.starting:
-        out["state"] = "starting"
+    if b.state != "idle":
+        out["state"] = b.state
     return out
 
 

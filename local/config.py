@@ -99,8 +99,10 @@ class LocalModel:
             return f"http://127.0.0.1:{port}{self.health}"
         return _fill(self.health, port=port, model=self.name, node=node)
 
-    def to_model(self, *, replicas: int = 0, last_request_time: float | None = None) -> Model:
-        """The budget's view of this model with the runtime's replica count and idle clock."""
+    def to_model(
+        self, *, replicas: int = 0, last_request_time: float | None = None, startup_seconds: float = 0.0
+    ) -> Model:
+        """The budget's view of this model with the runtime's replica count, idle clock and start-up time."""
         return Model(
             namespace=NAMESPACE,
             name=self.name,
@@ -111,6 +113,7 @@ class LocalModel:
             replicas=replicas,
             last_request_time=last_request_time,
             source="local",
+            startup_seconds=startup_seconds,
         )
 
 

@@ -102,6 +102,7 @@ class LocalScaler:
         self._peak_bytes: dict[str, int] = {}
         self._last_observation: dict[str, float] = {}
         self._last_hint: dict[str, str | None] = {}
+        self._startup_seconds: dict[str, float] = {}  # the last start's duration: the next start's estimate
         self._view: ClusterView | None = None  # cached until something a decision reads changes
         self._closing = False
         self._stop = threading.Event()
@@ -365,7 +366,11 @@ class LocalScaler:
             plist = self._replicas[key]
             pending = self._pending[key]
             models.append(
-                model.to_model(replicas=len(plist) + len(pending), last_request_time=self._last_request.get(key))
+                model.to_model(
+                    replicas=len(plist) + len(pending),
+                    last_request_time=self._last_request.get(key),
+                    startup_seconds=self._startup_seconds.get(key, 0.0),
+                )
             )
             for p in plist:
                 placements.append(
@@ -378,6 +383,8 @@ class LocalScaler:
                         phase="Running",
                         started_at=p.started_at,
                         ready=p.phase is Phase.READY,
+                        state=_PLACEMENT_STATES[p.phase],
+                        free_by=_free_by(p, self._clock()),
                     )
                 )
             for r in pending:
@@ -390,6 +397,7 @@ class LocalScaler:
                         uid=f"spawning-{r.serial}",
                         phase="Pending",
                         started_at=r.decided_at,
+                        state="starting",
                     )
                 )
         return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
@@ -415,6 +423,8 @@ class LocalScaler:
     def _on_process_change(self, proc: ManagedProcess) -> None:
         """Runtime callback: a replica became ready, began stopping or exited."""
         with self._cond:
+            if proc.phase is Phase.READY and proc.ready_at is not None:
+                self._startup_seconds[proc.spec.owner] = max(0.0, proc.ready_at - proc.started_at)
             self._prune_locked()
             self._view = None
             self._cond.notify_all()
@@ -442,6 +452,62 @@ class LocalScaler:
                     self.sample_now()
             except Exception:
                 log.exception("local supervisor iteration failed")
+
+
+_PLACEMENT_STATES = {
+    Phase.STARTING: "starting",
+    Phase.READY: "running",
+    Phase.STOPPING: "stopping",
+    Phase.EXITED: "stopping",
+}
+
+
+def _free_by(proc: ManagedProcess, now: float) -> float | None:
+    """For a stopping replica, the time of its SIGKILL: its memory is free by then at the latest."""
+    if proc.phase is not Phase.STOPPING or proc.stop_deadline is None:
+        return None
+    return now + max(0.0, proc.stop_deadline - time.monotonic())
+
+
+def iso_time(seconds: float | None) -> str | None:
+    """RFC 3339 UTC (`2024-01-15T10:30:00Z`) as the InferenceModel status writes it."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def metrics_body(memory: ModelMemory) -> dict[str, Any]:
+    """The JSON of `GET /models/{name}/metrics`: the controller's fields, plus the live state and current use."""
+    peak = memory.observed_peak_bytes
+    advice = advise(memory.model, memory.declared_bytes, peak) if peak is not None else None
+    return {
+        "model": memory.model,
+        "namespace": NAMESPACE,
+        "modelName": memory.model,
+        "declaredMemory": format_bytes(memory.declared_bytes),
+        "declaredMemoryBytes": memory.declared_bytes,
+        "observedPeakMemory": format_bytes(_round_up_mi(peak)) if peak is not None else None,
+        "observedPeakMemoryBytes": peak,
+        "utilizationPercent": advice.utilization_percent if advice else None,
+        "utilizationRatio": round(advice.utilization_ratio, 4) if advice else None,
+        "recommendedMemory": format_bytes(advice.recommendation_bytes)
+        if advice and advice.recommendation_bytes
+        else None,
+        "recommendation": advice.recommendation if advice else None,
+        "lastObservation": iso_time(memory.last_observation),
+        "replicas": memory.replicas,
+        "readyReplicas": memory.ready_replicas,
+        "source": memory.source or "none",
+        "state": memory.state,
+        "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
+        "observedMemoryBytes": memory.observed_bytes,
+        # Why the last process ended without being asked to (exit code and its last output line).
+        "lastFailure": memory.last_failure,
+    }
+
+
+def _round_up_mi(n: int) -> int:
+    return -(-n // 2**20) * 2**20
 
 
 def resolve_command(argv: list[str]) -> list[str]:

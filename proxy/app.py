@@ -109,9 +109,14 @@ def _json_answer(status: int, body: dict[str, Any], headers: list[tuple[str, str
 
 
 def too_many_answer(decision: Decision) -> Answer:
-    """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision."""
-    retry = max(1, int(decision.retry_after_seconds))
-    return _json_answer(429, explain(decision), [("Retry-After", str(retry))])
+    """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision's plan.
+
+    A request that can never fit gets no Retry-After and `x-should-retry: false` (which OpenAI's SDKs
+    honour): retrying it would only spend the client's time.
+    """
+    if decision.retry_after_seconds > 0:
+        return _json_answer(429, explain(decision), [("Retry-After", str(int(decision.retry_after_seconds)))])
+    return _json_answer(429, explain(decision), [("x-should-retry", "false")])
 
 
 class _Router:

@@ -443,3 +443,49 @@ def test_a_spawn_in_flight_holds_memory_but_not_the_lock(scaler, runtime):
     starter.join(5)
     assert [p.spec.name for p in runtime.live()] == ["model-c", "model-a"]
     assert [p.phase for p in scaler.view().placements if p.model == "local/model-a"] == ["Running"]
+
+
+def test_a_stopping_blocker_is_named_with_its_grace_period_left(scaler, runtime, clock):
+    import time
+
+    a = _start_ready(scaler, runtime, "model-a")
+    runtime.stop(a)
+    a.stop_deadline = time.monotonic() + 4  # SIGKILL in 4 s at the latest
+    scaler._on_process_change(a)
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    body = explain(info.value.decision)
+    assert body["blocking"][0]["state"] == "stopping"
+    assert info.value.decision.retry_after_seconds in (3, 4)  # not the 1 s it used to say, nor the cooldown
+    assert "model-a (80Gi, stopping)" in body["message"]
+
+
+def test_a_starting_blocker_waits_for_its_start_up_then_its_cooldown(scaler, runtime, clock):
+    a = _start_ready(scaler, runtime, "model-a")
+    a.ready_at = a.started_at + 25  # the last start took 25 s: the estimate for the next one
+    scaler._on_process_change(a)
+    runtime.exit(a, 0)
+    scaler.scale_up("model-a", 1)  # starting again
+    clock.now += 5
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    body = explain(info.value.decision)
+    assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "0s", "state": "starting"}]
+    assert info.value.decision.retry_after_seconds == 20 + 600
+    assert "model-a (80Gi, starting)" in body["message"]
+
+
+def test_retry_after_waits_for_the_blocker_that_frees_enough_not_the_first_to_go(runtime, clock):
+    config = {**SEED, "models": [dict(m, cooldown="10m") for m in SEED["models"]]}
+    ports = iter(range(21000, 22000))
+    scaler = LocalScaler(parse_config(config), runtime=runtime, clock=clock, port_picker=lambda: next(ports))
+    _start_ready(scaler, runtime, "model-c")
+    clock.now += 53
+    _start_ready(scaler, runtime, "model-a")
+    clock.now += 500  # model-c's cooldown ends in 47 s, model-a's in 100 s: only model-a frees enough
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    decision = info.value.decision
+    assert decision.retry_after_seconds == 100
+    assert [b.model for b in decision.blocking] == ["model-a", "model-c"]
+    assert "it fits once model-a is gone, in 100s" in decision.message
