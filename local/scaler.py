@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
 
@@ -58,6 +60,55 @@ VIEW_IDLE_RESOLUTION_SECONDS = 1.0
 DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
 """How often observed memory is read from /proc (and nvidia-smi): a peak is a trend, not a spike hunt."""
 
+BACKOFF_BASE_SECONDS = 10.0
+"""Wait after a failed start before the next attempt, doubled per failure in a row (kubelet's CrashLoopBackOff)."""
+
+BACKOFF_MAX_SECONDS = 300.0
+"""The longest wait between attempts (kubelet's cap too): a fixed command is tried again within 5 minutes."""
+
+FAILURE_HISTORY = 5
+"""Failures kept per model for /v1/models and /models/{name}/metrics: enough to see a pattern."""
+
+OUTPUT_LINES = 5
+"""Last output lines of a failed process put in its error message, each cut to OUTPUT_LINE_CHARS."""
+
+OUTPUT_LINE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed start or crash of a model's process: when, and why (exit and last output lines)."""
+
+    at: float
+    message: str
+
+
+@dataclass
+class CrashLoop:
+    """A model's failures and when the next start may be tried; a ready replica ends the loop, not the history."""
+
+    history: list[Failure] = field(default_factory=list)
+    in_a_row: int = 0
+    next_attempt: float = 0.0
+
+    def crashed(self, at: float, message: str) -> None:
+        """A replica that had been serving ended: kept in the history, no backoff."""
+        self.history = [*self.history, Failure(at, message)][-FAILURE_HISTORY:]
+
+    def failed(self, at: float, message: str, base_seconds: float, max_seconds: float) -> None:
+        """A start failed: the next one waits base * 2^(failures in a row - 1), at most max."""
+        self.crashed(at, message)
+        self.in_a_row += 1
+        self.next_attempt = at + min(max_seconds, base_seconds * 2 ** (self.in_a_row - 1))
+
+    def started(self) -> None:
+        self.in_a_row = 0
+        self.next_attempt = 0.0
+
+    @property
+    def last(self) -> Failure | None:
+        return self.history[-1] if self.history else None
+
 
 @dataclass(frozen=True)
 class _Pending:
@@ -66,6 +117,25 @@ class _Pending:
     serial: int
     node: str
     decided_at: float
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """Declared and observed memory of one model, the local twin of the InferenceModel status fields."""
+
+    model: str
+    state: str
+    replicas: int
+    ready_replicas: int
+    declared_bytes: int
+    observed_bytes: int | None
+    observed_peak_bytes: int | None
+    source: str | None
+    last_observation: float | None
+    last_failure: str | None = None
+    last_failure_time: float | None = None
+    next_attempt: float | None = None  # during a crash-loop backoff: when a start may be tried again
+    failures: tuple[Failure, ...] = ()
 
 
 class LocalScaler:
@@ -80,6 +150,8 @@ class LocalScaler:
         port_picker: Callable[[], int] = free_port,
         supervise_interval_seconds: float = DEFAULT_SUPERVISE_INTERVAL_SECONDS,
         sample_interval_seconds: float = DEFAULT_SAMPLE_INTERVAL_SECONDS,
+        backoff_base_seconds: float = BACKOFF_BASE_SECONDS,
+        backoff_max_seconds: float = BACKOFF_MAX_SECONDS,
     ) -> None:
         self.config = config
         self._runtime = runtime or ProcessRuntime()
@@ -88,6 +160,7 @@ class LocalScaler:
         self._port_picker = port_picker
         self._supervise_interval_seconds = supervise_interval_seconds
         self._sample_interval_seconds = sample_interval_seconds
+        self._backoff = (backoff_base_seconds, backoff_max_seconds)
         self._nodes = tuple(n.to_node() for n in config.nodes)
         self._models = {m.key: m for m in config.models}
         # One lock guards everything below; the condition wakes requests waiting for a backend.
@@ -96,8 +169,9 @@ class LocalScaler:
         self._pending: dict[str, list[_Pending]] = {key: [] for key in self._models}
         self._serial = 0
         self._last_request: dict[str, float] = {}
-        self._failure: dict[str, str] = {}
-        self._halted: set[str] = set()  # stopped by hand since their last start
+        self._failure: dict[str, str] = {}  # why the current start failed (cleared when a new one begins)
+        self._crashes: dict[str, CrashLoop] = {key: CrashLoop() for key in self._models}
+        self._been_ready: set[int] = set()  # pids of live replicas that were ready once (a later exit is a crash)
         self._observed: dict[str, MemorySample] = {}
         self._peak_bytes: dict[str, int] = {}
         self._last_observation: dict[str, float] = {}
@@ -165,6 +239,10 @@ class LocalScaler:
             if replicas <= len(alive) - stopping + len(self._pending[model.key]):
                 return
             now = self._clock()
+            crash = self._crashes[model.key]
+            if now < crash.next_attempt:
+                # Inside the backoff: answer with the last failure, do not run the process again.
+                raise self._unavailable_locked(model.key, now)
             # A replica still shutting down holds its memory: ask for room beside it.
             decision = decide_scale(self._view_locked(), model.key, replicas + stopping, now)
             if not decision.allowed:
@@ -192,11 +270,14 @@ class LocalScaler:
                     self._failure.pop(model.key, None)
                     self._replicas[model.key].append(proc)
                 else:
-                    self._failure[model.key] = f"could not start: {errors[-1]}"
+                    self._record_failure_locked(
+                        model.key, _without_name(str(errors[-1]), model.name), failed_start=True
+                    )
                 self._view = None
                 self._cond.notify_all()
         if errors:
-            raise ScalerUnavailable(str(errors[0])) from errors[0]
+            with self._cond:
+                raise self._unavailable_locked(model.key, self._clock()) from errors[0]
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
         """Block until a replica is ready or `timeout_seconds` pass ([]); ScalerUnavailable if the start failed."""
@@ -210,9 +291,7 @@ class LocalScaler:
                     return urls
                 starting = self._pending[model.key] or any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
-                    raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
-                if not starting and model.key in self._halted:
-                    raise ScalerUnavailable(f"{model.name} was stopped by hand while it started")
+                    raise self._unavailable_locked(model.key, self._clock())
                 if self._closing:
                     raise ScalerUnavailable("ibc local is shutting down")
                 remaining = deadline - time.monotonic()
@@ -247,6 +326,10 @@ class LocalScaler:
                 return "failed"
             return "stopped"
 
+    def describe(self, model_key: str) -> dict[str, Any]:
+        """Extra fields for `GET /v1/models`: the last failure, kept across good starts, and a short history."""
+        return failure_fields(self.memory(model_key))
+
     # -- observation ------------------------------------------------------------------------------
 
     def memory(self, model_ref: str) -> ModelMemory:
@@ -255,9 +338,7 @@ class LocalScaler:
         state = self.state(model.key)
         with self._cond:
             sample = self._observed.get(model.key)
-            peak = self._peak_bytes.get(model.key)
-            observed_at = self._last_observation.get(model.key)
-            advice = advise(model.name, model.memory_bytes, peak) if peak is not None else None
+            crash = self._crashes[model.key]
             return ModelMemory(
                 namespace=NAMESPACE,
                 name=model.name,
@@ -274,7 +355,13 @@ class LocalScaler:
                 source=sample.source if sample else "none",
                 state=state,
                 observed_bytes=sample.memory_bytes if sample else None,
-                last_failure=self._failure.get(model.key),
+                observed_peak_bytes=self._peak_bytes.get(model.key),
+                source=sample.source if sample else None,
+                last_observation=self._last_observation.get(model.key),
+                last_failure=crash.last.message if crash.last else None,
+                last_failure_time=crash.last.at if crash.last else None,
+                next_attempt=crash.next_attempt if crash.next_attempt > self._clock() else None,
+                failures=tuple(crash.history),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -423,8 +510,11 @@ class LocalScaler:
     def _on_process_change(self, proc: ManagedProcess) -> None:
         """Runtime callback: a replica became ready, began stopping or exited."""
         with self._cond:
-            if proc.phase is Phase.READY and proc.ready_at is not None:
-                self._startup_seconds[proc.spec.owner] = max(0.0, proc.ready_at - proc.started_at)
+            if proc.phase is Phase.READY:
+                self._crashes[proc.spec.owner].started()
+                self._been_ready.add(proc.pid)
+                if proc.ready_at is not None:
+                    self._startup_seconds[proc.spec.owner] = max(0.0, proc.ready_at - proc.started_at)
             self._prune_locked()
             self._view = None
             self._cond.notify_all()
@@ -438,9 +528,37 @@ class LocalScaler:
         for key, plist in self._replicas.items():
             for proc in [p for p in plist if p.phase is Phase.EXITED]:
                 plist.remove(proc)
+                crashed = proc.pid in self._been_ready or proc.ready_at is not None
+                self._been_ready.discard(proc.pid)
                 if proc.failure:
-                    self._failure[key] = proc.failure
+                    # Only a failed start backs off; a crash after serving restarts on the next request.
+                    self._record_failure_locked(key, _failure_text(proc), failed_start=not crashed)
                 self._view = None
+
+    def _record_failure_locked(self, key: str, message: str, *, failed_start: bool) -> None:
+        now = self._clock()
+        self._failure[key] = message
+        crash = self._crashes[key]
+        if not failed_start:
+            crash.crashed(now, message)
+            return
+        base, cap = self._backoff
+        crash.failed(now, message, base, cap)
+        log.warning(
+            "%s failed to start (%d in a row); next attempt in %.0fs at the earliest",
+            self._models[key].name,
+            crash.in_a_row,
+            crash.next_attempt - now,
+        )
+
+    def _unavailable_locked(self, key: str, now: float) -> ScalerUnavailable:
+        """The 503's cause: the last failure and when a new start will be tried (Retry-After)."""
+        crash = self._crashes[key]
+        message = self._failure.get(key) or (crash.last.message if crash.last else "failed to start")
+        if crash.next_attempt <= now:
+            return ScalerUnavailable(message)
+        wait = max(1, math.ceil(crash.next_attempt - now))
+        return ScalerUnavailable(f"{message} (next start attempt in {wait}s)", retry_after_seconds=wait)
 
     def _supervise(self) -> None:
         next_sample = 0.0
@@ -467,6 +585,22 @@ def _free_by(proc: ManagedProcess, now: float) -> float | None:
     if proc.phase is not Phase.STOPPING or proc.stop_deadline is None:
         return None
     return now + max(0.0, proc.stop_deadline - time.monotonic())
+
+
+def _without_name(message: str, name: str) -> str:
+    """A runtime error without the model name it starts with: the proxy's message names the model once."""
+    return message.removeprefix(f"{name}: ")
+
+
+def _failure_text(proc: ManagedProcess) -> str:
+    """Why a process ended: its exit, then its last output lines (bounded, so a chatty crash stays readable)."""
+    lines = [line[:OUTPUT_LINE_CHARS] for line in list(proc.tail)[-OUTPUT_LINES:]]
+    reason = proc.failure or "exited"
+    if lines and reason.endswith(f": {proc.tail[-1]}"):
+        reason = reason[: -len(f": {proc.tail[-1]}")]  # the runtime appends the last line; we show several
+    if len(lines) <= 1:
+        return ": ".join([reason, *lines])
+    return f"{reason}; last output:\n" + "\n".join(lines)
 
 
 def iso_time(seconds: float | None) -> str | None:
@@ -501,8 +635,17 @@ def metrics_body(memory: ModelMemory) -> dict[str, Any]:
         "state": memory.state,
         "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
         "observedMemoryBytes": memory.observed_bytes,
-        # Why the last process ended without being asked to (exit code and its last output line).
+        **failure_fields(memory),
+    }
+
+
+def failure_fields(memory: ModelMemory) -> dict[str, Any]:
+    """Why the last process ended without being asked to, kept across good starts, with a short history."""
+    return {
         "lastFailure": memory.last_failure,
+        "lastFailureTime": iso_time(memory.last_failure_time),
+        "nextStartAttempt": iso_time(memory.next_attempt),
+        "recentFailures": [{"time": iso_time(f.at), "message": f.message} for f in memory.failures],
     }
 
 

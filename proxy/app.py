@@ -227,7 +227,13 @@ class ProxyApp:
             "memory": format_bytes(model.memory_bytes),
             "replicas": model.replicas,
             "key": model.key,
+            **self._details(model.key),
         }
+
+    def _details(self, key: str) -> dict[str, Any]:
+        """Extra fields a scaler offers for a model (local mode: lastFailure and its history)."""
+        describe = getattr(self.scaler, "describe", None)
+        return describe(key) if callable(describe) else {}
 
     def list_models(self) -> Response:
         models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))
@@ -454,10 +460,7 @@ class ProxyApp:
         except ScalerUnavailable as exc:
             ticket.release()
             log.warning("scale-up of %s failed: %s", key, exc)
-            self.metrics.reject(label, "scaler_unavailable")
-            self.metrics.count_request(label, 503)
-            body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
-            return _json_answer(503, body, [("Retry-After", str(self.settings.default_retry_after_seconds))])
+            return self._start_failed(label, exc)
         if stream:
             self.metrics.count_request(label, 200)
             return 200, list(SSE_HEADERS), self._wait_then_stream(ticket, label, path, headers, raw, environ)
@@ -471,16 +474,21 @@ class ProxyApp:
             return _json_answer(504, body)
         if isinstance(outcome, ScalerUnavailable):
             log.warning("%s failed to start: %s", label, outcome)
-            self.metrics.reject(label, "scaler_unavailable")
-            self.metrics.count_request(label, 503)
-            body = error_body(503, f"could not start {label}: {outcome}", "scaler_unavailable")
-            return _json_answer(503, body, [("Retry-After", str(self.settings.default_retry_after_seconds))])
+            return self._start_failed(label, outcome)
         if outcome == "gone":
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
         return self._forward(ticket.key, label, outcome, path, headers, raw, False)
+
+    def _start_failed(self, label: str, exc: ScalerUnavailable) -> Answer:
+        """503 for a model that could not start: why, and Retry-After = when the scaler will try again."""
+        self.metrics.reject(label, "scaler_unavailable")
+        self.metrics.count_request(label, 503)
+        retry = exc.retry_after_seconds or self.settings.default_retry_after_seconds
+        body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
+        return _json_answer(503, body, [("Retry-After", str(retry))])
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the

@@ -305,6 +305,36 @@ BROKEN = (
 )
 
 
+def test_a_failed_start_backs_off_instead_of_running_the_process_for_every_retry(local_factory, tmp_path):
+    runs = tmp_path / "runs"
+    script = (
+        f"import sys; open({str(runs)!r}, 'a').write('run\\n'); "
+        "print('loading', flush=True); print('fatal: weights not found', file=sys.stderr); sys.exit(3)"
+    )
+    command = json.dumps([sys.executable, "-c", script, "{port}"])
+    failing = f"  - name: failing\n    memory: 1Gi\n    command: {command}\n"
+    local = local_factory(_config(extra=failing))
+    client = local.client()
+    with pytest.raises(openai.InternalServerError) as first:
+        client.chat.completions.create(model="failing", messages=MESSAGES)
+    retry_after = int(first.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 10  # the first backoff: 10 s
+    message = str(first.value)
+    assert "could not start failing: exited with code 3; last output:\nloading\nfatal: weights not found" in message
+    assert "failing: failing" not in message
+    with pytest.raises(openai.InternalServerError) as again:  # a retry inside the backoff
+        client.chat.completions.create(model="failing", messages=MESSAGES)
+    assert int(again.value.response.headers["retry-after"]) <= retry_after
+    assert runs.read_text().count("run") == 1  # the process ran once for both requests
+    models = httpx.get(f"{local.url}/v1/models", timeout=5).json()["data"]
+    entry = next(m for m in models if m["id"] == "failing")
+    assert entry["state"] == "failed" and entry["nextStartAttempt"] is not None
+    assert entry["lastFailure"].startswith("exited with code 3")
+    metrics = httpx.get(f"{local.url}/models/failing/metrics", timeout=5).json()
+    assert [f["message"] for f in metrics["recentFailures"]] == [entry["lastFailure"]]
+    assert local.stop() == 0
+
+
 def test_a_killed_backend_is_restarted_by_the_next_request(local_factory):
     local = local_factory(_config(extra=BROKEN))
     client = local.client()
