@@ -295,6 +295,10 @@ class ProxyApp:
             return _json_answer(404, error_body(404, f"The model `{name}` does not exist.", "model_not_found", "model"))
         label = model.model_name or model.name
         key = model.key
+        if name != label:
+            # Routed by `namespace/name` (or name beside a modelName): the backend only knows its served name.
+            payload["model"] = label
+            raw = json.dumps(payload).encode()
         self.scaler.touch(key, time.time())
         backends = self.scaler.backends(key)
         query = environ.get("QUERY_STRING")

@@ -579,3 +579,20 @@ def test_not_ready_scaler_answers_503_until_synced(scaler: StaticScaler) -> None
     synced["value"] = True
     assert client.post("/v1/chat/completions", json=chat()).status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("sent", "served"),
+    [
+        pytest.param("model-a", "model-a", id="served-name-untouched"),
+        pytest.param("default/model-a", "model-a", id="namespace-slash-name-rewritten"),
+    ],
+)
+def test_the_backend_gets_its_served_name_whatever_the_client_routed_by(
+    scaler: StaticScaler, sent: str, served: str
+) -> None:
+    client, _, backends = make_client(scaler)
+    resp = client.post("/v1/chat/completions", json=chat(sent, temperature=0.5))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    forwarded = json.loads(backends.requests[-1].content)
+    assert forwarded == chat(served, temperature=0.5)  # only `model` changes
