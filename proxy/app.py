@@ -30,6 +30,7 @@ import httpx
 from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
+from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
@@ -258,6 +259,8 @@ class ProxyApp:
         except Exception:
             log.exception("unexpected error on POST %s", environ.get("PATH_INFO"))
             status, headers, body = _json_answer(500, error_body(500, "internal error in the proxy", "internal_error"))
+        if status >= 400 and isinstance(body, list) and len(body) == 1:
+            environ[REASON_KEY] = _error_code(body[0])  # for the access log
         start_response(_status_line(status), headers)
         return body
 
@@ -289,12 +292,14 @@ class ProxyApp:
         stream = payload.get("stream")
         if stream is not None and not isinstance(stream, bool):
             return self._bad("`stream` must be true or false", "invalid_type", "stream")
+        environ[MODEL_KEY] = name
         model = self.router.find(name)
         if model is None:
             self.metrics.count_request("", 404)
             return _json_answer(404, error_body(404, f"The model `{name}` does not exist.", "model_not_found", "model"))
         label = model.model_name or model.name
         key = model.key
+        environ[MODEL_KEY] = label
         if name != label:
             # Routed by `namespace/name` (or name beside a modelName): the backend only knows its served name.
             payload["model"] = label
@@ -597,6 +602,17 @@ class ProxyApp:
                 upstream.release(backend)
 
 
+def _error_code(body: bytes) -> str | None:
+    """The `code` of an error body we built (the refusal's reason in the access log)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "") or None
+    return str(error) if error else None
+
+
 def _upstream_message(body: bytes) -> str:
     """The message of an upstream error body, whatever its shape, kept short."""
     try:
@@ -656,7 +672,7 @@ def create_app(
             return proxy.wsgi(environ, start_response)
         return flask_wsgi(environ, start_response)
 
-    app.wsgi_app = wsgi  # type: ignore[method-assign]
+    app.wsgi_app = access_logged(wsgi)  # type: ignore[method-assign]
 
     add_json_errors(app, _render_error, service="proxy", max_body_bytes=settings.max_body_bytes)
 

@@ -596,3 +596,37 @@ def test_the_backend_gets_its_served_name_whatever_the_client_routed_by(
     assert resp.status_code == 200, resp.get_data(as_text=True)
     forwarded = json.loads(backends.requests[-1].content)
     assert forwarded == chat(served, temperature=0.5)  # only `model` changes
+
+
+def test_one_access_log_line_per_request_with_the_refusals_reason(
+    scaler: StaticScaler, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from ibc.logs import JsonFormatter
+
+    client, _, _ = make_client(scaler)
+    with caplog.at_level(logging.INFO, logger="ibc.access"):
+        for call in (
+            lambda: client.post("/v1/chat/completions", json=chat("default/model-a")),
+            lambda: client.post("/v1/chat/completions", json=chat("model-b")),
+            lambda: client.post("/v1/chat/completions", json=chat("nope")),
+            lambda: client.get("/v1/models"),
+        ):
+            call().close()  # a server closes the response when it has sent it: the line is written then
+    lines = [r for r in caplog.records if r.name == "ibc.access"]
+    got = [(r.method, r.path, r.model, r.status, getattr(r, "reason", None)) for r in lines]  # type: ignore[attr-defined]
+    assert got == [
+        ("POST", "/v1/chat/completions", "model-a", 200, None),
+        ("POST", "/v1/chat/completions", "model-b", 429, "insufficient_memory"),
+        ("POST", "/v1/chat/completions", "nope", 404, "model_not_found"),
+        ("GET", "/v1/models", "-", 200, None),
+    ]
+    assert all(r.duration_ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    assert lines[1].getMessage().startswith("POST /v1/chat/completions model=model-b status=429 duration_ms=")
+    assert lines[1].getMessage().endswith(" reason=insufficient_memory")
+    as_json = json.loads(JsonFormatter().format(lines[1]))
+    assert {k: as_json[k] for k in ("method", "path", "model", "status", "reason")} == {
+        "method": "POST", "path": "/v1/chat/completions", "model": "model-b", "status": 429,
+        "reason": "insufficient_memory",
+    }
