@@ -7,9 +7,11 @@ ready, decide at once with `budget.decide_scale` whether the model could start: 
 budget's explanation and no API call; yes -> ask the scaler (one call per model at a time) and hold the
 request in a bounded waiting room until a backend is ready.
 
-Error bodies use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, except the 429 for
-memory, whose body is `budget.explain(decision)` (`{"error": "insufficient_memory", "message", "requested",
-"available", "blocking", ...}`): it is the same explanation the webhook and `ibc plan` give.
+Every error body uses OpenAI's envelope `{"error": {"message", "type", "param", "code", ...}}`, so SDKs
+show the message and keep the numbers. The 429 for memory carries `budget.explain(decision)` (the same
+explanation the webhook and `ibc plan` give) inside `error` and, for clients written against the
+documented shape, again at the top level (`message`, `requested`, `available`, `blocking`,
+`retry_after_seconds`).
 
 `POST /v1/*` is answered at the WSGI level (`ProxyApp.wsgi`, installed in front of Flask by
 `create_app`): Flask's request context, routing and Request/Response objects cost about a sixth of the
@@ -79,9 +81,11 @@ def _render_error(status: int, code: str, message: str, headers: list[tuple[str,
     return error_response(status, message, code, headers=headers)
 
 
-def sse_error(status: int, message: str, code: str) -> bytes:
-    """An SSE `error` event: how a failure reaches a streaming client after the 200 was sent."""
-    payload = json.dumps(error_body(status, message, code))
+def sse_error(status: int, message: str, code: str, **extra: Any) -> bytes:
+    """An SSE `error` event (OpenAI's envelope): how a failure reaches a streaming client after the 200 was sent."""
+    body = error_body(status, message, code)
+    body["error"].update(extra)
+    payload = json.dumps(body)
     return f"event: error\ndata: {payload}\n\n".encode()
 
 
@@ -109,6 +113,21 @@ def _json_answer(status: int, body: dict[str, Any], headers: list[tuple[str, str
     return status, out, [data]
 
 
+def too_many_body(decision: Decision) -> dict[str, Any]:
+    """The 429 body: OpenAI's error envelope with the budget's numbers inside `error` (SDKs keep them as
+    `exc.body`), and the seed's top-level fields too, for clients written against the documented shape."""
+    explained = explain(decision)
+    explained.pop("error", None)  # the reason is `error.code` now
+    error = {
+        "message": decision.message,
+        "type": "rate_limit_error",
+        "code": decision.reason,
+        "param": None,
+        **{k: explained[k] for k in ("requested", "available", "blocking", "retry_after_seconds")},
+    }
+    return {"error": error, **explained}
+
+
 def too_many_answer(decision: Decision) -> Answer:
     """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision's plan.
 
@@ -116,8 +135,8 @@ def too_many_answer(decision: Decision) -> Answer:
     honour): retrying it would only spend the client's time.
     """
     if decision.retry_after_seconds > 0:
-        return _json_answer(429, explain(decision), [("Retry-After", str(int(decision.retry_after_seconds)))])
-    return _json_answer(429, explain(decision), [("x-should-retry", "false")])
+        return _json_answer(429, too_many_body(decision), [("Retry-After", str(int(decision.retry_after_seconds)))])
+    return _json_answer(429, too_many_body(decision), [("x-should-retry", "false")])
 
 
 class _Router:
@@ -497,6 +516,7 @@ class ProxyApp:
         self.metrics.count_request(label, 503)
         retry = exc.retry_after_seconds or self.settings.default_retry_after_seconds
         body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
+        body["error"]["retry_after_seconds"] = retry
         return _json_answer(503, body, [("Retry-After", str(retry))])
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
@@ -555,7 +575,12 @@ class ProxyApp:
                 except ScalerUnavailable as exc:
                     log.warning("%s failed to start: %s", label, exc)
                     self.metrics.reject(label, "scaler_unavailable")
-                    yield sse_error(503, f"could not start {label}: {exc}", "scaler_unavailable")
+                    yield sse_error(
+                        503,
+                        f"could not start {label}: {exc}",
+                        "scaler_unavailable",
+                        retry_after_seconds=exc.retry_after_seconds or self.settings.default_retry_after_seconds,
+                    )
                     return
                 if backends:
                     break

@@ -236,7 +236,7 @@ def test_seed_scenario_with_the_openai_client(local_factory):
     response = info.value.response
     body = response.json()
     assert response.status_code == 429
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
     assert body["available"] == "48Gi"
     assert [b["model"] for b in body["blocking"]] == ["model-a"] and body["blocking"][0]["memory"] == "80Gi"
@@ -272,7 +272,7 @@ def test_fifty_concurrent_requests_never_overcommit(local_factory):
             return model, 200
         except openai.APIStatusError as exc:
             if exc.status_code == 429:
-                assert exc.response.json()["error"] == "insufficient_memory"
+                assert exc.response.json()["error"]["code"] == "insufficient_memory"
             return model, exc.status_code
 
     client = local.client()
