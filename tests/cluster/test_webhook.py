@@ -326,7 +326,8 @@ def test_kubectl_scale_deployment_beyond_the_budget_is_refused(
     patched = cp.kubectl(
         "patch", "-n", namespace, "deployment/gpu-demo", "--type=merge", "-p", '{"spec":{"replicas":7}}'
     )
-    assert patched.returncode == 1 and "exceeds_pool_capacity: gpu-demo cannot have 7 replica(s)" in patched.stderr, patched.stderr
+    assert patched.returncode == 1, patched.stderr
+    assert "exceeds_pool_capacity: gpu-demo cannot have 7 replica(s)" in patched.stderr, patched.stderr
     # A Deployment that is not a model workload is never refused.
     plain = model_deployment("plain", "16Gi", 0, namespace)
     del plain["metadata"]["labels"]["inference.eh-ops.io/model"]
