@@ -170,11 +170,11 @@ def serve(
         "post_fork": lambda _server, _worker: post_fork() if post_fork else None,
         "child_exit": _mark_worker_dead,
         "on_exit": _exit_hook(on_exit, owned_multiproc_dir),
-        "when_ready": lambda _server: log.info(
+        "when_ready": lambda server: log.info(
             "%s listening on %s://%s (%d workers x %d threads)",
             name,
             "https" if reloader else "http",
-            format_bind(host, port),
+            _listening(server, host, port),
             workers,
             threads,
         ),
@@ -196,6 +196,15 @@ def serve(
         if owned_multiproc_dir is not None and os.getpid() == master_pid:
             shutil.rmtree(owned_multiproc_dir, ignore_errors=True)
     return 0
+
+
+def _listening(server: Any, host: str, port: int) -> str:
+    """The address actually bound: with port 0 the OS chose one, and the log line must say which."""
+    try:
+        bound = server.LISTENERS[0].getsockname()
+        return format_bind(host, int(bound[1]))
+    except (AttributeError, IndexError, OSError, TypeError, ValueError):
+        return format_bind(host, port)
 
 
 class _GunicornApp(BaseApplication):  # type: ignore[misc]

@@ -10,6 +10,7 @@ SIGINT or a killed worker.
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -407,3 +408,27 @@ def test_an_address_in_use_is_one_line_and_exit_1(capsys):
         assert main(["local", "--config", "examples/local.yaml", "--bind", f"127.0.0.1:{port}"]) == 1
     assert time.monotonic() - t0 < 2  # not gunicorn's five retries
     assert capsys.readouterr().err.strip() == f"ibc local: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_bind_port_zero_logs_the_port_it_really_listens_on(tmp_path):
+    config = tmp_path / "local.yaml"
+    config.write_text(_config())
+    log_path = tmp_path / "ibc-local.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ibc", "local", "--config", str(config), "--bind", "127.0.0.1:0"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", log_path.read_text())
+            port = int(found.group(1)) if found else None
+            time.sleep(0.05)
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
