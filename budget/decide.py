@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple
 
 from budget.errors import BudgetError, UnknownModelError
 from budget.quantity import format_bytes, format_duration
-from budget.view import ClusterView, Model, Node, PodRequest, matches
+from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation, matches
 
 # Stable, number-free reasons: kube-scheduler groups them as "0/N nodes are available: K <reason>".
 REASON_INSUFFICIENT = "insufficient inference memory budget"
@@ -112,13 +112,6 @@ def idle_seconds(model: Model | None, started: list[float], now: float) -> float
     return max(0.0, now - max(marks))
 
 
-def _held(view: ClusterView, key: str, now: float) -> int:
-    """Replicas of a model that already hold memory on a node (placed, or reserved by the extender)."""
-    placed = sum(1 for p in view.placements if p.model == key)
-    reserved = sum(1 for r in view.live_reservations(now) if r.model == key)
-    return placed + reserved
-
-
 def _first_fit(free: dict[str, int], candidates: list[str], memory: int) -> str | None:
     for name in candidates:
         if free[name] >= memory:
@@ -146,29 +139,63 @@ class _Fit:
         return sum(self.placed.values()) == self.new
 
 
-def _fit(view: ClusterView, model: Model, replicas: int, now: float) -> _Fit:
+def _holding(view: ClusterView, now: float, gone: frozenset[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Replicas holding memory per model (placed or reserved) and free bytes per budgeted node, `gone` aside."""
+    free = {n.name: n.capacity_bytes for n in view.nodes if n.capacity_bytes is not None}
+    held: dict[str, int] = {}
+    holders: list[Placement | Reservation] = [*view.placements, *view.live_reservations(now)]
+    for holder in holders:
+        if holder.model in gone:
+            continue
+        held[holder.model] = held.get(holder.model, 0) + 1
+        if holder.node in free:
+            free[holder.node] -= holder.memory_bytes
+    return held, free
+
+
+def _fit(
+    view: ClusterView,
+    model: Model,
+    replicas: int,
+    now: float,
+    gone: frozenset[str] = frozenset(),
+    candidates: dict[tuple[tuple[str, str], ...], list[str]] | None = None,
+) -> _Fit:
     """First-fit-decreasing of the model's new replicas after the replicas admitted for other models.
 
-    Per node today; per device (one replica on `devices` devices of one node) slots in here.
+    `gone` names models to treat as scaled to zero with their memory free (the retry plan's what-if),
+    without building a new view; `candidates` caches nodes per selector across such tries. Per node
+    today; per device (one replica on `devices` devices of one node) slots in here.
     """
+    cache = {} if candidates is None else candidates
+
+    def nodes_for(selector: Mapping[str, str]) -> list[str]:
+        index = tuple(sorted(selector.items()))
+        if index not in cache:
+            cache[index] = _candidates(view.nodes, selector)
+        return cache[index]
+
     key = model.key
-    pool_nodes = _candidates(view.nodes, model.node_selector)
-    free = view.free_bytes(now)
+    pool_nodes = nodes_for(model.node_selector)
+    held, free = _holding(view, now, gone)
     # Replicas other models were admitted for but do not hold memory yet go first, largest first.
-    pending: list[tuple[int, str, Model]] = []
-    for other in view.models.values():
-        if other.key == key or other.memory_bytes <= 0:
+    pending: list[tuple[int, str, int]] = []
+    for other_key, other in view.models.items():
+        if other_key == key or other.memory_bytes <= 0 or other_key in gone:
             continue
-        missing = other.replicas - _held(view, other.key, now)
-        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
+        missing = other.replicas - held.get(other_key, 0)
+        if missing > 0:
+            pending.append((other.memory_bytes, other_key, missing))
     pending.sort(key=lambda item: (-item[0], item[1]))
     starting: dict[str, int] = {}
-    for memory, other_key, other in pending:
-        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
-        if node is not None and node in pool_nodes:
-            starting[other_key] = starting.get(other_key, 0) + memory
+    for memory, other_key, missing in pending:
+        where = nodes_for(view.models[other_key].node_selector)
+        for _ in range(missing):
+            node = _first_fit(free, where, memory)
+            if node is not None and node in pool_nodes:
+                starting[other_key] = starting.get(other_key, 0) + memory
     available = max(0, max((free[n] for n in pool_nodes), default=0))
-    new = max(0, replicas - _held(view, key, now)) if replicas >= model.replicas else 0
+    new = max(0, replicas - held.get(key, 0)) if replicas >= model.replicas else 0
     placed: dict[str, int] = {}
     if model.memory_bytes > 0:
         for _ in range(new):
@@ -259,8 +286,9 @@ def _blocking(
 def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
     """Memory of replicas other models were admitted for and do not hold yet, by model key."""
     out = {}
+    held, _ = _holding(view, now, frozenset())
     for other in view.models.values():
-        missing = other.replicas - _held(view, other.key, now)
+        missing = other.replicas - held.get(other.key, 0)
         if other.key != target_key and missing > 0 and other.memory_bytes > 0:
             out[other.key] = missing * other.memory_bytes
     return out
@@ -297,23 +325,39 @@ def plan_retry(
     """
 
     def fits(keys: Iterable[str]) -> bool:
-        return _fit(without(view, keys), model, replicas, now).fits
+        return _fit(view, model, replicas, now, frozenset(keys), cache).fits
 
+    def shortest(items: list[Blocking], ends: list[int]) -> int | None:
+        """The smallest prefix length among `ends` at which `fits` holds (a binary search: a few tries)."""
+        if not ends or not fits(b.key for b in items[: ends[-1]]):
+            return None
+        lo, hi = 0, len(ends) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(b.key for b in items[: ends[mid]]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return ends[lo]
+
+    cache: dict[tuple[tuple[str, str], ...], list[str]] = {}
     if not fits(b.key for b in blocking):
         return None
     timed = sorted((b for b in blocking if b.free_in_seconds is not None), key=lambda b: b.free_in_seconds or 0.0)
-    chosen: list[Blocking] | None = None
-    for i, b in enumerate(timed):
-        if i + 1 < len(timed) and timed[i + 1].free_in_seconds == b.free_in_seconds:
-            continue  # models free at the same moment are taken together
-        if fits(x.key for x in timed[: i + 1]):
-            chosen = timed[: i + 1]
-            break
-    if chosen is None:
-        chosen = list(blocking)  # only models that never scale down on their own can make room
+    # Models free at the same moment are taken together: prefixes end where the time changes.
+    ends = [
+        i + 1
+        for i in range(len(timed))
+        if i + 1 == len(timed) or timed[i + 1].free_in_seconds != timed[i].free_in_seconds
+    ]
+    k = shortest(timed, ends)
+    chosen = timed[:k] if k is not None else list(blocking)  # else only models without a cooldown make room
+    # The fewest of them: the largest first, then give back (smallest first) any the request does not need.
+    chosen.sort(key=lambda x: (-x.memory_bytes, x.free_in_seconds if x.free_in_seconds is not None else math.inf))
+    chosen = chosen[: shortest(chosen, list(range(1, len(chosen) + 1))) or len(chosen)]
     for b in sorted(chosen, key=lambda x: (x.memory_bytes, -(x.free_in_seconds or math.inf), x.model)):
         rest = [x for x in chosen if x is not b]
-        if fits(x.key for x in rest):
+        if rest and fits(x.key for x in rest):
             chosen = rest
     times = [b.free_in_seconds for b in chosen]
     after = None if any(t is None for t in times) else max([0.0, *(t for t in times if t is not None)])

@@ -191,7 +191,7 @@ class ProxyApp:
         )
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
-        self.refusals = RefusalLog()  # the last refusal per model, for GET /status
+        self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
 
     # ----- small endpoints -----
     def not_ready(self) -> str | None:
@@ -454,13 +454,7 @@ class ProxyApp:
         key = model.key
         replicas = max(1, model.replicas)
         try:
-            decision = decide_scale(
-                self.scaler.view(),
-                key,
-                replicas,
-                time.time(),
-                default_retry_after_seconds=self.settings.default_retry_after_seconds,
-            )
+            decision = self._decide(key, replicas)
         except UnknownModelError:
             return _json_answer(
                 404, error_body(404, f"The model `{label}` does not exist.", "model_not_found", "model")
@@ -518,6 +512,21 @@ class ProxyApp:
         body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
         body["error"]["retry_after_seconds"] = retry
         return _json_answer(503, body, [("Retry-After", str(retry))])
+
+    def _decide(self, key: str, replicas: int) -> Decision:
+        """`budget.decide_scale` on the scaler's view; a denial is reused for the same view within the same
+        second (its idle times and Retry-After are whole seconds), so a storm of retries costs one plan."""
+        view = self.scaler.view()
+        now = time.time()
+        cached = self._denials.get(key)
+        if cached is not None and cached[0] is view and cached[1] == (replicas, int(now)):
+            return cached[2]
+        decision = decide_scale(
+            view, key, replicas, now, default_retry_after_seconds=self.settings.default_retry_after_seconds
+        )
+        if not decision.allowed:
+            self._denials[key] = (view, (replicas, int(now)), decision)
+        return decision
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
