@@ -224,23 +224,27 @@ def _free_in(model: Model | None, state: BlockingState, idle_for: float, ready_i
 
 def _blocking(
     view: ClusterView, target_key: str, pool_nodes: set[str], now: float, starting: dict[str, int]
-) -> tuple[Blocking, ...]:
-    """Models holding memory in the pool (placed, reserved, or admitted and still starting), in display order."""
-    memory: dict[str, int] = {}
+) -> tuple[tuple[Blocking, ...], tuple[Blocking, ...]]:
+    """Models holding memory: (those in the pool, with their pool memory, in display order; every model
+    holding memory anywhere, for the retry plan). A model's state and free time are the same in both:
+    taking it away (what the plan does) frees all of it, so both come from all of its replicas."""
+    pool_memory: dict[str, int] = {}
+    all_memory: dict[str, int] = {}
     count: dict[str, int] = {}
     started: dict[str, list[float]] = {}
     states: dict[str, set[str]] = {}
     ready_in: dict[str, float] = {}
     free_by: dict[str, float | None] = {}
 
-    def hold(key: str, mem: int, state: str, started_at: float | None, by: float | None = None) -> None:
-        memory[key] = memory.get(key, 0) + mem
-        states.setdefault(key, set()).add(state)
+    def hold(key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None) -> None:
+        if key == target_key:
+            return
+        all_memory[key] = all_memory.get(key, 0) + mem
         model = view.models.get(key)
-        if model is not None and mem >= model.memory_bytes > 0:
-            count[key] = count.get(key, 0) + mem // model.memory_bytes
-        else:
-            count[key] = count.get(key, 0) + 1
+        if node is None or node in pool_nodes:  # None: admitted, and the placement step put it in the pool
+            pool_memory[key] = pool_memory.get(key, 0) + mem
+            count[key] = count.get(key, 0) + (mem // model.memory_bytes if model and model.memory_bytes > 0 else 1)
+        states.setdefault(key, set()).add(state)
         if started_at is not None:
             started.setdefault(key, []).append(started_at)
         if state == "starting":
@@ -252,35 +256,40 @@ def _blocking(
             free_by[key] = None if by is None or previous is None else max(previous, by)
 
     for p in view.placements:
-        if p.node in pool_nodes and p.model != target_key:
-            hold(p.model, p.memory_bytes, p.state, p.started_at, p.free_by)
+        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by)
     for r in view.live_reservations(now):
-        if r.node in pool_nodes and r.model != target_key:
-            hold(r.model, r.memory_bytes, "starting", None)
-    for key, mem in starting.items():
-        hold(key, mem, "starting", None)
+        hold(r.model, r.memory_bytes, r.node, "starting", None, None)
+    for key, mem in _unplaced(view, target_key, now).items():
+        # Admitted, not holding memory yet: in the pool as far as the placement step put it there.
+        in_pool = min(mem, starting.get(key, 0))
+        if in_pool:
+            hold(key, in_pool, None, "starting", None, None)
+        if mem > in_pool:
+            hold(key, mem - in_pool, "", "starting", None, None)
 
-    out = []
-    for key, mem in memory.items():
+    def entry(key: str, mem: int) -> Blocking:
         model = view.models.get(key)
         seen = states[key]
         state: BlockingState = "stopping" if seen == {"stopping"} else "starting" if "starting" in seen else "idle"
         idle_for = 0.0 if state == "starting" else idle_seconds(model, started.get(key, []), now)
-        out.append(
-            Blocking(
-                model=(model.model_name or model.name) if model else key.split("/", 1)[-1],
-                memory_bytes=mem,
-                idle_for_seconds=idle_for,
-                cooldown_seconds=model.cooldown_seconds if model else 0.0,
-                replicas=count[key],
-                state=state,
-                free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
-                key=key,
-            )
+        return Blocking(
+            model=(model.model_name or model.name) if model else key.split("/", 1)[-1],
+            memory_bytes=mem,
+            idle_for_seconds=idle_for,
+            cooldown_seconds=model.cooldown_seconds if model else 0.0,
+            replicas=max(1, count.get(key, 0)),
+            state=state,
+            free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
+            key=key,
         )
+
     order = {"idle": 0, "stopping": 1, "starting": 2}
-    out.sort(key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model))
-    return tuple(out)
+    shown = sorted(
+        (entry(k, m) for k, m in pool_memory.items() if m > 0),
+        key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model),
+    )
+    everyone = tuple(entry(k, m) for k, m in all_memory.items())
+    return tuple(shown), everyone
 
 
 def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
@@ -455,9 +464,8 @@ def decide_scale(
             f"{need} but the largest node in {where} has {format_bytes(max(capacities))}; "
             "it can never fit without a larger node",
         )
-    blocking = _blocking(view, key, set(fit.pool_nodes), now, fit.starting)
     # Taking a model away can move others' admitted replicas into the pool, so the plan weighs every model.
-    everyone = _blocking(view, key, {n.name for n in view.nodes}, now, _unplaced(view, key, now))
+    blocking, everyone = _blocking(view, key, set(fit.pool_nodes), now, fit.starting)
     plan = plan_retry(view, model, replicas, now, everyone)
     if plan is None:
         total = sum(capacities)
