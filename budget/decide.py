@@ -337,9 +337,15 @@ def plan_retry(
         return _fit(view, model, replicas, now, frozenset(keys), cache).fits
 
     def shortest(items: list[Blocking], ends: list[int]) -> int | None:
-        """The smallest prefix length among `ends` at which `fits` holds (a binary search: a few tries)."""
-        if not ends or not fits(b.key for b in items[: ends[-1]]):
+        """A prefix length among `ends` at which `fits` holds and the one before does not.
+
+        A binary search (a few tries) when the longest prefix fits; else the first that fits, in order:
+        taking models away can let others' admitted replicas into the room, so fitting is not monotone.
+        """
+        if not ends:
             return None
+        if not fits(b.key for b in items[: ends[-1]]):
+            return next((end for end in ends[:-1] if fits(b.key for b in items[:end])), None)
         lo, hi = 0, len(ends) - 1
         while lo < hi:
             mid = (lo + hi) // 2
@@ -364,10 +370,14 @@ def plan_retry(
     # The fewest of them: the largest first, then give back (smallest first) any the request does not need.
     chosen.sort(key=lambda x: (-x.memory_bytes, x.free_in_seconds if x.free_in_seconds is not None else math.inf))
     chosen = chosen[: shortest(chosen, list(range(1, len(chosen) + 1))) or len(chosen)]
-    for b in sorted(chosen, key=lambda x: (x.memory_bytes, -(x.free_in_seconds or math.inf), x.model)):
-        rest = [x for x in chosen if x is not b]
-        if rest and fits(x.key for x in rest):
-            chosen = rest
+    # Until none can be given back: with admitted replicas moving into freed room, fitting is not monotone.
+    changed = True
+    while changed:
+        changed = False
+        for b in sorted(chosen, key=lambda x: (x.memory_bytes, -(x.free_in_seconds or math.inf), x.model)):
+            rest = [x for x in chosen if x is not b]
+            if rest and fits(x.key for x in rest):
+                chosen, changed = rest, True
     times = [b.free_in_seconds for b in chosen]
     after = None if any(t is None for t in times) else max([0.0, *(t for t in times if t is not None)])
     chosen.sort(key=lambda x: (x.free_in_seconds if x.free_in_seconds is not None else math.inf, x.model))
