@@ -55,6 +55,7 @@ __all__ = [
     "QuantityError",
     "Reservation",
     "RetryPlan",
+    "SizingAdvice",
     "SnapshotError",
     "UnknownModelError",
     "advise",

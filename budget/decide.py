@@ -92,7 +92,7 @@ NEVER_REASONS = frozenset({"no_matching_nodes", "exceeds_node_capacity", "exceed
 
 
 def pool_name(selector: Mapping[str, str]) -> str:
-    """How a pool is named in messages and status: its nodeSelector, or "all budgeted nodes"."""
+    """How a pool is named in messages and status: its nodeSelector, or "the whole cluster"."""
     if not selector:
         return WHOLE_CLUSTER
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -122,6 +122,41 @@ def _first_fit(free: dict[str, int], candidates: list[str], memory: int) -> str 
 
 def _candidates(nodes: Iterable[Node], selector: Mapping[str, str]) -> list[str]:
     return [n.name for n in nodes if n.capacity_bytes is not None and matches(selector, n.labels)]
+
+
+Candidates = dict[tuple[tuple[str, str], ...], list[str]]
+
+
+def _nodes_for(view: ClusterView, selector: Mapping[str, str], cache: Candidates) -> list[str]:
+    """Budgeted nodes matching a selector, remembered per selector for the tries of one decision."""
+    index = tuple(sorted(selector.items()))
+    if index not in cache:
+        cache[index] = _candidates(view.nodes, selector)
+    return cache[index]
+
+
+def _admitted(
+    view: ClusterView, now: float, exclude: str, gone: frozenset[str], cache: Candidates
+) -> tuple[dict[str, int], list[tuple[str, str, int]], dict[str, int]]:
+    """Free bytes per node after placing other models' admitted, unplaced replicas (largest first), where
+    they land, and the replicas holding memory per model; `gone` models count as scaled to zero."""
+    held, free = _holding(view, now, gone)
+    pending: list[tuple[int, str, int]] = []
+    for other_key, other in view.models.items():
+        if other_key == exclude or other.memory_bytes <= 0 or other_key in gone:
+            continue
+        missing = other.replicas - held.get(other_key, 0)
+        if missing > 0:
+            pending.append((other.memory_bytes, other_key, missing))
+    pending.sort(key=lambda item: (-item[0], item[1]))
+    landed: list[tuple[str, str, int]] = []
+    for memory, other_key, missing in pending:
+        where = _nodes_for(view, view.models[other_key].node_selector, cache)
+        for _ in range(missing):
+            node = _first_fit(free, where, memory)
+            if node is not None:
+                landed.append((other_key, node, memory))
+    return free, landed, held
 
 
 @dataclass(frozen=True)
@@ -159,7 +194,7 @@ def _fit(
     replicas: int,
     now: float,
     gone: frozenset[str] = frozenset(),
-    candidates: dict[tuple[tuple[str, str], ...], list[str]] | None = None,
+    candidates: Candidates | None = None,
 ) -> _Fit:
     """First-fit-decreasing of the model's new replicas after the replicas admitted for other models.
 
@@ -168,41 +203,22 @@ def _fit(
     today; per device (one replica on `devices` devices of one node) slots in here.
     """
     cache = {} if candidates is None else candidates
-
-    def nodes_for(selector: Mapping[str, str]) -> list[str]:
-        index = tuple(sorted(selector.items()))
-        if index not in cache:
-            cache[index] = _candidates(view.nodes, selector)
-        return cache[index]
-
     key = model.key
-    pool_nodes = nodes_for(model.node_selector)
-    held, free = _holding(view, now, gone)
-    # Replicas other models were admitted for but do not hold memory yet go first, largest first.
-    pending: list[tuple[int, str, int]] = []
-    for other_key, other in view.models.items():
-        if other_key == key or other.memory_bytes <= 0 or other_key in gone:
-            continue
-        missing = other.replicas - held.get(other_key, 0)
-        if missing > 0:
-            pending.append((other.memory_bytes, other_key, missing))
-    pending.sort(key=lambda item: (-item[0], item[1]))
-    starting: dict[str, int] = {}
-    for memory, other_key, missing in pending:
-        where = nodes_for(view.models[other_key].node_selector)
-        for _ in range(missing):
-            node = _first_fit(free, where, memory)
-            if node is not None and node in pool_nodes:
-                starting[other_key] = starting.get(other_key, 0) + memory
+    pool_nodes = _nodes_for(view, model.node_selector, cache)
+    free, landed, held = _admitted(view, now, key, gone, cache)
+    starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
+    for other_key, node, memory in landed:
+        if node in pool_nodes:
+            starting[other_key] = starting.get(other_key, 0) + memory
     available = max(0, max((free[n] for n in pool_nodes), default=0))
     new = max(0, replicas - held.get(key, 0)) if replicas >= model.replicas else 0
     placed: dict[str, int] = {}
     if model.memory_bytes > 0:
         for _ in range(new):
-            node = _first_fit(free, pool_nodes, model.memory_bytes)
-            if node is None:
+            spot = _first_fit(free, pool_nodes, model.memory_bytes)
+            if spot is None:
                 break
-            placed[node] = placed.get(node, 0) + 1
+            placed[spot] = placed.get(spot, 0) + 1
     else:
         new = 0
     return _Fit(new, placed, pool_nodes, available, starting)
@@ -355,7 +371,7 @@ def plan_retry(
                 lo = mid + 1
         return ends[lo]
 
-    cache: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    cache: Candidates = {}
     if not fits(b.key for b in blocking):
         return None
     timed = sorted((b for b in blocking if b.free_in_seconds is not None), key=lambda b: b.free_in_seconds or 0.0)
@@ -398,19 +414,7 @@ def free_after_admitted(
 
     `exclude` is the model being decided: its own missing replicas are the question, not the ground.
     """
-    free = view.free_bytes(now)
-    pending: list[tuple[int, str, Model]] = []
-    for other in view.models.values():
-        if other.key == exclude or other.memory_bytes <= 0:
-            continue
-        missing = other.replicas - _held(view, other.key, now)
-        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
-    pending.sort(key=lambda item: (-item[0], item[1]))
-    landed: list[tuple[str, str, int]] = []
-    for memory, other_key, other in pending:
-        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
-        if node is not None:
-            landed.append((other_key, node, memory))
+    free, landed, _ = _admitted(view, now, exclude, frozenset(), {})
     return free, landed
 
 
@@ -430,7 +434,7 @@ def decide_scale(
         raise BudgetError(f"replicas must be a non-negative integer, got {replicas!r}")
     key = model.key
     name = model.model_name or model.name
-    pool = _pool_name(model.node_selector)
+    pool = pool_name(model.node_selector)
     where = pool if pool == WHOLE_CLUSTER else f"pool {pool}"
     fit = _fit(view, model, replicas, now)
 

@@ -20,9 +20,8 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
@@ -119,25 +118,6 @@ class _Pending:
     decided_at: float
 
 
-@dataclass(frozen=True)
-class ModelMemory:
-    """Declared and observed memory of one model, the local twin of the InferenceModel status fields."""
-
-    model: str
-    state: str
-    replicas: int
-    ready_replicas: int
-    declared_bytes: int
-    observed_bytes: int | None
-    observed_peak_bytes: int | None
-    source: str | None
-    last_observation: float | None
-    last_failure: str | None = None
-    last_failure_time: float | None = None
-    next_attempt: float | None = None  # during a crash-loop backoff: when a start may be tried again
-    failures: tuple[Failure, ...] = ()
-
-
 class LocalScaler:
     """Implements :class:`proxy.scaler.Scaler` with local processes; every method is thread-safe."""
 
@@ -172,11 +152,12 @@ class LocalScaler:
         self._failure: dict[str, str] = {}  # why the current start failed (cleared when a new one begins)
         self._crashes: dict[str, CrashLoop] = {key: CrashLoop() for key in self._models}
         self._been_ready: set[int] = set()  # pids of live replicas that were ready once (a later exit is a crash)
+        self._startup_seconds: dict[str, float] = {}  # the last start's duration: the next start's estimate
+        self._halted: set[str] = set()  # stopped by hand since their last start
         self._observed: dict[str, MemorySample] = {}
         self._peak_bytes: dict[str, int] = {}
         self._last_observation: dict[str, float] = {}
         self._last_hint: dict[str, str | None] = {}
-        self._startup_seconds: dict[str, float] = {}  # the last start's duration: the next start's estimate
         self._view: ClusterView | None = None  # cached until something a decision reads changes
         self._closing = False
         self._stop = threading.Event()
@@ -292,6 +273,8 @@ class LocalScaler:
                 starting = self._pending[model.key] or any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
                     raise self._unavailable_locked(model.key, self._clock())
+                if not starting and model.key in self._halted:
+                    raise ScalerUnavailable(f"{model.name} was stopped by hand while it started")
                 if self._closing:
                     raise ScalerUnavailable("ibc local is shutting down")
                 remaining = deadline - time.monotonic()
@@ -328,7 +311,8 @@ class LocalScaler:
 
     def describe(self, model_key: str) -> dict[str, Any]:
         """Extra fields for `GET /v1/models`: the last failure, kept across good starts, and a short history."""
-        return failure_fields(self.memory(model_key))
+        body = metrics_body(self.memory(model_key))
+        return {k: body[k] for k in ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures")}
 
     # -- observation ------------------------------------------------------------------------------
 
@@ -338,6 +322,9 @@ class LocalScaler:
         state = self.state(model.key)
         with self._cond:
             sample = self._observed.get(model.key)
+            peak = self._peak_bytes.get(model.key)
+            observed_at = self._last_observation.get(model.key)
+            advice = advise(model.name, model.memory_bytes, peak) if peak is not None else None
             crash = self._crashes[model.key]
             return ModelMemory(
                 namespace=NAMESPACE,
@@ -355,13 +342,10 @@ class LocalScaler:
                 source=sample.source if sample else "none",
                 state=state,
                 observed_bytes=sample.memory_bytes if sample else None,
-                observed_peak_bytes=self._peak_bytes.get(model.key),
-                source=sample.source if sample else None,
-                last_observation=self._last_observation.get(model.key),
                 last_failure=crash.last.message if crash.last else None,
-                last_failure_time=crash.last.at if crash.last else None,
-                next_attempt=crash.next_attempt if crash.next_attempt > self._clock() else None,
-                failures=tuple(crash.history),
+                last_failure_time=rfc3339(crash.last.at) if crash.last else None,
+                next_start_attempt=rfc3339(crash.next_attempt) if crash.next_attempt > self._clock() else None,
+                recent_failures=tuple((rfc3339(f.at), f.message) for f in crash.history),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -601,56 +585,6 @@ def _failure_text(proc: ManagedProcess) -> str:
     if len(lines) <= 1:
         return ": ".join([reason, *lines])
     return f"{reason}; last output:\n" + "\n".join(lines)
-
-
-def iso_time(seconds: float | None) -> str | None:
-    """RFC 3339 UTC (`2024-01-15T10:30:00Z`) as the InferenceModel status writes it."""
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def metrics_body(memory: ModelMemory) -> dict[str, Any]:
-    """The JSON of `GET /models/{name}/metrics`: the controller's fields, plus the live state and current use."""
-    peak = memory.observed_peak_bytes
-    advice = advise(memory.model, memory.declared_bytes, peak) if peak is not None else None
-    return {
-        "model": memory.model,
-        "namespace": NAMESPACE,
-        "modelName": memory.model,
-        "declaredMemory": format_bytes(memory.declared_bytes),
-        "declaredMemoryBytes": memory.declared_bytes,
-        "observedPeakMemory": format_bytes(_round_up_mi(peak)) if peak is not None else None,
-        "observedPeakMemoryBytes": peak,
-        "utilizationPercent": advice.utilization_percent if advice else None,
-        "utilizationRatio": round(advice.utilization_ratio, 4) if advice else None,
-        "recommendedMemory": format_bytes(advice.recommendation_bytes)
-        if advice and advice.recommendation_bytes
-        else None,
-        "recommendation": advice.recommendation if advice else None,
-        "lastObservation": iso_time(memory.last_observation),
-        "replicas": memory.replicas,
-        "readyReplicas": memory.ready_replicas,
-        "source": memory.source or "none",
-        "state": memory.state,
-        "observedMemory": format_bytes(_round_up_mi(memory.observed_bytes)) if memory.observed_bytes else None,
-        "observedMemoryBytes": memory.observed_bytes,
-        **failure_fields(memory),
-    }
-
-
-def failure_fields(memory: ModelMemory) -> dict[str, Any]:
-    """Why the last process ended without being asked to, kept across good starts, with a short history."""
-    return {
-        "lastFailure": memory.last_failure,
-        "lastFailureTime": iso_time(memory.last_failure_time),
-        "nextStartAttempt": iso_time(memory.next_attempt),
-        "recentFailures": [{"time": iso_time(f.at), "message": f.message} for f in memory.failures],
-    }
-
-
-def _round_up_mi(n: int) -> int:
-    return -(-n // 2**20) * 2**20
 
 
 def resolve_command(argv: list[str]) -> list[str]:

@@ -191,6 +191,7 @@ class ProxyApp:
         )
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
+        self.refusals = RefusalLog()  # the last refusal per model, for GET /status
         self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
 
     # ----- small endpoints -----

@@ -19,9 +19,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
-
 from budget import NEVER_REASONS, ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
 from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
 from budget.objects import LABEL_MODEL, rfc3339
