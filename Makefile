@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## run: set up and run local mode on the seed scenario (mock backends), serving on 127.0.0.1:8080
+## run: set up and run local mode on the seed scenario (mock backends), serving on $(BIND)
+## (default 127.0.0.1:8080; e.g. `make run BIND=127.0.0.1:9090`, or BIND=127.0.0.1:0 for any free port)
+BIND ?= 127.0.0.1:8080
 run: setup
-	$(BIN)/ibc local --config examples/local.yaml --bind 127.0.0.1:8080
+	$(BIN)/ibc local --config examples/local.yaml --bind $(BIND)
 
 ## plan: the what-if planner on the seed scenario (exits 1: model-b does not fit beside model-a)
 plan: setup

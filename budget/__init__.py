@@ -8,17 +8,21 @@ extender answer from one function: :func:`budget.decide.decide_scale` for admiss
 
 from budget.advice import ModelMemory, SizingAdvice, advise, metrics_body
 from budget.decide import (
+    NEVER_REASONS,
     REASON_INSUFFICIENT,
     REASON_NO_BUDGET,
     REASON_SELECTOR,
     Blocking,
     Decision,
     NodeVerdict,
+    RetryPlan,
     decide_scale,
     explain,
     filter_nodes,
     idle_seconds,
+    plan_retry,
     score_nodes,
+    without,
 )
 from budget.errors import (
     BudgetError,
@@ -32,6 +36,7 @@ from budget.quantity import format_bytes, format_duration, parse_duration, parse
 from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation
 
 __all__ = [
+    "NEVER_REASONS",
     "REASON_INSUFFICIENT",
     "REASON_NO_BUDGET",
     "REASON_SELECTOR",
@@ -49,6 +54,7 @@ __all__ = [
     "PodRequest",
     "QuantityError",
     "Reservation",
+    "RetryPlan",
     "SizingAdvice",
     "SnapshotError",
     "UnknownModelError",
@@ -62,5 +68,7 @@ __all__ = [
     "metrics_body",
     "parse_duration",
     "parse_quantity",
+    "plan_retry",
     "score_nodes",
+    "without",
 ]

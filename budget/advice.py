@@ -97,6 +97,9 @@ class ModelMemory:
     state: str | None = None
     observed_bytes: int | None = None
     last_failure: str | None = None
+    last_failure_time: str | None = None  # RFC 3339
+    next_start_attempt: str | None = None  # RFC 3339, during a crash-loop backoff
+    recent_failures: tuple[tuple[str, str], ...] = ()  # (RFC 3339 time, message), oldest first
 
 
 def metrics_body(m: ModelMemory) -> dict[str, Any]:
@@ -133,6 +136,10 @@ def metrics_body(m: ModelMemory) -> dict[str, Any]:
         body["state"] = m.state
         body["observedMemory"] = fmt_observed(m.observed_bytes) if m.observed_bytes else None
         body["observedMemoryBytes"] = m.observed_bytes
-        # Why the last process ended without being asked to (exit code and its last output line).
+        # Why the last process ended without being asked to (its exit and last output lines), kept across
+        # good starts, with when, the next start attempt during a crash-loop backoff, and a short history.
         body["lastFailure"] = m.last_failure
+        body["lastFailureTime"] = m.last_failure_time
+        body["nextStartAttempt"] = m.next_start_attempt
+        body["recentFailures"] = [{"time": t, "message": message} for t, message in m.recent_failures]
     return body

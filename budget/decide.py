@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 from budget.errors import BudgetError, UnknownModelError
 from budget.quantity import format_bytes, format_duration
-from budget.view import ClusterView, Model, Node, PodRequest, matches
+from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation, matches
 
 # Stable, number-free reasons: kube-scheduler groups them as "0/N nodes are available: K <reason>".
 REASON_INSUFFICIENT = "insufficient inference memory budget"
@@ -27,16 +27,25 @@ REASON_UNKNOWN_NODE = "node is unknown to the inference budget"
 DEFAULT_RETRY_AFTER_SECONDS = 30
 
 
+BlockingState = Literal["idle", "starting", "stopping"]
+
+
 @dataclass(frozen=True)
 class Blocking:
-    """A model holding memory the request would need, and how long it has been idle."""
+    """A model holding memory the request would need: how long it has been idle and when it frees it."""
 
     model: str
     memory_bytes: int
     idle_for_seconds: float
     cooldown_seconds: float
     replicas: int = 1
-    starting: bool = False  # admitted replicas that do not hold a node yet (they will, soon)
+    state: BlockingState = "idle"
+    free_in_seconds: float | None = None  # when all its memory is free if nothing else changes; None: never
+    key: str = ""  # namespace/name, to take it out of a view (what-if)
+
+    @property
+    def starting(self) -> bool:
+        return self.state == "starting"
 
     @property
     def cooldown_remaining_seconds(self) -> float | None:
@@ -48,10 +57,17 @@ class Blocking:
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer to "may this model have N replicas?": a value, serialized only at the edges."""
+    """The answer to "may this model have N replicas?": a value, serialized only at the edges.
+
+    On a memory denial, `blocking` starts with the smallest set of models whose memory going (on their
+    own schedule) lets the request fit, `retry_blocking` says how many those are, and
+    `retry_after_seconds` is when that happens. `retry_after_seconds` is 0 when waiting cannot help.
+    """
 
     allowed: bool
-    reason: str  # fits | no_change | decrease | insufficient_memory | no_matching_nodes | exceeds_node_capacity
+    # fits | no_change | decrease | insufficient_memory | no_matching_nodes | exceeds_node_capacity
+    # | exceeds_pool_capacity
+    reason: str
     message: str
     model: str
     model_key: str
@@ -63,12 +79,22 @@ class Decision:
     blocking: tuple[Blocking, ...] = ()
     retry_after_seconds: int = 0
     placements: Mapping[str, int] = field(default_factory=dict)  # node -> new replicas placed there
+    retry_blocking: int = 0
+
+    @property
+    def where(self) -> str:
+        """The pool for people: `pool inference-pool=gpu-nodes`, or `the whole cluster` without a selector."""
+        return self.pool if self.pool == WHOLE_CLUSTER else f"pool {self.pool}"
+
+
+WHOLE_CLUSTER = "the whole cluster"
+NEVER_REASONS = frozenset({"no_matching_nodes", "exceeds_node_capacity", "exceeds_pool_capacity"})
 
 
 def pool_name(selector: Mapping[str, str]) -> str:
-    """How a pool is named in messages and status: its nodeSelector, or "all budgeted nodes"."""
+    """How a pool is named in messages and status: its nodeSelector, or "the whole cluster"."""
     if not selector:
-        return "all budgeted nodes"
+        return WHOLE_CLUSTER
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
@@ -86,13 +112,6 @@ def idle_seconds(model: Model | None, started: list[float], now: float) -> float
     return max(0.0, now - max(marks))
 
 
-def _held(view: ClusterView, key: str, now: float) -> int:
-    """Replicas of a model that already hold memory on a node (placed, or reserved by the extender)."""
-    placed = sum(1 for p in view.placements if p.model == key)
-    reserved = sum(1 for r in view.live_reservations(now) if r.model == key)
-    return placed + reserved
-
-
 def _first_fit(free: dict[str, int], candidates: list[str], memory: int) -> str | None:
     for name in candidates:
         if free[name] >= memory:
@@ -105,55 +124,286 @@ def _candidates(nodes: Iterable[Node], selector: Mapping[str, str]) -> list[str]
     return [n.name for n in nodes if n.capacity_bytes is not None and matches(selector, n.labels)]
 
 
+Candidates = dict[tuple[tuple[str, str], ...], list[str]]
+
+
+def _nodes_for(view: ClusterView, selector: Mapping[str, str], cache: Candidates) -> list[str]:
+    """Budgeted nodes matching a selector, remembered per selector for the tries of one decision."""
+    index = tuple(sorted(selector.items()))
+    if index not in cache:
+        cache[index] = _candidates(view.nodes, selector)
+    return cache[index]
+
+
+def _admitted(
+    view: ClusterView, now: float, exclude: str, gone: frozenset[str], cache: Candidates
+) -> tuple[dict[str, int], list[tuple[str, str, int]], dict[str, int]]:
+    """Free bytes per node after placing other models' admitted, unplaced replicas (largest first), where
+    they land, and the replicas holding memory per model; `gone` models count as scaled to zero."""
+    held, free = _holding(view, now, gone)
+    pending: list[tuple[int, str, int]] = []
+    for other_key, other in view.models.items():
+        if other_key == exclude or other.memory_bytes <= 0 or other_key in gone:
+            continue
+        missing = other.replicas - held.get(other_key, 0)
+        if missing > 0:
+            pending.append((other.memory_bytes, other_key, missing))
+    pending.sort(key=lambda item: (-item[0], item[1]))
+    landed: list[tuple[str, str, int]] = []
+    for memory, other_key, missing in pending:
+        where = _nodes_for(view, view.models[other_key].node_selector, cache)
+        for _ in range(missing):
+            node = _first_fit(free, where, memory)
+            if node is not None:
+                landed.append((other_key, node, memory))
+    return free, landed, held
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Where the new replicas of one model would go on one view (the placement step of the decision)."""
+
+    new: int  # replicas that need new memory
+    placed: dict[str, int]  # node -> new replicas placed
+    pool_nodes: list[str]
+    available_bytes: int  # largest free space on one pool node, after admitted replicas of others
+    starting: dict[str, int]  # model key -> memory of its admitted, unplaced replicas landing in the pool
+
+    @property
+    def fits(self) -> bool:
+        return sum(self.placed.values()) == self.new
+
+
+def _holding(view: ClusterView, now: float, gone: frozenset[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Replicas holding memory per model (placed or reserved) and free bytes per budgeted node, `gone` aside."""
+    free = {n.name: n.capacity_bytes for n in view.nodes if n.capacity_bytes is not None}
+    held: dict[str, int] = {}
+    holders: list[Placement | Reservation] = [*view.placements, *view.live_reservations(now)]
+    for holder in holders:
+        if holder.model in gone:
+            continue
+        held[holder.model] = held.get(holder.model, 0) + 1
+        if holder.node in free:
+            free[holder.node] -= holder.memory_bytes
+    return held, free
+
+
+def _fit(
+    view: ClusterView,
+    model: Model,
+    replicas: int,
+    now: float,
+    gone: frozenset[str] = frozenset(),
+    candidates: Candidates | None = None,
+) -> _Fit:
+    """First-fit-decreasing of the model's new replicas after the replicas admitted for other models.
+
+    `gone` names models to treat as scaled to zero with their memory free (the retry plan's what-if),
+    without building a new view; `candidates` caches nodes per selector across such tries. Per node
+    today; per device (one replica on `devices` devices of one node) slots in here.
+    """
+    cache = {} if candidates is None else candidates
+    key = model.key
+    pool_nodes = _nodes_for(view, model.node_selector, cache)
+    free, landed, held = _admitted(view, now, key, gone, cache)
+    starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
+    for other_key, node, memory in landed:
+        if node in pool_nodes:
+            starting[other_key] = starting.get(other_key, 0) + memory
+    available = max(0, max((free[n] for n in pool_nodes), default=0))
+    new = max(0, replicas - held.get(key, 0)) if replicas >= model.replicas else 0
+    placed: dict[str, int] = {}
+    if model.memory_bytes > 0:
+        for _ in range(new):
+            spot = _first_fit(free, pool_nodes, model.memory_bytes)
+            if spot is None:
+                break
+            placed[spot] = placed.get(spot, 0) + 1
+    else:
+        new = 0
+    return _Fit(new, placed, pool_nodes, available, starting)
+
+
+def _free_in(model: Model | None, state: BlockingState, idle_for: float, ready_in: float,
+             free_by: float | None, now: float) -> float | None:
+    """Seconds until a blocking model's memory is free if nothing else changes; None: not on its own."""
+    if state == "stopping":
+        return None if free_by is None else max(0.0, free_by - now)
+    cooldown = model.cooldown_seconds if model else 0.0
+    if cooldown <= 0:
+        return None
+    if state == "starting":
+        # Ready first; the request that started it then counts as activity, so the cooldown runs from then.
+        return ready_in + cooldown
+    return max(0.0, cooldown - idle_for)
+
+
 def _blocking(
     view: ClusterView, target_key: str, pool_nodes: set[str], now: float, starting: dict[str, int]
-) -> tuple[Blocking, ...]:
-    """Models holding memory in the pool: placed replicas, then admitted replicas still starting."""
-    memory: dict[str, int] = {}
+) -> tuple[tuple[Blocking, ...], tuple[Blocking, ...]]:
+    """Models holding memory: (those in the pool, with their pool memory, in display order; every model
+    holding memory anywhere, for the retry plan). A model's state and free time are the same in both:
+    taking it away (what the plan does) frees all of it, so both come from all of its replicas."""
+    pool_memory: dict[str, int] = {}
+    all_memory: dict[str, int] = {}
     count: dict[str, int] = {}
     started: dict[str, list[float]] = {}
-    for p in view.placements:
-        if p.node not in pool_nodes or p.model == target_key:
-            continue
-        memory[p.model] = memory.get(p.model, 0) + p.memory_bytes
-        count[p.model] = count.get(p.model, 0) + 1
-        if p.started_at is not None:
-            started.setdefault(p.model, []).append(p.started_at)
-    out = []
-    for key, mem in memory.items():
+    states: dict[str, set[str]] = {}
+    ready_in: dict[str, float] = {}
+    free_by: dict[str, float | None] = {}
+
+    def hold(key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None) -> None:
+        if key == target_key:
+            return
+        all_memory[key] = all_memory.get(key, 0) + mem
         model = view.models.get(key)
-        out.append(
-            Blocking(
-                model=model.model_name or model.name if model else key.split("/", 1)[-1],
-                memory_bytes=mem,
-                idle_for_seconds=idle_seconds(model, started.get(key, []), now),
-                cooldown_seconds=model.cooldown_seconds if model else 0.0,
-                replicas=count[key],
-            )
+        if node is None or node in pool_nodes:  # None: admitted, and the placement step put it in the pool
+            pool_memory[key] = pool_memory.get(key, 0) + mem
+            count[key] = count.get(key, 0) + (mem // model.memory_bytes if model and model.memory_bytes > 0 else 1)
+        states.setdefault(key, set()).add(state)
+        if started_at is not None:
+            started.setdefault(key, []).append(started_at)
+        if state == "starting":
+            startup = model.startup_seconds if model else 0.0
+            begun = now if started_at is None else min(now, started_at)
+            ready_in[key] = max(ready_in.get(key, 0.0), max(0.0, begun + startup - now))
+        if state == "stopping":
+            previous = free_by.get(key, by)
+            free_by[key] = None if by is None or previous is None else max(previous, by)
+
+    for p in view.placements:
+        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by)
+    for r in view.live_reservations(now):
+        hold(r.model, r.memory_bytes, r.node, "starting", None, None)
+    for key, mem in _unplaced(view, target_key, now).items():
+        # Admitted, not holding memory yet: in the pool as far as the placement step put it there.
+        in_pool = min(mem, starting.get(key, 0))
+        if in_pool:
+            hold(key, in_pool, None, "starting", None, None)
+        if mem > in_pool:
+            hold(key, mem - in_pool, "", "starting", None, None)
+
+    def entry(key: str, mem: int) -> Blocking:
+        model = view.models.get(key)
+        seen = states[key]
+        state: BlockingState = "stopping" if seen == {"stopping"} else "starting" if "starting" in seen else "idle"
+        idle_for = 0.0 if state == "starting" else idle_seconds(model, started.get(key, []), now)
+        return Blocking(
+            model=(model.model_name or model.name) if model else key.split("/", 1)[-1],
+            memory_bytes=mem,
+            idle_for_seconds=idle_for,
+            cooldown_seconds=model.cooldown_seconds if model else 0.0,
+            replicas=max(1, count.get(key, 0)),
+            state=state,
+            free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
+            key=key,
         )
-    out.sort(key=lambda b: (-b.idle_for_seconds, -b.memory_bytes, b.model))
-    pending = []
-    for key, mem in sorted(starting.items()):
-        model = view.models[key]
-        pending.append(
-            Blocking(
-                model=model.model_name or model.name,
-                memory_bytes=mem,
-                idle_for_seconds=0.0,
-                cooldown_seconds=model.cooldown_seconds,
-                replicas=mem // model.memory_bytes,
-                starting=True,
-            )
-        )
-    return tuple(out + pending)
+
+    order = {"idle": 0, "stopping": 1, "starting": 2}
+    shown = sorted(
+        (entry(k, m) for k, m in pool_memory.items() if m > 0),
+        key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model),
+    )
+    everyone = tuple(entry(k, m) for k, m in all_memory.items())
+    return tuple(shown), everyone
 
 
-def _retry_after(blocking: tuple[Blocking, ...], default: int) -> int:
-    remaining = [b.cooldown_remaining_seconds for b in blocking]
-    known = [r for r in remaining if r is not None]
-    if not known:
-        return default
-    return max(1, math.ceil(min(known)))
+def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
+    """Memory of replicas other models were admitted for and do not hold yet, by model key."""
+    out = {}
+    held, _ = _holding(view, now, frozenset())
+    for other in view.models.values():
+        missing = other.replicas - held.get(other.key, 0)
+        if other.key != target_key and missing > 0 and other.memory_bytes > 0:
+            out[other.key] = missing * other.memory_bytes
+    return out
+
+
+def without(view: ClusterView, keys: Iterable[str]) -> ClusterView:
+    """The view once these models' memory is free: no replicas, placements or reservations (what-if)."""
+    gone = set(keys)
+    if not gone:
+        return view
+    models = [replace(m, replicas=0) if m.key in gone else m for m in view.models.values()]
+    return ClusterView.build(
+        nodes=view.nodes,
+        models=models,
+        placements=[p for p in view.placements if p.model not in gone],
+        reservations=[r for r in view.reservations if r.model not in gone],
+    )
+
+
+class RetryPlan(NamedTuple):
+    """The smallest set of blocking models whose memory going lets the request fit, and when that is."""
+
+    blockers: tuple[Blocking, ...]
+    after_seconds: float | None  # None: some of them never go on their own (cooldown disabled)
+
+
+def plan_retry(
+    view: ClusterView, model: Model, replicas: int, now: float, blocking: tuple[Blocking, ...]
+) -> RetryPlan | None:
+    """The earliest moment the request fits if nothing else changes; None when it never fits in the pool.
+
+    Tries the blockers' free times in order; at the first time at which the models free by then make
+    room, gives back (smallest first) every one the request does not need, so what is left is minimal.
+    """
+
+    def fits(keys: Iterable[str]) -> bool:
+        return _fit(view, model, replicas, now, frozenset(keys), cache).fits
+
+    def shortest(items: list[Blocking], ends: list[int]) -> int | None:
+        """A prefix length among `ends` at which `fits` holds and the one before does not.
+
+        A binary search (a few tries) when the longest prefix fits; else the first that fits, in order:
+        taking models away can let others' admitted replicas into the room, so fitting is not monotone.
+        """
+        if not ends:
+            return None
+        if not fits(b.key for b in items[: ends[-1]]):
+            return next((end for end in ends[:-1] if fits(b.key for b in items[:end])), None)
+        lo, hi = 0, len(ends) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(b.key for b in items[: ends[mid]]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return ends[lo]
+
+    cache: Candidates = {}
+    if not fits(b.key for b in blocking):
+        return None
+    timed = sorted((b for b in blocking if b.free_in_seconds is not None), key=lambda b: b.free_in_seconds or 0.0)
+    # Models free at the same moment are taken together: prefixes end where the time changes.
+    ends = [
+        i + 1
+        for i in range(len(timed))
+        if i + 1 == len(timed) or timed[i + 1].free_in_seconds != timed[i].free_in_seconds
+    ]
+    k = shortest(timed, ends)
+    chosen = timed[:k] if k is not None else list(blocking)  # else only models without a cooldown make room
+    # The fewest of them: the largest first, then give back (smallest first) any the request does not need.
+    chosen.sort(key=lambda x: (-x.memory_bytes, x.free_in_seconds if x.free_in_seconds is not None else math.inf))
+    chosen = chosen[: shortest(chosen, list(range(1, len(chosen) + 1))) or len(chosen)]
+    # Until none can be given back: with admitted replicas moving into freed room, fitting is not monotone.
+    changed = True
+    while changed:
+        changed = False
+        for b in sorted(chosen, key=lambda x: (x.memory_bytes, -(x.free_in_seconds or math.inf), x.model)):
+            rest = [x for x in chosen if x is not b]
+            if rest and fits(x.key for x in rest):
+                chosen, changed = rest, True
+    times = [b.free_in_seconds for b in chosen]
+    after = None if any(t is None for t in times) else max([0.0, *(t for t in times if t is not None)])
+    chosen.sort(key=lambda x: (x.free_in_seconds if x.free_in_seconds is not None else math.inf, x.model))
+    return RetryPlan(tuple(chosen), after)
+
+
+def _describe_blocking(b: Blocking) -> str:
+    if b.state == "idle":
+        return f"{b.model} ({format_bytes(b.memory_bytes)}, idle {format_duration(b.idle_for_seconds)})"
+    return f"{b.model} ({format_bytes(b.memory_bytes)}, {b.state})"
 
 
 def free_after_admitted(
@@ -164,19 +414,7 @@ def free_after_admitted(
 
     `exclude` is the model being decided: its own missing replicas are the question, not the ground.
     """
-    free = view.free_bytes(now)
-    pending: list[tuple[int, str, Model]] = []
-    for other in view.models.values():
-        if other.key == exclude or other.memory_bytes <= 0:
-            continue
-        missing = other.replicas - _held(view, other.key, now)
-        pending.extend((other.memory_bytes, other.key, other) for _ in range(max(0, missing)))
-    pending.sort(key=lambda item: (-item[0], item[1]))
-    landed: list[tuple[str, str, int]] = []
-    for memory, other_key, other in pending:
-        node = _first_fit(free, _candidates(view.nodes, other.node_selector), memory)
-        if node is not None:
-            landed.append((other_key, node, memory))
+    free, landed, _ = _admitted(view, now, exclude, frozenset(), {})
     return free, landed
 
 
@@ -197,14 +435,8 @@ def decide_scale(
     key = model.key
     name = model.model_name or model.name
     pool = pool_name(model.node_selector)
-    pool_nodes = _candidates(view.nodes, model.node_selector)
-    free, landed = free_after_admitted(view, now, exclude=key)
-    starting: dict[str, int] = {}  # memory of admitted, not yet placed replicas landing in the target's pool
-    for other_key, where, memory in landed:
-        if where in pool_nodes:
-            starting[other_key] = starting.get(other_key, 0) + memory
-
-    available = max((free[n] for n in pool_nodes), default=0)
+    where = pool if pool == WHOLE_CLUSTER else f"pool {pool}"
+    fit = _fit(view, model, replicas, now)
 
     def decision(allowed: bool, reason: str, message: str, **extra: Any) -> Decision:
         return Decision(
@@ -216,72 +448,77 @@ def decide_scale(
             memory_bytes=model.memory_bytes,
             replicas_from=model.replicas,
             replicas_to=replicas,
-            available_bytes=max(0, available),
+            available_bytes=fit.available_bytes,
             pool=pool,
             **extra,
         )
 
     if replicas < model.replicas:
         return decision(True, "decrease", f"{name}: scaling down from {model.replicas} to {replicas}")
-    held = _held(view, key, now)
-    new = replicas - held
-    if new <= 0 or model.memory_bytes == 0:
+    if fit.new <= 0:
         return decision(True, "no_change", f"{name}: {replicas} replica(s) need no new memory")
-
-    placed: dict[str, int] = {}
-    for _ in range(new):
-        node = _first_fit(free, pool_nodes, model.memory_bytes)
-        if node is None:
-            break
-        placed[node] = placed.get(node, 0) + 1
-    if sum(placed.values()) == new:
+    if fit.fits:
         return decision(
             True,
             "fits",
-            f"{name} fits: {new} new replica(s) of {format_bytes(model.memory_bytes)} in pool {pool}",
-            placements=placed,
+            f"{name} fits: {fit.new} new replica(s) of {format_bytes(model.memory_bytes)} in {where}",
+            placements=fit.placed,
         )
 
     need = f"{name} needs {format_bytes(model.memory_bytes)}"
-    if new > 1:
-        need = f"{name} needs {new} more replicas of {format_bytes(model.memory_bytes)}"
-    if not pool_nodes:
-        return decision(
-            False,
-            "no_matching_nodes",
-            f"{need} but no budgeted node matches pool {pool}",
-            retry_after_seconds=default_retry_after_seconds,
-        )
-    capacities = [n.capacity_bytes or 0 for n in view.nodes if n.name in pool_nodes]
+    if fit.new > 1:
+        need = f"{name} needs {fit.new} more replicas of {format_bytes(model.memory_bytes)}"
+    if not fit.pool_nodes:
+        return decision(False, "no_matching_nodes", f"{need} but no budgeted node matches {where}")
+    capacities = [n.capacity_bytes or 0 for n in view.nodes if n.name in fit.pool_nodes]
     if model.memory_bytes > max(capacities):
         return decision(
             False,
             "exceeds_node_capacity",
-            f"{need} but the largest node in pool {pool} has {format_bytes(max(capacities))}; "
+            f"{need} but the largest node in {where} has {format_bytes(max(capacities))}; "
             "it can never fit without a larger node",
-            retry_after_seconds=default_retry_after_seconds,
         )
-    blocking = _blocking(view, key, set(pool_nodes), now, starting)
-    message = f"{need} in pool {pool}; {format_bytes(max(0, available))} available"
-    if blocking:
-        parts = [
-            f"{b.model} ({format_bytes(b.memory_bytes)}, "
-            + ("starting" if b.starting else f"idle {format_duration(b.idle_for_seconds)}")
-            + ")"
-            for b in blocking
-        ]
-        message += "; blocked by " + ", ".join(parts)
+    # Taking a model away can move others' admitted replicas into the pool, so the plan weighs every model.
+    blocking, everyone = _blocking(view, key, set(fit.pool_nodes), now, fit.starting)
+    plan = plan_retry(view, model, replicas, now, everyone)
+    if plan is None:
+        total = sum(capacities)
+        return decision(
+            False,
+            "exceeds_pool_capacity",
+            f"{name} cannot have {replicas} replica(s) of {format_bytes(model.memory_bytes)} in {where} even with "
+            f"nothing else running ({len(capacities)} node(s), {format_bytes(total)} in all); "
+            "it can never fit without more nodes",
+            blocking=blocking,
+        )
+    shown = {b.key: b for b in blocking}
+    plan = plan._replace(blockers=tuple(shown.get(b.key, b) for b in plan.blockers))
+    named = {b.key for b in plan.blockers}
+    ordered = plan.blockers + tuple(b for b in blocking if b.key not in named)
+    message = f"{need} in {where}; {format_bytes(fit.available_bytes)} available"
+    if ordered:
+        message += "; blocked by " + ", ".join(_describe_blocking(b) for b in ordered)
+    if plan.after_seconds is None:
+        never = [b.model for b in plan.blockers if b.free_in_seconds is None]
+        message += f"; {', '.join(never)} never frees its memory on its own (no cooldown)"
+        retry = default_retry_after_seconds
+    else:
+        retry = max(1, math.ceil(plan.after_seconds))
+        if len(plan.blockers) < len(ordered):
+            names = " and ".join(b.model for b in plan.blockers)
+            message += f"; it fits once {names} {'is' if len(plan.blockers) == 1 else 'are'} gone, in {retry}s"
     return decision(
         False,
         "insufficient_memory",
         message,
-        blocking=blocking,
-        retry_after_seconds=_retry_after(blocking, default_retry_after_seconds),
+        blocking=ordered,
+        retry_after_seconds=retry,
+        retry_blocking=len(plan.blockers),
     )
 
 
 def explain(decision: Decision) -> dict[str, Any]:
-    """The 429 / deny body: the seed's shape plus a human sentence and the retry hint."""
+    """The 429 / deny body: the seed's shape plus a human sentence and the retry hint (null: waiting cannot help)."""
     body: dict[str, Any] = {
         "message": decision.message,
         "requested": {
@@ -293,7 +530,8 @@ def explain(decision: Decision) -> dict[str, Any]:
         "blocking": [_blocking_body(b) for b in decision.blocking],
     }
     if not decision.allowed:
-        body = {"error": decision.reason, **body, "retry_after_seconds": decision.retry_after_seconds}
+        retry = decision.retry_after_seconds or None
+        body = {"error": decision.reason, **body, "retry_after_seconds": retry}
     return body
 
 
@@ -303,8 +541,8 @@ def _blocking_body(b: Blocking) -> dict[str, Any]:
         "memory": format_bytes(b.memory_bytes),
         "idle_for": format_duration(b.idle_for_seconds),
     }
-    if b.starting:
-        out["state"] = "starting"
+    if b.state != "idle":
+        out["state"] = b.state
     return out
 
 

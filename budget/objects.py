@@ -201,13 +201,28 @@ def pod_memory(obj: Obj) -> int | None:
         raise _wrap(obj, exc) from exc
 
 
-def _pod_ready(obj: Obj) -> bool:
+def _ready_condition(obj: Obj) -> str | None:
+    """The status of the pod's Ready condition ("True", "False", ...), None when it has none."""
     conditions = _map(obj, "status").get("conditions") or []
     if not isinstance(conditions, list):
-        return False
-    return any(
-        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
-    )
+        return None
+    for c in conditions:
+        if isinstance(c, Mapping) and c.get("type") == "Ready":
+            return str(c.get("status"))
+    return None
+
+
+def _pod_ready(obj: Obj) -> bool:
+    return _ready_condition(obj) == "True"
+
+
+def _pod_state(obj: Obj, phase: str, deleting: float | None) -> str:
+    """stopping once deleted; starting while Pending or explicitly not Ready; else running."""
+    if deleting is not None:
+        return "stopping"
+    if phase == "Pending" or _ready_condition(obj) not in (None, "True"):
+        return "starting"
+    return "running"
 
 
 def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Placement | None:
@@ -227,6 +242,10 @@ def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Place
         raise ObjectError(f"{_describe(obj)}: model pod without annotation {ANNOTATION_MEMORY!r}")
     meta = _map(obj, "metadata")
     started = parse_time(_map(obj, "status").get("startTime"), field="status.startTime")
+    deleting = parse_time(meta.get("deletionTimestamp"), field="metadata.deletionTimestamp")
+    ready = _pod_ready(obj)
+    # A deleted pod holds its memory until it is gone: at the latest at its deletionTimestamp (grace end).
+    state = _pod_state(obj, str(phase), deleting)
     return Placement(
         pod=f"{namespace}/{name}",
         node=str(node),
@@ -235,7 +254,9 @@ def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Place
         uid=str(meta.get("uid") or ""),
         phase=str(phase),
         started_at=started,
-        ready=_pod_ready(obj),
+        ready=ready,
+        state=state,
+        free_by=deleting,
     )
 
 

@@ -42,6 +42,7 @@ class Model:
     last_request_time: float | None = None
     backend_url: str | None = None
     source: str = "InferenceModel"  # or "Deployment" for a labelled Deployment without a model object
+    startup_seconds: float = 0.0  # how long a replica takes to become ready (estimate; 0 when unknown)
 
     @property
     def key(self) -> str:
@@ -60,6 +61,8 @@ class Placement:
     phase: str = "Pending"
     started_at: float | None = None
     ready: bool = False
+    state: str = "running"  # running | starting (not ready yet) | stopping (asked to go, memory not free yet)
+    free_by: float | None = None  # stopping: when its memory is free at the latest (grace period end)
 
 
 @dataclass(frozen=True)

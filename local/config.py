@@ -10,6 +10,7 @@ value, because a person fixing a typo needs exactly those three things.
 from __future__ import annotations
 
 import difflib
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,8 +100,10 @@ class LocalModel:
             return f"http://127.0.0.1:{port}{self.health}"
         return _fill(self.health, port=port, model=self.name, node=node)
 
-    def to_model(self, *, replicas: int = 0, last_request_time: float | None = None) -> Model:
-        """The budget's view of this model with the runtime's replica count and idle clock."""
+    def to_model(
+        self, *, replicas: int = 0, last_request_time: float | None = None, startup_seconds: float = 0.0
+    ) -> Model:
+        """The budget's view of this model with the runtime's replica count, idle clock and start-up time."""
         return Model(
             namespace=NAMESPACE,
             name=self.name,
@@ -111,6 +114,7 @@ class LocalModel:
             replicas=replicas,
             last_request_time=last_request_time,
             source="local",
+            startup_seconds=startup_seconds,
         )
 
 
@@ -232,7 +236,16 @@ class _Checker:
                 f"{value!r} has no {{port}} placeholder: the runtime picks a free port for each process "
                 "(e.g. `--port {port}`)",
             )
+        self.known_placeholders(" ".join(argv), where)
         return tuple(argv)
+
+    def known_placeholders(self, text: str, where: str) -> None:
+        """A `{word}` the runtime does not fill would reach the process as it is: a typo, said now."""
+        unknown = sorted(set(_PLACEHOLDER.findall(text)) - PLACEHOLDERS)
+        if unknown:
+            names = ", ".join(f"{{{u}}}" for u in unknown)
+            known = ", ".join(f"{{{k}}}" for k in sorted(PLACEHOLDERS))
+            raise self.fail(where, f"unknown placeholder {names} (known: {known})")
 
     def health(self, value: Any, where: str) -> str:
         if value is None:
@@ -244,8 +257,13 @@ class _Checker:
         if value.startswith(("http://", "https://")):
             if "{port}" not in value:
                 raise self.fail(where, f"{value!r} has no {{port}} placeholder")
+            self.known_placeholders(value, where)
             return value
         raise self.fail(where, f"{value!r} is neither a path (/health) nor a URL (http://127.0.0.1:{{port}}/health)")
+
+
+PLACEHOLDERS = frozenset({"port", "model", "node"})
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _describe(value: Any) -> str:

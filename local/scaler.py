@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
 
@@ -58,6 +59,55 @@ VIEW_IDLE_RESOLUTION_SECONDS = 1.0
 DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
 """How often observed memory is read from /proc (and nvidia-smi): a peak is a trend, not a spike hunt."""
 
+BACKOFF_BASE_SECONDS = 10.0
+"""Wait after a failed start before the next attempt, doubled per failure in a row (kubelet's CrashLoopBackOff)."""
+
+BACKOFF_MAX_SECONDS = 300.0
+"""The longest wait between attempts (kubelet's cap too): a fixed command is tried again within 5 minutes."""
+
+FAILURE_HISTORY = 5
+"""Failures kept per model for /v1/models and /models/{name}/metrics: enough to see a pattern."""
+
+OUTPUT_LINES = 5
+"""Last output lines of a failed process put in its error message, each cut to OUTPUT_LINE_CHARS."""
+
+OUTPUT_LINE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed start or crash of a model's process: when, and why (exit and last output lines)."""
+
+    at: float
+    message: str
+
+
+@dataclass
+class CrashLoop:
+    """A model's failures and when the next start may be tried; a ready replica ends the loop, not the history."""
+
+    history: list[Failure] = field(default_factory=list)
+    in_a_row: int = 0
+    next_attempt: float = 0.0
+
+    def crashed(self, at: float, message: str) -> None:
+        """A replica that had been serving ended: kept in the history, no backoff."""
+        self.history = [*self.history, Failure(at, message)][-FAILURE_HISTORY:]
+
+    def failed(self, at: float, message: str, base_seconds: float, max_seconds: float) -> None:
+        """A start failed: the next one waits base * 2^(failures in a row - 1), at most max."""
+        self.crashed(at, message)
+        self.in_a_row += 1
+        self.next_attempt = at + min(max_seconds, base_seconds * 2 ** (self.in_a_row - 1))
+
+    def started(self) -> None:
+        self.in_a_row = 0
+        self.next_attempt = 0.0
+
+    @property
+    def last(self) -> Failure | None:
+        return self.history[-1] if self.history else None
+
 
 @dataclass(frozen=True)
 class _Pending:
@@ -80,6 +130,8 @@ class LocalScaler:
         port_picker: Callable[[], int] = free_port,
         supervise_interval_seconds: float = DEFAULT_SUPERVISE_INTERVAL_SECONDS,
         sample_interval_seconds: float = DEFAULT_SAMPLE_INTERVAL_SECONDS,
+        backoff_base_seconds: float = BACKOFF_BASE_SECONDS,
+        backoff_max_seconds: float = BACKOFF_MAX_SECONDS,
     ) -> None:
         self.config = config
         self._runtime = runtime or ProcessRuntime()
@@ -88,6 +140,7 @@ class LocalScaler:
         self._port_picker = port_picker
         self._supervise_interval_seconds = supervise_interval_seconds
         self._sample_interval_seconds = sample_interval_seconds
+        self._backoff = (backoff_base_seconds, backoff_max_seconds)
         self._nodes = tuple(n.to_node() for n in config.nodes)
         self._models = {m.key: m for m in config.models}
         # One lock guards everything below; the condition wakes requests waiting for a backend.
@@ -96,7 +149,10 @@ class LocalScaler:
         self._pending: dict[str, list[_Pending]] = {key: [] for key in self._models}
         self._serial = 0
         self._last_request: dict[str, float] = {}
-        self._failure: dict[str, str] = {}
+        self._failure: dict[str, str] = {}  # why the current start failed (cleared when a new one begins)
+        self._crashes: dict[str, CrashLoop] = {key: CrashLoop() for key in self._models}
+        self._been_ready: set[int] = set()  # pids of live replicas that were ready once (a later exit is a crash)
+        self._startup_seconds: dict[str, float] = {}  # the last start's duration: the next start's estimate
         self._halted: set[str] = set()  # stopped by hand since their last start
         self._observed: dict[str, MemorySample] = {}
         self._peak_bytes: dict[str, int] = {}
@@ -164,6 +220,10 @@ class LocalScaler:
             if replicas <= len(alive) - stopping + len(self._pending[model.key]):
                 return
             now = self._clock()
+            crash = self._crashes[model.key]
+            if now < crash.next_attempt:
+                # Inside the backoff: answer with the last failure, do not run the process again.
+                raise self._unavailable_locked(model.key, now)
             # A replica still shutting down holds its memory: ask for room beside it.
             decision = decide_scale(self._view_locked(), model.key, replicas + stopping, now)
             if not decision.allowed:
@@ -191,11 +251,14 @@ class LocalScaler:
                     self._failure.pop(model.key, None)
                     self._replicas[model.key].append(proc)
                 else:
-                    self._failure[model.key] = f"could not start: {errors[-1]}"
+                    self._record_failure_locked(
+                        model.key, _without_name(str(errors[-1]), model.name), failed_start=True
+                    )
                 self._view = None
                 self._cond.notify_all()
         if errors:
-            raise ScalerUnavailable(str(errors[0])) from errors[0]
+            with self._cond:
+                raise self._unavailable_locked(model.key, self._clock()) from errors[0]
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
         """Block until a replica is ready or `timeout_seconds` pass ([]); ScalerUnavailable if the start failed."""
@@ -209,7 +272,7 @@ class LocalScaler:
                     return urls
                 starting = self._pending[model.key] or any(p.phase is Phase.STARTING for p in self._replicas[model.key])
                 if not starting and model.key in self._failure:
-                    raise ScalerUnavailable(f"{model.name} {self._failure[model.key]}")
+                    raise self._unavailable_locked(model.key, self._clock())
                 if not starting and model.key in self._halted:
                     raise ScalerUnavailable(f"{model.name} was stopped by hand while it started")
                 if self._closing:
@@ -246,6 +309,11 @@ class LocalScaler:
                 return "failed"
             return "stopped"
 
+    def describe(self, model_key: str) -> dict[str, Any]:
+        """Extra fields for `GET /v1/models`: the last failure, kept across good starts, and a short history."""
+        body = metrics_body(self.memory(model_key))
+        return {k: body[k] for k in ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures")}
+
     # -- observation ------------------------------------------------------------------------------
 
     def memory(self, model_ref: str) -> ModelMemory:
@@ -257,6 +325,7 @@ class LocalScaler:
             peak = self._peak_bytes.get(model.key)
             observed_at = self._last_observation.get(model.key)
             advice = advise(model.name, model.memory_bytes, peak) if peak is not None else None
+            crash = self._crashes[model.key]
             return ModelMemory(
                 namespace=NAMESPACE,
                 name=model.name,
@@ -273,7 +342,10 @@ class LocalScaler:
                 source=sample.source if sample else "none",
                 state=state,
                 observed_bytes=sample.memory_bytes if sample else None,
-                last_failure=self._failure.get(model.key),
+                last_failure=crash.last.message if crash.last else None,
+                last_failure_time=rfc3339(crash.last.at) if crash.last else None,
+                next_start_attempt=rfc3339(crash.next_attempt) if crash.next_attempt > self._clock() else None,
+                recent_failures=tuple((rfc3339(f.at), f.message) for f in crash.history),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -365,7 +437,11 @@ class LocalScaler:
             plist = self._replicas[key]
             pending = self._pending[key]
             models.append(
-                model.to_model(replicas=len(plist) + len(pending), last_request_time=self._last_request.get(key))
+                model.to_model(
+                    replicas=len(plist) + len(pending),
+                    last_request_time=self._last_request.get(key),
+                    startup_seconds=self._startup_seconds.get(key, 0.0),
+                )
             )
             for p in plist:
                 placements.append(
@@ -378,6 +454,8 @@ class LocalScaler:
                         phase="Running",
                         started_at=p.started_at,
                         ready=p.phase is Phase.READY,
+                        state=_PLACEMENT_STATES[p.phase],
+                        free_by=_free_by(p, self._clock()),
                     )
                 )
             for r in pending:
@@ -390,6 +468,7 @@ class LocalScaler:
                         uid=f"spawning-{r.serial}",
                         phase="Pending",
                         started_at=r.decided_at,
+                        state="starting",
                     )
                 )
         return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
@@ -415,6 +494,11 @@ class LocalScaler:
     def _on_process_change(self, proc: ManagedProcess) -> None:
         """Runtime callback: a replica became ready, began stopping or exited."""
         with self._cond:
+            if proc.phase is Phase.READY:
+                self._crashes[proc.spec.owner].started()
+                self._been_ready.add(proc.pid)
+                if proc.ready_at is not None:
+                    self._startup_seconds[proc.spec.owner] = max(0.0, proc.ready_at - proc.started_at)
             self._prune_locked()
             self._view = None
             self._cond.notify_all()
@@ -428,9 +512,37 @@ class LocalScaler:
         for key, plist in self._replicas.items():
             for proc in [p for p in plist if p.phase is Phase.EXITED]:
                 plist.remove(proc)
+                crashed = proc.pid in self._been_ready or proc.ready_at is not None
+                self._been_ready.discard(proc.pid)
                 if proc.failure:
-                    self._failure[key] = proc.failure
+                    # Only a failed start backs off; a crash after serving restarts on the next request.
+                    self._record_failure_locked(key, _failure_text(proc), failed_start=not crashed)
                 self._view = None
+
+    def _record_failure_locked(self, key: str, message: str, *, failed_start: bool) -> None:
+        now = self._clock()
+        self._failure[key] = message
+        crash = self._crashes[key]
+        if not failed_start:
+            crash.crashed(now, message)
+            return
+        base, cap = self._backoff
+        crash.failed(now, message, base, cap)
+        log.warning(
+            "%s failed to start (%d in a row); next attempt in %.0fs at the earliest",
+            self._models[key].name,
+            crash.in_a_row,
+            crash.next_attempt - now,
+        )
+
+    def _unavailable_locked(self, key: str, now: float) -> ScalerUnavailable:
+        """The 503's cause: the last failure and when a new start will be tried (Retry-After)."""
+        crash = self._crashes[key]
+        message = self._failure.get(key) or (crash.last.message if crash.last else "failed to start")
+        if crash.next_attempt <= now:
+            return ScalerUnavailable(message)
+        wait = max(1, math.ceil(crash.next_attempt - now))
+        return ScalerUnavailable(f"{message} (next start attempt in {wait}s)", retry_after_seconds=wait)
 
     def _supervise(self) -> None:
         next_sample = 0.0
@@ -442,6 +554,37 @@ class LocalScaler:
                     self.sample_now()
             except Exception:
                 log.exception("local supervisor iteration failed")
+
+
+_PLACEMENT_STATES = {
+    Phase.STARTING: "starting",
+    Phase.READY: "running",
+    Phase.STOPPING: "stopping",
+    Phase.EXITED: "stopping",
+}
+
+
+def _free_by(proc: ManagedProcess, now: float) -> float | None:
+    """For a stopping replica, the time of its SIGKILL: its memory is free by then at the latest."""
+    if proc.phase is not Phase.STOPPING or proc.stop_deadline is None:
+        return None
+    return now + max(0.0, proc.stop_deadline - time.monotonic())
+
+
+def _without_name(message: str, name: str) -> str:
+    """A runtime error without the model name it starts with: the proxy's message names the model once."""
+    return message.removeprefix(f"{name}: ")
+
+
+def _failure_text(proc: ManagedProcess) -> str:
+    """Why a process ended: its exit, then its last output lines (bounded, so a chatty crash stays readable)."""
+    lines = [line[:OUTPUT_LINE_CHARS] for line in list(proc.tail)[-OUTPUT_LINES:]]
+    reason = proc.failure or "exited"
+    if lines and reason.endswith(f": {proc.tail[-1]}"):
+        reason = reason[: -len(f": {proc.tail[-1]}")]  # the runtime appends the last line; we show several
+    if len(lines) <= 1:
+        return ": ".join([reason, *lines])
+    return f"{reason}; last output:\n" + "\n".join(lines)
 
 
 def resolve_command(argv: list[str]) -> list[str]:

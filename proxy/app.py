@@ -7,9 +7,11 @@ ready, decide at once with `budget.decide_scale` whether the model could start: 
 budget's explanation and no API call; yes -> ask the scaler (one call per model at a time) and hold the
 request in a bounded waiting room until a backend is ready.
 
-Error bodies use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, except the 429 for
-memory, whose body is `budget.explain(decision)` (`{"error": "insufficient_memory", "message", "requested",
-"available", "blocking", ...}`): it is the same explanation the webhook and `ibc plan` give.
+Every error body uses OpenAI's envelope `{"error": {"message", "type", "param", "code", ...}}`, so SDKs
+show the message and keep the numbers. The 429 for memory carries `budget.explain(decision)` (the same
+explanation the webhook and `ibc plan` give) inside `error` and, for clients written against the
+documented shape, again at the top level (`message`, `requested`, `available`, `blocking`,
+`retry_after_seconds`).
 
 `POST /v1/*` is answered at the WSGI level (`ProxyApp.wsgi`, installed in front of Flask by
 `create_app`): Flask's request context, routing and Request/Response objects cost about a sixth of the
@@ -31,6 +33,7 @@ from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
+from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
@@ -80,9 +83,11 @@ def _render_error(status: int, code: str, message: str, headers: list[tuple[str,
     return error_response(status, message, code, headers=headers)
 
 
-def sse_error(status: int, message: str, code: str) -> bytes:
-    """An SSE `error` event: how a failure reaches a streaming client after the 200 was sent."""
-    payload = json.dumps(error_body(status, message, code))
+def sse_error(status: int, message: str, code: str, **extra: Any) -> bytes:
+    """An SSE `error` event (OpenAI's envelope): how a failure reaches a streaming client after the 200 was sent."""
+    body = error_body(status, message, code)
+    body["error"].update(extra)
+    payload = json.dumps(body)
     return f"event: error\ndata: {payload}\n\n".encode()
 
 
@@ -110,10 +115,30 @@ def _json_answer(status: int, body: dict[str, Any], headers: list[tuple[str, str
     return status, out, [data]
 
 
+def too_many_body(decision: Decision) -> dict[str, Any]:
+    """The 429 body: OpenAI's error envelope with the budget's numbers inside `error` (SDKs keep them as
+    `exc.body`), and the seed's top-level fields too, for clients written against the documented shape."""
+    explained = explain(decision)
+    explained.pop("error", None)  # the reason is `error.code` now
+    error = {
+        "message": decision.message,
+        "type": "rate_limit_error",
+        "code": decision.reason,
+        "param": None,
+        **{k: explained[k] for k in ("requested", "available", "blocking", "retry_after_seconds")},
+    }
+    return {"error": error, **explained}
+
+
 def too_many_answer(decision: Decision) -> Answer:
-    """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision."""
-    retry = max(1, int(decision.retry_after_seconds))
-    return _json_answer(429, explain(decision), [("Retry-After", str(retry))])
+    """The explained 429: `budget.explain(decision)` as the body, Retry-After from the decision's plan.
+
+    A request that can never fit gets no Retry-After and `x-should-retry: false` (which OpenAI's SDKs
+    honour): retrying it would only spend the client's time.
+    """
+    if decision.retry_after_seconds > 0:
+        return _json_answer(429, too_many_body(decision), [("Retry-After", str(int(decision.retry_after_seconds)))])
+    return _json_answer(429, too_many_body(decision), [("x-should-retry", "false")])
 
 
 class _Router:
@@ -173,6 +198,7 @@ class ProxyApp:
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
         self.refusals = RefusalLog()  # the last refusal per model, for GET /status
+        self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
 
     # ----- small endpoints -----
     def not_ready(self) -> str | None:
@@ -228,7 +254,13 @@ class ProxyApp:
             "memory": format_bytes(model.memory_bytes),
             "replicas": model.replicas,
             "key": model.key,
+            **self._details(model.key),
         }
+
+    def _details(self, key: str) -> dict[str, Any]:
+        """Extra fields a scaler offers for a model (local mode: lastFailure and its history)."""
+        describe = getattr(self.scaler, "describe", None)
+        return describe(key) if callable(describe) else {}
 
     def list_models(self) -> Response:
         models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))
@@ -253,6 +285,8 @@ class ProxyApp:
         except Exception:
             log.exception("unexpected error on POST %s", environ.get("PATH_INFO"))
             status, headers, body = _json_answer(500, error_body(500, "internal error in the proxy", "internal_error"))
+        if status >= 400 and isinstance(body, list) and len(body) == 1:
+            environ[REASON_KEY] = _error_code(body[0])  # for the access log
         start_response(_status_line(status), headers)
         return body
 
@@ -287,12 +321,18 @@ class ProxyApp:
         stream = payload.get("stream")
         if stream is not None and not isinstance(stream, bool):
             return self._bad("`stream` must be true or false", "invalid_type", "stream")
+        environ[MODEL_KEY] = name
         model = self.router.find(name)
         if model is None:
             self.metrics.count_request("", 404)
             return _json_answer(404, error_body(404, f"The model `{name}` does not exist.", "model_not_found", "model"))
         label = model.model_name or model.name
         key = model.key
+        environ[MODEL_KEY] = label
+        if name != label:
+            # Routed by `namespace/name` (or name beside a modelName): the backend only knows its served name.
+            payload["model"] = label
+            raw = json.dumps(payload).encode()
         self.scaler.touch(key, time.time())
         backends = self.scaler.backends(key)
         query = environ.get("QUERY_STRING")
@@ -414,13 +454,7 @@ class ProxyApp:
         key = model.key
         replicas = max(1, model.replicas)
         try:
-            decision = decide_scale(
-                self.scaler.view(),
-                key,
-                replicas,
-                time.time(),
-                default_retry_after_seconds=self.settings.default_retry_after_seconds,
-            )
+            decision = self._decide(key, replicas)
         except UnknownModelError:
             return _json_answer(
                 404, error_body(404, f"The model `{label}` does not exist.", "model_not_found", "model")
@@ -448,10 +482,7 @@ class ProxyApp:
         except ScalerUnavailable as exc:
             ticket.release()
             log.warning("scale-up of %s failed: %s", key, exc)
-            self.metrics.reject(label, "scaler_unavailable")
-            self.metrics.count_request(label, 503)
-            body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
-            return _json_answer(503, body, [("Retry-After", str(self.settings.default_retry_after_seconds))])
+            return self._start_failed(label, exc)
         if stream:
             self.metrics.count_request(label, 200)
             return 200, list(SSE_HEADERS), self._wait_then_stream(ticket, label, path, headers, raw, environ)
@@ -465,16 +496,37 @@ class ProxyApp:
             return _json_answer(504, body)
         if isinstance(outcome, ScalerUnavailable):
             log.warning("%s failed to start: %s", label, outcome)
-            self.metrics.reject(label, "scaler_unavailable")
-            self.metrics.count_request(label, 503)
-            body = error_body(503, f"could not start {label}: {outcome}", "scaler_unavailable")
-            return _json_answer(503, body, [("Retry-After", str(self.settings.default_retry_after_seconds))])
+            return self._start_failed(label, outcome)
         if outcome == "gone":
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
         return self._forward(ticket.key, label, outcome, path, headers, raw, False, environ)
+
+    def _start_failed(self, label: str, exc: ScalerUnavailable) -> Answer:
+        """503 for a model that could not start: why, and Retry-After = when the scaler will try again."""
+        self.metrics.reject(label, "scaler_unavailable")
+        self.metrics.count_request(label, 503)
+        retry = exc.retry_after_seconds or self.settings.default_retry_after_seconds
+        body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
+        body["error"]["retry_after_seconds"] = retry
+        return _json_answer(503, body, [("Retry-After", str(retry))])
+
+    def _decide(self, key: str, replicas: int) -> Decision:
+        """`budget.decide_scale` on the scaler's view; a denial is reused for the same view within the same
+        second (its idle times and Retry-After are whole seconds), so a storm of retries costs one plan."""
+        view = self.scaler.view()
+        now = time.time()
+        cached = self._denials.get(key)
+        if cached is not None and cached[0] is view and cached[1] == (replicas, int(now)):
+            return cached[2]
+        decision = decide_scale(
+            view, key, replicas, now, default_retry_after_seconds=self.settings.default_retry_after_seconds
+        )
+        if not decision.allowed:
+            self._denials[key] = (view, (replicas, int(now)), decision)
+        return decision
 
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
@@ -532,7 +584,12 @@ class ProxyApp:
                 except ScalerUnavailable as exc:
                     log.warning("%s failed to start: %s", label, exc)
                     self.metrics.reject(label, "scaler_unavailable")
-                    yield sse_error(503, f"could not start {label}: {exc}", "scaler_unavailable")
+                    yield sse_error(
+                        503,
+                        f"could not start {label}: {exc}",
+                        "scaler_unavailable",
+                        retry_after_seconds=exc.retry_after_seconds or self.settings.default_retry_after_seconds,
+                    )
                     return
                 if backends:
                     break
@@ -582,6 +639,17 @@ class ProxyApp:
                 self.scaler.touch(ticket.key, time.time())
             if backend is not None:
                 upstream.release(backend)
+
+
+def _error_code(body: bytes) -> str | None:
+    """The `code` of an error body we built (the refusal's reason in the access log)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "") or None
+    return str(error) if error else None
 
 
 def _upstream_message(body: bytes) -> str:
@@ -643,7 +711,7 @@ def create_app(
             return proxy.wsgi(environ, start_response)
         return flask_wsgi(environ, start_response)
 
-    app.wsgi_app = wsgi  # type: ignore[method-assign]
+    app.wsgi_app = access_logged(wsgi)  # type: ignore[method-assign]
 
     add_json_errors(app, _render_error, service="proxy", max_body_bytes=settings.max_body_bytes)
 

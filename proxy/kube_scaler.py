@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from budget import ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
+from budget import NEVER_REASONS, ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
 from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
 from budget.objects import LABEL_MODEL, rfc3339
 from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, ApiError, Kube
@@ -132,7 +132,8 @@ def denied_decision(local: Decision, webhook_message: str, default_retry_after_s
         reason=reason,
         message=message,
         available_bytes=available,
-        retry_after_seconds=retry if retry > 0 else default_retry_after_seconds,
+        # Waiting cannot help a request that never fits: no retry hint then.
+        retry_after_seconds=retry if retry > 0 or reason in NEVER_REASONS else default_retry_after_seconds,
     )
 
 

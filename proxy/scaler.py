@@ -18,7 +18,8 @@ How the request path (`proxy/app.py`) uses a scaler, so implementations know wha
 - `GET /v1/models` calls `state()` once per model;
 - optional (added after the first version; looked up with `getattr`, so older scalers still work):
   `ready() -> bool`, whether the scaler has its initial state (e.g. the watch cache is synced);
-  `/readyz` answers 503 while it is False.
+  `/readyz` answers 503 while it is False; `describe(key) -> dict`, extra fields for the model's entry in
+  `GET /v1/models` (local mode: `lastFailure`, `recentFailures`, `nextStartAttempt`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ class ScaleDenied(Exception):
 
 
 class ScalerUnavailable(Exception):
-    """The scaler could not be reached or failed (API server down, process failed to spawn)."""
+    """The scaler could not be reached or failed (API server down, process failed to spawn).
+
+    `retry_after_seconds`, when the scaler knows it, is when a new attempt can be made (e.g. the end of a
+    crash-loop backoff); the proxy sends it as `Retry-After`.
+    """
+
+    def __init__(self, message: str, *, retry_after_seconds: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class Scaler(Protocol):

@@ -194,11 +194,11 @@ def serve(
         "post_fork": lambda _server, _worker: post_fork() if post_fork else None,
         "child_exit": _mark_worker_dead,
         "on_exit": _exit_hook(on_exit, owned_multiproc_dir),
-        "when_ready": lambda _server: log.info(
+        "when_ready": lambda server: log.info(
             "%s listening on %s://%s (%d workers x %s, %s)",
             name,
             "https" if reloader else "http",
-            format_bind(host, port),
+            _listening(server, host, port),
             workers,
             shape,
             worker_class,
@@ -235,6 +235,15 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft
+
+
+def _listening(server: Any, host: str, port: int) -> str:
+    """The address actually bound: with port 0 the OS chose one, and the log line must say which."""
+    try:
+        bound = server.LISTENERS[0].getsockname()
+        return format_bind(host, int(bound[1]))
+    except (AttributeError, IndexError, OSError, TypeError, ValueError):
+        return format_bind(host, port)
 
 
 class _GunicornApp(BaseApplication):  # type: ignore[misc]

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: in-cluster config)")
     parser.add_argument("--namespace", metavar="NS", help="watch only this namespace (default: all)")
     parser.add_argument("--leader-elect", action="store_true", help="elect a leader among replicas on a Lease")
-    parser.add_argument("--lease-name", default="inference-budget-controller", metavar="N", help="Lease name")
+    parser.add_argument(
+        "--lease-name", default="inference-budget-controller", metavar="N", help="Lease name (default %(default)s)"
+    )
     parser.add_argument(
         "--lease-namespace", default="", metavar="NS", help="Lease namespace (default: the pod's own, else default)"
     )
@@ -37,24 +39,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="how long a silent leader keeps the Lease (10)",
+        help="how long a silent leader keeps the Lease (default %(default)g)",
     )
     parser.add_argument(
-        "--lease-renew-seconds", type=float, default=2.0, metavar="S", help="how often the leader renews (2)"
+        "--lease-renew-seconds",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="how often the leader renews (default %(default)g)",
     )
     parser.add_argument(
         "--metrics-bind",
         default="0.0.0.0:8080",
         metavar="HOST:PORT",
-        help="serve /metrics, /healthz, /readyz and /models/{name}/metrics here ('' to disable)",
+        help="serve /metrics, /healthz, /readyz and /models/{name}/metrics here ('' to disable; default %(default)s)",
     )
     parser.add_argument(
         "--observed-memory",
         choices=["none", "prometheus", "metrics-api"],
         default="none",
-        help="where observed memory comes from (advice only; default none)",
+        help="where observed memory comes from (advice only; default %(default)s)",
     )
-    parser.add_argument("--prometheus-url", metavar="URL", help="Prometheus base URL, e.g. http://prometheus:9090")
+    parser.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="Prometheus base URL, e.g. http://prometheus:9090 (no default: needed with --observed-memory prometheus)",
+    )
     parser.add_argument(
         "--prometheus-query",
         metavar="TEMPLATE",
@@ -62,28 +72,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: DCGM framebuffer used, MiB x 1048576)",
     )
     parser.add_argument(
-        "--observe-interval-seconds", type=float, default=30.0, metavar="S", help="how often to measure memory (30)"
+        "--observe-interval-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how often to measure memory (default %(default)g)",
     )
     parser.add_argument(
         "--resync-seconds",
         type=float,
         default=60.0,
         metavar="S",
-        help="re-check every model this often without events (60)",
+        help="re-check every model this often without events (default %(default)g)",
     )
     parser.add_argument(
         "--headroom-percent",
         type=float,
         default=4.0,
         metavar="P",
-        help="margin above the observed peak in recommendations (4)",
+        help="margin above the observed peak in recommendations (default %(default)g)",
     )
     parser.add_argument(
         "--scheduler-name",
         default="inference-budget-scheduler",
-        help="schedulerName given to model pods (default inference-budget-scheduler)",
+        help="schedulerName given to model pods (default %(default)s)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="reconcile threads (2)")
+    parser.add_argument("--workers", type=int, default=2, help="reconcile threads (default %(default)s)")
 
 
 def _fail(message: str) -> int:

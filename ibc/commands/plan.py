@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
 
-from budget import BudgetError, decide_scale, explain
+from budget import Blocking, BudgetError, decide_scale, explain
 from budget.objects import parse_time
 from budget.quantity import format_bytes
 from budget.snapshot import load_snapshot
@@ -46,6 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _blocking_line(b: Blocking) -> str:
+    """One blocking model for people: what it holds, its state, and when its memory is free on its own."""
+    state = f"idle {int(b.idle_for_seconds)}s" if b.state == "idle" else b.state
+    if b.free_in_seconds is None:
+        until = "never frees its memory on its own (cooldown 0)" if b.state != "stopping" else "stopping"
+    elif b.state == "stopping":
+        until = f"free within {math.ceil(b.free_in_seconds)}s (grace period)"
+    elif b.state == "starting":
+        until = f"free in {math.ceil(b.free_in_seconds)}s (start-up, then cooldown)"
+    else:
+        until = f"cooldown ends in {math.ceil(b.free_in_seconds)}s"
+    return f"{b.model} {format_bytes(b.memory_bytes)}, {state}, {until}"
+
+
 def _fail(message: str) -> int:
     print(f"ibc plan: {message}", file=sys.stderr)
     return 2
@@ -75,11 +90,14 @@ def run(args: argparse.Namespace) -> int:
         verdict = "FITS" if decision.allowed else "DOES NOT FIT"
         print(f"{verdict}: {decision.message}")
         print(f"  requested: {decision.model} x{replicas} at {format_bytes(decision.memory_bytes)} each")
-        print(f"  available: {format_bytes(decision.available_bytes)} (largest free space in pool {decision.pool})")
-        for b in decision.blocking:
-            remaining = b.cooldown_remaining_seconds
-            until = "never scales down (cooldown 0)" if remaining is None else f"cooldown ends in {int(remaining)}s"
-            print(f"  blocking:  {b.model} {format_bytes(b.memory_bytes)}, idle {int(b.idle_for_seconds)}s, {until}")
+        available = format_bytes(decision.available_bytes)
+        print(f"  available: {available} (largest free space on one node in {decision.where})")
+        for i, b in enumerate(decision.blocking):
+            needed = "  <- must go for it to fit" if i < decision.retry_blocking else ""
+            print(f"  blocking:  {_blocking_line(b)}{needed}")
         if not decision.allowed:
-            print(f"  retry after: {decision.retry_after_seconds}s")
+            if decision.retry_after_seconds:
+                print(f"  retry after: {decision.retry_after_seconds}s")
+            else:
+                print("  retry after: never (waiting cannot help; see the message)")
     return 0 if decision.allowed else 1

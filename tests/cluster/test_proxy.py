@@ -234,7 +234,7 @@ def test_model_that_cannot_fit_gets_the_429_at_once_and_no_scale_call(env: Env) 
     elapsed = time.perf_counter() - started
     response = caught.value.response
     body = response.json()
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
     assert body["available"] == "48Gi"
     assert [(b["model"], b["memory"]) for b in body["blocking"]] == [("model-a", "80Gi")]

@@ -469,7 +469,7 @@ def test_2_model_b_gets_an_immediate_explained_429_and_kubectl_scale_is_refused_
     body = response.json()
     seed.notes["429_seconds"] = round(elapsed, 4)
     assert elapsed < 1.0, f"the 429 took {elapsed:.3f}s"
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert {k: body["requested"][k] for k in ("model", "memory")} == {"model": "model-b", "memory": "60Gi"}
     assert body["available"] == "48Gi"
     assert [(b["model"], b["memory"]) for b in body["blocking"]] == [("model-a", "80Gi")]

@@ -273,15 +273,16 @@ def test_kubectl_scale_inferencemodel_beyond_the_budget_is_refused(
     too_many = cp.kubectl("scale", "-n", namespace, "inferencemodel/llama-2-7b", "--replicas=5")
     assert too_many.returncode == 1
     assert too_many.stderr.startswith("Error from server (Forbidden): admission webhook ")
-    # No pod holds memory yet (nothing schedules them here), so all five replicas are still to place.
+    # Five replicas of 16Gi can never fit the pool's one 64Gi node: said as such, with no retry hint.
     assert (
-        "denied the request: insufficient_memory: llama-2-7b needs 5 more replicas of 16Gi in pool "
-        f"ibc.test/pool={namespace}; 64Gi available" in too_many.stderr
+        "denied the request: exceeds_pool_capacity: llama-2-7b cannot have 5 replica(s) of 16Gi in pool "
+        f"ibc.test/pool={namespace} even with nothing else running (1 node(s), 64Gi in all)" in too_many.stderr
     ), too_many.stderr
+    assert "retry after" not in too_many.stderr
     assert spec_replicas(k8s_client, namespace, "llama-2-7b") == 4
     # A dry run is answered (and refused) the same way and leaves no reservation behind.
     dry = cp.kubectl("scale", "-n", namespace, "inferencemodel/llama-2-7b", "--replicas=9", "--dry-run=server")
-    assert dry.returncode == 1 and "insufficient_memory" in dry.stderr
+    assert dry.returncode == 1 and "exceeds_pool_capacity" in dry.stderr
     # Scaling down always passes (and is not even sent: matchConditions filter non-increases).
     before = webhooks.reviews(0, "inferencemodels/scale") + webhooks.reviews(1, "inferencemodels/scale")
     down = cp.kubectl("scale", "-n", namespace, "inferencemodel/llama-2-7b", "--replicas=0")
@@ -318,14 +319,15 @@ def test_kubectl_scale_deployment_beyond_the_budget_is_refused(
     assert refused.returncode == 1
     assert refused.stderr.startswith('Error from server (Forbidden): admission webhook "')
     assert (
-        "denied the request: insufficient_memory: gpu-demo needs 10 more replicas of 16Gi in pool "
-        f"ibc.test/pool={namespace}; 64Gi available" in refused.stderr
+        "denied the request: exceeds_pool_capacity: gpu-demo cannot have 10 replica(s) of 16Gi in pool "
+        f"ibc.test/pool={namespace} even with nothing else running" in refused.stderr
     ), refused.stderr
     # A patch of spec.replicas on the Deployment itself is a Deployment UPDATE: refused the same way.
     patched = cp.kubectl(
         "patch", "-n", namespace, "deployment/gpu-demo", "--type=merge", "-p", '{"spec":{"replicas":7}}'
     )
-    assert patched.returncode == 1 and "insufficient_memory: gpu-demo needs" in patched.stderr, patched.stderr
+    assert patched.returncode == 1, patched.stderr
+    assert "exceeds_pool_capacity: gpu-demo cannot have 7 replica(s)" in patched.stderr, patched.stderr
     # A Deployment that is not a model workload is never refused.
     plain = model_deployment("plain", "16Gi", 0, namespace)
     del plain["metadata"]["labels"]["inference.eh-ops.io/model"]

@@ -10,6 +10,7 @@ SIGINT or a killed worker.
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -236,7 +237,7 @@ def test_seed_scenario_with_the_openai_client(local_factory):
     response = info.value.response
     body = response.json()
     assert response.status_code == 429
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
     assert body["available"] == "48Gi"
     assert [b["model"] for b in body["blocking"]] == ["model-a"] and body["blocking"][0]["memory"] == "80Gi"
@@ -272,7 +273,7 @@ def test_fifty_concurrent_requests_never_overcommit(local_factory):
             return model, 200
         except openai.APIStatusError as exc:
             if exc.status_code == 429:
-                assert exc.response.json()["error"] == "insufficient_memory"
+                assert exc.response.json()["error"]["code"] == "insufficient_memory"
             return model, exc.status_code
 
     client = local.client()
@@ -303,6 +304,36 @@ BROKEN = (
     f"    command: [{json.dumps(sys.executable)}, '-c', "
     "'import sys; print(\"fatal: weights not found\"); sys.exit(1)', '{port}']\n"
 )
+
+
+def test_a_failed_start_backs_off_instead_of_running_the_process_for_every_retry(local_factory, tmp_path):
+    runs = tmp_path / "runs"
+    script = (
+        f"import sys; open({str(runs)!r}, 'a').write('run\\n'); "
+        "print('loading', flush=True); print('fatal: weights not found', file=sys.stderr); sys.exit(3)"
+    )
+    command = json.dumps([sys.executable, "-c", script, "{port}"])
+    failing = f"  - name: failing\n    memory: 1Gi\n    command: {command}\n"
+    local = local_factory(_config(extra=failing))
+    client = local.client()
+    with pytest.raises(openai.InternalServerError) as first:
+        client.chat.completions.create(model="failing", messages=MESSAGES)
+    retry_after = int(first.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 10  # the first backoff: 10 s
+    message = str(first.value)
+    assert "could not start failing: exited with code 3; last output:\nloading\nfatal: weights not found" in message
+    assert "failing: failing" not in message
+    with pytest.raises(openai.InternalServerError) as again:  # a retry inside the backoff
+        client.chat.completions.create(model="failing", messages=MESSAGES)
+    assert int(again.value.response.headers["retry-after"]) <= retry_after
+    assert runs.read_text().count("run") == 1  # the process ran once for both requests
+    models = httpx.get(f"{local.url}/v1/models", timeout=5).json()["data"]
+    entry = next(m for m in models if m["id"] == "failing")
+    assert entry["state"] == "failed" and entry["nextStartAttempt"] is not None
+    assert entry["lastFailure"].startswith("exited with code 3")
+    metrics = httpx.get(f"{local.url}/models/failing/metrics", timeout=5).json()
+    assert [f["message"] for f in metrics["recentFailures"]] == [entry["lastFailure"]]
+    assert local.stop() == 0
 
 
 def test_a_killed_backend_is_restarted_by_the_next_request(local_factory):
@@ -377,3 +408,27 @@ def test_an_address_in_use_is_one_line_and_exit_1(capsys):
         assert main(["local", "--config", "examples/local.yaml", "--bind", f"127.0.0.1:{port}"]) == 1
     assert time.monotonic() - t0 < 2  # not gunicorn's five retries
     assert capsys.readouterr().err.strip() == f"ibc local: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_bind_port_zero_logs_the_port_it_really_listens_on(tmp_path):
+    config = tmp_path / "local.yaml"
+    config.write_text(_config())
+    log_path = tmp_path / "ibc-local.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ibc", "local", "--config", str(config), "--bind", "127.0.0.1:0"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None:
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", log_path.read_text())
+            port = int(found.group(1)) if found else None
+            time.sleep(0.05)
+        assert port != 0
+        assert httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -22,7 +22,8 @@ import pytest
 
 from budget import ClusterView, Model, Node, Placement
 from proxy.app import ProxyApp, create_app
-from proxy.settings import ProxySettings
+from proxy.scaler import ScalerUnavailable
+from proxy.settings import ProxySettings, digest_key
 from proxy.static_scaler import StaticScaler
 from serving.runner import serve_in_thread
 from tests.integration.test_mock_backend import MockProcess
@@ -61,6 +62,7 @@ class Stack:
             seed_view(time.time()), {"default/model-a": [self.model_a.url]}, on_scale_up=self._scale_up
         )
         self.start_backends = True
+        self.scale_error: Exception | None = None  # raised by the next scale-up (a model that cannot start)
         defaults: dict[str, Any] = {"disconnect_check_seconds": 0.1, "progress_interval_seconds": 0.5}
         defaults.update(settings)
         self.app = create_app(ProxySettings(**defaults), self.scaler)
@@ -74,6 +76,8 @@ class Stack:
         return mock
 
     def _scale_up(self, key: str, replicas: int) -> None:
+        if self.scale_error is not None:
+            raise self.scale_error
         if not self.start_backends:
             return
         name = key.split("/", 1)[1]
@@ -150,7 +154,7 @@ def test_model_that_does_not_fit_gets_the_explained_429_at_once(stack: Stack) ->
     response = caught.value.response
     assert response.status_code == 429
     body = response.json()
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
     assert body["available"] == "48Gi"
     assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
@@ -315,3 +319,99 @@ def test_upstream_down_is_a_502_in_the_openai_shape(stack: Stack) -> None:
         stack.client.chat.completions.create(model="model-a", messages=[])
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unreachable"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _never_fits(stack: Stack) -> None:
+    view = stack.scaler.view()
+    huge = Model("default", "huge", 60 * GI, "huge", {"inference-pool": "gpu-nodes"}, 600.0, 3)
+    stack.scaler.set_view(
+        ClusterView.build(nodes=view.nodes, models=[*view.models.values(), huge], placements=view.placements)
+    )
+
+
+def _cannot_start(stack: Stack) -> None:
+    stack.scale_error = ScalerUnavailable("exited with code 1: CUDA out of memory", retry_after_seconds=7)
+
+
+def _stream_error(stack: Stack) -> None:
+    stack.scale_error = None
+    stack.start_backends = False
+
+
+# id: (settings, setup, call, exception, status, code, message fragment, retry-after header)
+ERRORS = {
+    "400-bad-stream-flag": ({}, None, lambda c: c.chat.completions.create(model="model-a", messages=HI,
+                                                                            extra_body={"stream": "yes"}),
+                           openai.BadRequestError, 400, "invalid_type", "`stream` must be true or false", None),
+    "401-wrong-key": ({"api_key_digests": frozenset({digest_key("right")})}, None,
+                      lambda c: c.chat.completions.create(model="model-a", messages=HI),
+                      openai.AuthenticationError, 401, "invalid_api_key", "missing or invalid API key", None),
+    "404-unknown-model": ({}, None, lambda c: c.chat.completions.create(model="nope", messages=HI),
+                          openai.NotFoundError, 404, "model_not_found", "The model `nope` does not exist.", None),
+    "413-body-too-large": ({"max_body_bytes": 2048}, None,
+                           lambda c: c.chat.completions.create(model="model-a",
+                                                               messages=[{"role": "user", "content": "x" * 5000}]),
+                           openai.APIStatusError, 413, "request_too_large", "request body larger than 2048 bytes",
+                           None),
+    "429-does-not-fit-now": ({}, None, lambda c: c.chat.completions.create(model="model-b", messages=HI),
+                             openai.RateLimitError, 429, "insufficient_memory",
+                             "model-b needs 60Gi in pool inference-pool=gpu-nodes; 48Gi available; "
+                             "blocked by model-a (80Gi, idle 120s)", "480"),
+    "429-never-fits": ({}, _never_fits, lambda c: c.chat.completions.create(model="huge", messages=HI),
+                       openai.RateLimitError, 429, "exceeds_pool_capacity", "it can never fit without more nodes",
+                       None),
+    "503-cannot-start": ({}, _cannot_start, lambda c: c.chat.completions.create(model="model-c", messages=HI),
+                         openai.InternalServerError, 503, "scaler_unavailable",
+                         "could not start model-c: exited with code 1: CUDA out of memory", "7"),
+    "504-cold-start-timeout": ({"cold_start_timeout_seconds": 0.5}, _stream_error,
+                               lambda c: c.chat.completions.create(model="model-c", messages=HI),
+                               openai.InternalServerError, 504, "cold_start_timeout",
+                               "model-c did not become ready within 0.5s", None),
+    "sse-error-event": ({"cold_start_timeout_seconds": 0.5}, _stream_error,
+                        lambda c: list(c.chat.completions.create(model="model-c", messages=HI, stream=True)),
+                        openai.APIError, None, "cold_start_timeout", "model-c did not become ready within 0.5s",
+                        None),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS.values()), ids=list(ERRORS))
+def test_every_error_reaches_the_openai_client_with_its_message_and_fields(stack_factory: Any, case: Any) -> None:
+    settings, setup, call, exc_type, status, code, fragment, retry_after = case
+    stack = stack_factory(**settings)
+    if setup is not None:
+        setup(stack)
+    client = stack.client.with_options(api_key="wrong") if "api_key_digests" in settings else stack.client
+    with pytest.raises(exc_type) as caught:
+        call(client)
+    exc = caught.value
+    assert isinstance(exc.body, dict), exc.body
+    assert exc.body["code"] == code
+    assert fragment in exc.body["message"] and fragment in str(exc), str(exc)
+    assert isinstance(exc.body["type"], str) and "param" in exc.body
+    if status is not None:
+        assert exc.status_code == status
+        header = exc.response.headers.get("retry-after")
+        if retry_after == "480":  # model-a's cooldown ends in 480 s, less the moments this test took
+            assert 470 <= int(header) <= 480
+        else:
+            assert header == retry_after
+    if code == "insufficient_memory":  # the numbers, where an SDK keeps them
+        assert exc.body["available"] == "48Gi"
+        assert exc.body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
+        assert exc.body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
+        assert 470 <= exc.body["retry_after_seconds"] <= 480
+    if code == "scaler_unavailable":
+        assert exc.body["retry_after_seconds"] == 7
+
+
+def test_a_request_that_can_never_fit_is_not_retried_by_the_default_client(stack: Stack) -> None:
+    _never_fits(stack)
+    client = openai.OpenAI(base_url=f"{stack.server.url}/v1", api_key="unused", timeout=30)  # 2 retries by default
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="huge", messages=HI)
+    client.close()
+    sent = stack.proxy.metrics.registry.get_sample_value("ibc_proxy_requests_total", {"model": "huge", "status": "429"})
+    assert sent == 1  # x-should-retry: false, and no Retry-After: the SDK gives up at once

@@ -117,7 +117,7 @@ def test_a_burst_of_200_cold_requests_is_served_without_losing_one(local: Servic
     for (model, stream), (_, _, text, _) in zip(plan + late, results, strict=True):
         if model == "gamma":
             refusal = json.loads(text)
-            assert refusal["error"] == "insufficient_memory"
+            assert refusal["error"]["code"] == "insufficient_memory"
             assert refusal["requested"] == {"model": "gamma", "memory": "96Gi", "replicas": 1}
             assert refusal["available"] == "32Gi"
             assert {b["model"] for b in refusal["blocking"]} == {"alpha", "beta"}

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from budget import Decision, explain, format_bytes
+from budget import NEVER_REASONS, Decision, explain, format_bytes
 from local.config import LocalConfig, LocalModel, LocalNode
 from local.runtime import ManagedProcess, ProcessRuntime, ProcessSpec
 from local.scaler import LocalScaler
@@ -40,7 +40,7 @@ GI = 2**30
 TRIALS = 1000
 THREADS = 8
 OPS_PER_THREAD = 6
-REASONS = {"insufficient_memory", "no_matching_nodes", "exceeds_node_capacity"}
+REASONS = {"insufficient_memory", "no_matching_nodes", "exceeds_node_capacity", "exceeds_pool_capacity"}
 
 
 # ----------------------------------------------------------------------------- random worlds
@@ -80,8 +80,12 @@ def check_denial(decision: Decision) -> None:
     assert isinstance(body["available"], str) and body["available"], body
     assert isinstance(body["blocking"], list)
     for blocker in body["blocking"]:
-        assert set(blocker) == {"model", "memory", "idle_for"}, blocker
-    assert body["retry_after_seconds"] >= 1
+        assert set(blocker) - {"state"} == {"model", "memory", "idle_for"}, blocker
+        assert blocker.get("state", "starting") in ("starting", "stopping"), blocker
+    if decision.reason in NEVER_REASONS:  # waiting cannot help: no retry hint
+        assert body["retry_after_seconds"] is None, body
+    else:
+        assert body["retry_after_seconds"] >= 1, body
     if decision.reason == "insufficient_memory":
         # Nothing of the pool could have taken the new replicas: the largest hole is smaller than them.
         new = decision.replicas_to - decision.replicas_from

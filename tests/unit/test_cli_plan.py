@@ -24,6 +24,35 @@ def test_seed_denial_explains_itself():
     assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
 
 
+@pytest.mark.parametrize(
+    ("scale", "lines"),
+    [
+        pytest.param("default/model-b=1", [
+            "DOES NOT FIT: model-b needs 60Gi in pool inference-pool=gpu-nodes; 48Gi available; "
+            "blocked by model-a (80Gi, idle 120s)",
+            "  blocking:  model-a 80Gi, idle 120s, cooldown ends in 480s  <- must go for it to fit",
+            "  retry after: 480s",
+        ], id="seed-waits-for-model-a"),
+        pytest.param("default/model-b=1000", [
+            "DOES NOT FIT: model-b cannot have 1000 replica(s) of 60Gi in pool inference-pool=gpu-nodes even with "
+            "nothing else running (1 node(s), 128Gi in all); it can never fit without more nodes",
+            "  retry after: never (waiting cannot help; see the message)",
+        ], id="never-fits-says-so"),
+    ],
+)
+def test_text_output_names_the_plan(scale, lines):
+    r = ibc("plan", "--cluster-state", SEED, "--scale", scale)
+    assert r.returncode == 1
+    for line in lines:
+        assert line in r.stdout.splitlines()
+
+
+def test_never_fits_json_has_no_retry():
+    r = ibc("plan", "--cluster-state", SEED, "--scale", "default/model-b=1000", "--output", "json")
+    body = json.loads(r.stdout)
+    assert (body["error"], body["retry_after_seconds"]) == ("exceeds_pool_capacity", None)
+
+
 def test_fit_exits_zero_with_text():
     r = ibc("plan", "--cluster-state", SEED, "--scale", "model-c=1")
     assert r.returncode == 0

@@ -304,7 +304,7 @@ def test_pending_pod_reason_reaches_condition_and_event() -> None:
 def test_webhook_denial_of_a_deployment_write_is_reported() -> None:
     w = World()
     w.add_model()
-    w.api.deny_deployment_writes = "model-a needs 80Gi in pool all budgeted nodes; 48Gi available"
+    w.api.deny_deployment_writes = "model-a needs 80Gi in the whole cluster; 48Gi available"
     w.reconcile()
     reconciled = w.condition("Reconciled")
     assert reconciled["reason"] == "ScaleDenied"

@@ -102,7 +102,7 @@ CASES = {
         seed_view(models=[model("model-a", 80, 3)]), "model-a", 2, True, "decrease", "48Gi"
     ),
     "no-change": Case(seed_view(), "model-a", 1, True, "no_change", "48Gi"),
-    "second-replica-does-not-fit": Case(seed_view(), "model-a", 2, False, "insufficient_memory", "48Gi"),
+    "second-replica-never-fits-the-pool": Case(seed_view(), "model-a", 2, False, "exceeds_pool_capacity", "48Gi"),
     "lookup-by-model-name": Case(seed_view(), "default/model-b", 1, False, "insufficient_memory", "48Gi",
                                  [("model-a", "80Gi", "120s")]),
     "admitted-pending-replica-counts": Case(

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
-OWN_DOCS = ("getting-started.md", "crd-reference.md", "operations.md", "observability-dashboard.md")
+OWN_DOCS = ("getting-started.md", "crd-reference.md", "operations.md", "observability-dashboard.md", "local-mode.md")
+# local-mode.md's examples are also run, as written, by tests/integration/test_docs_local_mode.py.
 
 
 def test_crd_reference_is_generated_from_the_current_crd():

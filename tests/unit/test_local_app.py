@@ -34,7 +34,7 @@ def test_the_proxy_answers_the_explained_429_from_the_local_budget(runtime):
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 429
     body = response.get_json()
-    assert body["error"] == "insufficient_memory" and body["available"] == "48Gi"
+    assert body["error"]["code"] == "insufficient_memory" and body["available"] == "48Gi"
     assert body["blocking"][0]["model"] == "model-a"
     assert int(response.headers["Retry-After"]) > 0
     assert len(runtime.spawned) == 1  # denied before any process was started

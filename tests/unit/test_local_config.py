@@ -171,6 +171,18 @@ def test_gpus_as_separate_budgets_with_selector_and_env():
             id="missing-command",
         ),
         pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\n"
+            "models: [{name: a, memory: 1Gi, command: 'serve --port {port} --name {name} --x {Port}'}]\n",
+            "models[0].command: unknown placeholder {Port}, {name} (known: {model}, {node}, {port})",
+            id="unknown-placeholder",
+        ),
+        pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\n"
+            "models: [{name: a, memory: 1Gi, command: 'x {port}', health: 'http://127.0.0.1:{port}/{path}'}]\n",
+            "models[0].health: unknown placeholder {path}",
+            id="unknown-placeholder-in-health",
+        ),
+        pytest.param(
             'nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: "x \'{port}"}]\n',
             'models[0].command: "x \'{port}" cannot be split into arguments',
             id="unbalanced-quote",

@@ -260,8 +260,9 @@ def test_failed_start_ends_the_wait_with_the_reason(scaler, runtime):
     scaler.scale_up("model-a", 1)
     proc = runtime.spawned[-1]
     threading.Timer(0.05, runtime.exit, args=(proc, 1, "exited with code 1: CUDA out of memory")).start()
-    with pytest.raises(ScalerUnavailable, match="model-a exited with code 1: CUDA out of memory"):
+    with pytest.raises(ScalerUnavailable, match="^exited with code 1: CUDA out of memory") as info:
         scaler.wait_backends("model-a", 5)
+    assert info.value.retry_after_seconds == 10  # the first failure waits 10 s before the next attempt
 
 
 def test_waiters_wake_when_the_process_is_ready(scaler, runtime):
@@ -443,3 +444,124 @@ def test_a_spawn_in_flight_holds_memory_but_not_the_lock(scaler, runtime):
     starter.join(5)
     assert [p.spec.name for p in runtime.live()] == ["model-c", "model-a"]
     assert [p.phase for p in scaler.view().placements if p.model == "local/model-a"] == ["Running"]
+
+
+def test_a_stopping_blocker_is_named_with_its_grace_period_left(scaler, runtime, clock):
+    import time
+
+    a = _start_ready(scaler, runtime, "model-a")
+    runtime.stop(a)
+    a.stop_deadline = time.monotonic() + 4  # SIGKILL in 4 s at the latest
+    scaler._on_process_change(a)
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    body = explain(info.value.decision)
+    assert body["blocking"][0]["state"] == "stopping"
+    assert info.value.decision.retry_after_seconds in (3, 4)  # not the 1 s it used to say, nor the cooldown
+    assert "model-a (80Gi, stopping)" in body["message"]
+
+
+def test_a_starting_blocker_waits_for_its_start_up_then_its_cooldown(scaler, runtime, clock):
+    a = _start_ready(scaler, runtime, "model-a")
+    a.ready_at = a.started_at + 25  # the last start took 25 s: the estimate for the next one
+    scaler._on_process_change(a)
+    runtime.exit(a, 0)
+    scaler.scale_up("model-a", 1)  # starting again
+    clock.now += 5
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    body = explain(info.value.decision)
+    assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "0s", "state": "starting"}]
+    assert info.value.decision.retry_after_seconds == 20 + 600
+    assert "model-a (80Gi, starting)" in body["message"]
+
+
+def test_retry_after_waits_for_the_blocker_that_frees_enough_not_the_first_to_go(runtime, clock):
+    config = {**SEED, "models": [dict(m, cooldown="10m") for m in SEED["models"]]}
+    ports = iter(range(21000, 22000))
+    scaler = LocalScaler(parse_config(config), runtime=runtime, clock=clock, port_picker=lambda: next(ports))
+    _start_ready(scaler, runtime, "model-c")
+    clock.now += 53
+    _start_ready(scaler, runtime, "model-a")
+    clock.now += 500  # model-c's cooldown ends in 47 s, model-a's in 100 s: only model-a frees enough
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    decision = info.value.decision
+    assert decision.retry_after_seconds == 100
+    assert [b.model for b in decision.blocking] == ["model-a", "model-c"]
+    assert "it fits once model-a is gone, in 100s" in decision.message
+
+
+def _fail_start(runtime, scaler, name, output=()):
+    scaler.scale_up(name, 1)
+    proc = runtime.spawned[-1]
+    proc.tail.extend(output)
+    runtime.exit(proc, 1, failure="exited with code 1" + (f": {output[-1]}" if output else ""))
+    return proc
+
+
+def test_a_retry_inside_the_backoff_does_not_run_the_process_again(scaler, runtime, clock):
+    _fail_start(runtime, scaler, "model-a", ["loading weights", "CUDA out of memory"])
+    for _ in range(3):
+        with pytest.raises(ScalerUnavailable) as info:
+            scaler.scale_up("model-a", 1)
+        clock.now += 3
+    assert len(runtime.spawned) == 1  # three retries, one process
+    assert info.value.retry_after_seconds == 4  # 10 s backoff, 6 s gone when the last retry came
+    assert str(info.value).startswith("exited with code 1; last output:\nloading weights\nCUDA out of memory")
+    clock.now += 4
+    _fail_start(runtime, scaler, "model-a")  # the backoff is over: tried again, failed again
+    with pytest.raises(ScalerUnavailable) as info:
+        scaler.scale_up("model-a", 1)
+    assert info.value.retry_after_seconds == 20  # doubled
+    assert len(runtime.spawned) == 2
+
+
+@pytest.mark.parametrize(
+    ("lines", "shown"),
+    [
+        pytest.param(["one"], ["one"], id="one-line"),
+        pytest.param([f"line {i}" for i in range(30)], [f"line {i}" for i in range(25, 30)], id="last-five"),
+        pytest.param(["x" * 5000], ["x" * 300], id="long-line-cut"),
+        pytest.param([], [], id="silent"),
+    ],
+)
+def test_the_failure_message_carries_the_last_output_lines_bounded(scaler, runtime, lines, shown):
+    _fail_start(runtime, scaler, "model-a", lines)
+    message = metrics_body(scaler.memory("model-a"))["lastFailure"]
+    if len(shown) > 1:
+        head, _, tail = message.partition("; last output:\n")
+        assert (head, tail.split("\n")) == ("exited with code 1", shown)
+    else:
+        assert message == ": ".join(["exited with code 1", *shown])
+    assert "model-a" not in message  # the proxy names the model once, in front
+
+
+def test_last_failure_and_its_history_survive_a_good_start(scaler, runtime, clock):
+    _fail_start(runtime, scaler, "model-a", ["boom"])
+    clock.now += 10
+    _start_ready(scaler, runtime, "model-a")
+    body = metrics_body(scaler.memory("model-a"))
+    assert body["state"] == "ready"
+    assert body["lastFailure"] == "exited with code 1: boom"
+    assert body["lastFailureTime"] == "2023-11-14T22:13:20Z"
+    assert body["nextStartAttempt"] is None
+    assert [f["message"] for f in body["recentFailures"]] == ["exited with code 1: boom"]
+    assert scaler.describe("model-a")["lastFailure"] == body["lastFailure"]
+    for _ in range(8):  # the history stays short
+        runtime.exit(runtime.live()[-1], -9, failure="was killed by SIGKILL")
+        _start_ready(scaler, runtime, "model-a")  # a crash after serving restarts at once: no backoff
+    assert len(metrics_body(scaler.memory("model-a"))["recentFailures"]) == 5
+
+
+def test_a_spawn_error_backs_off_and_names_the_model_once(scaler, runtime, clock):
+    runtime.fail_spawn = "No such file or directory"
+    with pytest.raises(ScalerUnavailable) as info:
+        scaler.scale_up("model-a", 1)
+    assert str(info.value) == "cannot run 'serve': No such file or directory (next start attempt in 10s)"
+    runtime.fail_spawn = None
+    with pytest.raises(ScalerUnavailable):
+        scaler.scale_up("model-a", 1)  # inside the backoff even though the command would work now
+    clock.now += 10
+    scaler.scale_up("model-a", 1)
+    assert scaler.state("model-a") == "starting"

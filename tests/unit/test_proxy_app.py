@@ -245,7 +245,7 @@ def test_does_not_fit_is_429_at_once_with_the_budget_explanation_and_no_scale_ca
     elapsed = time.perf_counter() - started
     assert resp.status_code == 429
     body = resp.get_json()
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"
     assert body["requested"] == {"model": "model-b", "memory": "60Gi", "replicas": 1}
     assert body["available"] == "48Gi"
     assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
@@ -342,7 +342,7 @@ def test_a_scale_denied_by_the_scaler_is_the_same_429(scaler: StaticScaler) -> N
     assert resp.status_code == 429
     assert resp.headers["Retry-After"] == "42"
     body = resp.get_json()
-    assert body["error"] == "insufficient_memory" and body["message"] == "webhook says no"
+    assert body["error"]["code"] == "insufficient_memory" and body["message"] == "webhook says no"
     assert body["requested"]["model"] == "model-c"
     assert proxy.cold.waiting() == {}
 
@@ -502,7 +502,7 @@ def test_streaming_request_that_does_not_fit_still_gets_a_real_429(scaler: Stati
     client, _, _ = make_client(scaler)
     resp = client.post("/v1/chat/completions", json=chat("model-b", stream=True))
     assert resp.status_code == 429
-    assert resp.get_json()["error"] == "insufficient_memory"
+    assert resp.get_json()["error"]["code"] == "insufficient_memory"
 
 
 @pytest.mark.parametrize(
@@ -619,3 +619,85 @@ def test_not_ready_scaler_answers_503_until_synced(scaler: StaticScaler) -> None
     synced["value"] = True
     assert client.post("/v1/chat/completions", json=chat()).status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("sent", "served"),
+    [
+        pytest.param("model-a", "model-a", id="served-name-untouched"),
+        pytest.param("default/model-a", "model-a", id="namespace-slash-name-rewritten"),
+    ],
+)
+def test_the_backend_gets_its_served_name_whatever_the_client_routed_by(
+    scaler: StaticScaler, sent: str, served: str
+) -> None:
+    client, _, backends = make_client(scaler)
+    resp = client.post("/v1/chat/completions", json=chat(sent, temperature=0.5))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    forwarded = json.loads(backends.requests[-1].content)
+    assert forwarded == chat(served, temperature=0.5)  # only `model` changes
+
+
+def test_one_access_log_line_per_request_with_the_refusals_reason(
+    scaler: StaticScaler, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from ibc.logs import JsonFormatter
+
+    client, _, _ = make_client(scaler)
+    with caplog.at_level(logging.INFO, logger="ibc.access"):
+        for call in (
+            lambda: client.post("/v1/chat/completions", json=chat("default/model-a")),
+            lambda: client.post("/v1/chat/completions", json=chat("model-b")),
+            lambda: client.post("/v1/chat/completions", json=chat("nope")),
+            lambda: client.get("/v1/models"),
+        ):
+            call().close()  # a server closes the response when it has sent it: the line is written then
+    lines = [r for r in caplog.records if r.name == "ibc.access"]
+    got = [(r.method, r.path, r.model, r.status, getattr(r, "reason", None)) for r in lines]  # type: ignore[attr-defined]
+    assert got == [
+        ("POST", "/v1/chat/completions", "model-a", 200, None),
+        ("POST", "/v1/chat/completions", "model-b", 429, "insufficient_memory"),
+        ("POST", "/v1/chat/completions", "nope", 404, "model_not_found"),
+        ("GET", "/v1/models", "-", 200, None),
+    ]
+    assert all(r.duration_ms >= 0 for r in lines)  # type: ignore[attr-defined]
+    assert lines[1].getMessage().startswith("POST /v1/chat/completions model=model-b status=429 duration_ms=")
+    assert lines[1].getMessage().endswith(" reason=insufficient_memory")
+    as_json = json.loads(JsonFormatter().format(lines[1]))
+    assert {k: as_json[k] for k in ("method", "path", "model", "status", "reason")} == {
+        "method": "POST", "path": "/v1/chat/completions", "model": "model-b", "status": 429,
+        "reason": "insufficient_memory",
+    }
+
+
+def test_the_429_is_openais_envelope_with_the_numbers_inside_and_the_seed_fields_on_top(
+    scaler: StaticScaler,
+) -> None:
+    client, _, _ = make_client(scaler)
+    body = client.post("/v1/chat/completions", json=chat("model-b")).get_json()
+    error = body["error"]
+    assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", "insufficient_memory", None)
+    assert error["message"] == body["message"]
+    for field in ("requested", "available", "blocking", "retry_after_seconds"):
+        assert error[field] == body[field], field
+    assert error["available"] == "48Gi" and error["blocking"][0]["model"] == "model-a"
+
+
+def test_a_request_that_can_never_fit_gets_no_retry_after(scaler: StaticScaler) -> None:
+    client, _, _ = make_client(scaler)
+    resp = client.post("/v1/chat/completions", json=chat("model-b"))
+    assert "Retry-After" in resp.headers
+    view = seed_view()
+    # Three replicas of 60Gi wanted (e.g. set by an operator) on one 128Gi node: never, whatever stops.
+    big = Model("default", "huge", 60 * GI, "huge", {"inference-pool": "gpu-nodes"}, 600.0, 3)
+    models = [*view.models.values(), big]
+    scaler.set_view(ClusterView.build(nodes=view.nodes, models=models, placements=view.placements))
+    resp = client.post("/v1/chat/completions", json=chat("huge"))
+    assert resp.status_code == 429
+    assert "Retry-After" not in resp.headers
+    assert resp.headers["x-should-retry"] == "false"  # OpenAI's SDKs then raise at once instead of retrying
+    error = resp.get_json()["error"]
+    assert (error["code"], error["retry_after_seconds"]) == ("exceeds_pool_capacity", None)
+    assert "it can never fit without more nodes" in error["message"]

@@ -350,6 +350,6 @@ def test_a_webhook_denial_carries_the_webhooks_available_figure_not_a_stale_loca
 
     local = Decision(True, "fits", "fits", "model-b", "default/model-b", 60 * 2**30, 0, 1, 128 * 2**30, "all")
     d = denied_decision(
-        local, "insufficient_memory: model-b needs 60Gi in pool all budgeted nodes; 32Gi available", 30
+        local, "insufficient_memory: model-b needs 60Gi in the whole cluster; 32Gi available", 30
     )
     assert (d.allowed, d.reason, d.available_bytes) == (False, "insufficient_memory", 32 * 2**30)

@@ -43,7 +43,7 @@ def test_manual_start_decides_like_a_request_and_stop_takes_the_cooldown_path(ru
     assert again.status_code == 200 and len(runtime.spawned) == 1  # already running: nothing new
 
     refused = client.post("/models/model-b/start")
-    assert refused.status_code == 429 and refused.get_json()["error"] == "insufficient_memory"
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "insufficient_memory"
     assert int(refused.headers["Retry-After"]) > 0
     assert _models(client)["model-b"]["last_refusal"]["message"] == refused.get_json()["message"]
 
