@@ -32,8 +32,8 @@ import httpx
 from flask import Flask, Response, request
 
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
-from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
 from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
+from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.metrics import ProxyMetrics
