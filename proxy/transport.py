@@ -256,7 +256,7 @@ class LeanTransport(httpx.BaseTransport):
             try:
                 return self._exchange(conn, request, payload)
             except _Closed:
-                pass  # the backend closed an idle connection just as we used it: one fresh try
+                pass  # the backend closed an idle connection before any byte was written: one fresh try
         conn = self._connect(origin, request)
         try:
             return self._exchange(conn, request, payload)
@@ -264,14 +264,25 @@ class LeanTransport(httpx.BaseTransport):
             raise httpx.RemoteProtocolError("backend closed the connection without answering", request=request) from exc
 
     def _exchange(self, conn: _Conn, request: httpx.Request, payload: bytes) -> httpx.Response:
-        """Send and read the response head; `_Closed` only when nothing came back on a reused socket."""
+        """Send and read the response head; `_Closed` only when a reused socket took none of the request.
+
+        Once any byte of a request is written the backend may have read it and acted on it (a model
+        may be generating), so whatever happens next is reported, never retried: a POST is not
+        idempotent, and a retry that reaches a dead port reports the wrong failure.
+        """
         try:
             try:
-                conn.sock.sendall(payload)
+                sent = conn.sock.send(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 conn.close()
                 if conn.reused:
                     raise _Closed() from exc
+                raise httpx.WriteError(f"sending to the backend failed: {exc}", request=request) from exc
+            try:
+                if sent < len(payload):
+                    conn.sock.sendall(memoryview(payload)[sent:])
+            except OSError as exc:
+                conn.close()
                 raise httpx.WriteError(f"sending to the backend failed: {exc}", request=request) from exc
             status, headers, mode, length, keep_alive = self._read_head(conn, request)
         except TimeoutError as exc:
@@ -279,8 +290,6 @@ class LeanTransport(httpx.BaseTransport):
             raise httpx.ReadTimeout("the backend did not answer in time", request=request) from exc
         except _Closed:
             conn.close()
-            if conn.reused:
-                raise
             raise httpx.RemoteProtocolError(
                 "backend closed the connection without answering", request=request
             ) from None
@@ -289,8 +298,6 @@ class LeanTransport(httpx.BaseTransport):
             raise
         except OSError as exc:
             conn.close()
-            if conn.reused and not conn.buffer:
-                raise _Closed() from exc
             raise httpx.ReadError(f"reading from the backend failed: {exc}", request=request) from exc
         if request.method == "HEAD":
             mode = "none"
