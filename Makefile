@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools browser bench clean
+.PHONY: setup run plan test lint unit kube-binaries tools browser engine bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ kube-binaries:
 	@if command -v go >/dev/null 2>&1; then bash tests/cluster/build-kube.sh; \
 	else echo "go not found: the cluster tier will be skipped (install Go 1.26 to run it)"; fi
 
+## engine: build (or reuse from ~/.cache/ibc/engine) llama.cpp's OpenAI server for the engine tier
+engine:
+	@rc=0; bash tests/engine/build-engine.sh >/dev/null || rc=$$?; \
+	if [ $$rc -eq 3 ] && [ "$${CI:-}" != "true" ]; then echo "no C/C++ compiler or cmake: the engine tier will be skipped"; \
+	else exit $$rc; fi
+
 tools: setup
 	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
 
@@ -40,9 +46,9 @@ tools: setup
 browser:
 	bash tests/browser/install-chromium.sh
 
-## test: every gate and every tier: lint, unit, integration (with the browser test), cluster (and stress, bounded)
-test: lint kube-binaries tools browser
-	$(BIN)/python -m pytest -m "unit or integration or cluster or stress" -p no:cacheprovider; \
+## test: every gate and every tier: lint, unit, integration (with the browser test), cluster, engine (and stress, bounded)
+test: lint kube-binaries tools browser engine
+	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 unit: setup
