@@ -18,6 +18,7 @@ Usage: python -m tests.engine.make_gguf DIR [--preset tiny|small|medium ...] [--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -146,14 +147,14 @@ def _weights(preset: Preset, seed: int) -> list[tuple[str, np.ndarray]]:
 
 
 def write_model(path: Path, preset: Preset | str, *, seed: int = 0) -> Path:
-    """Write one GGUF file (atomically: a temporary file renamed into place); returns `path`."""
+    """Write one GGUF file atomically (a temporary file renamed into place); returns `path`."""
     import gguf  # a dev dependency: imported here so `--help` works without it
 
     if isinstance(preset, str):
         preset = PRESETS[preset]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share one
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name(f"ibc-test-{preset.name}")
     writer.add_context_length(CONTEXT_LENGTH)
