@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from budget import parse_quantity
 from tests.engine.conftest import (
     MI,
     LocalIbc,
@@ -146,8 +147,9 @@ def test_third_model_gets_the_explained_429_and_is_served_after_a_cooldown(
     took_ms = (time.monotonic() - started) * 1000
     assert response.status_code == 429, response.text
     body = response.json()
-    assert body["error"]["type"] == "insufficient_memory" or "insufficient_memory" in response.text
-    assert {b["model"] for b in body["error"]["blocking"]} <= {"small", "medium"}, body
+    assert body["error"] == "insufficient_memory", body
+    blocking = {b["model"].rsplit("/", 1)[-1] for b in body["blocking"]}
+    assert blocking and blocking <= {"small", "medium"}, body
     assert int(response.headers["Retry-After"]) >= 1
     assert took_ms < 1000, f"the 429 took {took_ms:.0f} ms"
     with pytest.raises(openai.RateLimitError):
@@ -186,9 +188,9 @@ def test_observed_memory_is_the_engine_rss_and_advice_follows(
     assert observed >= weights * 0.9, "the memory-mapped weights count: the engine has read them all"
     assert body["observedPeakMemoryBytes"] >= observed
     # Declared 1Gi for ~0.7Gi used: the advice says so, in the metrics and once in ibc's log.
-    assert body["recommendation"] and "overprovisioned" in body["recommendation"], body
-    assert body["recommendedMemory"]
-    assert "Consider reducing memory" in ibc.full_log()
+    assert "Consider reducing memory" in (body["recommendation"] or ""), body
+    assert 0 < parse_quantity(body["recommendedMemory"]) < DECLARED_MI["medium"] * MI, body
+    assert "medium declared 1Gi but observed peak is" in ibc.full_log()
 
 
 def _medium_running(
@@ -229,12 +231,12 @@ def test_engine_killed_mid_stream_is_an_explicit_stream_error_and_the_next_reque
     assert 3 <= received < 400
     assert "broke the stream" in str(caught.value), caught.value
     wait_for(lambda: not alive(pid), 10, "the killed engine to be gone")
+    failure = wait_for(lambda: ibc.metrics("medium")["lastFailure"], 10, "lastFailure")
+    assert "killed by SIGKILL" in failure, failure
 
     assert complete(client, "medium"), "the next request starts a new engine and is served"
     (new_pid,) = ibc.engine_pids(models["medium"])
     assert new_pid != pid
-    failure = ibc.metrics("medium")["lastFailure"]
-    assert failure and "SIGKILL" in failure, failure
 
 
 def test_engine_killed_after_reading_a_request_is_not_sent_it_again(
@@ -251,6 +253,7 @@ def test_engine_killed_after_reading_a_request_is_not_sent_it_again(
     # Re-sent on a fresh connection, it would have met a dead port: "connection refused".
     assert "without answering" in message and "refused" not in message, message
     assert ibc.full_log().count("upstream failure for medium") == 1
+    wait_for(lambda: not alive(pid), 10, "the killed engine to be gone")
     assert complete(client, "medium"), "the next request starts a new engine and is served"
 
 
