@@ -7,7 +7,8 @@ sides run in the same run, on the same machine, alternately:
 
 - cold start: the engine started by hand (its `/v1/models` polled every 10 ms, then the first chat
   completion of one token) versus the first such request sent to `ibc local` with the model stopped
-  (ibc decides, starts the same command, probes `/v1/models` and forwards);
+  (ibc decides, starts the same command, probes `/v1/models` and forwards); after one uncounted start
+  (page cache, imports), the two alternate which goes first;
 - added latency: the same running engine, asked directly and through `ibc local`, request by request
   in turns: a one-token chat completion, and the first chunk of a streamed one;
 - memory: each engine's RSS once it has answered (memory-mapped weights included), and ibc's own.
@@ -151,8 +152,16 @@ class Ibc:
         raise RuntimeError("no engine below ibc local")
 
 
-def cold_start(work: Path, python: str, model: str, path: Path) -> dict[str, float]:
-    """One cold start by hand and one through ibc local, back to back."""
+def cold_start(work: Path, python: str, model: str, path: Path, ibc_first: bool) -> dict[str, float]:
+    """One cold start by hand and one through ibc local, back to back (which one first alternates)."""
+    if ibc_first:
+        through = cold_start_through_ibc(work, python, model, path)
+        return {**cold_start_by_hand(work, python, model, path), **through}
+    by_hand = cold_start_by_hand(work, python, model, path)
+    return {**by_hand, **cold_start_through_ibc(work, python, model, path)}
+
+
+def cold_start_by_hand(work: Path, python: str, model: str, path: Path) -> dict[str, float]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
@@ -166,6 +175,10 @@ def cold_start(work: Path, python: str, model: str, path: Path) -> dict[str, flo
         by_hand = time.perf_counter() - started
     finally:
         stop(engine)
+    return {"by_hand_ready_s": ready, "by_hand_first_reply_s": by_hand}
+
+
+def cold_start_through_ibc(work: Path, python: str, model: str, path: Path) -> dict[str, float]:
     ibc = Ibc(work, python, model, path)
     try:
         started = time.perf_counter()
@@ -176,7 +189,7 @@ def cold_start(work: Path, python: str, model: str, path: Path) -> dict[str, flo
         rss = rss_bytes(pid)
     finally:
         stop(ibc.proc)
-    return {"by_hand_ready_s": ready, "by_hand_first_reply_s": by_hand, "ibc_first_reply_s": through, "rss": rss}
+    return {"ibc_first_reply_s": through, "rss": rss}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -229,7 +242,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ibc-engine-bench-") as tmp:
         work = Path(tmp)
         for model in presets:
-            runs = [cold_start(work, python, model, paths[model]) for _ in range(args.repeat)]
+            cold_start_by_hand(work, python, model, paths[model])  # warm-up, not counted: page cache, imports
+            runs = [cold_start(work, python, model, paths[model], ibc_first=i % 2 == 1) for i in range(args.repeat)]
             row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             row["weights_bytes"] = paths[model].stat().st_size
             row["runs"] = len(runs)
