@@ -97,6 +97,7 @@ class ModelMemory:
     state: str | None = None
     observed_bytes: int | None = None
     last_failure: str | None = None
+    log: str | None = None  # local mode: the file the model's processes write their output to
 
 
 def metrics_body(m: ModelMemory) -> dict[str, Any]:
@@ -133,6 +134,7 @@ def metrics_body(m: ModelMemory) -> dict[str, Any]:
         body["state"] = m.state
         body["observedMemory"] = fmt_observed(m.observed_bytes) if m.observed_bytes else None
         body["observedMemoryBytes"] = m.observed_bytes
-        # Why the last process ended without being asked to (exit code and its last output line).
+        # Why the last process ended without being asked to: the exit, then what it said last on stderr.
         body["lastFailure"] = m.last_failure
+        body["log"] = m.log  # the model's own log file (its stdout and stderr)
     return body

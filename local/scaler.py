@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response
 
@@ -39,7 +40,16 @@ from budget import (
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
-from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
+from local.runtime import (
+    ManagedProcess,
+    MemorySample,
+    Phase,
+    PortRange,
+    ProcessError,
+    ProcessRuntime,
+    ProcessSpec,
+    free_port,
+)
 from proxy.app import create_app, error_response, proxy_of
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from serving.metrics import MemoryCollector
@@ -77,7 +87,8 @@ class LocalScaler:
         *,
         runtime: ProcessRuntime | None = None,
         clock: Callable[[], float] = time.time,
-        port_picker: Callable[[], int] = free_port,
+        port_picker: Callable[[], int] | None = None,
+        log_dir: str | None = None,
         supervise_interval_seconds: float = DEFAULT_SUPERVISE_INTERVAL_SECONDS,
         sample_interval_seconds: float = DEFAULT_SAMPLE_INTERVAL_SECONDS,
     ) -> None:
@@ -85,7 +96,11 @@ class LocalScaler:
         self._runtime = runtime or ProcessRuntime()
         self._runtime.set_listener(self._on_process_change)
         self._clock = clock
-        self._port_picker = port_picker
+        if port_picker is None and config.ports is not None:
+            ports = PortRange(*config.ports)
+            port_picker = lambda: ports.pick(self._ports_in_use())  # noqa: E731
+        self._port_picker = port_picker or free_port
+        self.log_dir = log_dir or config.logs  # each model's output in <log_dir>/<model>.log; None: ibc's log
         self._supervise_interval_seconds = supervise_interval_seconds
         self._sample_interval_seconds = sample_interval_seconds
         self._nodes = tuple(n.to_node() for n in config.nodes)
@@ -274,6 +289,7 @@ class LocalScaler:
                 state=state,
                 observed_bytes=sample.memory_bytes if sample else None,
                 last_failure=self._failure.get(model.key),
+                log=self.log_path(model.key),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -394,6 +410,19 @@ class LocalScaler:
                 )
         return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
 
+    def _ports_in_use(self) -> set[int]:
+        with self._cond:
+            return {p.spec.port for plist in self._replicas.values() for p in plist}
+
+    def log_path(self, model_ref: str) -> str | None:
+        """Where the model's processes write their output (None when it goes to ibc's log)."""
+        model = self._model(model_ref)
+        return os.path.join(self.log_dir, f"{model.name}.log") if self.log_dir else None
+
+    def details(self, model_key: str) -> dict[str, Any]:
+        """Local mode's extra fields in `GET /v1/models`: the model's own log file."""
+        return {"log": self.log_path(model_key)}
+
     def _spawn(self, model: LocalModel, node_name: str) -> ManagedProcess:
         """Run one replica of `model` on `node_name` (called without the lock held)."""
         node = self.config.node(node_name)
@@ -409,6 +438,7 @@ class LocalScaler:
             env={**node.env, **model.env},
             startup_timeout_seconds=model.startup_timeout_seconds,
             stop_grace_seconds=model.stop_grace_seconds,
+            log_path=self.log_path(model.key),
         )
         return self._runtime.spawn(spec)
 
@@ -477,10 +507,10 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
 
 
 def create_local_app(
-    config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None
+    config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None, log_dir: str | None = None
 ) -> tuple[Flask, LocalScaler]:
     """The proxy's app with the local scaler (started here) and the local routes; the caller closes the scaler."""
-    scaler = (scaler or LocalScaler(config)).start()
+    scaler = (scaler or LocalScaler(config, log_dir=log_dir)).start()
     app = create_app(settings, scaler, source="ibc local")
     add_local_routes(app, scaler)
     return app, scaler

@@ -213,7 +213,7 @@ class ProxyApp:
         return guarded
 
     def _describe(self, model: Model) -> dict[str, Any]:
-        return {
+        body = {
             "id": model.model_name or model.name,
             "object": "model",
             "created": 0,
@@ -223,6 +223,10 @@ class ProxyApp:
             "replicas": model.replicas,
             "key": model.key,
         }
+        details = getattr(self.scaler, "details", None)  # optional: see proxy/scaler.py
+        if details is not None:
+            body.update(details(model.key))
+        return body
 
     def list_models(self) -> Response:
         models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))
