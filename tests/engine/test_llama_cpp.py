@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from budget import parse_quantity
+from local.runtime import FORWARDED_LINES
 from tests.engine.conftest import (
     MI,
     LocalIbc,
@@ -188,6 +189,8 @@ def test_observed_memory_is_the_engine_rss_and_advice_follows(
     assert observed >= weights * 0.9, "the memory-mapped weights count: the engine has read them all"
     assert body["observedPeakMemoryBytes"] >= observed
     # Declared 1Gi for ~0.7Gi used: the advice says so, in the metrics and once in ibc's log.
+    assert body["log"] and Path(body["log"]).read_text().count("llama_model_loader") > 20, "the engine's own log"
+    assert ibc.full_log().count("medium | ") <= FORWARDED_LINES + 1, "ibc's log keeps only the first lines"
     assert "Consider reducing memory" in (body["recommendation"] or ""), body
     assert 0 < parse_quantity(body["recommendedMemory"]) < DECLARED_MI["medium"] * MI, body
     assert "medium declared 1Gi but observed peak is" in ibc.full_log()
@@ -269,6 +272,7 @@ def test_corrupt_model_file_is_a_503_with_the_engine_reason(
     assert caught.value.status_code == 503
     message = str(caught.value)
     assert "could not start broken" in message and "exited with code" in message, message
-    assert "Failed to load model" in message or "error loading model" in message, message
+    # llama.cpp's own words from its stderr, not ibc's paraphrase nor an unrelated stdout line.
+    assert "error loading model" in message and "Failed to load model from file" in message, message
     failure = ibc.metrics("broken")["lastFailure"]
-    assert failure and "exited with code" in failure, failure
+    assert failure and failure in message, failure
