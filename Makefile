@@ -36,8 +36,7 @@ kube-binaries:
 ## engine: build (or reuse from ~/.cache/ibc/engine) llama.cpp's OpenAI server for the engine tier
 engine:
 	@rc=0; bash tests/engine/build-engine.sh >/dev/null || rc=$$?; \
-	if [ $$rc -eq 3 ] && [ "$${CI:-}" != "true" ]; then echo "no C/C++ compiler or cmake: the engine tier will be skipped"; \
-	else exit $$rc; fi
+	if [ $$rc -eq 3 ] && [ "$${CI:-}" != "true" ]; then rc=0; fi; exit $$rc  # 3: no compiler (it said so)
 
 tools: setup
 	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
