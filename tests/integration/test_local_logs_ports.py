@@ -81,6 +81,8 @@ def test_a_models_output_goes_to_its_own_file_and_the_failure_quotes_stderr(loca
     listed = httpx.get(f"{local.url}/v1/models", timeout=5).json()["data"]
     path = next(m for m in listed if m["id"] == "broken")["log"]
     assert path == str(logs / "broken.log")
+    status = httpx.get(f"{local.url}/status", timeout=5).json()
+    assert next(m for m in status["models"] if m["name"] == "broken")["log"] == path
     text = (logs / "broken.log").read_text()
     assert "ibc local started pid" in text.splitlines()[0]
     assert "loader: tensor 199 loaded" in text and "Failed to load model" in text and "access log" in text
