@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools browser pods-node bench clean
+.PHONY: setup run plan test lint unit kube-binaries tools browser engine pods-node bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ kube-binaries:
 	@if command -v go >/dev/null 2>&1; then bash tests/cluster/build-kube.sh; \
 	else echo "go not found: the cluster tier will be skipped (install Go 1.26 to run it)"; fi
 
+## engine: build (or reuse from ~/.cache/ibc/engine) llama.cpp's OpenAI server for the engine tier
+engine:
+	@rc=0; bash tests/engine/build-engine.sh >/dev/null || rc=$$?; \
+	if [ $$rc -eq 3 ] && [ "$${CI:-}" != "true" ]; then rc=0; fi; exit $$rc  # 3: no compiler (it said so)
+
 tools: setup
 	@if [ -x deploy/tools/install.sh ]; then bash deploy/tools/install.sh; fi
 
@@ -46,9 +51,9 @@ browser:
 pods-node: setup kube-binaries tools
 	@bash tests/pods/prepare.sh
 
-## test: every gate and every tier: lint, unit, integration (with the browser test), cluster, pods (and stress, bounded)
-test: lint kube-binaries tools browser pods-node
-	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or pods" -p no:cacheprovider; \
+## test: every gate and every tier: lint, unit, integration (with the browser test), cluster, engine, pods (and stress, bounded)
+test: lint kube-binaries tools browser engine pods-node
+	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 unit: setup

@@ -100,6 +100,7 @@ class ModelMemory:
     last_failure_time: str | None = None  # RFC 3339
     next_start_attempt: str | None = None  # RFC 3339, during a crash-loop backoff
     recent_failures: tuple[tuple[str, str], ...] = ()  # (RFC 3339 time, message), oldest first
+    log: str | None = None  # local mode: the file the model's processes write their output to
 
 
 def metrics_body(m: ModelMemory) -> dict[str, Any]:
@@ -142,4 +143,7 @@ def metrics_body(m: ModelMemory) -> dict[str, Any]:
         body["lastFailureTime"] = m.last_failure_time
         body["nextStartAttempt"] = m.next_start_attempt
         body["recentFailures"] = [{"time": t, "message": message} for t, message in m.recent_failures]
+        # Why the last process ended without being asked to: the exit, then what it said last on stderr.
+        body["lastFailure"] = m.last_failure
+        body["log"] = m.log  # the model's own log file (its stdout and stderr)
     return body

@@ -37,7 +37,7 @@ DEFAULT_STOP_GRACE_SECONDS = 30.0
 DEFAULT_HEALTH = "/health"
 """vLLM, llama-server and `ibc mock-backend` all answer 200 on /health once they can serve."""
 
-_TOP_FIELDS = ("nodes", "models")
+_TOP_FIELDS = ("nodes", "models", "ports", "logs")
 _NODE_FIELDS = ("name", "memory", "labels", "env")
 _MODEL_FIELDS = (
     "name",
@@ -125,6 +125,8 @@ class LocalConfig:
     nodes: tuple[LocalNode, ...]
     models: tuple[LocalModel, ...]
     source: str = "<config>"
+    ports: tuple[int, int] | None = None  # first and last port model processes may use; None: any free one
+    logs: str | None = None  # directory of each model's own log file; None: `ibc local` picks a fresh one
 
     def model(self, ref: str) -> LocalModel | None:
         """Find a model by name or by `local/<name>` key."""
@@ -261,6 +263,29 @@ class _Checker:
             return value
         raise self.fail(where, f"{value!r} is neither a path (/health) nor a URL (http://127.0.0.1:{{port}}/health)")
 
+    def ports(self, value: Any, where: str) -> tuple[int, int] | None:
+        if value is None:
+            return None
+        text = str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) else ""
+        first, sep, last = text.partition("-")
+        try:
+            low, high = int(first), int(last if sep else first)
+        except ValueError:
+            raise self.fail(where, f"expected a port range like 30000-30999, got {_describe(value)}") from None
+        if not 1024 <= low <= high <= 65535:
+            raise self.fail(where, f"{value!r} must be FIRST-LAST with 1024 <= FIRST <= LAST <= 65535")
+        return low, high
+
+    def directory(self, value: Any, where: str) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, f"expected a directory path, got {_describe(value)}")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and self.source != "<config>":
+            path = Path(self.source).parent / path  # relative to the config file, not the working directory
+        return str(path)
+
 
 PLACEHOLDERS = frozenset({"port", "model", "node"})
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -347,7 +372,16 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
                 env=c.string_map(item.get("env"), f"{where}.env"),
             )
         )
-    return LocalConfig(nodes=tuple(nodes), models=tuple(models), source=source)
+    ports = c.ports(top.get("ports"), "ports")
+    if ports is not None and ports[1] - ports[0] + 1 < len(models):
+        raise c.fail("ports", f"{top.get('ports')!r} has fewer ports than there are models ({len(models)})")
+    return LocalConfig(
+        nodes=tuple(nodes),
+        models=tuple(models),
+        source=source,
+        ports=ports,
+        logs=c.directory(top.get("logs"), "logs"),
+    )
 
 
 def parse_config_text(text: str, *, source: str = "<config>") -> LocalConfig:

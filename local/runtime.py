@@ -20,6 +20,7 @@ import http.client
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import IO, BinaryIO, NamedTuple
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,18 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TAIL_LINES = 20
+FORWARDED_LINES = 20
+"""Lines of each process's output also written to ibc's own log: its start-up, then only its log file.
+A real engine prints about a thousand lines per start (llama.cpp's loader), which would drown ibc's log."""
+FAILURE_LINES = 3
+"""Lines of stderr quoted in `lastFailure`: the error and the lines that led to it."""
+_STDERR_WINDOW = 64
+"""The last stderr lines kept per process: what it said just before it exited (a Python traceback is ~25)."""
+_ERRORISH = re.compile(r"error|fatal|fail|exception|panic|abort|killed|out of memory|denied|no such", re.IGNORECASE)
+LOG_ROTATE_BYTES = 64 * 2**20
+"""A model's log file is moved to `<name>.log.1` at a start when it has grown past this."""
+_DRAIN_SECONDS = 1.0
+"""After an exit, how long to wait for its last output to be read (a grandchild may hold the pipe)."""
 
 
 class ProcessError(Exception):
@@ -70,6 +83,7 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_seconds: float = 600.0
     stop_grace_seconds: float = 30.0
+    log_path: str | None = None  # the process's stdout and stderr, appended; None: ibc's log only
 
     @property
     def base_url(self) -> str:
@@ -91,15 +105,30 @@ class ManagedProcess:
         self.stop_deadline: float | None = None  # monotonic time of the SIGKILL
         self.killed = False
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_WINDOW)
         self.lock = threading.Lock()
+        self.readers: list[threading.Thread] = []
+        self.forwarded = 0  # output lines written to ibc's log so far
+        self.open_streams = 0  # the last reader to finish closes the log file
+        self.log_file: BinaryIO | None = None
+        self.log_lock = threading.Lock()
 
     @property
     def alive(self) -> bool:
         return self.phase is not Phase.EXITED
 
     def last_output(self) -> str:
-        """The last line the process printed, for error messages ('' when it said nothing)."""
-        return self.tail[-1] if self.tail else ""
+        """What the process said last, for error messages ('' when it said nothing).
+
+        Its last error-looking lines on stderr (a traceback's frames skipped: the loader's own error and
+        the exception are what a person needs), else its last stderr lines, else its last stdout line.
+        """
+        said = [line for line in self.stderr_tail if not line[:1].isspace()]
+        errors = [line for line in said if _ERRORISH.search(line)]
+        quoted = (errors or said)[-FAILURE_LINES:]
+        if quoted:
+            return " | ".join(_clip(line) for line in quoted)
+        return _clip(self.tail[-1]) if self.tail else ""
 
     def __repr__(self) -> str:
         return f"<ManagedProcess {self.spec.name} pid={self.pid} {self.phase.value}>"
@@ -117,11 +146,62 @@ class MemorySample:
     pids: tuple[int, ...] = ()
 
 
+def _clip(line: str, limit: int = 300) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def open_log(path: str, header: str) -> BinaryIO:
+    """Open a model's log file for appending (rotated once when large), starting with `header`."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) > LOG_ROTATE_BYTES:
+            os.replace(path, path + ".1")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = open(path, "ab")  # closed by the last reader of the process's output
+    f.write(header.encode() + b"\n")
+    f.flush()
+    return f
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port the kernel says is free right now (the child binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class PortRange:
+    """Hands out ports from `first`..`last` in turn, skipping busy ones and ones something else holds.
+
+    In turn, not lowest-first: a port a process just left may still be in TIME_WAIT or about to be
+    reused by its child, and two starts picking at once (before either child binds) get different ports.
+    """
+
+    def __init__(self, first: int, last: int, host: str = "127.0.0.1") -> None:
+        if not 0 < first <= last <= 65535:
+            raise ValueError(f"bad port range {first}-{last}")
+        self.first, self.last, self.host = first, last, host
+        self._next = first
+        self._lock = threading.Lock()
+
+    def pick(self, busy: Iterable[int] = ()) -> int:
+        """A port of the range that is not in `busy` and can be bound now; ProcessError when none is left."""
+        taken = set(busy)
+        with self._lock:
+            for _ in range(self.last - self.first + 1):
+                port = self._next
+                self._next = self.first if port == self.last else port + 1
+                if port not in taken and _bindable(self.host, port):
+                    return port
+        raise ProcessError(f"no free port in {self.first}-{self.last} (ports: in the config)")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _libc_prctl() -> Callable[..., int] | None:
@@ -367,7 +447,7 @@ class ProcessRuntime:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if self._forward_output else subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE if self._forward_output else subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_child_setup(os.getpid()) if _PRCTL is not None else None,
                 close_fds=True,
@@ -377,32 +457,71 @@ class ProcessRuntime:
         proc = ManagedProcess(spec, popen, started_at=time.time())
         with self._lock:
             self._live.append(proc)
+        argv_text = " ".join(spec.argv)
         log.info(
-            "started %s pid=%d port=%d node=%s: %s",
+            "started %s pid=%d port=%d node=%s%s: %s",
             spec.name,
             proc.pid,
             spec.port,
             spec.node,
-            " ".join(spec.argv),
+            f" log={spec.log_path}" if spec.log_path and self._forward_output else "",
+            argv_text,
         )
-        if popen.stdout is not None:
-            threading.Thread(
-                target=self._read_output, args=(proc,), name=f"ibc-local-out-{proc.pid}", daemon=True
-            ).start()
+        if spec.log_path and self._forward_output:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(proc.started_at))
+            try:
+                proc.log_file = open_log(spec.log_path, f"----- {stamp} ibc local started pid {proc.pid}: {argv_text}")
+            except OSError as exc:
+                log.warning(
+                    "%s: cannot write its log %s (%s); its output goes to ibc's log", spec.name, spec.log_path, exc
+                )
+        streams = [(out, is_err) for out, is_err in ((popen.stdout, False), (popen.stderr, True)) if out is not None]
+        proc.open_streams = len(streams)
+        for stream, is_stderr in streams:
+            if stream is not None:
+                reader = threading.Thread(
+                    target=self._read_output,
+                    args=(proc, stream, is_stderr),
+                    name=f"ibc-local-{'err' if is_stderr else 'out'}-{proc.pid}",
+                    daemon=True,
+                )
+                proc.readers.append(reader)
+                reader.start()
         threading.Thread(target=self._probe, args=(proc,), name=f"ibc-local-probe-{proc.pid}", daemon=True).start()
         return proc
 
-    def _read_output(self, proc: ManagedProcess) -> None:
-        stream = proc.popen.stdout
-        assert stream is not None
+    def _read_output(self, proc: ManagedProcess, stream: IO[bytes], is_stderr: bool) -> None:
+        """Copy one of the process's streams to its log file and tails; the first lines to ibc's log too."""
         with contextlib.suppress(OSError, ValueError):
             for raw in stream:
                 line = raw.decode("utf-8", "replace").rstrip()
-                if line:
-                    proc.tail.append(line)
+                if proc.log_file is not None:
+                    with proc.log_lock, contextlib.suppress(OSError, ValueError):
+                        proc.log_file.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                        proc.log_file.flush()
+                if not line:
+                    continue
+                proc.tail.append(line)
+                if is_stderr:
+                    proc.stderr_tail.append(line)
+                if proc.log_file is None:
                     output_log.info("%s | %s", proc.spec.name, line)
+                    continue
+                with proc.log_lock:
+                    proc.forwarded += 1
+                    forwarded = proc.forwarded
+                if forwarded <= FORWARDED_LINES:
+                    output_log.info("%s | %s", proc.spec.name, line)
+                elif forwarded == FORWARDED_LINES + 1:
+                    output_log.info("%s | ... (the rest of its output: %s)", proc.spec.name, proc.spec.log_path)
         with contextlib.suppress(OSError):
             stream.close()
+        with proc.log_lock:
+            proc.open_streams -= 1
+            if proc.open_streams == 0 and proc.log_file is not None:
+                with contextlib.suppress(OSError):
+                    proc.log_file.close()
+                proc.log_file = None
 
     def _probe(self, proc: ManagedProcess) -> None:
         """Poll the health URL until 2xx; give up (and stop the process) after the startup timeout."""
@@ -467,6 +586,11 @@ class ProcessRuntime:
                     _signal_tree(proc.pid, signal.SIGKILL)
 
     def _exited(self, proc: ManagedProcess, code: int) -> None:
+        # Its last words first: a failure must quote what it printed before the exit, not what was read so far.
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        for reader in proc.readers:
+            if reader is not threading.current_thread():
+                reader.join(max(0.0, deadline - time.monotonic()))
         with proc.lock:
             if proc.phase is Phase.EXITED:
                 return

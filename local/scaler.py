@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -40,7 +41,16 @@ from budget import (
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
-from local.runtime import ManagedProcess, MemorySample, Phase, ProcessError, ProcessRuntime, ProcessSpec, free_port
+from local.runtime import (
+    ManagedProcess,
+    MemorySample,
+    Phase,
+    PortRange,
+    ProcessError,
+    ProcessRuntime,
+    ProcessSpec,
+    free_port,
+)
 from proxy.app import create_app, error_response, proxy_of
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from serving.metrics import MemoryCollector
@@ -127,7 +137,8 @@ class LocalScaler:
         *,
         runtime: ProcessRuntime | None = None,
         clock: Callable[[], float] = time.time,
-        port_picker: Callable[[], int] = free_port,
+        port_picker: Callable[[], int] | None = None,
+        log_dir: str | None = None,
         supervise_interval_seconds: float = DEFAULT_SUPERVISE_INTERVAL_SECONDS,
         sample_interval_seconds: float = DEFAULT_SAMPLE_INTERVAL_SECONDS,
         backoff_base_seconds: float = BACKOFF_BASE_SECONDS,
@@ -137,7 +148,11 @@ class LocalScaler:
         self._runtime = runtime or ProcessRuntime()
         self._runtime.set_listener(self._on_process_change)
         self._clock = clock
-        self._port_picker = port_picker
+        if port_picker is None and config.ports is not None:
+            ports = PortRange(*config.ports)
+            port_picker = lambda: ports.pick(self._ports_in_use())  # noqa: E731
+        self._port_picker = port_picker or free_port
+        self.log_dir = log_dir or config.logs  # each model's output in <log_dir>/<model>.log; None: ibc's log
         self._supervise_interval_seconds = supervise_interval_seconds
         self._sample_interval_seconds = sample_interval_seconds
         self._backoff = (backoff_base_seconds, backoff_max_seconds)
@@ -309,11 +324,6 @@ class LocalScaler:
                 return "failed"
             return "stopped"
 
-    def describe(self, model_key: str) -> dict[str, Any]:
-        """Extra fields for `GET /v1/models`: the last failure, kept across good starts, and a short history."""
-        body = metrics_body(self.memory(model_key))
-        return {k: body[k] for k in ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures")}
-
     # -- observation ------------------------------------------------------------------------------
 
     def memory(self, model_ref: str) -> ModelMemory:
@@ -346,6 +356,7 @@ class LocalScaler:
                 last_failure_time=rfc3339(crash.last.at) if crash.last else None,
                 next_start_attempt=rfc3339(crash.next_attempt) if crash.next_attempt > self._clock() else None,
                 recent_failures=tuple((rfc3339(f.at), f.message) for f in crash.history),
+                log=self.log_path(model.key),
             )
 
     def processes(self, model_ref: str) -> list[ManagedProcess]:
@@ -473,6 +484,22 @@ class LocalScaler:
                 )
         return ClusterView.build(nodes=self._nodes, models=models, placements=placements)
 
+    def _ports_in_use(self) -> set[int]:
+        with self._cond:
+            return {p.spec.port for plist in self._replicas.values() for p in plist}
+
+    def log_path(self, model_ref: str) -> str | None:
+        """Where the model's processes write their output (None when it goes to ibc's log)."""
+        model = self._model(model_ref)
+        return os.path.join(self.log_dir, f"{model.name}.log") if self.log_dir else None
+
+    def details(self, model_key: str) -> dict[str, Any]:
+        """Local mode's extra fields in `GET /v1/models` and `GET /status`: the last failure (kept across good
+        starts) with a short history, and the model's own log file."""
+        body = metrics_body(self.memory(model_key))
+        keep = ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures", "log")
+        return {k: body[k] for k in keep}
+
     def _spawn(self, model: LocalModel, node_name: str) -> ManagedProcess:
         """Run one replica of `model` on `node_name` (called without the lock held)."""
         node = self.config.node(node_name)
@@ -488,6 +515,7 @@ class LocalScaler:
             env={**node.env, **model.env},
             startup_timeout_seconds=model.startup_timeout_seconds,
             stop_grace_seconds=model.stop_grace_seconds,
+            log_path=self.log_path(model.key),
         )
         return self._runtime.spawn(spec)
 
@@ -620,10 +648,10 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
 
 
 def create_local_app(
-    config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None
+    config: LocalConfig, settings: ProxySettings, *, scaler: LocalScaler | None = None, log_dir: str | None = None
 ) -> tuple[Flask, LocalScaler]:
     """The proxy's app with the local scaler (started here) and the local routes; the caller closes the scaler."""
-    scaler = (scaler or LocalScaler(config)).start()
+    scaler = (scaler or LocalScaler(config, log_dir=log_dir)).start()
     app = create_app(settings, scaler, source="ibc local")
     add_local_routes(app, scaler)
     return app, scaler

@@ -245,7 +245,7 @@ class ProxyApp:
         return guarded
 
     def _describe(self, model: Model) -> dict[str, Any]:
-        return {
+        body = {
             "id": model.model_name or model.name,
             "object": "model",
             "created": 0,
@@ -254,13 +254,11 @@ class ProxyApp:
             "memory": format_bytes(model.memory_bytes),
             "replicas": model.replicas,
             "key": model.key,
-            **self._details(model.key),
         }
-
-    def _details(self, key: str) -> dict[str, Any]:
-        """Extra fields a scaler offers for a model (local mode: lastFailure and its history)."""
-        describe = getattr(self.scaler, "describe", None)
-        return describe(key) if callable(describe) else {}
+        details = getattr(self.scaler, "details", None)  # optional: see proxy/scaler.py
+        if callable(details):
+            body.update(details(model.key))
+        return body
 
     def list_models(self) -> Response:
         models = sorted(self.scaler.view().models.values(), key=lambda m: (m.model_name or m.name, m.key))

@@ -18,8 +18,9 @@ How the request path (`proxy/app.py`) uses a scaler, so implementations know wha
 - `GET /v1/models` calls `state()` once per model;
 - optional (added after the first version; looked up with `getattr`, so older scalers still work):
   `ready() -> bool`, whether the scaler has its initial state (e.g. the watch cache is synced);
-  `/readyz` answers 503 while it is False; `describe(key) -> dict`, extra fields for the model's entry in
-  `GET /v1/models` (local mode: `lastFailure`, `recentFailures`, `nextStartAttempt`).
+  `/readyz` answers 503 while it is False;
+  `details(key) -> dict`, extra fields for the model's entries in `GET /v1/models` and `GET /status` (local mode:
+  `lastFailure`, `lastFailureTime`, `recentFailures`, `nextStartAttempt`, and `log`, its own log file).
 """
 
 from __future__ import annotations

@@ -76,7 +76,12 @@ def status_document(proxy: ProxyApp, source: str, now: float | None = None) -> d
     """The JSON of `GET /status`."""
     view = proxy.scaler.view()
     doc = build_status(view, time.time() if now is None else now, counters(proxy), source=source)
-    return status_body(doc)
+    body = status_body(doc)
+    details = getattr(proxy.scaler, "details", None)  # optional (see proxy/scaler.py): local mode's `log`
+    if details is not None:
+        for model in body["models"]:
+            model.update(details(model["key"]))
+    return body
 
 
 def page_html() -> bytes:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -91,6 +92,9 @@ def _summary(config: LocalConfig) -> str:
     for m in config.models:
         cooldown = f"cooldown {m.cooldown_seconds:g}s" if m.cooldown_seconds > 0 else "never idles out"
         lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}, {cooldown}: {' '.join(m.command)}")
+    if config.ports is not None:
+        lines.append(f"  ports {config.ports[0]}-{config.ports[1]} for model processes")
+    lines.append(f"  logs  {config.logs or 'a fresh directory per run'}: <model>.log for each model's output")
     return "\n".join(lines)
 
 
@@ -171,11 +175,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"ibc local: cannot listen on {args.bind}: {reason}", file=sys.stderr)
         return 1
     _warn_missing_executables(config)
+    log_dir = config.logs or tempfile.mkdtemp(prefix="ibc-local-logs-")
 
     def factory() -> Any:
         from local.scaler import create_local_app
 
-        app, scaler = create_local_app(config, settings)
+        app, scaler = create_local_app(config, settings, log_dir=log_dir)
         atexit.register(scaler.close)
         _stop_on_signals(scaler.close)
         # As `ibc proxy` does: objects from imports and start-up live as long as the worker; keep them out
@@ -193,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             sweep_children(main_pid, grace_seconds=min(grace, 10.0))
 
     log.info("ibc local: %s", _summary(config).replace("\n", "\n  "))
+    log.info("ibc local: each model's output goes to %s/<model>.log (the first lines also here)", log_dir)
     return serve(
         factory,
         bind=args.bind,

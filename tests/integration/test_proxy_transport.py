@@ -2,7 +2,8 @@
 
 What the proxy relies on: every body framing a model server may use (Content-Length, chunked with or
 without trailers, close-delimited), keep-alive reuse, a fresh retry when a backend closed an idle
-connection, and failures surfacing as the httpx exceptions the request path maps to 502/504.
+connection (and never a re-send of a request the backend may have read), and failures surfacing as
+the httpx exceptions the request path maps to 502/504.
 """
 
 from __future__ import annotations
@@ -198,6 +199,33 @@ def test_backend_that_closed_an_idle_connection_gets_one_fresh_try(
     assert post(transport, server.url)[2] == b"ok"
     assert server.connections == 2
     assert server.requests == 2, "the request was sent once to a live server"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"", id="closes-without-a-word"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", id="closes-mid-body"),
+    ],
+)
+def test_request_a_backend_read_is_never_sent_again(
+    serve: Callable[[Script], ScriptedServer], transport: LeanTransport, answer: bytes
+) -> None:
+    # Answers the first request; reads the second on the same (reused) connection, then goes away,
+    # like a model server killed while it generates. A POST may have been acted on: no re-send.
+    def answer_then_die(conn: socket.socket, n: int) -> bool:
+        if n == 0:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return True
+        conn.sendall(answer)
+        return False
+
+    server = serve(answer_then_die)
+    assert post(transport, server.url)[2] == b"ok"
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(transport, server.url, body=b'{"second":1}')
+    assert server.bodies.count(b'{"second":1}') == 1, "the request that was read was sent once"
+    assert server.connections == 1, "no fresh connection was opened to re-send it"
 
 
 def test_unread_body_is_not_reused(serve: Callable[[Script], ScriptedServer], transport: LeanTransport) -> None:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.unit
 
 GI = 2**30
 SRC = "examples/local.yaml"
+MINI = "nodes: [{name: shadow, memory: 1Gi}]\nmodels:\n  - {name: a, memory: 1Gi, command: 'x {port}'}\n"
 
 
 def _config(**model_overrides):
@@ -227,9 +228,19 @@ def test_gpus_as_separate_budgets_with_selector_and_env():
         pytest.param("nodes: [\n", "examples/local.yaml: line 2, column 1: not valid YAML", id="broken-yaml"),
         pytest.param(
             "node: [{name: shadow, memory: 1Gi}]\n",
-            "node: unknown field (allowed: nodes, models); did you mean 'nodes'",
+            "node: unknown field (allowed: nodes, models, ports, logs); did you mean 'nodes'",
             id="typo-at-top",
         ),
+        pytest.param(MINI + "ports: 30000-29999\n", "ports: '30000-29999' must be FIRST-LAST", id="ports-reversed"),
+        pytest.param(MINI + "ports: 80-90\n", "ports: '80-90' must be FIRST-LAST with 1024 <=", id="ports-privileged"),
+        pytest.param(MINI + "ports: lots\n", "ports: expected a port range like 30000-30999", id="ports-word"),
+        pytest.param(MINI + "ports: [1, 2]\n", "ports: expected a port range like 30000-30999, got list", id="list"),
+        pytest.param(
+            MINI + "  - {name: b, memory: 1Gi, command: 'x {port}'}\nports: 30000\n",
+            "ports: 30000 has fewer ports than there are models (2)",
+            id="ports-fewer-than-models",
+        ),
+        pytest.param(MINI + "logs: ''\n", "logs: expected a directory path", id="logs-empty"),
     ],
 )
 def test_invalid_config_names_file_field_and_value(text, message):
@@ -237,6 +248,21 @@ def test_invalid_config_names_file_field_and_value(text, message):
         parse_config_text(text, source=SRC)
     assert message in str(info.value)
     assert str(info.value).startswith(f"{SRC}: ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "ports", "logs"),
+    [
+        pytest.param("", None, None, id="defaults"),
+        pytest.param("ports: 30000-30999\n", (30000, 30999), None, id="range"),
+        pytest.param("ports: 31000\n", (31000, 31000), None, id="one-port"),
+        pytest.param("logs: /var/log/ibc\n", None, "/var/log/ibc", id="absolute-logs"),
+        pytest.param("logs: logs\n", None, "examples/logs", id="logs-relative-to-the-config-file"),
+    ],
+)
+def test_ports_and_logs(extra, ports, logs):
+    config = parse_config_text(MINI + extra, source=SRC)
+    assert (config.ports, config.logs) == (ports, logs)
 
 
 def test_missing_file_is_named(tmp_path):

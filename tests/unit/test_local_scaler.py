@@ -547,7 +547,7 @@ def test_last_failure_and_its_history_survive_a_good_start(scaler, runtime, cloc
     assert body["lastFailureTime"] == "2023-11-14T22:13:20Z"
     assert body["nextStartAttempt"] is None
     assert [f["message"] for f in body["recentFailures"]] == ["exited with code 1: boom"]
-    assert scaler.describe("model-a")["lastFailure"] == body["lastFailure"]
+    assert scaler.details("model-a")["lastFailure"] == body["lastFailure"]
     for _ in range(8):  # the history stays short
         runtime.exit(runtime.live()[-1], -9, failure="was killed by SIGKILL")
         _start_ready(scaler, runtime, "model-a")  # a crash after serving restarts at once: no backoff
