@@ -78,11 +78,6 @@ BACKOFF_MAX_SECONDS = 300.0
 FAILURE_HISTORY = 5
 """Failures kept per model for /v1/models and /models/{name}/metrics: enough to see a pattern."""
 
-OUTPUT_LINES = 5
-"""Last output lines of a failed process put in its error message, each cut to OUTPUT_LINE_CHARS."""
-
-OUTPUT_LINE_CHARS = 300
-
 
 @dataclass(frozen=True)
 class Failure:
@@ -544,7 +539,7 @@ class LocalScaler:
                 self._been_ready.discard(proc.pid)
                 if proc.failure:
                     # Only a failed start backs off; a crash after serving restarts on the next request.
-                    self._record_failure_locked(key, _failure_text(proc), failed_start=not crashed)
+                    self._record_failure_locked(key, proc.failure, failed_start=not crashed)
                 self._view = None
 
     def _record_failure_locked(self, key: str, message: str, *, failed_start: bool) -> None:
@@ -602,17 +597,6 @@ def _free_by(proc: ManagedProcess, now: float) -> float | None:
 def _without_name(message: str, name: str) -> str:
     """A runtime error without the model name it starts with: the proxy's message names the model once."""
     return message.removeprefix(f"{name}: ")
-
-
-def _failure_text(proc: ManagedProcess) -> str:
-    """Why a process ended: its exit, then its last output lines (bounded, so a chatty crash stays readable)."""
-    lines = [line[:OUTPUT_LINE_CHARS] for line in list(proc.tail)[-OUTPUT_LINES:]]
-    reason = proc.failure or "exited"
-    if lines and reason.endswith(f": {proc.tail[-1]}"):
-        reason = reason[: -len(f": {proc.tail[-1]}")]  # the runtime appends the last line; we show several
-    if len(lines) <= 1:
-        return ": ".join([reason, *lines])
-    return f"{reason}; last output:\n" + "\n".join(lines)
 
 
 def resolve_command(argv: list[str]) -> list[str]:

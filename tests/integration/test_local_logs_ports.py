@@ -24,7 +24,7 @@ CHATTY_FAILURE = textwrap.dedent(
     """
     import sys
     for i in range(200):
-        print(f"loader: tensor {i} loaded", flush=True)
+        print("loader: tensor", i, "loaded", flush=True)
     print("llama_model_load: error loading model: tensor data is not within the file bounds", file=sys.stderr)
     print("ValueError: Failed to load model from file", file=sys.stderr, flush=True)
     print("INFO: unrelated access log line", flush=True)

@@ -321,7 +321,7 @@ def test_a_failed_start_backs_off_instead_of_running_the_process_for_every_retry
     retry_after = int(first.value.response.headers["retry-after"])
     assert 1 <= retry_after <= 10  # the first backoff: 10 s
     message = str(first.value)
-    assert "could not start failing: exited with code 3; last output:\nloading\nfatal: weights not found" in message
+    assert "could not start failing: exited with code 3: fatal: weights not found" in message  # stderr, not stdout
     assert "failing: failing" not in message
     with pytest.raises(openai.InternalServerError) as again:  # a retry inside the backoff
         client.chat.completions.create(model="failing", messages=MESSAGES)
