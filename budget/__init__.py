@@ -32,6 +32,7 @@ from budget.errors import (
     SnapshotError,
     UnknownModelError,
 )
+from budget.evict import Eviction, Victim, plan_eviction
 from budget.quantity import format_bytes, format_duration, parse_duration, parse_quantity
 from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation
 
@@ -45,6 +46,7 @@ __all__ = [
     "ClusterView",
     "Decision",
     "DurationError",
+    "Eviction",
     "Model",
     "ModelMemory",
     "Node",
@@ -58,6 +60,7 @@ __all__ = [
     "SizingAdvice",
     "SnapshotError",
     "UnknownModelError",
+    "Victim",
     "advise",
     "decide_scale",
     "explain",
@@ -68,6 +71,7 @@ __all__ = [
     "metrics_body",
     "parse_duration",
     "parse_quantity",
+    "plan_eviction",
     "plan_retry",
     "score_nodes",
     "without",

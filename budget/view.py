@@ -43,6 +43,10 @@ class Model:
     backend_url: str | None = None
     source: str = "InferenceModel"  # or "Deployment" for a labelled Deployment without a model object
     startup_seconds: float = 0.0  # how long a replica takes to become ready (estimate; 0 when unknown)
+    evict_idle_after_seconds: float | None = None  # idle this long, it may be stopped for another; None: never
+    priority: int = 0  # a request may evict only models of lower or equal priority
+    pinned: bool = False  # never evicted, whatever its idle time
+    max_wait_seconds: float = 0.0  # how long a request that does not fit waits for room by default (0: 429 at once)
 
     @property
     def key(self) -> str:
