@@ -141,6 +141,7 @@ def model_from_inferencemodel(obj: Obj) -> Model:
         if backend is not None and not isinstance(backend, str):
             raise ObjectError(f"spec.backendUrl must be a string, got {backend!r}")
         last = parse_time(status.get("lastRequestTime"), field="status.lastRequestTime")
+        policy = _eviction_policy(obj)
     except ObjectError as exc:
         raise _wrap(obj, exc) from exc
     except BudgetError as exc:
@@ -155,7 +156,29 @@ def model_from_inferencemodel(obj: Obj) -> Model:
         replicas=replicas,
         last_request_time=last,
         backend_url=backend,
+        **policy,
     )
+
+
+def _eviction_policy(obj: Obj) -> dict[str, Any]:
+    """spec.eviction.idleAfter, spec.priority, spec.pinned and spec.admission.maxWait as Model fields."""
+    spec = _map(obj, "spec")
+    idle_after = _map(obj, "spec.eviction").get("idleAfter")
+    max_wait = _map(obj, "spec.admission").get("maxWait")
+    priority = spec.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ObjectError(f"spec.priority must be an integer, got {priority!r}")
+    pinned = spec.get("pinned", False)
+    if not isinstance(pinned, bool):
+        raise ObjectError(f"spec.pinned must be true or false, got {pinned!r}")
+    return {
+        "evict_idle_after_seconds": None
+        if idle_after is None
+        else parse_duration(idle_after, field="spec.eviction.idleAfter"),
+        "priority": priority,
+        "pinned": pinned,
+        "max_wait_seconds": 0.0 if max_wait is None else parse_duration(max_wait, field="spec.admission.maxWait"),
+    }
 
 
 def model_label(obj: Obj) -> str | None:

@@ -49,6 +49,10 @@ _MODEL_FIELDS = (
     "stop_grace_period",
     "node_selector",
     "env",
+    "evict_idle_after",
+    "priority",
+    "pinned",
+    "max_wait",
 )
 
 
@@ -85,6 +89,10 @@ class LocalModel:
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS
     node_selector: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    evict_idle_after_seconds: float | None = None  # None: only the cooldown stops it (the CRD's default too)
+    priority: int = 0
+    pinned: bool = False
+    max_wait_seconds: float = 0.0  # 0: a request that does not fit gets the 429 at once, as before
 
     @property
     def key(self) -> str:
@@ -115,6 +123,10 @@ class LocalModel:
             last_request_time=last_request_time,
             source="local",
             startup_seconds=startup_seconds,
+            evict_idle_after_seconds=self.evict_idle_after_seconds,
+            priority=self.priority,
+            pinned=self.pinned,
+            max_wait_seconds=self.max_wait_seconds,
         )
 
 
@@ -202,6 +214,23 @@ class _Checker:
         if positive and seconds <= 0:
             raise self.fail(where, f"{value!r} must be greater than 0")
         return seconds
+
+    def optional_duration(self, value: Any, where: str) -> float | None:
+        return None if value is None else self.duration(value, where, 0.0)
+
+    def integer(self, value: Any, where: str, default: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"expected an integer, got {_describe(value)}")
+        return value
+
+    def flag(self, value: Any, where: str) -> bool:
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise self.fail(where, f"expected true or false, got {_describe(value)}")
+        return value
 
     def string_map(self, value: Any, where: str) -> dict[str, str]:
         if value is None:
@@ -370,6 +399,10 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
                 ),
                 node_selector=selector,
                 env=c.string_map(item.get("env"), f"{where}.env"),
+                evict_idle_after_seconds=c.optional_duration(item.get("evict_idle_after"), f"{where}.evict_idle_after"),
+                priority=c.integer(item.get("priority"), f"{where}.priority", 0),
+                pinned=c.flag(item.get("pinned"), f"{where}.pinned"),
+                max_wait_seconds=c.duration(item.get("max_wait"), f"{where}.max_wait", 0.0),
             )
         )
     ports = c.ports(top.get("ports"), "ports")

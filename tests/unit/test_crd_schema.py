@@ -299,6 +299,12 @@ def _model(**spec: Any) -> dict[str, Any]:
         ({"template": {"spec": {"containers": [{"name": "x", "image": "y"}]}}}, None),
         ({"deploymentRef": {}}, ".spec.deploymentRef.name: required"),
         ({"template": {}, "deploymentRef": {"name": "d"}}, "not both"),
+        ({"eviction": {"idleAfter": "60s"}, "priority": 2, "pinned": False, "admission": {"maxWait": "2m"}}, None),
+        ({"eviction": {"idleAfter": "a minute"}}, "does not match"),
+        ({"eviction": {"idleAfer": "60s"}}, "unknown field"),
+        ({"priority": "high"}, "must be an integer"),
+        ({"pinned": "yes"}, "must be boolean"),
+        ({"admission": {"maxWait": "2 minutes"}}, "does not match"),
     ],
     ids=[
         "minimal",
@@ -319,6 +325,12 @@ def _model(**spec: Any) -> dict[str, Any]:
         "template",
         "ref-without-name",
         "template-and-ref",
+        "eviction-policy",
+        "prose-idle-after",
+        "misspelt-idle-after",
+        "priority-string",
+        "pinned-string",
+        "prose-max-wait",
     ],
 )
 def test_the_schema_refuses_what_it_should(spec, error):

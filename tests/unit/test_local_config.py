@@ -48,6 +48,15 @@ def test_defaults_match_the_crd():
     assert model.startup_timeout_seconds == DEFAULT_STARTUP_TIMEOUT_SECONDS == 600
     assert model.key == "local/model-a"
     assert model.health_url(port=9000, node="shadow") == "http://127.0.0.1:9000/health"
+    # No eviction policy, no wait: only the cooldown stops a model, and a request that does not fit gets the 429.
+    view = model.to_model()
+    assert (view.evict_idle_after_seconds, view.priority, view.pinned, view.max_wait_seconds) == (None, 0, False, 0.0)
+
+
+def test_eviction_policy_reaches_the_budget():
+    config = _config(evict_idle_after="60s", priority=-1, pinned=True, max_wait="2m")
+    view = parse_config(config).models[0].to_model()
+    assert (view.evict_idle_after_seconds, view.priority, view.pinned, view.max_wait_seconds) == (60.0, -1, True, 120.0)
 
 
 @pytest.mark.parametrize(
@@ -223,6 +232,30 @@ def test_gpus_as_separate_budgets_with_selector_and_env():
             id="no-nodes",
         ),
         pytest.param("nodes: [{name: shadow, memory: 1Gi}]\n", "models: expected a non-empty list", id="no-models"),
+        pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: 'x {port}', "
+            "evict_idle_after: soon}]\n",
+            "models[0].evict_idle_after",
+            id="bad-evict-idle-after",
+        ),
+        pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: 'x {port}', "
+            "priority: high}]\n",
+            "models[0].priority: expected an integer, got str 'high'",
+            id="priority-string",
+        ),
+        pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: 'x {port}', "
+            "pinned: sure}]\n",
+            "models[0].pinned: expected true or false, got str 'sure'",
+            id="pinned-string",
+        ),
+        pytest.param(
+            "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: 'x {port}', "
+            "max_wait: -5s}]\n",
+            "models[0].max_wait",
+            id="negative-max-wait",
+        ),
         pytest.param("", "examples/local.yaml: the file is empty", id="empty-file"),
         pytest.param("- a\n- b\n", "top level: expected a mapping, got list", id="list-at-top"),
         pytest.param("nodes: [\n", "examples/local.yaml: line 2, column 1: not valid YAML", id="broken-yaml"),

@@ -79,6 +79,15 @@ def test_inferencemodel_fields_and_defaults():
         "ns/m", "llama-2-7b", 16 * GI, 600.0, 1)
     assert m.node_selector == {"p": "g"}
     assert m.last_request_time == 1768473000.0
+    # No eviction policy: today's behaviour (only the cooldown stops it; requests get the 429 at once).
+    assert (m.evict_idle_after_seconds, m.priority, m.pinned, m.max_wait_seconds) == (None, 0, False, 0.0)
+
+
+def test_inferencemodel_eviction_policy():
+    spec = {"memory": "80Gi", "eviction": {"idleAfter": "60s"}, "priority": -3, "pinned": True,
+            "admission": {"maxWait": "2m"}}
+    m = model_from_inferencemodel(im(spec))
+    assert (m.evict_idle_after_seconds, m.priority, m.pinned, m.max_wait_seconds) == (60.0, -3, True, 120.0)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +102,13 @@ def test_inferencemodel_fields_and_defaults():
         pytest.param({"memory": "1Gi"}, {"lastRequestTime": "yesterday"}, "lastRequestTime", id="bad-time"),
         pytest.param({"memory": "1Gi"}, {"lastRequestTime": "2026-01-01T00:00:00"}, "time zone", id="naive-time"),
         pytest.param({"memory": "1Gi", "modelName": 7}, {}, "spec.modelName", id="model-name-int"),
+        pytest.param({"memory": "1Gi", "eviction": {"idleAfter": "soon"}}, {}, "spec.eviction.idleAfter",
+                     id="bad-idle-after"),
+        pytest.param({"memory": "1Gi", "eviction": "60s"}, {}, "spec.eviction", id="eviction-string"),
+        pytest.param({"memory": "1Gi", "priority": "high"}, {}, "spec.priority", id="priority-string"),
+        pytest.param({"memory": "1Gi", "pinned": "yes"}, {}, "spec.pinned", id="pinned-string"),
+        pytest.param({"memory": "1Gi", "admission": {"maxWait": "2 min"}}, {}, "spec.admission.maxWait",
+                     id="bad-max-wait"),
     ],
 )
 def test_bad_inferencemodels_are_named(spec, status, fragment):
