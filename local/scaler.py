@@ -29,6 +29,7 @@ from flask import Flask, Response
 
 from budget import (
     ClusterView,
+    Eviction,
     ModelMemory,
     Placement,
     UnknownModelError,
@@ -37,10 +38,12 @@ from budget import (
     format_bytes,
     idle_seconds,
     metrics_body,
+    plan_eviction,
 )
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
+from local.room import BusySource, EvictionCollector, EvictionLog, nobody_busy
 from local.runtime import (
     ManagedProcess,
     MemorySample,
@@ -65,6 +68,12 @@ DEFAULT_SUPERVISE_INTERVAL_SECONDS = 1.0
 
 VIEW_IDLE_RESOLUTION_SECONDS = 1.0
 """A request refreshes the cached view's idle clock at most this often (429 bodies show whole seconds)."""
+
+ROOM_POLL_SECONDS = 0.5
+"""While waiting for stopping processes to exit, re-check at least this often (exits also wake the wait)."""
+
+STOP_REAP_MARGIN_SECONDS = 5.0
+"""Beyond a model's stop grace period (then SIGKILL), the time its exit takes to be seen and reaped."""
 
 DEFAULT_SAMPLE_INTERVAL_SECONDS = 5.0
 """How often observed memory is read from /proc (and nvidia-smi): a peak is a trend, not a spike hunt."""
@@ -169,6 +178,8 @@ class LocalScaler:
         self._last_observation: dict[str, float] = {}
         self._last_hint: dict[str, str | None] = {}
         self._view: ClusterView | None = None  # cached until something a decision reads changes
+        self._busy_source: BusySource = nobody_busy
+        self._evictions = EvictionLog()
         self._closing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,26 +230,44 @@ class LocalScaler:
 
         The decision and the memory it grants are taken under the lock; the spawn itself (tens of ms
         for a fork) happens outside it, so requests for running models never wait behind a start.
+        When the start does not fit, idle models the policy allows are stopped to make room (see
+        `budget.plan_eviction`), and memory already being freed is waited for (bounded).
         """
         model = self._model(model_key)
+        evicted: list[ManagedProcess] = []
         with self._cond:
-            if self._closing:
-                raise ScalerUnavailable("ibc local is shutting down")
-            self._prune_locked()
-            alive = self._replicas[model.key]
-            stopping = sum(1 for p in alive if p.phase is Phase.STOPPING)
-            if replicas <= len(alive) - stopping + len(self._pending[model.key]):
-                return
-            now = self._clock()
-            crash = self._crashes[model.key]
-            if now < crash.next_attempt:
-                # Inside the backoff: answer with the last failure, do not run the process again.
-                raise self._unavailable_locked(model.key, now)
-            # A replica still shutting down holds its memory: ask for room beside it.
-            decision = decide_scale(self._view_locked(), model.key, replicas + stopping, now)
-            if not decision.allowed:
-                log.info("denied %s: %s", model.name, decision.message)
-                raise ScaleDenied(decision)
+            room_deadline: float | None = None
+            while True:
+                if self._closing:
+                    raise ScalerUnavailable("ibc local is shutting down")
+                self._prune_locked()
+                alive = self._replicas[model.key]
+                stopping = sum(1 for p in alive if p.phase is Phase.STOPPING)
+                if replicas <= len(alive) - stopping + len(self._pending[model.key]):
+                    return
+                now = self._clock()
+                crash = self._crashes[model.key]
+                if now < crash.next_attempt:
+                    # Inside the backoff: answer with the last failure, do not run the process again.
+                    raise self._unavailable_locked(model.key, now)
+                # A replica still shutting down holds its memory: ask for room beside it.
+                decision = decide_scale(self._view_locked(), model.key, replicas + stopping, now)
+                if decision.allowed:
+                    self._evictions.forget(model.key)
+                    break
+                plan = plan_eviction(self._view_locked(), model.key, replicas + stopping, now, busy=self._busy_locked())
+                if plan is not None and plan.victims:
+                    evicted = self._evict_locked(plan, model)
+                    decision = plan.decision
+                    break
+                # Memory another eviction (or a cooldown) is freeing right now: wait for it, briefly.
+                if room_deadline is None:
+                    room_deadline = time.monotonic() + self._stop_wait_seconds_locked()
+                remaining = room_deadline - time.monotonic()
+                if remaining <= 0 or not self._freeing_helps_locked(model.key, replicas, now):
+                    log.info("denied %s: %s", model.name, decision.message)
+                    raise ScaleDenied(decision)
+                self._cond.wait(min(remaining, ROOM_POLL_SECONDS))
             granted = []
             for node, count in sorted(decision.placements.items()):
                 for _ in range(count):
@@ -247,6 +276,9 @@ class LocalScaler:
             self._pending[model.key].extend(granted)
             self._halted.discard(model.key)
             self._view = None
+            if evicted:
+                # The victims' memory is promised to this model already; start it once they have exited.
+                self._await_exit_locked(evicted, model, granted)
         errors = []
         for pending in granted:
             try:
@@ -269,6 +301,26 @@ class LocalScaler:
         if errors:
             with self._cond:
                 raise self._unavailable_locked(model.key, self._clock()) from errors[0]
+
+    def can_make_room(self, model_key: str, replicas: int) -> bool:
+        """Whether a start that does not fit now could: by evicting idle models, or memory being freed.
+
+        The proxy's pre-check asks this before answering 429; `scale_up` decides for real under the lock.
+        """
+        model = self._model(model_key)
+        with self._cond:
+            self._prune_locked()
+            now = self._clock()
+            plan = plan_eviction(self._view_locked(), model.key, replicas, now, busy=self._busy_locked())
+            return (plan is not None and bool(plan.victims)) or self._freeing_helps_locked(model.key, replicas, now)
+
+    def note(self, model_key: str) -> str | None:
+        """What was done to start this model, for held streaming clients ("stopping model-a ... for model-b")."""
+        return self._evictions.note(self._model(model_key).key)
+
+    def set_busy_source(self, source: BusySource) -> None:
+        """Tell the scaler which backends serve requests and which models hold requests (never evicted)."""
+        self._busy_source = source
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
         """Block until a replica is ready or `timeout_seconds` pass ([]); ScalerUnavailable if the start failed."""
@@ -320,6 +372,11 @@ class LocalScaler:
             return "stopped"
 
     # -- observation ------------------------------------------------------------------------------
+
+    @property
+    def evictions(self) -> EvictionLog:
+        """Models stopped early to make room, by whom (for the `ibc_evictions_total` counter)."""
+        return self._evictions
 
     def memory(self, model_ref: str) -> ModelMemory:
         """Declared and observed memory of one model, with the budget's advice (raises UnknownModelError)."""
@@ -436,11 +493,11 @@ class LocalScaler:
     def _ready_urls(self, key: str) -> list[str]:
         return [p.spec.base_url for p in self._replicas[key] if p.phase is Phase.READY]
 
-    def _view_locked(self) -> ClusterView:
+    def _view_locked(self, *, include_stopping: bool = True) -> ClusterView:
         models = []
         placements = []
         for key, model in self._models.items():
-            plist = self._replicas[key]
+            plist = [p for p in self._replicas[key] if include_stopping or p.phase is not Phase.STOPPING]
             pending = self._pending[key]
             models.append(
                 model.to_model(
@@ -494,6 +551,54 @@ class LocalScaler:
         body = metrics_body(self.memory(model_key))
         keep = ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures", "log")
         return {k: body[k] for k in keep}
+
+    def _busy_locked(self) -> set[str]:
+        """Models serving a request (a backend with requests in flight) or holding one for its start."""
+        urls, held = self._busy_source()
+        busy = set(held)
+        for key, plist in self._replicas.items():
+            if any(p.spec.base_url in urls for p in plist):
+                busy.add(key)
+        return busy
+
+    def _evict_locked(self, plan: Eviction, model: LocalModel) -> list[ManagedProcess]:
+        """Stop the plan's victims by the cooldown's stop path; their memory counts until they exit."""
+        log.info("%s", plan.message)
+        stopped = []
+        for victim in plan.victims:
+            ready = [p for p in self._replicas[victim.model] if p.phase is Phase.READY]
+            why = f"idle for {int(victim.idle_for_seconds)}s, evicted to make room for {model.name}"
+            self._stop_locked(self._models[victim.model], ready, why)
+            stopped.extend(ready)
+        self._evictions.record([v.name for v in plan.victims], model.name, model.key, plan.message)
+        self._view = None
+        return stopped
+
+    def _await_exit_locked(self, procs: list[ManagedProcess], model: LocalModel, granted: list[_Pending]) -> None:
+        """Wait (lock released while waiting) until evicted processes have exited; give the promise back if not."""
+        deadline = time.monotonic() + self._stop_wait_seconds_locked()
+        while True:
+            self._prune_locked()
+            if not any(p in plist for plist in self._replicas.values() for p in procs):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                for pending in granted:
+                    self._pending[model.key].remove(pending)
+                self._view = None
+                self._cond.notify_all()
+                raise ScalerUnavailable(f"the models stopped to make room for {model.name} did not exit in time")
+            self._cond.wait(min(remaining, ROOM_POLL_SECONDS))
+
+    def _freeing_helps_locked(self, key: str, replicas: int, now: float) -> bool:
+        """True when processes are stopping and the start fits once they have exited."""
+        if not any(p.phase is Phase.STOPPING for plist in self._replicas.values() for p in plist):
+            return False
+        return decide_scale(self._view_locked(include_stopping=False), key, replicas, now).allowed
+
+    def _stop_wait_seconds_locked(self) -> float:
+        """How long stopping processes may take: the longest grace period, plus time to reap."""
+        return max((m.stop_grace_seconds for m in self._models.values()), default=0.0) + STOP_REAP_MARGIN_SECONDS
 
     def _spawn(self, model: LocalModel, node_name: str) -> ManagedProcess:
         """Run one replica of `model` on `node_name` (called without the lock held)."""
@@ -628,6 +733,8 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
             current=True,
         )
     )
+    proxy.metrics.registry.register(EvictionCollector(scaler.evictions))
+    scaler.set_busy_source(lambda: (proxy.upstream.outstanding().keys(), proxy.cold.waiting().keys()))
     app.extensions["ibc_local"] = scaler
 
 

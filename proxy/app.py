@@ -457,7 +457,7 @@ class ProxyApp:
             return _json_answer(
                 404, error_body(404, f"The model `{label}` does not exist.", "model_not_found", "model")
             )
-        if not decision.allowed:
+        if not decision.allowed and not self._may_make_room(key, replicas):
             self.refusals.record(decision)
             self.metrics.reject(label, "insufficient_memory")
             self.metrics.count_request(label, 429)
@@ -526,6 +526,11 @@ class ProxyApp:
             self._denials[key] = (view, (replicas, int(now)), decision)
         return decision
 
+    def _may_make_room(self, key: str, replicas: int) -> bool:
+        """Whether the scaler could still make room (local mode evicts idle models); optional, see Scaler."""
+        check = getattr(self.scaler, "can_make_room", None)
+        return bool(check is not None and check(key, replicas))
+
     def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
         """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
         scaler's ScalerUnavailable when the model failed to start."""
@@ -565,6 +570,10 @@ class ProxyApp:
         response: httpx.Response | None = None
         try:
             yield f": waiting for {label} to start\n\n".encode()
+            note = getattr(self.scaler, "note", None)
+            done = note(ticket.key) if note is not None else None
+            if done:
+                yield f": {done}\n\n".encode()
             started = time.monotonic()
             deadline = started + self.settings.cold_start_timeout_seconds
             progress = self.settings.progress_interval_seconds

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 GI = 2**30
 CAPACITY = 128 * GI
-MEMORY = {"model-a": 80 * GI, "model-b": 60 * GI, "model-c": 16 * GI}
+MEMORY = {"model-a": 80 * GI, "model-b": 60 * GI, "model-c": 16 * GI, "model-d": 60 * GI}
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 STUBBORN = textwrap.dedent(
