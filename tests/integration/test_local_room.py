@@ -27,17 +27,17 @@ local_factory = test_local_mode.local_factory  # the same `ibc local` subprocess
 IDLE_AFTER = 1.5  # seconds; the seed's 60s, shortened
 
 
-def _model(name, memory, extra=""):
+def _model(name, memory, extra="", args=""):
     return (
         f"  - name: {name}\n    memory: {memory}\n    cooldown: 10m\n    stop_grace_period: 5s\n{extra}"
-        f"    command: ibc mock-backend --bind 127.0.0.1:{{port}} --model {name} --startup-delay 0.3\n"
+        f"    command: ibc mock-backend --bind 127.0.0.1:{{port}} --model {name} --startup-delay 0.3{args}\n"
     )
 
 
-def _config(a_extra=f"    evict_idle_after: {IDLE_AFTER}s\n", with_d=False):
+def _config(a_extra=f"    evict_idle_after: {IDLE_AFTER}s\n", with_d=False, a_args=""):
     return (
         "nodes:\n  - {name: shadow, memory: 128Gi}\nmodels:\n"
-        + _model("model-a", "80Gi", a_extra)
+        + _model("model-a", "80Gi", a_extra, a_args)
         + _model("model-b", "60Gi")
         + (_model("model-d", "60Gi") if with_d else "")
     )
@@ -116,6 +116,22 @@ def test_a_higher_priority_model_is_never_stopped_for_a_lower_one(local_factory)
     with pytest.raises(openai.RateLimitError):
         local.client().chat.completions.create(model="model-b", messages=MESSAGES)
     assert local.state("model-a") == "ready"
+
+
+def test_a_model_serving_a_request_is_never_stopped(local_factory):
+    local = local_factory(_config(a_args=" --latency 4"))  # every answer of model-a takes 4 s
+    client = local.client()
+    client.chat.completions.create(model="model-a", messages=MESSAGES)
+    with ThreadPoolExecutor(1) as pool:
+        began = time.monotonic()
+        slow = pool.submit(client.chat.completions.create, model="model-a", messages=MESSAGES)
+        # By the idle clock model-a is evictable now (no request began for IDLE_AFTER), but one is in flight.
+        assert _until(lambda: time.monotonic() - began >= IDLE_AFTER + 0.5, timeout=10, interval=0.05)
+        assert not slow.done()
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="model-b", messages=MESSAGES)
+        assert slow.result(timeout=30).model == "model-a"  # answered, not cut off
+    assert _evictions(local) == {}
 
 
 def test_two_requests_needing_the_same_victim_evict_it_once_and_never_overcommit(local_factory):
