@@ -36,6 +36,7 @@ from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
 from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
 from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
+from proxy.line import LineFull, Outcome, Place, WaitLine, parse_max_wait
 from proxy.metrics import ProxyMetrics
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
@@ -195,6 +196,7 @@ class ProxyApp:
             bytes_limit=settings.max_held_bytes,
             metrics=self.metrics,
         )
+        self.line = WaitLine(per_pool=settings.queue_size, total=settings.max_held_requests or 4 * settings.queue_size)
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
         self.refusals = RefusalLog()  # the last refusal per model, for GET /status
@@ -342,7 +344,6 @@ class ProxyApp:
             return self._forward(key, label, backends, path, headers, raw, stream is True, environ)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
 
-
     def _bad(self, message: str, code: str, param: str | None = None) -> Answer:
         self.metrics.count_request("", 400)
         return _json_answer(400, error_body(400, message, code, param))
@@ -448,6 +449,7 @@ class ProxyApp:
         raw: bytes,
         stream: bool,
         environ: dict[str, Any],
+        place: Place | None = None,
     ) -> Answer:
         key = model.key
         replicas = max(1, model.replicas)
@@ -458,6 +460,11 @@ class ProxyApp:
                 404, error_body(404, f"The model `{label}` does not exist.", "model_not_found", "model")
             )
         if not decision.allowed and not self._may_make_room(key, replicas):
+            if place is None:  # not waited in line yet: wait if the client (or the model) asked to
+                again = functools.partial(self._cold, model, label, path, headers, raw, stream, environ)
+                queued = self._queue(model, label, decision, stream, environ, again)
+                if queued is not None:
+                    return queued
             self.refusals.record(decision)
             self.metrics.reject(label, "insufficient_memory")
             self.metrics.count_request(label, 429)
@@ -465,10 +472,7 @@ class ProxyApp:
         try:
             ticket = self.cold.enter(key, label, len(raw))
         except QueueFull as exc:
-            self.metrics.reject(label, "queue_full")
-            self.metrics.count_request(label, 503)
-            retry = str(max(1, int(self.settings.progress_interval_seconds)))
-            return _json_answer(503, error_body(503, f"{exc}; retry shortly", "queue_full"), [("Retry-After", retry)])
+            return self._queue_full(label, exc)
         try:
             self.cold.scale_up(key, replicas, self.settings.cold_start_timeout_seconds)
         except ScaleDenied as exc:
@@ -481,6 +485,9 @@ class ProxyApp:
             ticket.release()
             log.warning("scale-up of %s failed: %s", key, exc)
             return self._start_failed(label, exc)
+        finally:
+            if place is not None:
+                place.release()  # the start is asked for: the next in line may try
         if stream:
             self.metrics.count_request(label, 200)
             return 200, list(SSE_HEADERS), self._wait_then_stream(ticket, label, path, headers, raw, environ)
@@ -646,6 +653,85 @@ class ProxyApp:
                 self.scaler.touch(ticket.key, time.time())
             if backend is not None:
                 upstream.release(backend)
+
+    # ----- waiting for memory, as the client's choice -----
+    def _queue(
+        self,
+        model: Model,
+        label: str,
+        decision: Decision,
+        stream: bool,
+        environ: dict[str, Any],
+        again: Callable[..., Answer],
+    ) -> Answer | None:
+        """Hold a request that does not fit in its pool's line when `X-IBC-Max-Wait` (or the model's
+        max_wait) asks for it, then try `again` (the cold path, with the place); None: no wait, the 429 now."""
+        try:
+            wait = parse_max_wait(environ.get("HTTP_X_IBC_MAX_WAIT"), model.max_wait_seconds)
+        except ValueError as exc:
+            return self._bad(str(exc), "invalid_header", "X-IBC-Max-Wait")
+        if wait <= 0:
+            return None
+        try:
+            place = self.line.join(decision.pool, label, model.priority)
+        except LineFull as exc:
+            return self._queue_full(label, exc)
+        replicas = decision.replicas_to
+        turns = self.line.turns(
+            place,
+            room=lambda: self._has_room(model.key, replicas),
+            wait_seconds=wait,
+            check_seconds=self.settings.disconnect_check_seconds,
+            gone=lambda: client_gone(environ),
+        )
+        if stream:
+            self.metrics.count_request(label, 200)
+            return (
+                200,
+                list(SSE_HEADERS),
+                self._queued_stream(place, turns, label, functools.partial(again, place=place)),
+            )
+        with place:
+            outcome = [t for t in turns if isinstance(t, str)][-1]
+            if outcome == "gone":
+                self.metrics.count_request(label, CLIENT_CLOSED)
+                return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
+            # Its turn (or its wait ran out): decide again; a start that still does not fit is the 429.
+            return again(place=place)
+
+    def _queue_full(self, label: str, exc: Exception) -> Answer:
+        self.metrics.reject(label, "queue_full")
+        self.metrics.count_request(label, 503)
+        retry = str(max(1, int(self.settings.progress_interval_seconds)))
+        return _json_answer(503, error_body(503, f"{exc}; retry shortly", "queue_full"), [("Retry-After", retry)])
+
+    def _has_room(self, key: str, replicas: int) -> bool:
+        decision = decide_scale(self.scaler.view(), key, replicas, time.time())
+        return decision.allowed or self._may_make_room(key, replicas)
+
+    def _queued_stream(
+        self, place: Place, turns: Iterator[tuple[int, int] | Outcome], label: str, start: Callable[[], Answer]
+    ) -> Iterator[bytes]:
+        """SSE for a streaming request waiting in line: its position as comments, then the cold path's stream."""
+        try:
+            outcome: Outcome = "timeout"
+            for turn in turns:
+                if isinstance(turn, tuple):
+                    position, length = turn
+                    yield f": waiting for memory for {label}: position {position} of {length}\n\n".encode()
+                else:
+                    outcome = turn
+            if outcome == "gone":
+                return
+            status, _, body = start()
+            if status == 200:
+                yield from body
+                return
+            answer = json.loads(b"".join(body))
+            error = answer["error"] if isinstance(answer.get("error"), dict) else answer
+            yield sse_error(status, str(error.get("message", "")), str(error.get("code") or answer.get("error")))
+        finally:
+            place.release()
 
 
 def _error_code(body: bytes) -> str | None:
