@@ -81,6 +81,7 @@ def status_document(proxy: ProxyApp, source: str, now: float | None = None) -> d
     if details is not None:
         for model in body["models"]:
             model.update(details(model["key"]))
+    body["waiting"] = dict(proxy.line.snapshot())  # pool -> models of the requests waiting for memory, in order
     return body
 
 

@@ -94,6 +94,8 @@ def test_three_waiting_clients_are_served_in_order_when_the_cooldown_ends(local_
         clients.append(StreamingClient(local.url, 120))
         assert _until(lambda k=k: (k, k) in clients[-1].positions(), timeout=10), clients[-1].lines
     assert local.state("model-a") == "ready" and not any(c.served() for c in clients)
+    status = httpx.get(f"{local.url}/status", timeout=5).json()
+    assert status["waiting"] == {"all budgeted nodes": ["model-b", "model-b", "model-b"]}
     for c in clients:
         assert c.done.wait(60), c.lines
     assert [c.status for c in clients] == [200, 200, 200]
@@ -104,6 +106,7 @@ def test_three_waiting_clients_are_served_in_order_when_the_cooldown_ends(local_
         places = [p for p, _ in c.positions()]
         assert places == sorted(places, reverse=True) and places[-1] == 1, c.positions()
     assert local.state("model-a") == "stopped"
+    assert httpx.get(f"{local.url}/status", timeout=5).json()["waiting"] == {}
     assert local.max_declared <= 128 * GI
 
 
