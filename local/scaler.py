@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +180,7 @@ class LocalScaler:
         self._view: ClusterView | None = None  # cached until something a decision reads changes
         self._busy_source: BusySource = nobody_busy
         self._evictions = EvictionLog()
+        self._evicted: list[ManagedProcess] = []  # stopped to make room, until their exit is seen
         self._closing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -231,7 +232,7 @@ class LocalScaler:
         The decision and the memory it grants are taken under the lock; the spawn itself (tens of ms
         for a fork) happens outside it, so requests for running models never wait behind a start.
         When the start does not fit, idle models the policy allows are stopped to make room (see
-        `budget.plan_eviction`), and memory already being freed is waited for (bounded).
+        `budget.plan_eviction`), and memory an earlier eviction is freeing is waited for (bounded).
         """
         model = self._model(model_key)
         evicted: list[ManagedProcess] = []
@@ -260,7 +261,7 @@ class LocalScaler:
                     evicted = self._evict_locked(plan, model)
                     decision = plan.decision
                     break
-                # Memory another eviction (or a cooldown) is freeing right now: wait for it, briefly.
+                # Memory an eviction for another request is freeing right now: wait for it, briefly.
                 if room_deadline is None:
                     room_deadline = time.monotonic() + self._stop_wait_seconds_locked()
                 remaining = room_deadline - time.monotonic()
@@ -493,11 +494,11 @@ class LocalScaler:
     def _ready_urls(self, key: str) -> list[str]:
         return [p.spec.base_url for p in self._replicas[key] if p.phase is Phase.READY]
 
-    def _view_locked(self, *, include_stopping: bool = True) -> ClusterView:
+    def _view_locked(self, *, exclude: Collection[ManagedProcess] = ()) -> ClusterView:
         models = []
         placements = []
         for key, model in self._models.items():
-            plist = [p for p in self._replicas[key] if include_stopping or p.phase is not Phase.STOPPING]
+            plist = [p for p in self._replicas[key] if p not in exclude]
             pending = self._pending[key]
             models.append(
                 model.to_model(
@@ -570,6 +571,7 @@ class LocalScaler:
             why = f"idle for {int(victim.idle_for_seconds)}s, evicted to make room for {model.name}"
             self._stop_locked(self._models[victim.model], ready, why)
             stopped.extend(ready)
+        self._evicted.extend(stopped)
         self._evictions.record([v.name for v in plan.victims], model.name, model.key, plan.message)
         self._view = None
         return stopped
@@ -591,10 +593,12 @@ class LocalScaler:
             self._cond.wait(min(remaining, ROOM_POLL_SECONDS))
 
     def _freeing_helps_locked(self, key: str, replicas: int, now: float) -> bool:
-        """True when processes are stopping and the start fits once they have exited."""
-        if not any(p.phase is Phase.STOPPING for plist in self._replicas.values() for p in plist):
+        """True when models evicted for another request are still stopping and the start fits once they
+        have exited (memory a cooldown is freeing is not waited for: that 429 is as it always was)."""
+        self._evicted = [p for p in self._evicted if p.phase is not Phase.EXITED]
+        if not self._evicted:
             return False
-        return decide_scale(self._view_locked(include_stopping=False), key, replicas, now).allowed
+        return decide_scale(self._view_locked(exclude=self._evicted), key, replicas, now).allowed
 
     def _stop_wait_seconds_locked(self) -> float:
         """How long stopping processes may take: the longest grace period, plus time to reap."""

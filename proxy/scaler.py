@@ -22,7 +22,7 @@ How the request path (`proxy/app.py`) uses a scaler, so implementations know wha
   `details(key) -> dict`, extra fields for the model's entries in `GET /v1/models` and `GET /status` (local mode:
   `lastFailure`, `lastFailureTime`, `recentFailures`, `nextStartAttempt`, and `log`, its own log file).
 - optional (local mode): `can_make_room(key, replicas) -> bool`, asked before the proxy answers 429
-  (True when stopping idle models, or memory already being freed, would let the start fit: the
+  (True when stopping idle models, or memory an eviction is freeing, would let the start fit: the
   request then goes to `scale_up`, which decides for real), and `note(key) -> str | None`, what was
   done to start the model (e.g. which model was stopped for it), sent to held streaming clients.
 """
