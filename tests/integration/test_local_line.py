@@ -95,7 +95,7 @@ def test_three_waiting_clients_are_served_in_order_when_the_cooldown_ends(local_
         assert _until(lambda k=k: (k, k) in clients[-1].positions(), timeout=10), clients[-1].lines
     assert local.state("model-a") == "ready" and not any(c.served() for c in clients)
     status = httpx.get(f"{local.url}/status", timeout=5).json()
-    assert status["waiting"] == {"all budgeted nodes": ["model-b", "model-b", "model-b"]}
+    assert status["waiting"] == {"the whole cluster": ["model-b", "model-b", "model-b"]}
     for c in clients:
         assert c.done.wait(60), c.lines
     assert [c.status for c in clients] == [200, 200, 200]
@@ -120,7 +120,7 @@ def test_a_client_whose_wait_runs_out_gets_the_429(local_factory):
     waited = time.monotonic() - began
     assert 1.9 <= waited < 5, waited
     body = info.value.response.json()
-    assert body["error"] == "insufficient_memory" and body["blocking"][0]["model"] == "model-a"
+    assert body["error"]["code"] == "insufficient_memory" and body["blocking"][0]["model"] == "model-a"
 
 
 def test_a_client_that_leaves_gives_its_place_up(local_factory):

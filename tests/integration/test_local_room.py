@@ -105,7 +105,7 @@ def test_a_pinned_model_is_never_stopped(local_factory):
     (a_pid,) = local.backend_pids("model-a")
     with pytest.raises(openai.RateLimitError) as info:
         local.client().chat.completions.create(model="model-b", messages=MESSAGES)
-    assert info.value.response.json()["error"] == "insufficient_memory"
+    assert info.value.response.json()["error"]["code"] == "insufficient_memory"
     assert local.state("model-a") == "ready" and local.backend_pids("model-a") == [a_pid]
     assert _evictions(local) == {}
 
