@@ -123,9 +123,6 @@ class ClusterView:
         """Nodes by name, built once per view (views are immutable)."""
         return {n.name: n for n in self.nodes}
 
-    def node(self, name: str) -> Node | None:
-        return self.node_index.get(name)
-
     @cached_property
     def _placed(self) -> tuple[dict[str, int], dict[str, Placement]]:
         """Placed bytes per node and placements by pod UID, computed once per view."""
@@ -155,9 +152,9 @@ class ClusterView:
             used[r.node] = used.get(r.node, 0) + r.memory_bytes
         return used
 
-    def free_bytes(self, now: float, *, exclude_uid: str = "") -> dict[str, int]:
+    def free_bytes(self, now: float) -> dict[str, int]:
         """Free budget per budgeted node (may be negative if something overcommitted behind our back)."""
-        used = self.used_bytes(now, exclude_uid=exclude_uid)
+        used = self.used_bytes(now)
         return {
             n.name: n.capacity_bytes - used.get(n.name, 0) for n in self.nodes if n.capacity_bytes is not None
         }

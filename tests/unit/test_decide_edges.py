@@ -32,6 +32,7 @@ GI = 2**30
 MI = 2**20
 H100_MIB = 81559  # nvidia.com/gpu.memory on an 80 GB H100, as GPU feature discovery labels it
 NOW = 50_000.0
+POD_UID = "p-uid"
 POOL = {"pool": "gpu"}
 
 
@@ -73,7 +74,8 @@ class NodeEdge:
 
 def node_edge(node: Node, need: int, status: str, *, used=(), reservations=()) -> NodeEdge:
     cap = node.capacity_bytes or 0
-    free = cap - sum(p.memory_bytes for p in used) - sum(r.memory_bytes for r in reservations if r.expires_at > NOW)
+    live = [r for r in reservations if r.expires_at > NOW and r.uid != POD_UID]
+    free = cap - sum(p.memory_bytes for p in used) - sum(r.memory_bytes for r in live)
     return NodeEdge(node, list(used), list(reservations), need, status, free)
 
 
@@ -109,6 +111,14 @@ FILTER_EDGES = {
     "reservations-one-byte-over": node_edge(
         N80, 8 * GI + 1, "failed", used=filler("n", [40 * GI]), reservations=reserved("n", [16 * GI, 16 * GI])
     ),
+    "own-reservation-does-not-hide-the-next": node_edge(
+        N80, 64 * GI, "passed", reservations=[Reservation(POD_UID, "default/llama", 64 * GI, NOW + 30, "n"),
+                                              *reserved("n", [16 * GI])]
+    ),
+    "own-reservation-then-the-next-one-byte-over": node_edge(
+        N80, 64 * GI + 1, "failed", reservations=[Reservation(POD_UID, "default/llama", 64 * GI, NOW + 30, "n"),
+                                                  *reserved("n", [16 * GI])]
+    ),
     "reservation-expiring-now-is-gone": node_edge(
         N80, 80 * GI, "passed", reservations=reserved("n", [GI], expires_at=NOW)
     ),
@@ -121,7 +131,7 @@ FILTER_EDGES = {
 @pytest.mark.parametrize("case", list(FILTER_EDGES.values()), ids=list(FILTER_EDGES))
 def test_filter_nodes_at_the_edge(case: NodeEdge) -> None:
     view = ClusterView.build(nodes=[case.node], placements=case.used, reservations=case.reservations)
-    pod = PodRequest("default", "p", "p-uid", "default/llama", case.need, POOL)
+    pod = PodRequest("default", "p", POD_UID, "default/llama", case.need, POOL)
     (verdict,) = filter_nodes(view, pod, ["n"], NOW)
     assert verdict.status == case.status, f"need {case.need}, free {verdict.free_bytes}"
     assert verdict.reason == ("" if case.status == "passed" else REASON_INSUFFICIENT)
@@ -205,6 +215,13 @@ SCALE_EDGES = {
     "reservations-one-byte-over": scale_edge(
         [N80], 8 * GI + 1, 1, False, "insufficient_memory", 8 * GI, used=filler("n", [40 * GI]),
         reservations=reserved("n", [16 * GI, 16 * GI]),
+    ),
+    "busy-node-model-equals-capacity": scale_edge(
+        [N80], 80 * GI, 1, False, "insufficient_memory", 80 * GI - 1, used=filler("n", [1])
+    ),
+    "one-byte-model-admitted-still-counts": scale_edge(
+        [N80], 16 * GI, 1, False, "insufficient_memory", 16 * GI - 1, used=filler("n", [64 * GI]),
+        others=[model("tiny", 1, 1)],
     ),
     "admitted-replicas-still-starting-fill-to-the-edge": scale_edge(
         [N80], 16 * GI, 1, True, "fits", 16 * GI, others=[model("other", 32 * GI, 2)]
