@@ -1,0 +1,187 @@
+"""The mutation check on budget/: mutmut against the unit tier, skipped (with one line) when nothing changed.
+
+Why: the decisions in budget/ are the product; a fit check loosened by a byte must fail a test. This runs
+mutmut 3 (config in pyproject's [tool.mutmut]), then fails if any mutant survives that is not listed, with
+its reason, in .ci/mutation-equivalent.toml. A passing run is recorded under the cache dir keyed by a hash
+of budget/*.py, the equivalents list and the mutmut config, so `make test` re-runs it only when one of
+those changed. The run has a time cap; a run cut by the cap fails (it proved nothing) and records nothing.
+
+    python .ci/mutation.py            # check (skip if recorded)
+    python .ci/mutation.py --force    # check even if recorded
+    python .ci/mutation.py --table    # print the equivalent mutants as a Markdown table (docs/testing.md)
+
+Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 2400),
+IBC_MUTATION_JOBS (default: number of cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EQUIVALENTS = REPO / ".ci" / "mutation-equivalent.toml"
+MUTMUT = Path(sys.executable).with_name("mutmut")
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # mutmut's names for a detected mutant
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "ibc" / "mutation"
+    return Path(os.environ.get("IBC_MUTATION_CACHE") or default)
+
+
+def fingerprint() -> str:
+    """What a recorded result depends on: budget's code, the equivalents list, mutmut's config and version."""
+    h = hashlib.sha256()
+    for path in [*sorted((REPO / "budget").glob("*.py")), EQUIVALENTS]:
+        h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    h.update(json.dumps(config, sort_keys=True).encode())
+    version = subprocess.run([str(MUTMUT), "--version"], capture_output=True, text=True, check=False).stdout
+    h.update(version.encode())
+    return h.hexdigest()[:16]
+
+
+def load_equivalents() -> list[dict[str, str]]:
+    entries = tomllib.loads(EQUIVALENTS.read_text())["equivalent"]
+    for e in entries:
+        missing = {"function", "before", "after", "reason"} - set(e)
+        if missing:
+            raise SystemExit(f"{EQUIVALENTS.name}: an entry lacks {sorted(missing)}: {e}")
+    return entries
+
+
+def diff_of(name: str) -> tuple[str, str]:
+    """The changed line of a mutant as (before, after), whitespace-trimmed; from `mutmut show`."""
+    out = subprocess.run([str(MUTMUT), "show", name], capture_output=True, text=True, cwd=REPO, check=False).stdout
+    before = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    after = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " ".join(before), " ".join(after)
+
+
+def function_of(name: str) -> str:
+    """budget.decide.x__blocking__mutmut_47 -> budget.decide._blocking (methods: Class.method)."""
+    module, _, rest = name.partition(".x")
+    while "." in rest and not rest.startswith("_") and not rest.startswith("ǁ"):
+        part, _, rest = rest.partition(".x")
+        module += "." + part
+    func = re.sub(r"__mutmut_\d+$", "", rest)
+    func = func[1:] if func.startswith("_") else func
+    return f"{module}.{func.replace('ǁ', '.').strip('.')}"
+
+
+def run_mutmut(jobs: int, timeout: float, log: Path) -> bool:
+    """Run mutmut from a clean copy; False when the time cap cut it."""
+    shutil.rmtree(REPO / "mutants", ignore_errors=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(jobs)], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return False
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"mutation: mutmut failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    return True
+
+
+def results() -> dict[str, str]:
+    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep:
+            found[name] = status
+    return found
+
+
+def table() -> None:
+    print("| function | mutation | why no test can tell |")
+    print("|---|---|---|")
+    for e in load_equivalents():
+        print(f"| `{e['function']}` | `{e['before']}` → `{e['after']}` | {e['reason']} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--force", action="store_true", help="run even if this state of budget/ was recorded")
+    parser.add_argument("--table", action="store_true", help="print the equivalent mutants as Markdown")
+    args = parser.parse_args()
+    if args.table:
+        table()
+        return 0
+    if not MUTMUT.exists():
+        print(f"mutation: {MUTMUT} not found: run `make setup` (mutmut is in the dev extra)", file=sys.stderr)
+        return 1
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = fingerprint()
+    record = cache / f"{key}.json"
+    if record.exists() and not args.force:
+        seen = json.loads(record.read_text())
+        print(f"mutation: skipped: budget/ unchanged since the passing run recorded {seen['finished']} "
+              f"({seen['killed']}/{seen['made']} killed, {seen['equivalent']} equivalent; key {key}, {record})")
+        return 0
+    equivalents = load_equivalents()
+    jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
+    timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 2400)
+    log = cache / "last-run.log"
+    print(f"mutation: budget/ changed (key {key}): mutmut over budget/ against the unit tier, {jobs} jobs, "
+          f"cap {timeout:.0f} s; log {log}", flush=True)
+    started = time.monotonic()
+    if not run_mutmut(jobs, timeout, log):
+        print(f"mutation: FAILED: the run hit its {timeout:.0f} s cap before every mutant was tried "
+              "(raise IBC_MUTATION_TIMEOUT_SECONDS or speed up the tests that cover budget/)", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - started
+    status = results()
+    made = len(status)
+    killed = sum(1 for s in status.values() if s in KILLED)
+    undetected = sorted(n for n, s in status.items() if s not in KILLED)
+    known = {(e["function"], e["before"], e["after"]) for e in equivalents}
+    equivalent, surviving = [], []
+    for name in undetected:
+        before, after = diff_of(name)
+        (equivalent if (function_of(name), before, after) in known else surviving).append((name, before, after))
+    summary = (f"{made} mutants made, {killed} killed, {len(equivalent)} equivalent, {len(surviving)} surviving "
+               f"in {elapsed:.0f} s; score {100 * killed / max(1, made - len(equivalent)):.1f}% of the "
+               f"non-equivalent")
+    if surviving:
+        print(f"mutation: FAILED: {summary}", file=sys.stderr)
+        for name, before, after in surviving:
+            print(f"  {name} ({status[name]}): {before!r} -> {after!r}", file=sys.stderr)
+        print(f"  kill each with a test (mutmut show NAME; mutmut apply NAME), or, if no behaviour can tell it "
+              f"apart, list it with the reason in {EQUIVALENTS.relative_to(REPO)}", file=sys.stderr)
+        return 1
+    matched = {(function_of(n), b, a) for n, b, a in equivalent}
+    stale = [e for e in equivalents if (e["function"], e["before"], e["after"]) not in matched]
+    for e in stale:
+        print(f"mutation: note: listed equivalent no longer made or now killed: {e['function']}: {e['before']!r} "
+              f"-> {e['after']!r}")
+    record.write_text(json.dumps({"made": made, "killed": killed, "equivalent": len(equivalent),
+                                  "seconds": round(elapsed), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                       time.gmtime())}))
+    print(f"mutation: passed: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
