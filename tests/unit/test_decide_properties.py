@@ -191,7 +191,9 @@ def test_a_node_passes_iff_the_pod_fits_there_after_reservations(nodes, held, mo
         placements=placements,
         reservations=reservations,
     )
-    frees = [n.capacity_bytes - held_bytes(n.name, placements, reservations) for n in built if n.budgeted]
+    frees = [
+        n.capacity_bytes - held_bytes(n.name, placements, reservations) for n in built if n.capacity_bytes is not None
+    ]
     # Half the pods are sized at some node's edge (its free memory, one byte either side), not by chance.
     need = data.draw(
         st.one_of(
