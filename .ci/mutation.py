@@ -9,6 +9,7 @@ those changed. The run has a time cap; a run cut by the cap fails (it proved not
     python .ci/mutation.py            # check (skip if recorded)
     python .ci/mutation.py --force    # check even if recorded
     python .ci/mutation.py --table    # print the equivalent mutants as a Markdown table (docs/testing.md)
+    python .ci/mutation.py --glue     # mutate the request path's decision glue instead (a report, not cached)
 
 Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 2400),
 IBC_MUTATION_JOBS (default: number of cores).
@@ -32,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENTS = REPO / ".ci" / "mutation-equivalent.toml"
 MUTMUT = Path(sys.executable).with_name("mutmut")
+# The request path's decision glue: what turns a request into the one budget decision and back.
+GLUE = ["webhook/admit.py", "proxy/coldstart.py", "proxy/local.py", "extender/service.py"]
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # mutmut's names for a detected mutant
 
 
@@ -61,9 +64,9 @@ def load_equivalents() -> list[dict[str, str]]:
     return entries
 
 
-def diff_of(name: str) -> tuple[str, str]:
+def diff_of(name: str, root: Path = REPO) -> tuple[str, str]:
     """The changed line of a mutant as (before, after), whitespace-trimmed; from `mutmut show`."""
-    out = subprocess.run([str(MUTMUT), "show", name], capture_output=True, text=True, cwd=REPO, check=False).stdout
+    out = subprocess.run([str(MUTMUT), "show", name], capture_output=True, text=True, cwd=root, check=False).stdout
     before = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("-") and not ln.startswith("---")]
     after = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
     return " ".join(before), " ".join(after)
@@ -80,11 +83,24 @@ def function_of(name: str) -> str:
     return f"{module}.{func.replace('ǁ', '.').strip('.')}"
 
 
-def run_mutmut(jobs: int, timeout: float, log: Path) -> bool:
+def check_also_copy(root: Path) -> None:
+    """Every package the unit tier imports must be copied into mutants/: mutmut takes the repo off sys.path."""
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    config = pyproject["tool"]["mutmut"]
+    copied = {Path(p).parts[0] for p in config["source_paths"] + config["also_copy"]}
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    missing = sorted(packages - copied)
+    if missing:
+        raise SystemExit(f"mutation: add {missing} to [tool.mutmut] also_copy in pyproject.toml (the unit tier "
+                         "imports them and mutmut runs it from a copy of the tree)")
+
+
+def run_mutmut(jobs: int, timeout: float, log: Path, root: Path = REPO) -> bool:
     """Run mutmut from a clean copy; False when the time cap cut it."""
-    shutil.rmtree(REPO / "mutants", ignore_errors=True)
+    check_also_copy(root)
+    shutil.rmtree(root / "mutants", ignore_errors=True)
     with log.open("w") as out:
-        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(jobs)], cwd=REPO, stdout=out,
+        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(jobs)], cwd=root, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout)
@@ -102,8 +118,8 @@ def run_mutmut(jobs: int, timeout: float, log: Path) -> bool:
     return True
 
 
-def results() -> dict[str, str]:
-    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], capture_output=True, text=True, cwd=REPO,
+def results(root: Path = REPO) -> dict[str, str]:
+    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], capture_output=True, text=True, cwd=root,
                          check=True).stdout
     found = {}
     for line in out.splitlines():
@@ -111,6 +127,53 @@ def results() -> dict[str, str]:
         if sep:
             found[name] = status
     return found
+
+
+def glue(jobs: int, timeout: float) -> int:
+    """Mutate the decision glue (GLUE) in a copy of the tree, against the unit tier; a report, bounded by time."""
+    import tempfile
+
+    missing = [g for g in GLUE if not (REPO / g).exists()]
+    if missing:
+        raise SystemExit(f"mutation: glue files not found: {missing} (update GLUE in {Path(__file__).name})")
+    with tempfile.TemporaryDirectory(prefix="ibc-mutation-glue-") as tmp:
+        root = Path(tmp) / "tree"
+        shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "mutants", "*.egg-info",
+                                                                    "__pycache__", ".*_cache", ".hypothesis"))
+        pyproject = root / "pyproject.toml"
+        text = pyproject.read_text()
+        source = 'source_paths = ["budget/"]'
+        if source not in text:
+            raise SystemExit(f"mutation: expected `{source}` in pyproject.toml's [tool.mutmut]")
+        also = ", ".join(f'"{p}"' for p in ["budget/", *sorted({g.split("/")[0] + "/" for g in GLUE})])
+        text = text.replace(source, "source_paths = [" + ", ".join(f'"{g}"' for g in GLUE) + "]")
+        text = text.replace("also_copy = [", f"also_copy = [{also}, ", 1)
+        pyproject.write_text(text)
+        log = cache_dir() / "last-glue-run.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"mutation (glue): {', '.join(GLUE)} against the unit tier, {jobs} jobs, cap {timeout:.0f} s; log {log}",
+              flush=True)
+        started = time.monotonic()
+        complete = run_mutmut(jobs, timeout, log, root)
+        elapsed = time.monotonic() - started
+        status = results(root)
+        tried = {n: s for n, s in status.items() if s != "not checked"}
+        killed = sum(1 for s in tried.values() if s in KILLED)
+        per_file: dict[str, list[int]] = {}
+        for name, st in tried.items():
+            counts = per_file.setdefault(name.split(".x")[0], [0, 0])
+            counts[0] += 1
+            counts[1] += st in KILLED
+        survivors = sorted(n for n, st in tried.items() if st not in KILLED)
+        for name in survivors:
+            before, after = diff_of(name, root)
+            print(f"  {name} ({status[name]}): {before!r} -> {after!r}")
+        for module, (made, k) in sorted(per_file.items()):
+            print(f"  {module}: {k}/{made} killed")
+        score = 100 * killed / max(1, len(tried))
+        print(f"mutation (glue): {len(status)} mutants made, {len(tried)} tried, {killed} killed ({score:.1f}%), "
+              f"{len(survivors)} not killed, in {elapsed:.0f} s" + ("" if complete else " (cut by the time cap)"))
+        return 0 if complete and score >= 90 else 1
 
 
 def table() -> None:
@@ -124,10 +187,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="run even if this state of budget/ was recorded")
     parser.add_argument("--table", action="store_true", help="print the equivalent mutants as Markdown")
+    parser.add_argument("--glue", action="store_true", help="mutate the request path's decision glue instead "
+                        "(a report: exits 1 below 90%% killed or when cut by the time cap)")
     args = parser.parse_args()
     if args.table:
         table()
         return 0
+    jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
+    timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 2400)
+    if args.glue:
+        return glue(jobs, timeout)
     if not MUTMUT.exists():
         print(f"mutation: {MUTMUT} not found: run `make setup` (mutmut is in the dev extra)", file=sys.stderr)
         return 1
@@ -141,8 +210,6 @@ def main() -> int:
               f"({seen['killed']}/{seen['made']} killed, {seen['equivalent']} equivalent; key {key}, {record})")
         return 0
     equivalents = load_equivalents()
-    jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
-    timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 2400)
     log = cache / "last-run.log"
     print(f"mutation: budget/ changed (key {key}): mutmut over budget/ against the unit tier, {jobs} jobs, "
           f"cap {timeout:.0f} s; log {log}", flush=True)

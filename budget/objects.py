@@ -121,7 +121,7 @@ def node_from_object(obj: Obj) -> Node:
             return Node(name, labels, mib * 2**20 * count, "gfd-labels")
     except BudgetError as exc:
         raise _wrap(obj, exc) from exc
-    return Node(name, labels, None, "none")
+    return Node(name, labels)  # not budgeted
 
 
 def model_from_inferencemodel(obj: Obj) -> Model:

@@ -160,10 +160,10 @@ class ClusterView:
         }
 
     def _derived(self, **changes: Any) -> ClusterView:
-        """A changed copy that keeps the per-view caches whose inputs did not change."""
+        """A copy with other models or reservations; placements and nodes are the same, so are their caches."""
         new = replace(self, **changes)
-        for name, inputs in (("_placed", "placements"), ("node_index", "nodes")):
-            if name in self.__dict__ and inputs not in changes:
+        for name in ("_placed", "node_index"):
+            if name in self.__dict__:
                 new.__dict__[name] = self.__dict__[name]
         return new
 

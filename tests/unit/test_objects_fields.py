@@ -302,3 +302,8 @@ def test_snapshot_files_are_utf8(tmp_path, content, message):
     with pytest.raises(SnapshotError) as info:
         load_snapshot(path)
     assert str(info.value).startswith(f"{path}: {message}: ")
+
+
+def test_null_items_in_a_list_are_skipped_not_the_end():
+    snap = parse_snapshot("kind: List\nitems:\n- null\n- {kind: Node, metadata: {name: a}}\n")
+    assert [n.name for n in snap.view.nodes] == ["a"]
