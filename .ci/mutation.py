@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 EQUIVALENTS = REPO / ".ci" / "mutation-equivalent.toml"
 MUTMUT = Path(sys.executable).with_name("mutmut")
 # The request path's decision glue: what turns a request into the one budget decision and back.
-GLUE = ["webhook/admit.py", "proxy/coldstart.py", "proxy/local.py", "extender/service.py"]
+GLUE = ["webhook/admit.py", "proxy/app.py", "local/scaler.py", "extender/service.py"]
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # mutmut's names for a detected mutant
 
 

@@ -78,3 +78,30 @@ def test_advice_fields_at_the_thresholds(declared, peak, over, recommendation_by
 def test_without_headroom_three_percent_is_worth_a_change():
     a = advise("m", 100 * GI, 97 * GI, headroom_percent=0)
     assert (a.overprovisioned_percent, a.recommendation_bytes) == (3, 97 * GI)
+
+
+def test_the_metrics_body_in_local_mode_shows_the_process_side():
+    from budget import ModelMemory, metrics_body
+
+    m = ModelMemory("local", "m", "m-7b", 3 * GI, GI + 1, 33, 2 * GI, "Consider reducing memory to 2Gi",
+                    "2026-01-01T00:00:00Z", 1, 1, "process", "running", 512 * 2**20 + 1, "exit 1: oom")
+    assert metrics_body(m) == {
+        "model": "m", "namespace": "local", "modelName": "m-7b",
+        "declaredMemory": "3Gi", "declaredMemoryBytes": 3 * GI,
+        "observedPeakMemory": "1025Mi", "observedPeakMemoryBytes": GI + 1,
+        "utilizationPercent": 33, "utilizationRatio": 0.3333,
+        "recommendedMemory": "2Gi", "recommendation": "Consider reducing memory to 2Gi",
+        "lastObservation": "2026-01-01T00:00:00Z", "replicas": 1, "readyReplicas": 1, "source": "process",
+        "state": "running", "observedMemory": "513Mi", "observedMemoryBytes": 512 * 2**20 + 1,
+        "lastFailure": "exit 1: oom",
+    }
+    stopped = metrics_body(ModelMemory("local", "m", "m", GI, state="stopped", observed_bytes=0))
+    assert (stopped["observedMemory"], stopped["observedMemoryBytes"], stopped["utilizationRatio"]) == (None, 0, None)
+
+
+def test_the_metrics_body_in_a_cluster_has_no_process_side():
+    from budget import ModelMemory, metrics_body
+
+    body = metrics_body(ModelMemory("ns", "m", "m", None))
+    assert (body["declaredMemory"], body["utilizationRatio"]) == (None, None)
+    assert not {"state", "observedMemory", "observedMemoryBytes", "lastFailure"} & set(body)

@@ -307,3 +307,20 @@ def test_snapshot_files_are_utf8(tmp_path, content, message):
 def test_null_items_in_a_list_are_skipped_not_the_end():
     snap = parse_snapshot("kind: List\nitems:\n- null\n- {kind: Node, metadata: {name: a}}\n")
     assert [n.name for n in snap.view.nodes] == ["a"]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata", "America/St_Johns"])
+def test_rfc3339_is_utc_whatever_the_machines_zone(monkeypatch, zone):
+    import time as clock
+    from datetime import UTC, datetime
+
+    from budget.objects import rfc3339
+
+    monkeypatch.setenv("TZ", zone)
+    clock.tzset()
+    try:
+        assert rfc3339(T0 + 0.9) == "2026-01-01T00:00:00Z"
+        assert rfc3339(datetime(2026, 1, 1, tzinfo=UTC)) == "2026-01-01T00:00:00Z"
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
