@@ -165,9 +165,11 @@ def glue(jobs: int, timeout: float) -> int:
             counts[0] += 1
             counts[1] += st in KILLED
         survivors = sorted(n for n, st in tried.items() if st not in KILLED)
-        for name in survivors:
+        for name in survivors[:40]:  # `mutmut show` takes about a second each: the first few, then names only
             before, after = diff_of(name, root)
             print(f"  {name} ({status[name]}): {before!r} -> {after!r}")
+        for name in survivors[40:]:
+            print(f"  {name} ({status[name]})")
         for module, (made, k) in sorted(per_file.items()):
             print(f"  {module}: {k}/{made} killed")
         score = 100 * killed / max(1, len(tried))
