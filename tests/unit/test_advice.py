@@ -93,7 +93,8 @@ def test_the_metrics_body_in_local_mode_shows_the_process_side():
         "recommendedMemory": "2Gi", "recommendation": "Consider reducing memory to 2Gi",
         "lastObservation": "2026-01-01T00:00:00Z", "replicas": 1, "readyReplicas": 1, "source": "process",
         "state": "running", "observedMemory": "513Mi", "observedMemoryBytes": 512 * 2**20 + 1,
-        "lastFailure": "exit 1: oom",
+        "lastFailure": "exit 1: oom", "lastFailureTime": None, "log": None, "nextStartAttempt": None,
+        "recentFailures": [],
     }
     stopped = metrics_body(ModelMemory("local", "m", "m", GI, state="stopped", observed_bytes=0))
     assert (stopped["observedMemory"], stopped["observedMemoryBytes"], stopped["utilizationRatio"]) == (None, 0, None)

@@ -206,7 +206,7 @@ SCALE_EDGES = {
         [Node("n1", POOL, 48 * GI), Node("n2", POOL, 32 * GI)], 16 * GI, 5, True, "fits", 48 * GI
     ),
     "five-replicas-one-byte-each-too-many": scale_edge(
-        [Node("n1", POOL, 48 * GI), Node("n2", POOL, 32 * GI)], 16 * GI + 1, 5, False, "insufficient_memory", 48 * GI
+        [Node("n1", POOL, 48 * GI), Node("n2", POOL, 32 * GI)], 16 * GI + 1, 5, False, "exceeds_pool_capacity", 48 * GI
     ),
     "reservations-fill-to-the-edge": scale_edge(
         [N80], 8 * GI, 1, True, "fits", 8 * GI, used=filler("n", [40 * GI]),

@@ -98,7 +98,7 @@ def test_inferencemodel_defaults_and_backend():
 @pytest.mark.parametrize(
     ("status", "meta", "expected"),
     [
-        pytest.param({}, {}, Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Pending", None, False),
+        pytest.param({}, {}, Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Pending", None, False, state="starting"),
                      id="no-status-is-pending-not-ready"),
         pytest.param(
             {"phase": "Running", "startTime": "2026-01-01T00:00:00Z",
@@ -106,7 +106,8 @@ def test_inferencemodel_defaults_and_backend():
             {"uid": "u1"}, Placement("ns/p", "n1", 16 * GI, "ns/m", "u1", "Running", T0, True), id="running-ready",
         ),
         pytest.param({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}, {},
-                     Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Running", None, False), id="ready-false"),
+                     Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Running", None, False, state="starting"),
+                     id="ready-false"),
         pytest.param({"phase": "Running", "conditions": [{"type": "Initialized", "status": "True"}]}, {},
                      Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Running", None, False), id="other-condition-true"),
         pytest.param({"phase": "Running", "conditions": ["Ready", {"type": "Ready", "status": "True"}]}, {},
