@@ -32,6 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENTS = REPO / ".ci" / "mutation-equivalent.toml"
+# Survivors in budget/ code that landed after the check did, not killed yet: reported on every run (a count and
+# the file), never failing it; a new survivor outside this list fails. Shrink it; never add to it by hand.
+GAPS = REPO / ".ci" / "mutation-gaps.toml"
 MUTMUT = Path(sys.executable).with_name("mutmut")
 # The request path's decision glue: what turns a request into the one budget decision and back.
 GLUE = ["webhook/admit.py", "proxy/app.py", "local/scaler.py", "extender/service.py"]
@@ -46,7 +49,7 @@ def cache_dir() -> Path:
 def fingerprint() -> str:
     """What a recorded result depends on: budget's code, the equivalents list, mutmut's config and version."""
     h = hashlib.sha256()
-    for path in [*sorted((REPO / "budget").glob("*.py")), EQUIVALENTS]:
+    for path in [*sorted((REPO / "budget").glob("*.py")), EQUIVALENTS, GAPS]:
         h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
     h.update(json.dumps(config, sort_keys=True).encode())
@@ -226,11 +229,17 @@ def main() -> int:
     killed = sum(1 for s in status.values() if s in KILLED)
     undetected = sorted(n for n, s in status.items() if s not in KILLED)
     known = {(e["function"], e["before"], e["after"]) for e in equivalents}
-    equivalent, surviving = [], []
+    gaps = {(g["function"], g["before"], g["after"]) for g in tomllib.loads(GAPS.read_text()).get("gap", [])}
+    equivalent, surviving, gap = [], [], []
     for name in undetected:
         before, after = diff_of(name)
-        (equivalent if (function_of(name), before, after) in known else surviving).append((name, before, after))
-    summary = (f"{made} mutants made, {killed} killed, {len(equivalent)} equivalent, {len(surviving)} surviving "
+        entry = (function_of(name), before, after)
+        (equivalent if entry in known else gap if entry in gaps else surviving).append((name, before, after))
+    if gap:
+        print(f"mutation: {len(gap)} known gaps: mutants of code that landed after the check, not killed yet "
+              f"(listed in {GAPS.relative_to(REPO)}; kill them and delete their entries)")
+    summary = (f"{made} mutants made, {killed} killed, {len(equivalent)} equivalent, {len(gap)} known gaps, "
+               f"{len(surviving)} surviving "
                f"in {elapsed:.0f} s; score {100 * killed / max(1, made - len(equivalent)):.1f}% of the "
                f"non-equivalent")
     if surviving:
