@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run plan test lint unit kube-binaries tools browser engine pods-node bench clean
+.PHONY: setup run plan test lint unit mutation mutation-check mutation-glue kube-binaries tools browser engine pods-node bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -51,7 +51,21 @@ browser:
 pods-node: setup kube-binaries tools
 	@bash tests/pods/prepare.sh
 
-## test: every gate and every tier: lint, unit, integration (with the browser test), cluster, engine, pods (and stress, bounded)
+## mutation: mutmut over budget/ against the unit tier; fails on a surviving mutant not listed as equivalent
+mutation: setup
+	$(BIN)/python .ci/mutation.py --force
+
+## mutation-check: the same, skipped with one line when budget/ is unchanged since the last passing run
+## (after `tools` in `make test`: the unit tier it runs needs helm and kustomize under CI=true)
+mutation-check: setup
+	$(BIN)/python .ci/mutation.py
+
+## mutation-glue: the same over the request path's decision glue (webhook, proxy cold path, local scaler, extender)
+mutation-glue: setup
+	$(BIN)/python .ci/mutation.py --glue
+
+## test: every gate and every tier: lint, unit, integration (with the browser
+## test), cluster, engine, pods (and stress, bounded)
 test: lint kube-binaries tools browser engine pods-node
 	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
@@ -63,4 +77,4 @@ bench: setup
 	$(BIN)/ibc bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

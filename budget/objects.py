@@ -32,10 +32,12 @@ Obj = Mapping[str, Any]
 
 
 def _describe(obj: Obj) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        meta = {}
     kind = obj.get("kind") or "object"
-    name = meta.get("name", "?") if isinstance(meta, Mapping) else "?"
-    ns = meta.get("namespace") if isinstance(meta, Mapping) else None
+    name = meta.get("name", "?")
+    ns = meta.get("namespace")
     return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
 
 
@@ -92,7 +94,7 @@ def parse_time(value: object, *, field: str = "time") -> float | None:
     if not isinstance(value, str):
         raise ObjectError(f"{field}: expected an RFC 3339 time, got {value!r}")
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)  # Python 3.11+ reads RFC 3339's trailing Z
     except ValueError as exc:
         raise ObjectError(f"{field}: {value!r} is not an RFC 3339 time") from exc
     if parsed.tzinfo is None:
@@ -119,7 +121,7 @@ def node_from_object(obj: Obj) -> Node:
             return Node(name, labels, mib * 2**20 * count, "gfd-labels")
     except BudgetError as exc:
         raise _wrap(obj, exc) from exc
-    return Node(name, labels, None, "none")
+    return Node(name, labels)  # not budgeted
 
 
 def model_from_inferencemodel(obj: Obj) -> Model:

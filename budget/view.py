@@ -127,9 +127,6 @@ class ClusterView:
         """Nodes by name, built once per view (views are immutable)."""
         return {n.name: n for n in self.nodes}
 
-    def node(self, name: str) -> Node | None:
-        return self.node_index.get(name)
-
     @cached_property
     def _placed(self) -> tuple[dict[str, int], dict[str, Placement]]:
         """Placed bytes per node and placements by pod UID, computed once per view."""
@@ -159,18 +156,18 @@ class ClusterView:
             used[r.node] = used.get(r.node, 0) + r.memory_bytes
         return used
 
-    def free_bytes(self, now: float, *, exclude_uid: str = "") -> dict[str, int]:
+    def free_bytes(self, now: float) -> dict[str, int]:
         """Free budget per budgeted node (may be negative if something overcommitted behind our back)."""
-        used = self.used_bytes(now, exclude_uid=exclude_uid)
+        used = self.used_bytes(now)
         return {
             n.name: n.capacity_bytes - used.get(n.name, 0) for n in self.nodes if n.capacity_bytes is not None
         }
 
     def _derived(self, **changes: Any) -> ClusterView:
-        """A changed copy that keeps the per-view caches whose inputs did not change."""
+        """A copy with other models or reservations; placements and nodes are the same, so are their caches."""
         new = replace(self, **changes)
-        for name, inputs in (("_placed", "placements"), ("node_index", "nodes")):
-            if name in self.__dict__ and inputs not in changes:
+        for name in ("_placed", "node_index"):
+            if name in self.__dict__:
                 new.__dict__[name] = self.__dict__[name]
         return new
 

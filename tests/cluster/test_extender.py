@@ -120,16 +120,21 @@ def scheduler(
 def pool(node_factory: Callable[..., Any], extender: Extender) -> Callable[..., str]:
     """`pool(a="24Gi", b="48Gi")` makes fake nodes in a fresh pool; returns the pool's label value.
 
+    A capacity given as an int is GPU feature discovery's `nvidia.com/gpu.memory` in MiB (`pool(h100=81559)`).
+
     Model pods select the pool, so nodes other tests create never receive them. Waits until the
     extender's own view (list+watch) shows the nodes, so the first filter does not race the watch.
     """
 
-    def make(**capacities: str) -> str:
+    def make(**capacities: str | int) -> str:
         pool_id = f"ext-{secrets.token_hex(3)}"
         names = []
         for suffix, capacity in capacities.items():
             name = f"{pool_id}-{suffix}"
-            node_factory(name, capacity=capacity, labels={"ibc.test/pool": pool_id})
+            if isinstance(capacity, int):
+                node_factory(name, gfd_memory_mib=capacity, labels={"ibc.test/pool": pool_id})
+            else:
+                node_factory(name, capacity=capacity, labels={"ibc.test/pool": pool_id})
             names.append(name)
         wait_for(
             lambda: set(names) <= set(extender.get("/debug/view")["nodes"]),
@@ -196,6 +201,42 @@ def test_model_pods_land_only_where_the_budget_allows(
     plain["metadata"] = {"name": "plain"}
     core.create_namespaced_pod(namespace, plain)
     wait_for(lambda: node_of(core, namespace, "plain"), timeout=30, interval=0.1, message="plain pod bound")
+
+
+def test_pods_fill_a_gpu_to_the_exact_byte_and_not_one_byte_more(
+    scheduler: SchedulerHandle, extender: Extender, k8s_client: Any, namespace: str, pool: Callable[..., str]
+) -> None:
+    """An 80 GB H100 (GFD: 81559 MiB) takes pods summing to its capacity exactly; a pod one byte larger than
+    what is left stays Pending with the budget's reason. A filter loosened by any amount binds that pod."""
+    core = client.CoreV1Api(k8s_client)
+    capacity = 81559 * 2**20
+    pool_id = pool(h100=81559)
+    node = f"{pool_id}-h100"
+    core.create_namespaced_pod(namespace, model_pod("first", "64Gi", pool_id))
+    wait_for(lambda: node_of(core, namespace, "first"), timeout=60, interval=0.1, message="first bound")
+    left = capacity - 64 * GI  # 16023 MiB, not a round number of GiB
+    core.create_namespaced_pod(namespace, model_pod("one-byte-too-many", str(left + 1), pool_id))
+    over = "one-byte-too-many"
+    wait_for(
+        lambda: failed_scheduling(core, namespace, over) or node_of(core, namespace, over),
+        timeout=60,
+        interval=0.2,
+        message="the pod one byte larger than what is left refused (or bound)",
+    )
+    assert node_of(core, namespace, over) is None, "bound one byte beyond the node's budget"
+    assert any(f"1 {REASON}" in m for m in failed_scheduling(core, namespace, over))
+    core.create_namespaced_pod(namespace, model_pod("exact", str(left), pool_id))
+    wait_for(lambda: node_of(core, namespace, "exact"), timeout=60, interval=0.1, message="exact bound")
+    assert bound_bytes_per_node(core, namespace) == {node: capacity}, "the node is full to the byte"
+    core.create_namespaced_pod(namespace, model_pod("one-byte", "1", pool_id))
+    wait_for(
+        lambda: failed_scheduling(core, namespace, "one-byte") or node_of(core, namespace, "one-byte"),
+        timeout=60,
+        interval=0.2,
+        message="a 1-byte pod on the full node refused (or bound)",
+    )
+    assert node_of(core, namespace, over) is None and node_of(core, namespace, "one-byte") is None
+    assert extender.get("/debug/view")["nodes"][node]["freeBytes"] == 0
 
 
 def test_a_pod_that_fits_nowhere_stays_pending_and_says_why(

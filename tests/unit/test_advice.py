@@ -44,3 +44,65 @@ def test_never_recommends_less_than_the_peak(declared, peak):
     a = advise("m", declared, peak)
     if a.recommendation_bytes is not None:
         assert a.recommendation_bytes >= peak
+
+
+@pytest.mark.parametrize(
+    ("declared", "peak", "over", "recommendation_bytes", "recommendation"),
+    [
+        pytest.param(16 * GI, 16 * GI, 0, None, "Declared memory matches observed usage", id="peak-equals-declared"),
+        pytest.param(16 * GI, 16 * GI + 1, 0, 17 * GI, "Observed peak exceeds declared memory: raise memory to 17Gi "
+                     "to avoid OOM", id="one-byte-over"),
+        pytest.param(100 * GI, 97 * GI, 3, None, "Declared memory matches observed usage",
+                     id="suggestion-not-below-declared"),
+        pytest.param(104 * GI, 97 * GI, 7, 101 * GI, "Consider reducing memory to 101Gi for better packing",
+                     id="headroom-is-four-percent"),
+        pytest.param(10 * GI, 8 * GI, 20, 9 * GI, "Consider reducing memory to 9Gi for better packing",
+                     id="from-8gi-up-whole-gi"),
+        pytest.param(60 * GI, 50 * GI + 2**20, 17, 53 * GI, "Consider reducing memory to 53Gi for better packing",
+                     id="a-mebibyte-over-the-headroom-edge"),
+        pytest.param(26 * GI, 25 * GI, 4, None, "Declared memory matches observed usage",
+                     id="suggestion-equals-declared"),
+        pytest.param(8 * GI, 7 * GI, 13, 7 * GI + 512 * 2**20,
+                     "Consider reducing memory to 7680Mi for better packing", id="below-8gi-in-256mi-steps"),
+        pytest.param(33 * GI, 32 * GI, 3, None, "Declared memory matches observed usage",
+                     id="three-percent-but-suggestion-is-higher"),
+    ],
+)
+def test_advice_fields_at_the_thresholds(declared, peak, over, recommendation_bytes, recommendation):
+    a = advise("m", declared, peak)
+    assert (a.declared_bytes, a.observed_peak_bytes, a.overprovisioned_percent) == (declared, peak, over)
+    assert a.utilization_ratio == peak / declared
+    assert (a.recommendation_bytes, a.recommendation) == (recommendation_bytes, recommendation)
+
+
+def test_without_headroom_three_percent_is_worth_a_change():
+    a = advise("m", 100 * GI, 97 * GI, headroom_percent=0)
+    assert (a.overprovisioned_percent, a.recommendation_bytes) == (3, 97 * GI)
+
+
+def test_the_metrics_body_in_local_mode_shows_the_process_side():
+    from budget import ModelMemory, metrics_body
+
+    m = ModelMemory("local", "m", "m-7b", 3 * GI, GI + 1, 33, 2 * GI, "Consider reducing memory to 2Gi",
+                    "2026-01-01T00:00:00Z", 1, 1, "process", "running", 512 * 2**20 + 1, "exit 1: oom")
+    assert metrics_body(m) == {
+        "model": "m", "namespace": "local", "modelName": "m-7b",
+        "declaredMemory": "3Gi", "declaredMemoryBytes": 3 * GI,
+        "observedPeakMemory": "1025Mi", "observedPeakMemoryBytes": GI + 1,
+        "utilizationPercent": 33, "utilizationRatio": 0.3333,
+        "recommendedMemory": "2Gi", "recommendation": "Consider reducing memory to 2Gi",
+        "lastObservation": "2026-01-01T00:00:00Z", "replicas": 1, "readyReplicas": 1, "source": "process",
+        "state": "running", "observedMemory": "513Mi", "observedMemoryBytes": 512 * 2**20 + 1,
+        "lastFailure": "exit 1: oom", "lastFailureTime": None, "log": None, "nextStartAttempt": None,
+        "recentFailures": [],
+    }
+    stopped = metrics_body(ModelMemory("local", "m", "m", GI, state="stopped", observed_bytes=0))
+    assert (stopped["observedMemory"], stopped["observedMemoryBytes"], stopped["utilizationRatio"]) == (None, 0, None)
+
+
+def test_the_metrics_body_in_a_cluster_has_no_process_side():
+    from budget import ModelMemory, metrics_body
+
+    body = metrics_body(ModelMemory("ns", "m", "m", None))
+    assert (body["declaredMemory"], body["utilizationRatio"]) == (None, None)
+    assert not {"state", "observedMemory", "observedMemoryBytes", "lastFailure"} & set(body)

@@ -1,6 +1,7 @@
 """The one admission decision: the seed scenario and its neighbours, as a table."""
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -251,3 +252,185 @@ def test_derived_views_reuse_caches_only_when_their_inputs_are_unchanged():
     assert with_r.used_bytes(NOW, exclude_uid="model-a-0") == {"shadow": 16 * GI}
     emptied = replace(with_r, placements=())
     assert emptied.used_bytes(NOW) == {"shadow": 16 * GI}
+
+
+# ---- the whole Decision, the blocking list and the retry hint, as a user reads them ----
+
+
+def test_decision_fields_for_each_allowed_outcome():
+    v = ClusterView.build(
+        nodes=[Node("n1", {"pool": "a", "gpu": "h100"}, 64 * GI)],
+        models=[Model("ns", "m", 16 * GI, "llama-7b", {"pool": "a", "gpu": "h100"}, 600.0, 1)],
+        placements=[Placement("ns/m-0", "n1", 16 * GI, "ns/m", uid="m-0")],
+    )
+    fits = decide_scale(v, "llama-7b", 3, NOW)
+    assert (fits.model, fits.model_key, fits.replicas_from, fits.replicas_to, fits.pool) == (
+        "llama-7b", "ns/m", 1, 3, "gpu=h100,pool=a")
+    assert fits.message == "llama-7b fits: 2 new replica(s) of 16Gi in pool gpu=h100,pool=a"
+    assert dict(fits.placements) == {"n1": 2}
+    assert decide_scale(v, "m", 0, NOW).message == "llama-7b: scaling down from 1 to 0"
+    assert decide_scale(v, "m", 1, NOW).message == "llama-7b: 1 replica(s) need no new memory"
+
+
+@pytest.mark.parametrize(
+    ("view", "replicas", "reason", "message"),
+    [
+        pytest.param(
+            ClusterView.build(nodes=[Node("n1", POOL, 32 * GI)], models=[model("m", 16)]), 3,
+            "exceeds_pool_capacity", "m cannot have 3 replica(s) of 16Gi in pool inference-pool=gpu-nodes even with "
+            "nothing else running (1 node(s), 32Gi in all); it can never fit without more nodes",
+            id="several-replicas-more-than-the-pool",
+        ),
+        pytest.param(
+            ClusterView.build(nodes=[Node("n1", {}, 16 * GI)], models=[model("m", 16)]), 1,
+            "no_matching_nodes", "m needs 16Gi but no budgeted node matches pool inference-pool=gpu-nodes",
+            id="no-matching-node",
+        ),
+        pytest.param(
+            ClusterView.build(nodes=[Node("n1", {}, 16 * GI)], models=[model("m", 16, selector={})]), 1,
+            "fits", "m fits: 1 new replica(s) of 16Gi in the whole cluster", id="no-selector",
+        ),
+        pytest.param(
+            ClusterView.build(nodes=[Node("n1", POOL, 8 * GI)], models=[model("m", 16)]), 1,
+            "exceeds_node_capacity", "m needs 16Gi but the largest node in pool inference-pool=gpu-nodes has 8Gi; "
+            "it can never fit without a larger node", id="too-big",
+        ),
+        pytest.param(
+            ClusterView.build(nodes=[Node("n1", POOL, 0)], models=[Model("default", "m", 1, "m", POOL, 600.0, 0)]), 1,
+            "exceeds_node_capacity", "m needs 1 but the largest node in pool inference-pool=gpu-nodes has 0; "
+            "it can never fit without a larger node", id="zero-capacity-node",
+        ),
+    ],
+)
+def test_denials_read_exactly(view, replicas, reason, message):
+    d = decide_scale(view, "m", replicas, NOW, default_retry_after_seconds=17)
+    assert (d.reason, d.message) == (reason, message)
+    if not d.allowed:  # a denial that waiting cannot cure gives no retry hint
+        assert d.retry_after_seconds == (17 if reason == "insufficient_memory" else 0)
+
+
+def test_a_model_without_memory_needs_no_room():
+    v = ClusterView.build(nodes=[Node("n1", POOL, GI)], models=[Model("default", "m", 0, "m", POOL, 600.0, 0)])
+    assert decide_scale(v, "m", 5, NOW).reason == "no_change"
+
+
+def test_blocking_lists_other_models_in_the_pool_with_counts_idle_first():
+    other_pool = {"inference-pool": "other"}
+    v = ClusterView.build(
+        nodes=[Node("a", POOL, 64 * GI), Node("b", POOL, 64 * GI), Node("x", other_pool, 64 * GI)],
+        models=[
+            model("target", 40, 1),
+            Model("default", "big", 16 * GI, "big-7b", POOL, 600.0, 2, NOW - 100),
+            model("small", 8, 3, last=NOW - 100),
+            model("elsewhere", 8, 1, selector=other_pool),
+        ],
+        placements=[
+            placed("elsewhere", "x", 8),
+            placed("target", "a", 40),
+            placed("big", "a", 16, i=0),
+            placed("big", "b", 16, i=1),
+            placed("small", "b", 8, i=0),
+            placed("small", "b", 8, i=1),
+            placed("small", "b", 8, i=2),
+            Placement("default/ghost-0", "b", 8 * GI, "default/ghost", uid="ghost-0", started_at=NOW - 5),
+        ],
+    )
+    d = decide_scale(v, "target", 2, NOW)
+    assert d.reason == "insufficient_memory"
+    assert sorted((b.model, b.memory_bytes // GI, b.replicas, b.idle_for_seconds) for b in d.blocking) == [
+        ("big-7b", 32, 2, 100.0),
+        ("ghost", 8, 1, 5.0),
+        ("small", 24, 3, 100.0),
+    ]
+    ghost = next(b for b in d.blocking if b.model == "ghost")
+    assert (ghost.cooldown_seconds, ghost.cooldown_remaining_seconds) == (0.0, None)
+    assert d.retry_after_seconds == 500
+
+
+def test_admitted_replicas_still_starting_are_counted_per_model():
+    v = ClusterView.build(
+        nodes=[Node("n1", POOL, 64 * GI)],
+        models=[model("target", 40), Model("default", "c", 16 * GI, "c-7b", POOL, 600.0, 2)],
+    )
+    d = decide_scale(v, "target", 1, NOW)
+    assert [(b.model, b.memory_bytes, b.replicas, b.starting) for b in d.blocking] == [("c-7b", 32 * GI, 2, True)]
+    assert json.dumps(d.blocking[0].replicas) == "2"
+    assert "c-7b (32Gi, starting)" in d.message
+
+
+def test_admitted_replicas_are_placed_largest_first():
+    # Largest first puts 32Gi on n1 and 16Gi on n2: nothing is left for the target. Smallest first would
+    # strand the 32Gi replica and wrongly leave 16Gi free on n1.
+    v = ClusterView.build(
+        nodes=[Node("n1", POOL, 32 * GI), Node("n2", POOL, 16 * GI)],
+        models=[model("target", 16), model("a", 16, 1), model("b", 32, 1)],
+    )
+    assert decide_scale(v, "target", 1, NOW).reason == "insufficient_memory"
+
+
+def test_admitted_replicas_outside_the_pool_or_without_memory_are_not_blocking():
+    other_pool = {"inference-pool": "other"}
+    v = ClusterView.build(
+        nodes=[Node("n1", POOL, 16 * GI), Node("x", other_pool, 16 * GI)],
+        models=[model("target", 32), model("far", 16, 1, selector=other_pool), model("huge", 64, 1),
+                Model("default", "free", 0, "free", POOL, 600.0, 3)],
+    )
+    d = decide_scale(v, "target", 1, NOW)
+    assert d.reason == "exceeds_node_capacity"
+    d = decide_scale(replace(v, nodes=(Node("n1", POOL, 32 * GI), Node("x", other_pool, 16 * GI))), "target", 1, NOW)
+    assert d.reason == "fits", d.message
+
+
+def test_replicas_held_by_reservations_are_not_placed_twice():
+    v = ClusterView.build(
+        nodes=[Node("n1", POOL, 48 * GI)],
+        models=[model("m", 16, 2)],
+        placements=[placed("m", "n1", 16)],
+        reservations=[Reservation("m-r", "default/m", 16 * GI, NOW + 30, "n1")],
+    )
+    d = decide_scale(v, "m", 3, NOW)
+    assert (d.reason, dict(d.placements)) == ("fits", {"n1": 1})
+
+
+@pytest.mark.parametrize(
+    ("idle", "cooldown", "retry"),
+    [
+        pytest.param(599.5, 600.0, 1, id="half-a-second-left-rounds-up-to-one"),
+        pytest.param(700.0, 600.0, 1, id="cooldown-over-still-one"),
+        pytest.param(100.0, 600.0, 500, id="five-hundred-left"),
+    ],
+)
+def test_retry_after_is_when_the_first_cooldown_ends(idle, cooldown, retry):
+    v = seed_view(models=[model("model-a", 80, 1, last=NOW - idle, cooldown=cooldown), model("model-b", 60)])
+    assert decide_scale(v, "model-b", 1, NOW).retry_after_seconds == retry
+
+
+def test_idle_is_zero_when_nothing_is_known():
+    from budget import idle_seconds
+
+    assert idle_seconds(None, [], NOW) == 0.0
+    v = seed_view(placements=[placed("model-a", "shadow", 80, started=None)],
+                  models=[model("model-a", 80, 1), model("model-b", 60)])
+    assert decide_scale(v, "model-b", 1, NOW).blocking[0].idle_for_seconds == 0.0
+
+
+def test_node_verdicts_carry_capacity_for_every_budgeted_node():
+    v = ClusterView.build(nodes=[Node("other", {"inference-pool": "cpu"}, 512 * GI), Node("tiny", POOL, 32 * GI)],
+                          models=[model("model-b", 60)])
+    verdicts = {x.node: x for x in filter_nodes(v, pod(60), ["other", "tiny"], NOW)}
+    assert (verdicts["other"].capacity_bytes, verdicts["tiny"].capacity_bytes, verdicts["tiny"].free_bytes) == (
+        512 * GI, 32 * GI, 32 * GI)
+    assert score_nodes(list(verdicts.values()), 60 * GI) == score_nodes(list(verdicts.values()), 60 * GI, "binpack")
+
+
+def test_a_one_byte_node_taking_a_one_byte_pod_is_full():
+    v = ClusterView.build(nodes=[Node("n", POOL, 1)], models=[model("model-b", 0)])
+    verdicts = filter_nodes(v, PodRequest("default", "p", "p", "default/model-b", 1), ["n"], NOW)
+    assert score_nodes(verdicts, 1) == {"n": 10}
+
+
+def test_derived_views_share_the_unchanged_caches():
+    v = seed_view()
+    index, placed_cache = v.node_index, v._placed
+    for derived in (v.with_model(model("model-d", 1)), v.with_reservations([])):
+        assert derived.node_index is index and derived._placed is placed_cache

@@ -1,4 +1,5 @@
-"""Properties of the admission rule over random pools: it never overcommits, and it never denies in vain."""
+"""Properties of the decisions over random pools: admission never overcommits and never denies in vain; a node
+passes the extender's filter iff the pod fits there after reservations; admission and the filter agree."""
 
 from dataclasses import replace
 
@@ -6,7 +7,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budget import ClusterView, Model, Node, Placement, decide_scale
+from budget import (
+    REASON_INSUFFICIENT,
+    REASON_NO_BUDGET,
+    REASON_SELECTOR,
+    ClusterView,
+    Model,
+    Node,
+    Placement,
+    PodRequest,
+    Reservation,
+    decide_scale,
+    filter_nodes,
+    score_nodes,
+)
+from budget.decide import REASON_UNKNOWN_NODE
 from budget.view import matches
 
 pytestmark = pytest.mark.unit
@@ -113,3 +128,132 @@ def test_single_replica_denial_is_real(nodes, models, existing, target):
         assert d.available_bytes == max(
             [free[n.name] for n in view.nodes if matches(m.node_selector, n.labels)], default=0
         )
+
+
+# ---- the extender's node filter and scores over random nodes, placements and reservations ----
+
+POD_UID = "pod-uid"
+UIDS = [POD_UID, "u0", "u1", "u2", "u3", "u4", "u5"]  # reservations may share a UID with a placement (confirmed)
+SELECTORS = [{}, {"pool": "a"}, {"pool": "b"}, {"pool": "a", "gpu": "h100"}]
+LABELS = [{}, {"pool": "a"}, {"pool": "b"}, {"pool": "a", "gpu": "h100"}]
+MAX_CAP = 4 * GI
+
+filter_nodes_st = st.lists(
+    st.tuples(st.sampled_from(range(len(LABELS))), st.one_of(st.none(), st.integers(0, MAX_CAP))),
+    min_size=1,
+    max_size=5,
+)
+held_st = st.lists(  # (node index, bytes, uid index, is a reservation, seconds until it expires)
+    st.tuples(st.integers(0, 4), st.integers(0, GI), st.sampled_from(range(len(UIDS))), st.booleans(),
+              st.sampled_from([-1.0, 0.0, 0.001, 30.0])),
+    max_size=10,
+)
+
+
+def filter_view(nodes, held):
+    built = [Node(f"n{i}", LABELS[li], cap) for i, (li, cap) in enumerate(nodes)]
+    placements, reservations, placed_uids = [], [], set()
+    for i, (ni, size, ui, is_reservation, ttl) in enumerate(held):
+        node = f"n{ni % len(nodes)}"
+        if is_reservation:
+            reservations.append(Reservation(UIDS[ui], "default/m", size, NOW + ttl, node))
+        elif UIDS[ui] not in placed_uids:  # a pod UID is bound to one node at most
+            placed_uids.add(UIDS[ui])
+            placements.append(Placement(f"default/h{i}", node, size, "default/m", uid=UIDS[ui]))
+    return built, placements, reservations
+
+
+def held_bytes(node, placements, reservations):
+    """What a user would add up: bound model pods plus unexpired promises to pods not bound yet, minus this pod."""
+    placed_uids = {p.uid for p in placements}
+    bound = sum(p.memory_bytes for p in placements if p.node == node and p.uid != POD_UID)
+    promised = sum(
+        r.memory_bytes
+        for r in reservations
+        if r.node == node and r.expires_at > NOW and r.uid != POD_UID and r.uid not in placed_uids
+    )
+    return bound + promised
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nodes=filter_nodes_st,
+    held=held_st,
+    model_selector=st.sampled_from(range(len(SELECTORS))),
+    pod_selector=st.sampled_from(range(len(SELECTORS))),
+    data=st.data(),
+)
+def test_a_node_passes_iff_the_pod_fits_there_after_reservations(nodes, held, model_selector, pod_selector, data):
+    built, placements, reservations = filter_view(nodes, held)
+    view = ClusterView.build(
+        nodes=built,
+        models=[Model("default", "m", GI, "m", SELECTORS[model_selector], 600.0, 1)],
+        placements=placements,
+        reservations=reservations,
+    )
+    frees = [
+        n.capacity_bytes - held_bytes(n.name, placements, reservations) for n in built if n.capacity_bytes is not None
+    ]
+    # Half the pods are sized at some node's edge (its free memory, one byte either side), not by chance.
+    need = data.draw(
+        st.one_of(
+            st.integers(0, MAX_CAP + 1),
+            st.tuples(st.sampled_from(frees or [0]), st.sampled_from([-1, 0, 1])).map(lambda t: max(0, sum(t))),
+        ),
+        label="need",
+    )
+    pod = PodRequest("default", "m-x", POD_UID, "default/m", need, SELECTORS[pod_selector])
+    selector = {**SELECTORS[model_selector], **SELECTORS[pod_selector]}
+    names = [n.name for n in built] + ["ghost"]
+    verdicts = filter_nodes(view, pod, names, NOW)
+    assert [v.node for v in verdicts] == names
+    for node, v in zip([*built, None], verdicts, strict=True):
+        if node is None:
+            assert (v.status, v.reason) == ("unresolvable", REASON_UNKNOWN_NODE)
+            continue
+        if node.capacity_bytes is None:
+            assert (v.status, v.reason) == ("unresolvable", REASON_NO_BUDGET)
+            continue
+        if not matches(selector, node.labels):
+            assert (v.status, v.reason) == ("unresolvable", REASON_SELECTOR)
+            continue
+        free = node.capacity_bytes - held_bytes(node.name, placements, reservations)
+        assert v.free_bytes == free and v.capacity_bytes == node.capacity_bytes
+        if need <= free:
+            assert (v.status, v.reason) == ("passed", ""), (need, free)
+        elif need > node.capacity_bytes:
+            assert (v.status, v.reason) == ("unresolvable", REASON_INSUFFICIENT), "would not fit even empty"
+        else:
+            assert (v.status, v.reason) == ("failed", REASON_INSUFFICIENT), (need, free)
+
+    pack, spread = score_nodes(verdicts, need, "binpack"), score_nodes(verdicts, need, "spread")
+    assert set(pack) == set(spread) == set(names)
+    for v in verdicts:
+        if v.status != "passed" or v.capacity_bytes == 0:
+            assert pack[v.node] == spread[v.node] == 0
+            continue
+        used_after = 1 - (v.free_bytes - need) / v.capacity_bytes  # the share of the node in use once it lands
+        assert abs(pack[v.node] - 10 * used_after) <= 0.5 + 1e-9, (pack[v.node], used_after)
+        assert pack[v.node] + spread[v.node] == 10, "spread is binpack mirrored"
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes=filter_nodes_st, held=held_st, model_selector=st.sampled_from(range(len(SELECTORS))),
+       memory=st.integers(1, MAX_CAP))
+def test_admission_and_the_node_filter_agree_on_one_replica(nodes, held, model_selector, memory):
+    """The proxy/webhook and the extender ask one core: a first replica is admitted iff some node passes."""
+    built, placements, reservations = filter_view(nodes, held)
+    # Admission has no pod yet: nothing is held under the pod's own UID.
+    placements = [p for p in placements if p.uid != POD_UID]
+    reservations = [r for r in reservations if r.uid != POD_UID]
+    view = ClusterView.build(
+        nodes=built,
+        models=[Model("default", "m", memory, "m", SELECTORS[model_selector], 600.0, 0)],
+        placements=[replace(p, model="default/other") for p in placements],
+        reservations=[replace(r, model="default/other") for r in reservations],
+    )
+    d = decide_scale(view, "default/m", 1, NOW)
+    pod = PodRequest("default", "m-x", POD_UID, "default/m", memory)
+    passing = {v.node for v in filter_nodes(view, pod, [n.name for n in built], NOW) if v.status == "passed"}
+    assert d.allowed == bool(passing), (d.message, passing)
+    assert set(d.placements) <= passing

@@ -114,3 +114,61 @@ def test_parse_duration_rejects(text):
 def test_format_duration_whole_seconds():
     assert format_duration(120.7) == "120s"
     assert format_duration(-3) == "0s"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(0.0, 0, id="float-zero"),
+        pytest.param(0.5, 1, id="float-half-byte-rounds-up"),
+        pytest.param(1.5, 2, id="float-rounds-up"),
+        pytest.param("1e-30", 1, id="smallest-exponent-allowed"),
+        pytest.param(str(2**63 - 1), 2**63 - 1, id="largest-int64"),
+    ],
+)
+def test_parse_quantity_edges(value, expected):
+    assert parse_quantity(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(float("nan"), "quantity: nan is not a non-negative finite number", id="nan"),
+        pytest.param(float("inf"), "quantity: inf is not a non-negative finite number", id="inf"),
+        pytest.param(-0.5, "quantity: -0.5 is not a non-negative finite number", id="negative-float"),
+        pytest.param([16], "quantity: expected a quantity string like 16Gi, got list", id="list"),
+        pytest.param("1e-31", "quantity: '1e-31' has an exponent out of range", id="exponent-below-range"),
+        pytest.param("1e31", "quantity: '1e31' has an exponent out of range", id="exponent-above-range"),
+        pytest.param(str(2**63), f"quantity: '{2**63}' is too large", id="int64-plus-one"),
+        pytest.param("8Ei", "quantity: '8Ei' is too large", id="8ei"),
+    ],
+)
+def test_parse_quantity_errors_read_exactly(value, message):
+    with pytest.raises(QuantityError) as info:
+        parse_quantity(value)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [pytest.param(-2 * GI, "-2Gi", id="negative-gi"), pytest.param(-1000, "-1000", id="negative-bytes")],
+)
+def test_format_bytes_negative(n, text):
+    assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(True, "duration: expected a duration like 10m, got True", id="bool"),
+        pytest.param(float("nan"), "duration: nan must be a non-negative number of seconds", id="nan"),
+        pytest.param(float("inf"), "duration: inf must be a non-negative number of seconds", id="inf"),
+        pytest.param(-1, "duration: -1 must be a non-negative number of seconds", id="negative-number"),
+        pytest.param({"m": 1}, "duration: expected a duration string like 10m, got dict", id="mapping"),
+        pytest.param("5x", "duration: '5x' is not a duration (examples: 10m, 90s, 1h30m, 0)", id="unknown-unit"),
+    ],
+)
+def test_parse_duration_errors_read_exactly(value, message):
+    with pytest.raises(DurationError) as info:
+        parse_duration(value)
+    assert str(info.value) == message
