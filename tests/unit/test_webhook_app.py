@@ -487,6 +487,10 @@ def test_unanswerable_body_gets_http_400_json(body, fragment):
                      id="model-replicas-type"),
         pytest.param(im_create(None, 1, cooldownPeriod="soon"), "spec.cooldownPeriod", id="bad-cooldown"),
         pytest.param(deployment_create("a lot"), "inference.eh-ops.io/memory", id="bad-deployment-memory"),
+        # 80m is a valid Kubernetes quantity (0.08 bytes) that used to be budgeted as 1 byte
+        pytest.param(deployment_create("80m"), "'80m' is not a memory quantity in whole bytes",
+                     id="milli-deployment-memory"),
+        pytest.param(im_create(" 8Gi ", 1), "remove the spaces", id="memory-with-spaces"),
     ],
 )
 def test_malformed_review_with_uid_is_denied_with_400(review, fragment):
