@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -29,6 +30,14 @@ APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 DEFAULT_TIMEOUT_SECONDS = 30.0
+
+RETRIES = urllib3.Retry(
+    total=3, connect=3, read=0, redirect=0, status=0, other=0, respect_retry_after_header=False
+)
+"""Re-try only a failure to connect (nothing was sent). urllib3's default also re-sends a GET or a PUT
+whose answer timed out, three times: a call with a 2 s timeout took 8 s against a server that hangs,
+longer than a leader's renew deadline; and it sleeps out a 429's Retry-After. Callers retry at their own
+level, where they know their deadline; a 429 reaches them as an ApiError with status 429."""
 
 _WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the request: (?P<message>.*)', re.S)
 
@@ -101,10 +110,17 @@ RESOURCES = {r.kind: r for r in (NODES, PODS, SERVICES, CONFIGMAPS, SECRETS, DEP
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """An ApiClient from a kubeconfig file (never written back), or in-cluster config when none is given."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig, context=context, persist_config=False)
+    """An ApiClient from a kubeconfig file (never written back), or in-cluster config when none is given.
+
+    Its requests are never re-sent after a read error (:data:`RETRIES`), so a call's timeout is the
+    longest it can take.
+    """
     cfg = client.Configuration()
+    cfg.retries = RETRIES
+    if kubeconfig:
+        return config.new_client_from_config(
+            config_file=kubeconfig, context=context, persist_config=False, client_configuration=cfg
+        )
     config.load_incluster_config(client_configuration=cfg)
     return client.ApiClient(cfg)
 
@@ -209,23 +225,26 @@ class Kube:
             out["fieldManager"] = self.field_manager
         return out
 
-    def get(self, path: str, query: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    def get(
+        self, path: str, query: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """The object at `path`, or None when it does not exist."""
         try:
-            return self.request("GET", path, query=query)
+            return self.request("GET", path, query=query, timeout=timeout)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("POST", path, query=self._writing(), body=dict(body))
+    def create(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("POST", path, query=self._writing(), body=dict(body), timeout=timeout)
 
-    def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("PUT", path, query=self._writing(), body=dict(body))
+    def replace(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("PUT", path, query=self._writing(), body=dict(body), timeout=timeout)
 
-    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", path, query=self._writing(), body=dict(patch), content_type=MERGE_PATCH)
+    def merge_patch(self, path: str, patch: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        query = self._writing()
+        return self.request("PATCH", path, query=query, body=dict(patch), content_type=MERGE_PATCH, timeout=timeout)
 
     def json_patch(self, path: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
         return self.request("PATCH", path, query=self._writing(), body=list(ops), content_type=JSON_PATCH)

@@ -29,6 +29,10 @@ from proxy.scaler import ScaleDenied, ScalerUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
+# A stopping worker writes the activity not written yet within this long (gunicorn's graceful timeout is 30 s).
+STOP_FLUSH_SECONDS = 5.0
+# The longest a scale PATCH may take: the webhook behind it answers within its timeoutSeconds (5 s).
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
 KINDS = ("Node", "Pod", "Deployment", "InferenceModel")
 # Container states that mean the replica will not become ready without someone fixing something.
 FAILED_WAITING_REASONS = frozenset(
@@ -147,7 +151,7 @@ class KubeScaler:
         namespace: str | None = None,
         cache: ClusterCache | None = None,
         touch_interval_seconds: float = 5.0,
-        request_timeout_seconds: float = 10.0,
+        request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
         default_retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -155,6 +159,10 @@ class KubeScaler:
         self.namespace = namespace
         self.cache = cache or ClusterCache(api, kinds=KINDS, namespace=namespace)
         self.touch_interval_seconds = touch_interval_seconds
+        if touch_interval_seconds <= 0 or request_timeout_seconds <= 0:
+            raise ValueError("touch_interval_seconds and request_timeout_seconds must be > 0")
+        # A scale PATCH waits for the webhook (timeoutSeconds 5 s) and must end before the request that
+        # asked for it gives up: the command line passes min(10 s, half the cold-start timeout).
         self.request_timeout_seconds = request_timeout_seconds
         self.default_retry_after_seconds = default_retry_after_seconds
         self._clock = clock
@@ -193,9 +201,9 @@ class KubeScaler:
         self._wake.set()
         self.cache.stop()
         if self._flusher is not None:
-            self._flusher.join(timeout=5)
+            self._flusher.join(timeout=STOP_FLUSH_SECONDS)
             try:
-                self.flush(force=True)
+                self.flush(force=True, deadline=time.monotonic() + STOP_FLUSH_SECONDS)
             except Exception as exc:  # the API server may be gone already
                 log.warning("final lastRequestTime writes failed: %s", exc)
 
@@ -344,10 +352,17 @@ class KubeScaler:
             except Exception:  # the writer must survive anything
                 log.exception("writing lastRequestTime failed")
 
-    def flush(self, *, force: bool = False) -> int:
-        """Write every due `status.lastRequestTime`; returns how many were written."""
+    def flush(self, *, force: bool = False, deadline: float | None = None) -> int:
+        """Write every due `status.lastRequestTime` before `deadline` (monotonic; default: one touch
+        interval from now, the writer's own period); returns how many were written."""
+        if deadline is None:
+            deadline = time.monotonic() + self.touch_interval_seconds
         written = 0
         for key, seen in list(self._touched.items()):
+            left = min(self.request_timeout_seconds, deadline - time.monotonic())
+            if left <= 0:
+                log.warning("lastRequestTime writes left for later: out of time")
+                break
             if seen <= self._written.get(key, float("-inf")):
                 continue
             last = self._written_at.get(key)
@@ -359,7 +374,7 @@ class KubeScaler:
                 continue
             try:
                 path = INFERENCE_MODELS.path(namespace, name, "status")
-                self._kube.merge_patch(path, {"status": {"lastRequestTime": rfc3339(seen)}})
+                self._kube.merge_patch(path, {"status": {"lastRequestTime": rfc3339(seen)}}, timeout=left)
             except ApiError as exc:
                 if exc.status == 404:
                     self._touched.pop(key, None)

@@ -121,8 +121,12 @@ class ConfigMapLedger:
         self._last_rv: str | None = None  # resourceVersion of this process's latest write
         self.path = CONFIGMAPS.path(namespace, name)
 
-    def _timeout(self, deadline: float) -> float:
-        return max(0.2, min(2.0, deadline - time.monotonic()))
+    def _timeout(self, deadline: float, attempt: int) -> float:
+        """The time left before the transaction's deadline (at most 2 s a call): no call outlives it."""
+        left = min(2.0, deadline - time.monotonic())
+        if left <= 0:
+            raise LedgerBusy("the admission deadline passed before the ledger answered", attempts=attempt)
+        return left
 
     def read(self, timeout: float = 2.0) -> tuple[tuple[LedgerEntry, ...], str | None]:
         """All entries (expired too) and the resourceVersion; (), None when the ConfigMap does not exist."""
@@ -170,7 +174,7 @@ class ConfigMapLedger:
             attempt = 0
             while True:
                 attempt += 1
-                entries, rv = self.read(self._timeout(deadline))
+                entries, rv = self.read(self._timeout(deadline, attempt))
                 now = self.clock()
                 outcome = decide(live(entries, now), now)
                 if outcome.commit is None or dry_run:
@@ -183,7 +187,7 @@ class ConfigMapLedger:
                         continue  # a thread of this process wrote after our read: read again, under the lock
                 new = merged(entries, outcome.commit, now, reflected, self.prune_grace_seconds)
                 try:
-                    self._last_rv = self.write(new, rv, self._timeout(deadline))
+                    self._last_rv = self.write(new, rv, self._timeout(deadline, attempt))
                     return replace(outcome, attempts=attempt)
                 except _Conflict:
                     log.debug("admission ledger conflict on attempt %d for %s", attempt, outcome.commit.model)

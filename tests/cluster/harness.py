@@ -839,9 +839,9 @@ subjects:
 
     def api_client(self) -> Any:
         """A new ``kubernetes.client.ApiClient`` for the admin kubeconfig (one per thread is safest)."""
-        from kubernetes import config
+        from kubeview import load_api_client
 
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+        return load_api_client(str(self.kubeconfig))
 
     def issue_serving_cert(
         self, dns_names: Iterable[str] = (), ip_addresses: Iterable[str] = ("127.0.0.1",)
