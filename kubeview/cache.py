@@ -17,14 +17,13 @@ from typing import Any
 
 from budget import ClusterView, Model, Node, ObjectError, Placement
 from budget.objects import (
+    fallback_memory,
     merge_models,
     model_from_deployment,
     model_from_inferencemodel,
-    model_label,
     node_from_object,
     placement_from_pod,
 )
-from budget.view import model_key
 from kubeview.api import RESOURCES, ApiError, raw_request
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,10 @@ class ClusterCache:
         self._nodes: dict[str, Node] = {}
         self._im_models: dict[str, Model] = {}
         self._dep_models: dict[str, Model] = {}
-        self._placements: dict[str, Placement] = {}
+        # Pods are translated when a view is built, against the models of that moment (a pod without the
+        # memory annotation takes its model's), so the view never depends on which kind listed first.
+        # Memo: pod key -> (the raw pod, the fallback it was translated with, its placement).
+        self._pod_memo: dict[str, tuple[dict[str, Any], int | None, Placement | None]] = {}
         self._view: ClusterView | None = None
         self._synced = {k: threading.Event() for k in kinds}
         self._stop = threading.Event()
@@ -96,15 +98,39 @@ class ClusterCache:
 
     # ----- reads -----
     def view(self) -> ClusterView:
+        """The view of the objects held now: a function of the objects alone, never of their order."""
         with self._lock:
             if self._view is None:
-                models = merge_models(self._im_models.values(), self._dep_models.values())
+                models = merge_models(
+                    (self._im_models[k] for k in sorted(self._im_models)),
+                    (self._dep_models[k] for k in sorted(self._dep_models)),
+                )
                 self._view = ClusterView(
                     nodes=tuple(sorted(self._nodes.values(), key=lambda n: n.name)),
                     models=models,
-                    placements=tuple(self._placements.values()),
+                    placements=self._placements(models),
                 )
             return self._view
+
+    def _placements(self, models: dict[str, Model]) -> tuple[Placement, ...]:
+        """Each stored pod's placement, translated again only when the pod or its model's memory changed."""
+        memo: dict[str, tuple[dict[str, Any], int | None, Placement | None]] = {}
+        for key, pod in sorted(self._objects.get("Pod", {}).items()):
+            placement: Placement | None = None
+            try:
+                fallback = fallback_memory(pod, models)
+                known = self._pod_memo.get(key)
+                if known is not None and known[0] is pod and known[1] == fallback:
+                    placement = known[2]
+                else:
+                    placement = placement_from_pod(pod, fallback_memory=fallback)
+            except ObjectError as exc:
+                fallback = None
+                if key not in self._pod_memo or self._pod_memo[key][0] is not pod:
+                    log.warning("ignoring malformed Pod %s: %s", key, exc)
+            memo[key] = (pod, fallback, placement)
+        self._pod_memo = memo
+        return tuple(p for _, _, p in memo.values() if p is not None)
 
     def objects(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -145,20 +171,11 @@ class ClusterCache:
                 self._put(self._im_models, key, model_from_inferencemodel(obj) if obj else None)
             elif kind == "Deployment":
                 self._put(self._dep_models, key, model_from_deployment(obj) if obj else None)
-            elif kind == "Pod":
-                placement = None
-                if obj is not None:
-                    label = model_label(obj)
-                    fallback = None
-                    if label:
-                        m = self._im_models.get(model_key(obj_key(obj).split("/")[0], label))
-                        fallback = m.memory_bytes if m else None
-                    placement = placement_from_pod(obj, fallback_memory=fallback)
-                self._put(self._placements, key, placement)
+            # Pods: translated when a view is built (see _placements).
         except ObjectError as exc:
             log.warning("ignoring malformed %s %s: %s", kind, key, exc)
             self._put({"Node": self._nodes, "InferenceModel": self._im_models,
-                       "Deployment": self._dep_models, "Pod": self._placements}[kind], key, None)
+                       "Deployment": self._dep_models}[kind], key, None)
 
     @staticmethod
     def _put(store: dict[str, Any], key: str, value: Any) -> None:
