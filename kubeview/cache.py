@@ -67,6 +67,10 @@ class ClusterCache:
         self._synced = {k: threading.Event() for k in kinds}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._responses: dict[str, Any] = {}  # kind -> the open watch response, closed by stop()
+        self.lists = {k: 0 for k in kinds}  # successful lists per kind: 1 + one per 410 or broken watch
+        self.failures = {k: 0 for k in kinds}  # failed lists/watches per kind (each followed by a backoff)
+        self.watches = {k: 0 for k in kinds}  # watch requests answered per kind (a new one per server timeout)
         self._listeners: list[Listener] = []
         self.generation = 0  # bumps on every change; cheap "did anything change" check
 
@@ -78,8 +82,18 @@ class ClusterCache:
             self._threads.append(t)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop at once: close the open watch responses (a watch would otherwise linger until its server
+        timeout, minutes), wake any backoff, and wait up to `timeout` s for the threads; True if all ended."""
         self._stop.set()
+        with self._lock:
+            responses = list(self._responses.values())
+        for resp in responses:
+            _shut(resp)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     @property
     def synced(self) -> bool:
@@ -223,7 +237,12 @@ class ClusterCache:
         if kind in self.label_selectors:
             query["labelSelector"] = self.label_selectors[kind]
         resp = self._request(self._path(kind), query, (10, self.watch_timeout_seconds + 30))
+        with self._lock:
+            self._responses[kind] = resp
+            self.watches[kind] += 1
         try:
+            if self._stop.is_set():  # stop() ran before the response was registered
+                return
             buffer = b""
             for chunk in resp.stream(65536, decode_content=False):
                 if self._stop.is_set():
@@ -234,13 +253,19 @@ class ClusterCache:
                     if line.strip():
                         yield json.loads(line)
         finally:
-            resp.release_conn()
+            with self._lock:
+                self._responses.pop(kind, None)
+            if self._stop.is_set():
+                _shut(resp)  # its connection is not reused
+            else:
+                resp.release_conn()
 
     def _run(self, kind: str) -> None:
         backoff = 0.2
         while not self._stop.is_set():
             try:
                 rv = self._list(kind)
+                self.lists[kind] += 1
                 self._synced[kind].set()
                 backoff = 0.2
                 while not self._stop.is_set():
@@ -261,14 +286,31 @@ class ClusterCache:
             except ApiError as exc:
                 if exc.status == 410:
                     log.info("watch of %s expired (410); re-listing", kind)
-                else:
-                    log.warning("list/watch of %s failed: %s", kind, exc)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-            except Exception as exc:
-                log.warning("list/watch of %s broke: %s", kind, exc)
+                    continue
+                if self._stop.is_set():
+                    return
+                self.failures[kind] += 1
+                log.warning("list/watch of %s failed: %s (retry in %.1fs)", kind, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return  # the response was closed by stop()
+                self.failures[kind] += 1
+                log.warning("list/watch of %s broke: %s (retry in %.1fs)", kind, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+def _shut(resp: Any) -> None:
+    """Close a streaming response from any thread, unblocking a read in progress (urllib3 >= 2.3)."""
+    try:
+        shutdown = getattr(resp, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        resp.close()
+    except Exception as exc:  # closing must never raise into stop()
+        log.debug("closing a watch response: %s", exc)
 
 
 class _Gone(Exception):
