@@ -38,6 +38,7 @@ from webhook.ledger import (
     encode,
     live,
     merged,
+    seconds_left,
 )
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,11 @@ class ApiLookup:
         self.timeout_seconds = timeout_seconds
 
     def _get(self, what: str, path: str) -> Mapping[str, Any] | None:
+        timeout = seconds_left(self.timeout_seconds)
+        if timeout <= 0:
+            raise LookupFailed(f"{what}: no time left before the API server's webhook timeout")
         try:
-            obj = request_json(self.api, "GET", path, timeout=self.timeout_seconds)
+            obj = request_json(self.api, "GET", path, timeout=timeout)
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -168,7 +172,7 @@ class ConfigMapLedger:
     def transact(self, decide: Decide, *, dry_run: bool, reflected: Reflected) -> Outcome:
         """Read and decide without the process lock (denials and dry runs never wait for it); take the lock
         only to commit, so the threads of one worker do not race each other's writes."""
-        deadline = time.monotonic() + self.deadline_seconds
+        deadline = time.monotonic() + seconds_left(self.deadline_seconds)
         locked = False
         try:
             attempt = 0
