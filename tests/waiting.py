@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -26,3 +26,13 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {message}")
         time.sleep(interval)  # the poll interval: the one sleep the tests need
+
+
+def answers_200(url: str, *, verify: Any = True, timeout: float = 2.0) -> bool:
+    """True when a GET of `url` answers 200; False while the server is not listening yet."""
+    import httpx
+
+    try:
+        return httpx.get(url, verify=verify, timeout=timeout).status_code == 200
+    except httpx.TransportError:
+        return False

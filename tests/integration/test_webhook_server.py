@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from certs.generate import generate_serving_certificate, write_files
+from tests.waiting import answers_200, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,17 +84,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     srv = Server(proc, f"https://127.0.0.1:{port}", paths.ca, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             assert proc.poll() is None, f"ibc webhook exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                with srv.client() as c:
-                    if c.get("/readyz").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"ibc webhook not ready in 30 s:\n{log.read_text()}"
-            time.sleep(0.1)
+            return answers_200(f"{srv.url}/readyz", verify=str(srv.ca))
+
+        wait_until(ready, 30, "ibc webhook ready", interval=0.1)
         yield srv
     finally:
         if proc.poll() is None:
