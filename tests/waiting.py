@@ -1,6 +1,6 @@
 """Wait on the thing, not on the clock: poll a condition until it holds, with a deadline that fails the test.
 
-Why: a `time.sleep(0.2)` before an assertion passes on a quiet machine and fails (or, worse, passes
+Why: a fixed nap before an assertion passes on a quiet machine and fails (or, worse, passes
 without testing anything) on a loaded one. A poll ends as soon as the condition holds and says what
 it was waiting for when it does not.
 """
