@@ -45,11 +45,12 @@ _WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the
 class ApiError(Exception):
     """An API call failed: `status` is the HTTP status (0 when the server was not reached)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after_seconds: int | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after_seconds = retry_after_seconds  # the answer's Retry-After header (a 429's), if any
 
     @property
     def webhook_denial(self) -> str | None:
@@ -162,15 +163,22 @@ def raw_request(
         )
         resp = api.call_api(*serialized, _request_timeout=timeout)
     except ApiException as exc:
-        raise ApiError(exc.status or 0, *_status(exc.body, str(exc.reason or "Error"))) from exc
+        retry = _retry_after(exc.headers)
+        raise ApiError(exc.status or 0, *_status(exc.body, str(exc.reason or "Error")), retry) from exc
     except Exception as exc:  # urllib3 connection errors and timeouts
         raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
     raw = resp.response
     if not 200 <= resp.status <= 299:
         data = raw.data
         raw.release_conn()
-        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")))
+        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")), _retry_after(raw.headers))
     return raw
+
+
+def _retry_after(headers: Any) -> int | None:
+    """Whole seconds of a Retry-After header, else None (an HTTP date is not what the apiserver sends)."""
+    value = str((headers or {}).get("Retry-After") or "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def request_json(api: Any, method: str, path: str, **kwargs: Any) -> Any:

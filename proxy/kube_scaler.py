@@ -112,14 +112,19 @@ def denial_from(exc: ApiError) -> str | None:
     return exc.webhook_denial
 
 
-def denied_decision(local: Decision, webhook_message: str, default_retry_after_seconds: int) -> Decision:
-    """The locally recomputed decision, refused, carrying the webhook's words (and its reason and retry hint)."""
+def denied_decision(
+    local: Decision, webhook_message: str, default_retry_after_seconds: int, retry_after: int | None = None
+) -> Decision:
+    """The locally recomputed decision, refused, carrying the webhook's words (and its reason and retry hint:
+    the message's "retry after Ns", else the apiserver's Retry-After header, as a busy webhook sends)."""
     message = webhook_message
     retry = local.retry_after_seconds
     suffix = _RETRY_SUFFIX.search(message)
     if suffix:
         retry = int(suffix.group("seconds"))
         message = message[: suffix.start()]
+    elif retry_after is not None:
+        retry = retry_after
     reason = local.reason if not local.allowed else "scale_denied"
     prefix = _REASON_PREFIX.match(message)
     if prefix:
@@ -310,10 +315,12 @@ class KubeScaler:
             if webhook_message is None:
                 raise ScalerUnavailable(f"scaling {model_key} to {replicas} failed: {exc}") from exc
             log.info("scale-up of %s to %d denied: %s", model_key, replicas, webhook_message)
-            raise ScaleDenied(self._denied(model_key, replicas, webhook_message)) from exc
+            raise ScaleDenied(self._denied(model_key, replicas, webhook_message, exc.retry_after_seconds)) from exc
         log.info("asked for %d replica(s) of %s", replicas, model_key)
 
-    def _denied(self, model_key: str, replicas: int, webhook_message: str) -> Decision:
+    def _denied(
+        self, model_key: str, replicas: int, webhook_message: str, retry_after: int | None = None
+    ) -> Decision:
         try:
             local = decide_scale(
                 self.cache.view(),
@@ -324,7 +331,7 @@ class KubeScaler:
             )
         except UnknownModelError as exc:
             raise ScalerUnavailable(f"{model_key} disappeared while scaling: {exc}") from exc
-        return denied_decision(local, webhook_message, self.default_retry_after_seconds)
+        return denied_decision(local, webhook_message, self.default_retry_after_seconds, retry_after)
 
     def _deployment_of(self, namespace: str, label: str) -> dict[str, Any] | None:
         for obj in self.cache.objects("Deployment"):
