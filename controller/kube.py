@@ -10,7 +10,7 @@ deposed leader outlives its renew deadline), and every write names the controlle
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from controller.errors import NotLeader
@@ -34,21 +34,12 @@ class Kube(api.Kube):
         self.may_write = may_write
         self.write_seconds_left = write_seconds_left
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, Any] | None = None,
-        body: Any = None,
-        content_type: str | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """One call, bounded by `timeout` (default ``timeout_seconds``) and, for a write, by the lease."""
-        seconds = self.timeout_seconds if timeout is None else min(timeout, self.timeout_seconds)
-        if method != "GET":
-            left = self.write_seconds_left()
-            if not self.may_write() or left <= 0:
-                raise NotLeader(f"not the leader: refusing {method} {path}")
-            seconds = min(seconds, left)
-        return super().request(method, path, query=query, body=body, content_type=content_type, timeout=seconds)
+    def before(self, method: str, path: str, timeout: float) -> float:
+        """Refuse a write unless leading; cut a write's timeout to the time left before the renew deadline."""
+        seconds = min(timeout, self.timeout_seconds)
+        if method == "GET":
+            return seconds
+        left = self.write_seconds_left()
+        if not self.may_write() or left <= 0:
+            raise NotLeader(f"not the leader: refusing {method} {path}")
+        return min(seconds, left)

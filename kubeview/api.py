@@ -210,7 +210,7 @@ class Kube:
         content_type: str | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        self.before(method, path)
+        seconds = self.before(method, path, self.timeout_seconds if timeout is None else timeout)
         out = request_json(
             self.api,
             method,
@@ -218,14 +218,16 @@ class Kube:
             query=query,
             body=body,
             content_type=content_type or "application/json",
-            timeout=self.timeout_seconds if timeout is None else timeout,
+            timeout=seconds,
         )
         if out is None:
             return {}
         return out if isinstance(out, dict) else {"items": out}
 
-    def before(self, method: str, path: str) -> None:
-        """Called before every request; a subclass raises to refuse one (the controller fences writes)."""
+    def before(self, method: str, path: str, timeout: float) -> float:
+        """Called before every request with its timeout; returns the timeout to use. A subclass raises to
+        refuse a request or shortens the timeout (the controller fences writes by its lease)."""
+        return timeout
 
     def _writing(self, query: Mapping[str, Any] | None = None) -> dict[str, Any]:
         out = dict(query or {})
