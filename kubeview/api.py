@@ -171,7 +171,8 @@ def raw_request(
     if not 200 <= resp.status <= 299:
         data = raw.data
         raw.release_conn()
-        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")), _retry_after(raw.headers))
+        retry = _retry_after(getattr(raw, "headers", None))
+        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")), retry)
     return raw
 
 
