@@ -855,10 +855,13 @@ subjects:
         return revision
 
     def api_client(self) -> Any:
-        """A new ``kubernetes.client.ApiClient`` for the admin kubeconfig (one per thread is safest)."""
-        from kubeview import load_api_client
+        """A new ``kubernetes.client.ApiClient`` for the admin kubeconfig (one per thread is safest).
 
-        return load_api_client(str(self.kubeconfig))
+        The test's own driver keeps urllib3's retries (a 429 while a CRD's storage re-initializes is waited
+        out); the components under test use `kubeview.load_api_client`, which does not retry."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def issue_serving_cert(
         self, dns_names: Iterable[str] = (), ip_addresses: Iterable[str] = ("127.0.0.1",)
