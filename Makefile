@@ -68,7 +68,8 @@ mutation-glue: setup
 ## test), cluster, engine, pods (and stress, bounded)
 test: lint kube-binaries tools browser engine pods-node
 	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine or pods" -p no:cacheprovider; \
-	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; case "$${CI:-}" in 1|true|TRUE|True|yes) ;; *) rc=0;; esac; fi; \
+	exit $$rc
 
 unit: setup
 	$(BIN)/python -m pytest -m unit -q

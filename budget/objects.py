@@ -325,8 +325,19 @@ def flatten(objects: Iterable[Any]) -> list[Obj]:
     return out
 
 
+def fallback_memory(pod: Obj, models: Mapping[str, Model]) -> int | None:
+    """The memory of a model pod without the annotation (an adopted Deployment's): its model's, if known."""
+    label = model_label(pod)
+    if not label:
+        return None
+    found = models.get(model_key(_name(pod)[0], label))
+    return found.memory_bytes if found else None
+
+
 def merge_models(inference_models: Iterable[Model], deployment_models: Iterable[Model]) -> dict[str, Model]:
-    """InferenceModels win; a labelled Deployment adds a model or raises its desired replicas."""
+    """InferenceModels win; a labelled Deployment adds a model or raises its desired replicas.
+
+    Callers pass both in a fixed order (by object key), so the result never depends on arrival order."""
     models = {m.key: m for m in inference_models}
     for dm in deployment_models:
         existing = models.get(dm.key)
@@ -341,32 +352,37 @@ def merge_models(inference_models: Iterable[Model], deployment_models: Iterable[
 def view_from_objects(objects: Iterable[Any]) -> ClusterView:
     """Nodes, Pods, Deployments and InferenceModels -> one ClusterView (other kinds are ignored)."""
     nodes: list[Node] = []
-    inference_models: list[Model] = []
-    deployment_models: list[Model] = []
+    inference_models: list[tuple[str, Model]] = []
+    deployment_models: list[tuple[str, Model]] = []
     pods: list[Obj] = []
     for obj in flatten(objects):
         kind = obj.get("kind")
         if kind == "Node":
             nodes.append(node_from_object(obj))
         elif kind == "InferenceModel":
-            inference_models.append(model_from_inferencemodel(obj))
+            inference_models.append((object_key(obj), model_from_inferencemodel(obj)))
         elif kind == "Deployment":
             dm = model_from_deployment(obj)
             if dm is not None:
-                deployment_models.append(dm)
+                deployment_models.append((object_key(obj), dm))
         elif kind == "Pod":
             pods.append(obj)
         elif not isinstance(kind, str):
             raise ObjectError(f"{_describe(obj)}: missing kind")
-    models = merge_models(inference_models, deployment_models)
+    models = merge_models(
+        (m for _, m in sorted(inference_models, key=lambda km: km[0])),
+        (m for _, m in sorted(deployment_models, key=lambda km: km[0])),
+    )
     placements = []
     for pod in pods:
-        label = model_label(pod)
-        fallback = None
-        if label:
-            found = models.get(model_key(_name(pod)[0], label))
-            fallback = found.memory_bytes if found else None
-        p = placement_from_pod(pod, fallback_memory=fallback)
+        p = placement_from_pod(pod, fallback_memory=fallback_memory(pod, models))
         if p is not None:
             placements.append(p)
-    return ClusterView.build(nodes=nodes, models=models.values(), placements=placements)
+    return ClusterView.build(nodes=nodes, models=models.values(), placements=sorted(placements, key=lambda p: p.pod))
+
+
+def object_key(obj: Obj) -> str:
+    """`namespace/name` of a namespaced object, `name` of a cluster-scoped one (as the cache keys them)."""
+    meta = _map(obj, "metadata")
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta.get('name')}" if namespace else str(meta.get("name"))

@@ -9,6 +9,7 @@ converges without flapping (it writes nothing when nothing changed).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -73,7 +74,12 @@ class Controller:
         self.cache = ClusterCache(self.api, kinds=KINDS, namespace=settings.namespace)
         self.queue = WorkQueue()
         self._leading = threading.Event()
-        self.kube = Kube(self.api, may_write=self._leading.is_set)
+        lead = settings.leader
+        self.elector: LeaderElector | None = None
+        if lead.enabled:
+            lease_ns = default_lease_namespace(settings)
+            self.elector = LeaderElector(Kube(self.api), lease_ns, lead.lease_name, self.identity, lead.timings)
+        self.kube = Kube(self.api, may_write=self.may_write, write_seconds_left=self.write_seconds_left)
         self.source = source or make_source(settings, Kube(self.api))
         self.observations = ObservationStore(settings.observe.publish_every_seconds)
         self.recorder = EventRecorder(self.kube, self.identity)
@@ -106,7 +112,7 @@ class Controller:
                     models=self.reconciler.memory_records,
                     registry=self.registry,
                     ready=lambda: self.cache.synced,
-                    leader=self._leading.is_set,
+                    leader=self.may_write,
                 )
             )
             self.server = serve_in_thread(app, self.settings.metrics_bind, access_log=False, name="metrics-http")
@@ -121,21 +127,23 @@ class Controller:
                 last_warning = time.monotonic()
                 log.warning("still waiting for the first list of %s (%.0fs)", ", ".join(KINDS), last_warning - t0)
         log.info("cache synced in %.2fs: %d models", time.monotonic() - t0, len(self.cache.objects("InferenceModel")))
-        lead = self.settings.leader
-        if lead.enabled:
-            elector = LeaderElector(
-                Kube(self.api),
-                default_lease_namespace(self.settings),
-                lead.lease_name,
-                self.identity,
-                lead.timings,
-            )
-            elector.run(self._start_leading, self._stop_leading, self._stop)
+        if self.elector is not None:
+            self.elector.run(self._start_leading, self._stop_leading, self._stop)
         else:
             self._start_leading()
             self._stop.wait()
             self._stop_leading()
         return self._shutdown()
+
+    def write_seconds_left(self) -> float:
+        """How long this replica may still write: until the lease's renew deadline (forever without one)."""
+        if not self._leading.is_set():
+            return 0.0
+        return math.inf if self.elector is None else self.elector.write_seconds_left()
+
+    def may_write(self) -> bool:
+        """Leading, and (with leader election) renewed less than the renew deadline ago."""
+        return self.write_seconds_left() > 0
 
     def stop(self) -> None:
         """Ask `run()` to return (signal handlers call this)."""

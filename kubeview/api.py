@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -30,17 +31,26 @@ MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
+RETRIES = urllib3.Retry(
+    total=3, connect=3, read=0, redirect=0, status=0, other=0, respect_retry_after_header=False
+)
+"""Re-try only a failure to connect (nothing was sent). urllib3's default also re-sends a GET or a PUT
+whose answer timed out, three times: a call with a 2 s timeout took 8 s against a server that hangs,
+longer than a leader's renew deadline; and it sleeps out a 429's Retry-After. Callers retry at their own
+level, where they know their deadline; a 429 reaches them as an ApiError with status 429."""
+
 _WEBHOOK_DENIAL = re.compile(r'admission webhook "(?P<webhook>[^"]+)" denied the request: (?P<message>.*)', re.S)
 
 
 class ApiError(Exception):
     """An API call failed: `status` is the HTTP status (0 when the server was not reached)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after_seconds: int | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}" if status else message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after_seconds = retry_after_seconds  # the answer's Retry-After header (a 429's), if any
 
     @property
     def webhook_denial(self) -> str | None:
@@ -101,10 +111,17 @@ RESOURCES = {r.kind: r for r in (NODES, PODS, SERVICES, CONFIGMAPS, SECRETS, DEP
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """An ApiClient from a kubeconfig file (never written back), or in-cluster config when none is given."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig, context=context, persist_config=False)
+    """An ApiClient from a kubeconfig file (never written back), or in-cluster config when none is given.
+
+    Its requests are never re-sent after a read error (:data:`RETRIES`), so a call's timeout is the
+    longest it can take.
+    """
     cfg = client.Configuration()
+    cfg.retries = RETRIES
+    if kubeconfig:
+        return config.new_client_from_config(
+            config_file=kubeconfig, context=context, persist_config=False, client_configuration=cfg
+        )
     config.load_incluster_config(client_configuration=cfg)
     return client.ApiClient(cfg)
 
@@ -146,15 +163,23 @@ def raw_request(
         )
         resp = api.call_api(*serialized, _request_timeout=timeout)
     except ApiException as exc:
-        raise ApiError(exc.status or 0, *_status(exc.body, str(exc.reason or "Error"))) from exc
+        retry = _retry_after(exc.headers)
+        raise ApiError(exc.status or 0, *_status(exc.body, str(exc.reason or "Error")), retry) from exc
     except Exception as exc:  # urllib3 connection errors and timeouts
         raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
     raw = resp.response
     if not 200 <= resp.status <= 299:
         data = raw.data
         raw.release_conn()
-        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")))
+        retry = _retry_after(getattr(raw, "headers", None))
+        raise ApiError(resp.status, *_status(data, str(resp.reason or "Error")), retry)
     return raw
+
+
+def _retry_after(headers: Any) -> int | None:
+    """Whole seconds of a Retry-After header, else None (an HTTP date is not what the apiserver sends)."""
+    value = str((headers or {}).get("Retry-After") or "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def request_json(api: Any, method: str, path: str, **kwargs: Any) -> Any:
@@ -186,7 +211,7 @@ class Kube:
         content_type: str | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        self.before(method, path)
+        seconds = self.before(method, path, self.timeout_seconds if timeout is None else timeout)
         out = request_json(
             self.api,
             method,
@@ -194,14 +219,16 @@ class Kube:
             query=query,
             body=body,
             content_type=content_type or "application/json",
-            timeout=self.timeout_seconds if timeout is None else timeout,
+            timeout=seconds,
         )
         if out is None:
             return {}
         return out if isinstance(out, dict) else {"items": out}
 
-    def before(self, method: str, path: str) -> None:
-        """Called before every request; a subclass raises to refuse one (the controller fences writes)."""
+    def before(self, method: str, path: str, timeout: float) -> float:
+        """Called before every request with its timeout; returns the timeout to use. A subclass raises to
+        refuse a request or shortens the timeout (the controller fences writes by its lease)."""
+        return timeout
 
     def _writing(self, query: Mapping[str, Any] | None = None) -> dict[str, Any]:
         out = dict(query or {})
@@ -209,23 +236,26 @@ class Kube:
             out["fieldManager"] = self.field_manager
         return out
 
-    def get(self, path: str, query: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    def get(
+        self, path: str, query: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """The object at `path`, or None when it does not exist."""
         try:
-            return self.request("GET", path, query=query)
+            return self.request("GET", path, query=query, timeout=timeout)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("POST", path, query=self._writing(), body=dict(body))
+    def create(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("POST", path, query=self._writing(), body=dict(body), timeout=timeout)
 
-    def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("PUT", path, query=self._writing(), body=dict(body))
+    def replace(self, path: str, body: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        return self.request("PUT", path, query=self._writing(), body=dict(body), timeout=timeout)
 
-    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", path, query=self._writing(), body=dict(patch), content_type=MERGE_PATCH)
+    def merge_patch(self, path: str, patch: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        query = self._writing()
+        return self.request("PATCH", path, query=query, body=dict(patch), content_type=MERGE_PATCH, timeout=timeout)
 
     def json_patch(self, path: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
         return self.request("PATCH", path, query=self._writing(), body=list(ops), content_type=JSON_PATCH)

@@ -17,14 +17,13 @@ from typing import Any
 
 from budget import ClusterView, Model, Node, ObjectError, Placement
 from budget.objects import (
+    fallback_memory,
     merge_models,
     model_from_deployment,
     model_from_inferencemodel,
-    model_label,
     node_from_object,
     placement_from_pod,
 )
-from budget.view import model_key
 from kubeview.api import RESOURCES, ApiError, raw_request
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,18 @@ class ClusterCache:
         self._nodes: dict[str, Node] = {}
         self._im_models: dict[str, Model] = {}
         self._dep_models: dict[str, Model] = {}
-        self._placements: dict[str, Placement] = {}
+        # Pods are translated when a view is built, against the models of that moment (a pod without the
+        # memory annotation takes its model's), so the view never depends on which kind listed first.
+        # Memo: pod key -> (the raw pod, the fallback it was translated with, its placement).
+        self._pod_memo: dict[str, tuple[dict[str, Any], int | None, Placement | None]] = {}
         self._view: ClusterView | None = None
         self._synced = {k: threading.Event() for k in kinds}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._responses: dict[str, Any] = {}  # kind -> the open watch response, closed by stop()
+        self.lists = {k: 0 for k in kinds}  # successful lists per kind: 1 + one per 410 or broken watch
+        self.failures = {k: 0 for k in kinds}  # failed lists/watches per kind (each followed by a backoff)
+        self.watches = {k: 0 for k in kinds}  # watch requests answered per kind (a new one per server timeout)
         self._listeners: list[Listener] = []
         self.generation = 0  # bumps on every change; cheap "did anything change" check
 
@@ -76,8 +82,18 @@ class ClusterCache:
             self._threads.append(t)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop at once: close the open watch responses (a watch would otherwise linger until its server
+        timeout, minutes), wake any backoff, and wait up to `timeout` s for the threads; True if all ended."""
         self._stop.set()
+        with self._lock:
+            responses = list(self._responses.values())
+        for resp in responses:
+            _shut(resp)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     @property
     def synced(self) -> bool:
@@ -96,15 +112,39 @@ class ClusterCache:
 
     # ----- reads -----
     def view(self) -> ClusterView:
+        """The view of the objects held now: a function of the objects alone, never of their order."""
         with self._lock:
             if self._view is None:
-                models = merge_models(self._im_models.values(), self._dep_models.values())
+                models = merge_models(
+                    (self._im_models[k] for k in sorted(self._im_models)),
+                    (self._dep_models[k] for k in sorted(self._dep_models)),
+                )
                 self._view = ClusterView(
                     nodes=tuple(sorted(self._nodes.values(), key=lambda n: n.name)),
                     models=models,
-                    placements=tuple(self._placements.values()),
+                    placements=self._placements(models),
                 )
             return self._view
+
+    def _placements(self, models: dict[str, Model]) -> tuple[Placement, ...]:
+        """Each stored pod's placement, translated again only when the pod or its model's memory changed."""
+        memo: dict[str, tuple[dict[str, Any], int | None, Placement | None]] = {}
+        for key, pod in sorted(self._objects.get("Pod", {}).items()):
+            placement: Placement | None = None
+            try:
+                fallback = fallback_memory(pod, models)
+                known = self._pod_memo.get(key)
+                if known is not None and known[0] is pod and known[1] == fallback:
+                    placement = known[2]
+                else:
+                    placement = placement_from_pod(pod, fallback_memory=fallback)
+            except ObjectError as exc:
+                fallback = None
+                if key not in self._pod_memo or self._pod_memo[key][0] is not pod:
+                    log.warning("ignoring malformed Pod %s: %s", key, exc)
+            memo[key] = (pod, fallback, placement)
+        self._pod_memo = memo
+        return tuple(p for _, _, p in memo.values() if p is not None)
 
     def objects(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -145,20 +185,11 @@ class ClusterCache:
                 self._put(self._im_models, key, model_from_inferencemodel(obj) if obj else None)
             elif kind == "Deployment":
                 self._put(self._dep_models, key, model_from_deployment(obj) if obj else None)
-            elif kind == "Pod":
-                placement = None
-                if obj is not None:
-                    label = model_label(obj)
-                    fallback = None
-                    if label:
-                        m = self._im_models.get(model_key(obj_key(obj).split("/")[0], label))
-                        fallback = m.memory_bytes if m else None
-                    placement = placement_from_pod(obj, fallback_memory=fallback)
-                self._put(self._placements, key, placement)
+            # Pods: translated when a view is built (see _placements).
         except ObjectError as exc:
             log.warning("ignoring malformed %s %s: %s", kind, key, exc)
             self._put({"Node": self._nodes, "InferenceModel": self._im_models,
-                       "Deployment": self._dep_models, "Pod": self._placements}[kind], key, None)
+                       "Deployment": self._dep_models}[kind], key, None)
 
     @staticmethod
     def _put(store: dict[str, Any], key: str, value: Any) -> None:
@@ -206,7 +237,12 @@ class ClusterCache:
         if kind in self.label_selectors:
             query["labelSelector"] = self.label_selectors[kind]
         resp = self._request(self._path(kind), query, (10, self.watch_timeout_seconds + 30))
+        with self._lock:
+            self._responses[kind] = resp
+            self.watches[kind] += 1
         try:
+            if self._stop.is_set():  # stop() ran before the response was registered
+                return
             buffer = b""
             for chunk in resp.stream(65536, decode_content=False):
                 if self._stop.is_set():
@@ -217,13 +253,19 @@ class ClusterCache:
                     if line.strip():
                         yield json.loads(line)
         finally:
-            resp.release_conn()
+            with self._lock:
+                self._responses.pop(kind, None)
+            if self._stop.is_set():
+                _shut(resp)  # its connection is not reused
+            else:
+                resp.release_conn()
 
     def _run(self, kind: str) -> None:
         backoff = 0.2
         while not self._stop.is_set():
             try:
                 rv = self._list(kind)
+                self.lists[kind] += 1
                 self._synced[kind].set()
                 backoff = 0.2
                 while not self._stop.is_set():
@@ -244,14 +286,31 @@ class ClusterCache:
             except ApiError as exc:
                 if exc.status == 410:
                     log.info("watch of %s expired (410); re-listing", kind)
-                else:
-                    log.warning("list/watch of %s failed: %s", kind, exc)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-            except Exception as exc:
-                log.warning("list/watch of %s broke: %s", kind, exc)
+                    continue
+                if self._stop.is_set():
+                    return
+                self.failures[kind] += 1
+                log.warning("list/watch of %s failed: %s (retry in %.1fs)", kind, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return  # the response was closed by stop()
+                self.failures[kind] += 1
+                log.warning("list/watch of %s broke: %s (retry in %.1fs)", kind, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+def _shut(resp: Any) -> None:
+    """Close a streaming response from any thread, unblocking a read in progress (urllib3 >= 2.3)."""
+    try:
+        shutdown = getattr(resp, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        resp.close()
+    except Exception as exc:  # closing must never raise into stop()
+        log.debug("closing a watch response: %s", exc)
 
 
 class _Gone(Exception):

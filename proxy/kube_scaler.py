@@ -29,6 +29,10 @@ from proxy.scaler import ScaleDenied, ScalerUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000
+# A stopping worker writes the activity not written yet within this long (gunicorn's graceful timeout is 30 s).
+STOP_FLUSH_SECONDS = 5.0
+# The longest a scale PATCH may take: the webhook behind it answers within its timeoutSeconds (5 s).
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
 KINDS = ("Node", "Pod", "Deployment", "InferenceModel")
 # Container states that mean the replica will not become ready without someone fixing something.
 FAILED_WAITING_REASONS = frozenset(
@@ -108,14 +112,19 @@ def denial_from(exc: ApiError) -> str | None:
     return exc.webhook_denial
 
 
-def denied_decision(local: Decision, webhook_message: str, default_retry_after_seconds: int) -> Decision:
-    """The locally recomputed decision, refused, carrying the webhook's words (and its reason and retry hint)."""
+def denied_decision(
+    local: Decision, webhook_message: str, default_retry_after_seconds: int, retry_after: int | None = None
+) -> Decision:
+    """The locally recomputed decision, refused, carrying the webhook's words (and its reason and retry hint:
+    the message's "retry after Ns", else the apiserver's Retry-After header, as a busy webhook sends)."""
     message = webhook_message
     retry = local.retry_after_seconds
     suffix = _RETRY_SUFFIX.search(message)
     if suffix:
         retry = int(suffix.group("seconds"))
         message = message[: suffix.start()]
+    elif retry_after is not None:
+        retry = retry_after
     reason = local.reason if not local.allowed else "scale_denied"
     prefix = _REASON_PREFIX.match(message)
     if prefix:
@@ -147,7 +156,7 @@ class KubeScaler:
         namespace: str | None = None,
         cache: ClusterCache | None = None,
         touch_interval_seconds: float = 5.0,
-        request_timeout_seconds: float = 10.0,
+        request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
         default_retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -155,6 +164,10 @@ class KubeScaler:
         self.namespace = namespace
         self.cache = cache or ClusterCache(api, kinds=KINDS, namespace=namespace)
         self.touch_interval_seconds = touch_interval_seconds
+        if touch_interval_seconds <= 0 or request_timeout_seconds <= 0:
+            raise ValueError("touch_interval_seconds and request_timeout_seconds must be > 0")
+        # A scale PATCH waits for the webhook (timeoutSeconds 5 s) and must end before the request that
+        # asked for it gives up: the command line passes min(10 s, half the cold-start timeout).
         self.request_timeout_seconds = request_timeout_seconds
         self.default_retry_after_seconds = default_retry_after_seconds
         self._clock = clock
@@ -193,9 +206,9 @@ class KubeScaler:
         self._wake.set()
         self.cache.stop()
         if self._flusher is not None:
-            self._flusher.join(timeout=5)
+            self._flusher.join(timeout=STOP_FLUSH_SECONDS)
             try:
-                self.flush(force=True)
+                self.flush(force=True, deadline=time.monotonic() + STOP_FLUSH_SECONDS)
             except Exception as exc:  # the API server may be gone already
                 log.warning("final lastRequestTime writes failed: %s", exc)
 
@@ -302,10 +315,12 @@ class KubeScaler:
             if webhook_message is None:
                 raise ScalerUnavailable(f"scaling {model_key} to {replicas} failed: {exc}") from exc
             log.info("scale-up of %s to %d denied: %s", model_key, replicas, webhook_message)
-            raise ScaleDenied(self._denied(model_key, replicas, webhook_message)) from exc
+            raise ScaleDenied(self._denied(model_key, replicas, webhook_message, exc.retry_after_seconds)) from exc
         log.info("asked for %d replica(s) of %s", replicas, model_key)
 
-    def _denied(self, model_key: str, replicas: int, webhook_message: str) -> Decision:
+    def _denied(
+        self, model_key: str, replicas: int, webhook_message: str, retry_after: int | None = None
+    ) -> Decision:
         try:
             local = decide_scale(
                 self.cache.view(),
@@ -316,7 +331,7 @@ class KubeScaler:
             )
         except UnknownModelError as exc:
             raise ScalerUnavailable(f"{model_key} disappeared while scaling: {exc}") from exc
-        return denied_decision(local, webhook_message, self.default_retry_after_seconds)
+        return denied_decision(local, webhook_message, self.default_retry_after_seconds, retry_after)
 
     def _deployment_of(self, namespace: str, label: str) -> dict[str, Any] | None:
         for obj in self.cache.objects("Deployment"):
@@ -344,10 +359,17 @@ class KubeScaler:
             except Exception:  # the writer must survive anything
                 log.exception("writing lastRequestTime failed")
 
-    def flush(self, *, force: bool = False) -> int:
-        """Write every due `status.lastRequestTime`; returns how many were written."""
+    def flush(self, *, force: bool = False, deadline: float | None = None) -> int:
+        """Write every due `status.lastRequestTime` before `deadline` (monotonic; default: one touch
+        interval from now, the writer's own period); returns how many were written."""
+        if deadline is None:
+            deadline = time.monotonic() + self.touch_interval_seconds
         written = 0
         for key, seen in list(self._touched.items()):
+            left = min(self.request_timeout_seconds, deadline - time.monotonic())
+            if left <= 0:
+                log.warning("lastRequestTime writes left for later: out of time")
+                break
             if seen <= self._written.get(key, float("-inf")):
                 continue
             last = self._written_at.get(key)
@@ -359,7 +381,7 @@ class KubeScaler:
                 continue
             try:
                 path = INFERENCE_MODELS.path(namespace, name, "status")
-                self._kube.merge_patch(path, {"status": {"lastRequestTime": rfc3339(seen)}})
+                self._kube.merge_patch(path, {"status": {"lastRequestTime": rfc3339(seen)}}, timeout=left)
             except ApiError as exc:
                 if exc.status == 404:
                     self._touched.pop(key, None)

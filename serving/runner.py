@@ -31,12 +31,14 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.workers import gthread
 
 from certs.errors import CertFileError
 from certs.reload import DEFAULT_CHECK_INTERVAL_MS, CertReloader
@@ -50,6 +52,57 @@ log = logging.getLogger(__name__)
 
 WSGIApp = Callable[..., Any]
 WORKER_CLASSES = ("gthread", "gevent")
+QUEUED_ENV = "ibc.queued_seconds"  # WSGI environ: how long the request waited for a worker thread
+
+
+# After a TLS handshake, how long a thread waits for the request before giving the connection back to
+# the poller. A client sends its request right after the handshake it dialled for; a Go client (the
+# kube-apiserver) also dials ahead and parks handshaken connections idle for up to 90 s.
+REQUEST_AFTER_HANDSHAKE_SECONDS = 0.05
+
+
+class QueueStampingWorker(gthread.ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker with two changes a webhook needs to answer before the apiserver's timeout.
+
+    - ``environ["ibc.queued_seconds"]``: how long the request waited in the thread pool's queue (the app
+      cannot see that wait otherwise, and the apiserver's clock started before it);
+    - a TLS connection whose handshake is done but whose request has not come is handed back to the
+      poller instead of holding a thread in a blocking read: under a 60-way burst the apiserver's
+      dialled-ahead connections held every thread and queued reviews for 35 s.
+    """
+
+    _local = threading.local()
+
+    def enqueue_req(self, conn: Any) -> None:
+        conn.ibc_enqueued_at = time.monotonic()
+        super().enqueue_req(conn)
+
+    def handle(self, conn: Any) -> Any:
+        enqueued = getattr(conn, "ibc_enqueued_at", None)
+        self._local.queued = 0.0 if enqueued is None else time.monotonic() - enqueued
+        if self.cfg.is_ssl and not conn.initialized:
+            try:
+                if not conn.wait_for_data(gthread.DEFAULT_WORKER_DATA_TIMEOUT):
+                    return gthread._DEFER
+                conn.init()  # the handshake
+                if not conn.is_http2 and not conn.sock.pending():
+                    conn.data_ready = False
+                    if not conn.wait_for_data(REQUEST_AFTER_HANDSHAKE_SECONDS):
+                        return gthread._DEFER  # handshaken, no request yet: the poller wakes us
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self.log.debug("TLS connection failed: %s", exc)
+                return False
+        return super().handle(conn)
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app, local = self.wsgi, self._local
+
+        def stamped(environ: dict[str, Any], start_response: Any) -> Any:
+            environ[QUEUED_ENV] = getattr(local, "queued", 0.0)
+            return app(environ, start_response)
+
+        self.wsgi = stamped
 
 
 def add_server_arguments(
@@ -171,7 +224,8 @@ def serve(
         "bind": [format_bind(host, port)],
         "workers": workers,
         "threads": threads,
-        "worker_class": worker_class,
+        # gthread is served by QueueStampingWorker (queue time, idle TLS connections handed back)
+        "worker_class": QueueStampingWorker if worker_class == "gthread" else worker_class,
         "worker_connections": worker_connections,
         "timeout": timeout,
         "graceful_timeout": graceful_timeout,

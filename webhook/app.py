@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 from flask import Flask, Response, request
 
-from budget import BudgetError, ClusterView
+from budget import BudgetError, ClusterView, parse_duration
 from budget.objects import LABEL_MODEL
 from serving.http import add_json_errors, add_metrics, add_probes, json_response
 from webhook.admit import BUSY_CODE, Classifier, Demand, LookupFailed, ObjectLookup, decide
-from webhook.ledger import Ledger, LedgerBusy, LedgerEntry, LedgerUnavailable, Outcome
+from webhook.ledger import Ledger, LedgerBusy, LedgerEntry, LedgerUnavailable, Outcome, review_deadline
 from webhook.metrics import Metrics
 from webhook.review import (
     AdmissionRequest,
@@ -35,6 +35,19 @@ from webhook.review import (
 from webhook.settings import WebhookSettings
 
 log = logging.getLogger(__name__)
+
+QUEUED_ENV = "ibc.queued_seconds"  # set by serving.runner's worker: how long the request waited for a thread
+
+
+def apiserver_timeout(value: str | None, default: float) -> float:
+    """The apiserver's `?timeout=5s` (its webhook timeoutSeconds, rounded up to whole seconds), else `default`."""
+    if not value:
+        return default
+    try:
+        seconds = parse_duration(value, field="timeout")
+    except BudgetError:
+        return default
+    return seconds if 0 < seconds <= 30 else default  # the API allows 1..30 s
 
 
 class ViewSource(Protocol):
@@ -132,11 +145,24 @@ class Admitter:
         except BudgetError as exc:
             return denied(400, "invalid_object", str(exc))
         except LookupFailed as exc:
-            return denied(503, "lookup_failed", f"the budget webhook cannot read {exc}; retry")
+            return self._retry(503, "lookup_failed", f"the budget webhook cannot read {exc}; retry")
+
+    def _retry(self, code: int, reason: str, message: str) -> Verdict:
+        """A denial that asks the client to come back: the apiserver sends it with Retry-After."""
+        return denied(code, reason, message, retry_after_seconds=self.settings.busy_retry_after_seconds)
+
+    def busy(self, queued_seconds: float, timeout_seconds: float) -> Verdict:
+        """The answer when no decision can be made before the apiserver's timeout."""
+        return self._retry(
+            BUSY_CODE,
+            "busy",
+            f"admission is busy: this review waited {queued_seconds:.1f}s for the budget webhook "
+            f"(the API server waits {timeout_seconds:g}s); retry",
+        )
 
     def _decide(self, req: AdmissionRequest, demand: Demand) -> Verdict:
         if self.settings.require_synced and not self.source.synced:
-            return denied(BUSY_CODE, "not_synced", "the budget webhook has not synced its cluster view yet; retry")
+            return self._retry(BUSY_CODE, "not_synced", "the budget webhook has not synced its cluster view yet; retry")
 
         def attempt(entries: tuple[LedgerEntry, ...], now: float) -> Outcome:
             return decide(
@@ -153,15 +179,17 @@ class Admitter:
         except LedgerBusy as exc:
             self.metrics.ledger_conflicts.inc(exc.attempts)
             log.warning("%s: ledger busy after %d attempts", demand.what, exc.attempts)
-            return denied(
+            return self._retry(
                 BUSY_CODE,
                 "busy",
                 f"admission is busy: {exc.attempts} concurrent scale-ups changed the budget ledger while "
-                "this one was decided; retry",
+                "this one was decided, or the API server's timeout came near; retry",
             )
         except LedgerUnavailable as exc:
             log.error("%s: admission ledger unavailable: %s", demand.what, exc)
-            return denied(503, "ledger_unavailable", f"the budget webhook cannot reach its admission ledger: {exc}")
+            return self._retry(
+                503, "ledger_unavailable", f"the budget webhook cannot reach its admission ledger: {exc}"
+            )
         if outcome.attempts > 1:
             self.metrics.ledger_conflicts.inc(outcome.attempts - 1)
         verdict = outcome.verdict
@@ -206,6 +234,10 @@ def create_app(
     @app.post("/validate")
     def validate() -> Response:
         started = time.perf_counter()
+        queued = float(request.environ.get(QUEUED_ENV) or 0.0)
+        metrics.queue_seconds.observe(queued)
+        timeout = apiserver_timeout(request.args.get("timeout"), settings.default_timeout_seconds)
+        deadline = time.monotonic() - queued + timeout - settings.answer_margin_seconds
         length = request.content_length
         if length is not None and length > settings.max_request_bytes:
             limit = settings.max_request_bytes
@@ -221,11 +253,20 @@ def create_app(
             metrics.reviews.labels("unknown", "denied", "malformed").inc()
             answer = denied(400, "malformed", f"malformed AdmissionReview: {exc}")
             return json_response(review_response(exc.uid, answer))
+        token = review_deadline.set(deadline)
         try:
-            verdict = admitter.admit(req)
+            if time.monotonic() >= deadline:
+                log.warning("%s: queued %.2fs of the API server's %gs: busy", req.target, queued, timeout)
+                verdict = admitter.busy(queued, timeout)
+            else:
+                verdict = admitter.admit(req)
         except Exception as exc:  # a bug must still produce an answer the apiserver can read
             log.exception("unexpected error reviewing %s", req.target)
             verdict = denied(500, "internal_error", f"internal error in the inference budget webhook: {exc!r}")
+        finally:
+            review_deadline.reset(token)
+        if verdict.reason == "lookup_failed" and time.monotonic() >= deadline:
+            verdict = admitter.busy(queued, timeout)
         resource = req.resource + (f"/{req.sub_resource}" if req.sub_resource else "")
         metrics.reviews.labels(resource, "allowed" if verdict.allowed else "denied", verdict.reason).inc()
         response = json_response(review_response(req.uid, verdict))

@@ -38,6 +38,7 @@ from webhook.ledger import (
     encode,
     live,
     merged,
+    seconds_left,
 )
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,11 @@ class ApiLookup:
         self.timeout_seconds = timeout_seconds
 
     def _get(self, what: str, path: str) -> Mapping[str, Any] | None:
+        timeout = seconds_left(self.timeout_seconds)
+        if timeout <= 0:
+            raise LookupFailed(f"{what}: no time left before the API server's webhook timeout")
         try:
-            obj = request_json(self.api, "GET", path, timeout=self.timeout_seconds)
+            obj = request_json(self.api, "GET", path, timeout=timeout)
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -121,8 +125,12 @@ class ConfigMapLedger:
         self._last_rv: str | None = None  # resourceVersion of this process's latest write
         self.path = CONFIGMAPS.path(namespace, name)
 
-    def _timeout(self, deadline: float) -> float:
-        return max(0.2, min(2.0, deadline - time.monotonic()))
+    def _timeout(self, deadline: float, attempt: int) -> float:
+        """The time left before the transaction's deadline (at most 2 s a call): no call outlives it."""
+        left = min(2.0, deadline - time.monotonic())
+        if left <= 0:
+            raise LedgerBusy("the admission deadline passed before the ledger answered", attempts=attempt)
+        return left
 
     def read(self, timeout: float = 2.0) -> tuple[tuple[LedgerEntry, ...], str | None]:
         """All entries (expired too) and the resourceVersion; (), None when the ConfigMap does not exist."""
@@ -164,13 +172,13 @@ class ConfigMapLedger:
     def transact(self, decide: Decide, *, dry_run: bool, reflected: Reflected) -> Outcome:
         """Read and decide without the process lock (denials and dry runs never wait for it); take the lock
         only to commit, so the threads of one worker do not race each other's writes."""
-        deadline = time.monotonic() + self.deadline_seconds
+        deadline = time.monotonic() + seconds_left(self.deadline_seconds)
         locked = False
         try:
             attempt = 0
             while True:
                 attempt += 1
-                entries, rv = self.read(self._timeout(deadline))
+                entries, rv = self.read(self._timeout(deadline, attempt))
                 now = self.clock()
                 outcome = decide(live(entries, now), now)
                 if outcome.commit is None or dry_run:
@@ -183,7 +191,7 @@ class ConfigMapLedger:
                         continue  # a thread of this process wrote after our read: read again, under the lock
                 new = merged(entries, outcome.commit, now, reflected, self.prune_grace_seconds)
                 try:
-                    self._last_rv = self.write(new, rv, self._timeout(deadline))
+                    self._last_rv = self.write(new, rv, self._timeout(deadline, attempt))
                     return replace(outcome, attempts=attempt)
                 except _Conflict:
                     log.debug("admission ledger conflict on attempt %d for %s", attempt, outcome.commit.model)

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -34,6 +35,18 @@ DEFAULT_TTL_SECONDS = 60.0
 # An entry the objects already reflect is kept this long anyway: another webhook process's cache may
 # not have seen the new spec yet, and it relies on the entry until it does.
 DEFAULT_PRUNE_GRACE_SECONDS = 10.0
+
+
+# When the review being answered must be decided by (time.monotonic()); None outside a review. Set by the
+# HTTP edge from the apiserver's `?timeout=` minus the time the review queued and a margin, read by every
+# API call made for the review, so none of them outlives the apiserver's patience.
+review_deadline: ContextVar[float | None] = ContextVar("review_deadline", default=None)
+
+
+def seconds_left(cap: float) -> float:
+    """The time an API call made now may take: at most `cap`, never past the review's deadline (<= 0: none)."""
+    deadline = review_deadline.get()
+    return cap if deadline is None else min(cap, deadline - time.monotonic())
 
 
 class LedgerError(Exception):

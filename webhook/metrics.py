@@ -32,6 +32,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=self.registry,
         )
+        self.queue_seconds = Histogram(
+            "ibc_webhook_queue_seconds",
+            "Time a review waited for a worker thread before the webhook saw it (counts against the "
+            "API server's timeoutSeconds).",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0),
+            registry=self.registry,
+        )
         self.ledger_conflicts = Counter(
             "ibc_webhook_ledger_conflicts_total",
             "Ledger writes that lost the optimistic-concurrency race (409) and were decided again.",

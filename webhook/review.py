@@ -51,10 +51,15 @@ class InvalidObject(ReviewError):
     """The object under review is malformed (e.g. a bad memory quantity): denied with code 400."""
 
 
+class StatusDetailsWire(TypedDict, total=False):
+    retryAfterSeconds: int
+
+
 class StatusWire(TypedDict, total=False):
     code: int
     reason: str
     message: str
+    details: StatusDetailsWire
 
 
 class ResponseWire(TypedDict, total=False):
@@ -103,6 +108,7 @@ class Verdict:
     message: str = ""
     warnings: tuple[str, ...] = ()
     reason: str = ""  # a machine word for logs and metrics: fits, decrease, insufficient_memory, busy, ...
+    retry_after_seconds: int = 0  # > 0: the apiserver answers the client with this Retry-After header
 
     @property
     def status_reason(self) -> str:
@@ -115,11 +121,16 @@ def allowed(reason: str, message: str = "", warnings: tuple[str, ...] = ()) -> V
     return Verdict(True, 200, message, _clip_warnings(warnings), reason)
 
 
-def denied(code: int, reason: str, message: str, warnings: tuple[str, ...] = ()) -> Verdict:
-    """A denying verdict; the apiserver passes `code` through as the client's HTTP status."""
+def denied(
+    code: int, reason: str, message: str, warnings: tuple[str, ...] = (), *, retry_after_seconds: int = 0
+) -> Verdict:
+    """A denying verdict; the apiserver passes `code` through as the client's HTTP status, and
+    `retry_after_seconds` (status.details.retryAfterSeconds) as its Retry-After header."""
     if code < 400 or code > 599:
         raise ValueError(f"a denial needs an HTTP error code (400..599), got {code}")
-    return Verdict(False, code, message, _clip_warnings(warnings), reason)
+    if retry_after_seconds < 0:
+        raise ValueError(f"retry_after_seconds must be >= 0, got {retry_after_seconds}")
+    return Verdict(False, code, message, _clip_warnings(warnings), reason, retry_after_seconds)
 
 
 def _clip_warnings(warnings: tuple[str, ...]) -> tuple[str, ...]:
@@ -135,6 +146,8 @@ def review_response(uid: str, verdict: Verdict) -> ReviewWire:
     response: ResponseWire = {"uid": uid, "allowed": verdict.allowed}
     if not verdict.allowed:
         response["status"] = {"code": verdict.code, "reason": verdict.status_reason, "message": verdict.message}
+        if verdict.retry_after_seconds:
+            response["status"]["details"] = {"retryAfterSeconds": verdict.retry_after_seconds}
     if verdict.warnings:
         response["warnings"] = list(verdict.warnings)
     return {"apiVersion": API_VERSION, "kind": KIND, "response": response}

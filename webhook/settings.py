@@ -28,6 +28,14 @@ class WebhookSettings:
     ledger_max_attempts: int = 8
     # The whole decide-and-commit must end well inside the configuration's timeoutSeconds (5 s).
     ledger_deadline_seconds: float = 3.0
+    # The apiserver gives up on a webhook after its timeoutSeconds (sent as `?timeout=5s`; 10 s when the
+    # configuration sets none) and, with failurePolicy Fail, tells the user only "failed calling webhook".
+    # A review that cannot be decided by then minus this margin (the answer's way back and the apiserver's
+    # own work, on a loaded 2-core node) is denied at once with "busy, retry" (429 + Retry-After) instead.
+    answer_margin_seconds: float = 1.0
+    default_timeout_seconds: float = 10.0
+    # What a "busy" denial asks the client to wait: a burst is over in about a second.
+    busy_retry_after_seconds: int = 1
     # A declared memory more than 20% above the observed peak earns a kubectl Warning: below that the
     # difference is within normal variation of KV-cache use; above it, memory is being wasted.
     warn_over_ratio: float = 0.2
@@ -49,6 +57,10 @@ class WebhookSettings:
             raise ValueError(f"ledger_max_attempts must be >= 1, got {self.ledger_max_attempts!r}")
         if self.ledger_deadline_seconds <= 0:
             raise ValueError(f"ledger_deadline_seconds must be > 0, got {self.ledger_deadline_seconds!r}")
+        if self.answer_margin_seconds < 0 or self.default_timeout_seconds <= 0:
+            raise ValueError("answer_margin_seconds must be >= 0 and default_timeout_seconds > 0")
+        if self.busy_retry_after_seconds < 1:
+            raise ValueError(f"busy_retry_after_seconds must be >= 1, got {self.busy_retry_after_seconds!r}")
         if self.warn_over_ratio < 0:
             raise ValueError(f"warn_over_ratio must be >= 0, got {self.warn_over_ratio!r}")
         if self.max_request_bytes <= 0:

@@ -220,9 +220,12 @@ def run(args: argparse.Namespace) -> int:
     def factory() -> Any:
         from kubeview import load_api_client
         from proxy.app import create_app
-        from proxy.kube_scaler import KubeScaler
+        from proxy.kube_scaler import DEFAULT_REQUEST_TIMEOUT_SECONDS, KubeScaler
 
-        scaler = KubeScaler(load_api_client(kubeconfig), namespace=namespace).start()
+        # A scale PATCH must end well before the held request that asked for it gives up.
+        timeout = min(DEFAULT_REQUEST_TIMEOUT_SECONDS, settings.cold_start_timeout_seconds / 2)
+        api = load_api_client(kubeconfig)
+        scaler = KubeScaler(api, namespace=namespace, request_timeout_seconds=timeout).start()
         atexit.register(scaler.stop)  # the last lastRequestTime writes when the worker exits
         if not scaler.cache.wait_synced(SYNC_TIMEOUT_SECONDS):
             log.warning("watch cache not synced after %.0fs; /readyz answers 503 until it is", SYNC_TIMEOUT_SECONDS)

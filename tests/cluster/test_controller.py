@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -88,6 +89,11 @@ def env(
             if proc.alive():
                 proc.stop()
             print(f"--- {proc.name} log tail ---\n{proc.log_tail(60)}")  # shown when the test fails
+        # Models have no nodeSelector here, so a model left behind would count in every later test's pool
+        # (the namespace's own deletion runs in the background and can outlast the next modules).
+        control_plane.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=false")
+        wait_for(lambda: not (e.kube.get(INFERENCE_MODELS.path(namespace)) or {}).get("items"), timeout=60,
+                 message=f"the models of {namespace} deleted")
 
 
 class Env:
@@ -185,6 +191,19 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def reconciles(port: int) -> float:
+    """The controller's count of finished reconciles (every result), from its /metrics."""
+    text = http_get(port, "/metrics")[1]
+    pattern = r'^inference_controller_reconcile_total\{result="\w+"\} (\S+)$'
+    return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+
+def wait_resyncs(port: int, models: int, rounds: int = 2) -> None:
+    """Wait until the controller has reconciled every one of `models` at least `rounds` more times."""
+    start = reconciles(port)
+    wait_for(lambda: reconciles(port) >= start + rounds * models, timeout=30, message=f"{rounds} resyncs")
 
 
 class Watcher:
@@ -321,7 +340,7 @@ def test_sigkilled_leader_is_replaced_and_the_new_one_converges_without_flapping
     a.popen.wait(timeout=10)  # type: ignore[union-attr]
     t_kill = time.monotonic()
 
-    b, _ = env.start_controller("b", wait_leader=False)
+    b, b_port = env.start_controller("b", wait_leader=False)
     wait_for(lambda: "became leader" in b.log_path.read_text(), timeout=30, message="b takes over")
     takeover = time.monotonic() - t_kill
     for name in models:
@@ -337,7 +356,7 @@ def test_sigkilled_leader_is_replaced_and_the_new_one_converges_without_flapping
     # converged: several resyncs (every 2 s) write nothing more
     before = {n: env.model(n)["metadata"]["resourceVersion"] for n in models}
     generations = {n: env.deployment(n)["metadata"]["generation"] for n in models}  # type: ignore[index]
-    time.sleep(5)
+    wait_resyncs(b_port, len(models))
     assert {n: env.model(n)["metadata"]["resourceVersion"] for n in models} == before
     assert {n: env.deployment(n)["metadata"]["generation"] for n in models} == generations  # type: ignore[index]
     history = deployments.stop()
@@ -392,14 +411,19 @@ def test_observed_memory_from_prometheus_reaches_status_metrics_and_advice(env: 
         prom.used_bytes = 76 * GI  # a new peak is written
         wait_for(lambda: env.status("model-obs")["observedPeakMemory"] == "76Gi", timeout=15, message="76Gi")
         prom.used_bytes = 10 * GI  # a lower reading never lowers the peak
-        time.sleep(2)
+        asked = len(prom.queries)
+        wait_for(lambda: len(prom.queries) >= asked + 2, timeout=15, message="two lower readings")
+        wait_resyncs(port, 1)
         assert env.status("model-obs")["observedPeakMemory"] == "76Gi"
 
         proc.stop()  # a restarted controller keeps the peak (read back from status)
+        asked = len(prom.queries)
         _, port2 = env.start_controller("b", "--observed-memory", "prometheus", "--prometheus-url", prom.url)
         body = json.loads(http_get(port2, f"/models/{env.ns}/model-obs/metrics")[1])
         assert body["observedPeakMemoryBytes"] == 76 * GI
-        time.sleep(1.5)
+        # its first reading (10Gi) comes at once when it leads; the next one only after 30 s
+        wait_for(lambda: len(prom.queries) > asked, timeout=15, message="a reading by the new leader")
+        wait_resyncs(port2, 1)
         assert env.status("model-obs")["observedPeakMemory"] == "76Gi"
         assert env.model("model-obs")["spec"]["memory"] == "80Gi"  # advice only, never applied
     finally:
@@ -407,7 +431,7 @@ def test_observed_memory_from_prometheus_reaches_status_metrics_and_advice(env: 
 
 
 def test_template_that_cannot_become_a_deployment_gets_a_condition_and_an_event(env: Env) -> None:
-    proc, _ = env.start_controller()
+    proc, port = env.start_controller()
     env.apply_model("model-bad", template={"metadata": {"labels": {"app": "x"}}, "spec": {"containers": []}})
     env.apply_model(
         "model-rejected",
@@ -434,7 +458,7 @@ def test_template_that_cannot_become_a_deployment_gets_a_condition_and_an_event(
     assert "quantities must match" in rejected["message"] or "cpu" in rejected["message"]
 
     env.wait_ready("model-good")  # the others are still served
-    time.sleep(2.5)  # a resync re-finds the bad template: no second Event
+    wait_resyncs(port, 3)  # resyncs re-find the bad template: no second Event
     assert len([e for e in env.events("InvalidTemplate") if e["regarding"]["name"] == "model-bad"]) == 1
 
     env.apply_model("model-bad")  # fixed
@@ -444,7 +468,7 @@ def test_template_that_cannot_become_a_deployment_gets_a_condition_and_an_event(
 
 
 def test_pending_pods_surface_the_schedulers_reason(env: Env) -> None:
-    env.start_controller()
+    _, port = env.start_controller()
     env.apply_model("model-nowhere", nodeSelector={"inference-pool": "does-not-exist"})
 
     def refused() -> dict[str, Any] | None:
@@ -457,7 +481,7 @@ def test_pending_pods_surface_the_schedulers_reason(env: Env) -> None:
     assert env.condition("model-nowhere", "Ready")["reason"] == "Unschedulable"
     events = wait_for(lambda: env.events("PodUnschedulable"), timeout=10, message="PodUnschedulable event")
     assert "nodes are available" in events[0]["note"]
-    time.sleep(3)  # the scheduler retries, resyncs run: still one Event (a series at most)
+    wait_resyncs(port, 1, rounds=3)  # the scheduler retries, resyncs run: still one Event (a series at most)
     assert len(env.events("PodUnschedulable")) == 1
 
 
@@ -524,15 +548,33 @@ def test_adopted_deployment_follows_the_model_and_outlives_it(env: Env) -> None:
     assert env.condition("model-ref", "Reconciled")["reason"] == "DeploymentAdopted"
     assert any(e["note"] == "Deployment vllm: 3 -> 1 replicas" for e in env.events("ScaledDown"))
 
+    canary = owned_canary(env, "model-ref")
     kubectl_ok(env.cp, "delete", "inferencemodel", "-n", env.ns, "model-ref")
-    time.sleep(3)
+    # The garbage collector deleted what the model owned: it has processed the deletion, and left vllm.
+    wait_for(lambda: env.kube.get(canary) is None, timeout=GC_TIMEOUT, message="the model's owned canary collected")
     assert env.deployment("vllm") is not None
 
 
+# kube-controller-manager's garbage collector rediscovers API resources every 30 s; an owner of a kind it
+# has not discovered yet is retried with a growing backoff. In a real cluster the CRD is old news.
+GC_TIMEOUT = 120
+
+
+def owned_canary(env: Env, model: str) -> str:
+    """A ConfigMap owned by InferenceModel `model`: once it is gone, the garbage collector has processed
+    the model's deletion. Returns its path."""
+    uid = env.model(model)["metadata"]["uid"]
+    owner = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "InferenceModel", "name": model, "uid": uid}
+    body = {"metadata": {"name": f"canary-{model}", "ownerReferences": [owner]}}
+    env.kube.create(f"/api/v1/namespaces/{env.ns}/configmaps", body)
+    return f"/api/v1/namespaces/{env.ns}/configmaps/canary-{model}"
+
+
 def test_deleting_the_model_garbage_collects_its_deployment_and_service(env: Env, crd: float) -> None:
-    # kube-controller-manager's garbage collector rediscovers API resources every 30 s; an owner of a kind
-    # it has not discovered yet is retried with a growing backoff. In a real cluster the CRD is old news.
-    time.sleep(max(0.0, crd + 35 - time.monotonic()))
+    env.apply_model("gc-probe")  # no controller yet: only the canary depends on it
+    canary = owned_canary(env, "gc-probe")
+    kubectl_ok(env.cp, "delete", "inferencemodel", "-n", env.ns, "gc-probe")
+    wait_for(lambda: env.kube.get(canary) is None, timeout=GC_TIMEOUT, message="the GC knows InferenceModels")
     env.start_controller()
     env.apply_model("model-gc")
     env.wait_ready("model-gc")

@@ -226,21 +226,22 @@ def scale(custom: Any, namespace: str, name: str, replicas: int) -> str:
         return "admitted"
     except ApiException as exc:
         message = json.loads(exc.body).get("message", "") if exc.body else str(exc)
-        return f"{exc.status}: {message}"
+        retry = (exc.headers or {}).get("Retry-After")
+        return f"{exc.status}: {message}" + (f" [Retry-After {retry}]" if retry else "")
 
 
 def explained(outcome: str) -> bool:
-    """A refusal the user can act on: no room (with the numbers) or busy (retry)."""
+    """A refusal the user can act on: no room (with the numbers) or busy (retry, with Retry-After)."""
     return (
         outcome.startswith("403: ")
         and "denied the request: insufficient_memory: s-" in outcome
         and "available" in outcome
-    ) or (outcome.startswith("429: ") and "admission is busy" in outcome)
+    ) or (outcome.startswith("429: ") and "admission is busy" in outcome and outcome.endswith("[Retry-After 1]"))
 
 
 def timed_out(outcome: str) -> bool:
-    """The apiserver gave up on the webhook (timeoutSeconds): with failurePolicy Fail a refusal, never an
-    admission; it happens when a burst queues for the webhook's threads on a loaded machine."""
+    """The apiserver gave up on the webhook (timeoutSeconds): the user reads only "failed calling webhook".
+    A running webhook answers "busy, retry" before that happens; only a dead one (the SIGKILL test) causes it."""
     return outcome.startswith("500: ") and "failed calling webhook" in outcome
 
 
@@ -267,7 +268,8 @@ def test_60_concurrent_scale_ups_across_two_webhook_processes_never_overcommit(
             t.start()
         for t in threads:
             t.join(timeout=120)
-        time.sleep(0.3)
+        samples = watch.samples
+        wait_for(lambda: watch.samples >= samples + 2, timeout=30, interval=0.05, message="two samples after")
     stored = stored_replicas(k8s_client, namespace)
     admitted = [n for n, o in outcomes.items() if o == "admitted"]
     kinds = Counter(o.split(":", 1)[0] for o in outcomes.values())
@@ -282,8 +284,8 @@ def test_60_concurrent_scale_ups_across_two_webhook_processes_never_overcommit(
     assert all(stored[n] == wanted[n] for n in admitted)
     assert admitted, "nothing was admitted"
     refused = [o for o in outcomes.values() if o != "admitted"]
-    assert all(explained(o) or timed_out(o) for o in refused), [o for o in refused if not explained(o)][:3]
-    assert sum(1 for o in refused if explained(o)) >= len(refused) // 2, kinds
+    assert [o for o in refused if timed_out(o)] == [], "the apiserver timed out on the webhook"
+    assert all(explained(o) for o in refused), [o for o in refused if not explained(o)][:3]
     # The pool is nearly full: a refused model could not have fitted at the end.
     assert (CAPACITY_GI - sum(stored.values()) * MODEL_GI) < MODEL_GI * 3
 
@@ -317,7 +319,7 @@ def test_a_webhook_process_killed_under_load_recovers_and_its_promises_expire(
         for t in threads:
             t.start()
         try:
-            time.sleep(2)
+            wait_for(lambda: len(results) >= 20, timeout=60, interval=0.05, message="load flowing")
             pair.kill9(0)
             killed_at = time.monotonic()
             time.sleep(1)  # down for a moment, as a crashed pod is before its restart
@@ -330,7 +332,8 @@ def test_a_webhook_process_killed_under_load_recovers_and_its_promises_expire(
                     return any(s > killed_at and m in to_a and explained(o) for s, _, m, o in results)
 
             wait_for(answered_by_0, timeout=60, interval=0.05, message="process 0 deciding again")
-            time.sleep(1)
+            after = len(results)
+            wait_for(lambda: len(results) >= after + 20, timeout=60, interval=0.05, message="load after recovery")
         finally:
             stop.set()
             for t in threads:
@@ -356,8 +359,8 @@ def test_a_webhook_process_killed_under_load_recovers_and_its_promises_expire(
     custom = client.CustomObjectsApi(k8s_client)
     for name in names:
         assert scale(custom, namespace, name, 0) == "admitted"
-    time.sleep(TTL_SECONDS + 0.5)
-    assert live_ledger(k8s_client, namespace, time.time()) == {}
+    wait_for(lambda: live_ledger(k8s_client, namespace, time.time()) == {}, timeout=TTL_SECONDS + 10,
+             interval=0.2, message="every ledger entry expired")
     fit = CAPACITY_GI // MODEL_GI
     outcomes = [scale(custom, namespace, name, 1) for name in names[:fit]]
     assert outcomes == ["admitted"] * fit, outcomes

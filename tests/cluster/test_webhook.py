@@ -19,7 +19,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,7 +422,7 @@ def test_serving_certificate_rotation_under_traffic_fails_no_call(
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        wait_for(lambda: len(calls) >= 10, timeout=30, interval=0.05, message="calls flowing before the rotation")
         new_cert, new_key, _ = cp.issue_serving_cert(["localhost"], ["127.0.0.1"])
         # Replace both files by rename, as a Secret volume update does: never a half-written pair.
         for src, dst in ((new_key, webhooks.key), (new_cert, webhooks.cert)):
@@ -436,7 +435,8 @@ def test_serving_certificate_rotation_under_traffic_fails_no_call(
             interval=0.2,
             message="both processes serving the new certificate",
         )
-        time.sleep(1.5)
+        rotated = len(calls)
+        wait_for(lambda: len(calls) >= rotated + 10, timeout=30, interval=0.05, message="calls after the rotation")
     finally:
         stop.set()
         for t in threads:

@@ -31,6 +31,7 @@ from flask import Flask
 
 from certs.generate import TLSBundle, generate_serving_certificate, write_files
 from serving.runner import ThreadedServer, serve_in_thread
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -109,12 +110,7 @@ class ClientLoop:
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(condition, timeout, what, interval=0.02)
 
 
 def _serves(port: int, context: ssl.SSLContext, serial: int) -> Callable[[], bool]:

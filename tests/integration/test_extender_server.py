@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 
 from budget.objects import ANNOTATION_MEMORY, LABEL_MODEL
 from certs.generate import generate_serving_certificate, write_files
+from tests.waiting import answers_200, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,17 +85,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     srv = Server(proc, f"https://127.0.0.1:{port}", paths.ca, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             assert proc.poll() is None, f"ibc extender exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                with srv.client() as c:
-                    if c.get("/readyz").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"ibc extender not ready in 30 s:\n{log.read_text()}"
-            time.sleep(0.1)
+            return answers_200(f"{srv.url}/readyz", verify=str(srv.ca))
+
+        wait_until(ready, 30, "ibc extender ready", interval=0.1)
         yield srv
     finally:
         if proc.poll() is None:
@@ -173,13 +168,7 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
         cwd=REPO,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until(lambda: answers_200(f"http://127.0.0.1:{port}/livez"), 30, "ibc extender live", interval=0.1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.waiting import wait_until
+
 pytestmark = pytest.mark.integration
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -86,7 +88,7 @@ def test_health_is_503_until_the_startup_delay_then_200(mock_factory: Any) -> No
     conn = http.client.HTTPConnection(mock.host, mock.port, timeout=5)
     assert request(conn, "GET", "/health")[0] == 503
     assert request(conn, "POST", "/v1/chat/completions", {"model": "m"})[0] == 503
-    time.sleep(0.9)
+    wait_until(lambda: request(conn, "GET", "/health")[0] == 200, 5, "the end of the startup delay")
     assert request(conn, "GET", "/health") == (200, b'{"status":"ok"}')
 
 

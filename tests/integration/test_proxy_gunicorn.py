@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.integration.test_mock_backend import MockProcess
+from tests.waiting import answers_200, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -60,16 +60,11 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         [sys.executable, "-c", SERVER, mock.url, f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/livez", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
+    try:
+        wait_until(lambda: answers_200(f"{url}/livez", timeout=1), 30, "the proxy live", interval=0.1)
+    except AssertionError:
         proc.kill()
-        raise RuntimeError((tmp_path / "proxy.log").read_text())
+        raise RuntimeError((tmp_path / "proxy.log").read_text()) from None
     try:
         yield url, proc
     finally:

@@ -27,6 +27,7 @@ from proxy.settings import ProxySettings, digest_key
 from proxy.static_scaler import StaticScaler
 from serving.runner import serve_in_thread
 from tests.integration.test_mock_backend import MockProcess
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,15 +86,15 @@ class Stack:
 
     def _start_backend(self, key: str, name: str) -> None:
         mock = self._mock(name, "--startup-delay", str(self.startup_delay), "--token-delay", str(self.token_delay))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             try:
-                if httpx.get(f"{mock.url}/health", timeout=1).status_code == 200:
-                    self.scaler.set_backends(key, [mock.url])
-                    return
+                return httpx.get(f"{mock.url}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+                return False
+
+        wait_until(healthy, 30, f"{name} healthy", interval=0.05)
+        self.scaler.set_backends(key, [mock.url])
 
     def close(self) -> None:
         self.client.close()
@@ -236,15 +237,6 @@ def test_fifty_concurrent_requests_during_a_cold_start_are_all_served(stack_fact
     metrics = httpx.get(f"{stack.server.url}/metrics").text
     assert 'ibc_proxy_requests_total{model="model-c",status="200"} 50.0' in metrics
     assert 'ibc_proxy_cold_start_seconds_count{model="model-c"} 1.0' in metrics
-
-
-def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_queue_full_is_503_queue_full(stack_factory: Any) -> None:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from proxy.transport import LeanTransport
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -294,7 +295,7 @@ def test_request_head_carries_method_target_and_headers(
 
     server._serve = spy  # type: ignore[method-assign]
     post(transport, server.url, body=b"abc")
-    time.sleep(0.05)
+    wait_until(lambda: heads, message="the request head seen by the server")
     lines = heads[0].split(b"\r\n")
     assert lines[0] == b"POST /v1/chat/completions?a=1 HTTP/1.1"
     assert b"content-length: 3" in [line.lower() for line in lines]

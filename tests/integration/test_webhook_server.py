@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from certs.generate import generate_serving_certificate, write_files
+from tests.waiting import answers_200, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,17 +84,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     srv = Server(proc, f"https://127.0.0.1:{port}", paths.ca, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
             assert proc.poll() is None, f"ibc webhook exited {proc.returncode}:\n{log.read_text()}"
-            try:
-                with srv.client() as c:
-                    if c.get("/readyz").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"ibc webhook not ready in 30 s:\n{log.read_text()}"
-            time.sleep(0.1)
+            return answers_200(f"{srv.url}/readyz", verify=str(srv.ca))
+
+        wait_until(ready, 30, "ibc webhook ready", interval=0.1)
         yield srv
     finally:
         if proc.poll() is None:
@@ -219,3 +215,48 @@ def test_captured_deployment_reviews_round_trip(server: Server) -> None:
             answer = post(c, copy.deepcopy(review)).json()["response"]
             # None of the captured Deployments is a model workload: all pass, uid echoed.
             assert (answer["uid"], answer["allowed"]) == (review["request"]["uid"], True), name
+
+
+def test_a_review_that_waited_for_a_thread_past_its_deadline_is_told_to_retry_in_time(server: Server) -> None:
+    """Every thread is held by a slow client; a review sent with the apiserver's `?timeout=2s` waits in
+    gunicorn's queue. The webhook measures that wait and, with no time left to decide, answers 429 busy
+    with a retry hint instead of letting the apiserver time out."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(server.ca))
+    host, port = server.url.removeprefix("https://").split(":")
+    slow = []
+    for _ in range(8):  # --threads 8: each slow client holds one, mid-request
+        sock = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
+        sock.sendall(b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        slow.append(sock)
+    answers: list[httpx.Response] = []
+    sent = time.monotonic()
+
+    def send() -> None:
+        with server.client() as c:
+            answers.append(c.post("/validate?timeout=2s", content=json.dumps(scale_review("model-c", 1, "uid-q")),
+                                  headers={"Content-Type": "application/json"}))
+
+    waiter = threading.Thread(target=send)
+    waiter.start()
+    try:
+        time.sleep(1.5)  # the thing under test: a review that waits 1.5 s of its 2 s for a thread
+    finally:
+        for sock in slow:
+            sock.close()
+    waiter.join(10)
+    elapsed = time.monotonic() - sent
+    answer = answers[0].json()["response"]
+    assert answer["uid"] == "uid-q" and answer["allowed"] is False
+    assert answer["status"]["code"] == 429 and answer["status"]["details"] == {"retryAfterSeconds": 1}
+    assert "admission is busy: this review waited 1." in answer["status"]["message"], answer
+    assert elapsed < 2.0, f"answered after {elapsed:.2f}s: past the apiserver's timeout"
+    with server.client() as c:
+        metrics = c.get("/metrics").text
+        assert post(c, scale_review("model-c", 1, "uid-after", dry_run=True)).json()["response"]["allowed"]
+    count = float(next(line.split()[1] for line in metrics.splitlines()
+                       if line.startswith("ibc_webhook_queue_seconds_count")))
+    total = float(next(line.split()[1] for line in metrics.splitlines()
+                       if line.startswith("ibc_webhook_queue_seconds_sum")))
+    assert count >= 1 and total >= 1.4, (count, total)

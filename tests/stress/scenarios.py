@@ -28,7 +28,7 @@ import yaml
 
 from budget.decide import REASON_INSUFFICIENT
 from budget.objects import ANNOTATION_CAPACITY, ANNOTATION_MEMORY, LABEL_MODEL
-from tests.stress.support import GI, Load, Service, TLSFiles, alive, proc_table, service
+from tests.stress.support import GI, Load, Service, TLSFiles, alive, proc_table, service, wait_until
 
 CAPTURED = Path(__file__).resolve().parents[1] / "fixtures" / "captured"
 
@@ -110,17 +110,19 @@ def _thread_clients(svc_ref: Callable[[], Service]) -> Callable[[int], httpx.Cli
     return get
 
 
+FLOWING = 20  # good answers that show the load is flowing again (instead of sleeping half a second)
+
+
 def _kill_and_recover(svc: Service, load: Load, report: KillReport, timeout_seconds: float = 90) -> None:
     """SIGKILL the worker, wait for a good answer; SIGKILL the group, restart, wait for a good answer."""
-    load.wait_for_success_after(time.monotonic() - 3600, timeout_seconds)
-    time.sleep(0.5)  # load flowing
+    load.wait_for_successes_after(time.monotonic(), FLOWING, timeout_seconds)  # load flowing
     killed_at = svc.kill9_worker()
     report.recover_after_worker_kill_seconds = load.wait_for_success_after(killed_at, timeout_seconds)
-    time.sleep(0.5)
+    load.wait_for_successes_after(killed_at, FLOWING, timeout_seconds)
     crashed_at = svc.kill9()
     report.restart_ready_seconds = svc.start(timeout_seconds)
-    report.recover_after_crash_seconds = load.wait_for_success_after(crashed_at, timeout_seconds)
-    time.sleep(0.5)
+    report.recover_after_crash_seconds = load.wait_for_successes_after(crashed_at, 1, timeout_seconds)
+    load.wait_for_successes_after(crashed_at, FLOWING, timeout_seconds)
 
 
 def _collect(load: Load, report: KillReport) -> None:
@@ -197,13 +199,20 @@ def local_kill9(work: Path, *, threads: int = 4) -> KillReport:
             report.restart_ready_seconds = svc.start(90)
             report.recover_after_crash_seconds = load.wait_for_success_after(crashed_at, 90)
             _expect_gone(before_crash, 5, report, "after ibc local was killed")
-            time.sleep(0.5)
+            load.wait_for_successes_after(crashed_at, FLOWING, 90)
         _collect(load, report)
     finally:
         last = model_pids()
         svc.stop()
     _expect_gone(last, 10, report, "after SIGTERM to ibc local")
     return report
+
+
+def _left_after_ttl(ttl_seconds: float, entries: Callable[[], list[Any]]) -> list[Any]:
+    """What `entries()` still holds once the TTL has passed (polled: empty as soon as they expire)."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not entries(), ttl_seconds + 1.0, "every entry expired", interval=0.1)
+    return entries()
 
 
 def _expect_gone(pids: list[int], timeout_seconds: float, report: KillReport, when: str) -> None:
@@ -294,10 +303,9 @@ def webhook_kill9(work: Path, tls: TLSFiles, *, ttl_seconds: float = 3.0, thread
         with Watcher(check, 0.02), Load(_guarded_call(clients, send), threads) as load:
             _kill_and_recover(svc, load, report)
         _collect(load, report)
-        time.sleep(ttl_seconds + 0.5)
         probe.close()
         probe = svc.client(timeout=5)
-        left = probe.get("/debug/ledger").json()["entries"]
+        left = _left_after_ttl(ttl_seconds, lambda: probe.get("/debug/ledger").json()["entries"])
         report.leaked_after_ttl = [json.dumps(e) for e in left]
         # The memory is free again: a scale-up is admitted.
         again = probe.post("/validate", content=json.dumps(scale_review("m00", 0, 1, "after-ttl"))).json()
@@ -389,10 +397,9 @@ def extender_kill9(work: Path, tls: TLSFiles, *, ttl_seconds: float = 3.0, threa
         with Watcher(check, 0.02), Load(_guarded_call(clients, send), threads) as load:
             _kill_and_recover(svc, load, report)
         _collect(load, report)
-        time.sleep(ttl_seconds + 0.5)
         probe.close()
         probe = svc.client(timeout=5)
-        left = probe.get("/debug/reservations").json()["reservations"]
+        left = _left_after_ttl(ttl_seconds, lambda: probe.get("/debug/reservations").json()["reservations"])
         report.leaked_after_ttl = [json.dumps(r) for r in left]
     finally:
         probe.close()

@@ -301,7 +301,11 @@ class Load:
 
     def wait_for_success_after(self, moment: float, timeout_seconds: float) -> float:
         """Seconds from `moment` to the first successful request after it (AssertionError on timeout)."""
-        wait_until(lambda: self.successes_since(moment) > 0, timeout_seconds, "a successful request")
+        return self.wait_for_successes_after(moment, 1, timeout_seconds)
+
+    def wait_for_successes_after(self, moment: float, count: int, timeout_seconds: float) -> float:
+        """Wait for `count` good answers to requests sent after `moment`; returns the seconds to the first."""
+        wait_until(lambda: self.successes_since(moment) >= count, timeout_seconds, f"{count} successful requests")
         found = self.first_success_after(moment)
         assert found is not None
         return found

@@ -29,11 +29,11 @@ class FakeLeaseApi:
         if self.fail:
             raise KubeError(0, "Unreachable", "connection refused")
 
-    def get(self, path: str) -> dict[str, Any] | None:
+    def get(self, path: str, timeout: float | None = None) -> dict[str, Any] | None:
         self._check()
         return copy.deepcopy(self.lease)
 
-    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         self._check()
         with self.lock:
             if self.lease is not None:
@@ -43,7 +43,7 @@ class FakeLeaseApi:
             self.lease["metadata"]["resourceVersion"] = str(self.rv)
             return copy.deepcopy(self.lease)
 
-    def replace(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def replace(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         self._check()
         with self.lock:
             assert self.lease is not None
@@ -107,7 +107,7 @@ def test_two_candidates_racing_for_an_expired_lease_cannot_both_win() -> None:
     record_both_read = api.get(PATH)
     assert b.try_acquire_or_renew()
     # c read the expired record before b's write landed: its replace carries the old resourceVersion
-    api.get = lambda path: copy.deepcopy(record_both_read)  # type: ignore[method-assign]
+    api.get = lambda path, timeout=None: copy.deepcopy(record_both_read)  # type: ignore[method-assign]
     assert not c.try_acquire_or_renew()
     assert api.holder == "b"
 
@@ -153,6 +153,46 @@ def test_leader_steps_down_when_it_cannot_renew() -> None:
     t.join(timeout=3)
     assert events == ["started", "stopped", "started", "stopped"]
     assert api.holder == ""  # released on a clean stop
+
+
+def test_may_write_only_until_the_renew_deadline_after_the_last_renewal() -> None:
+    api, clock = FakeLeaseApi(), Clock()
+    a = elector(api, "a", clock)
+    assert not a.may_write(), "not leading yet"
+    assert a.try_acquire_or_renew()
+    a._leading.set()  # what run() does after winning
+    clock.now += 6.9
+    assert a.may_write() and a.write_seconds_left() == pytest.approx(0.1)
+    api.fail = True
+    assert not a.try_acquire_or_renew()
+    clock.now += 0.1
+    assert not a.may_write() and a.write_seconds_left() == 0
+    api.fail = False
+    assert not a.try_acquire_or_renew(), "past the deadline a leader steps down and campaigns again"
+    assert not a.may_write()
+
+
+def test_each_call_gets_only_the_time_left_before_the_deadline() -> None:
+    api, clock = FakeLeaseApi(), Clock()
+    a = elector(api, "a", clock)
+    assert a.try_acquire_or_renew()
+    a._leading.set()
+    timeouts: list[float | None] = []
+    real_get = api.get
+
+    def slow_get(path: str, timeout: float | None = None) -> dict[str, Any] | None:
+        timeouts.append(timeout)
+        clock.now += 2.5  # each call takes 2.5 s
+        return real_get(path)
+
+    api.get = slow_get  # type: ignore[method-assign]
+    clock.now += 4
+    assert a.try_acquire_or_renew()  # get ends at 6.5 s: the replace still has 0.5 s
+    assert timeouts == [pytest.approx(3)]
+    clock.now += 4  # renewed at 104 + 7 = 111; now 110.5
+    assert not a.try_acquire_or_renew(), "the get ends past the deadline: no time for the replace"
+    assert timeouts[-1] == pytest.approx(0.5)
+    assert not a.may_write()
 
 
 @pytest.mark.parametrize(

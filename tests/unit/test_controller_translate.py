@@ -168,7 +168,7 @@ def test_bad_templates_name_the_field(m: dict[str, Any], error: str) -> None:
     ("spec", "error", "reason"),
     [
         pytest.param({"memory": None}, "spec.memory is required", "InvalidSpec", id="no-memory"),
-        pytest.param({"memory": "lots"}, "not a Kubernetes quantity", "InvalidSpec", id="bad-memory"),
+        pytest.param({"memory": "lots"}, "not a memory quantity", "InvalidSpec", id="bad-memory"),
         pytest.param({"replicas": -1}, "non-negative integer", "InvalidSpec", id="negative-replicas"),
     ],
 )

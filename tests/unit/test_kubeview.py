@@ -1,5 +1,7 @@
 """The live cache's bookkeeping, fed events directly: views follow adds, updates, deletes and stale copies."""
 
+import copy
+
 import pytest
 
 from kubeview import ClusterCache
@@ -64,3 +66,109 @@ def test_listeners_see_events_and_their_failures_are_contained(cache):
     cache.add_listener(lambda *a: 1 / 0)
     cache.apply("Node", "ADDED", node())
     assert seen == [("Node", "ADDED")]
+
+
+# ----- the view never depends on the order objects arrive in -----
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from budget.objects import view_from_objects  # noqa: E402
+
+MODELS = ("m0", "m1", "m2")
+
+
+def _model_obj(name, memory_gi, replicas, rv):
+    return {"kind": "InferenceModel", "metadata": {"name": name, "namespace": "default", "resourceVersion": str(rv)},
+            "spec": {"memory": f"{memory_gi}Gi", "replicas": replicas, "modelName": name}}
+
+
+def _deployment_obj(name, model, memory_gi, replicas, rv):
+    return {"kind": "Deployment",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": str(rv),
+                         "labels": {"inference.eh-ops.io/model": model}},
+            "spec": {"replicas": replicas,
+                     "template": {"metadata": {"annotations": {"inference.eh-ops.io/memory": f"{memory_gi}Gi"}}}}}
+
+
+def _pod_obj(name, model, node_name, annotated_gi, phase, rv):
+    meta = {"name": name, "namespace": "default", "uid": name, "resourceVersion": str(rv),
+            "labels": {"inference.eh-ops.io/model": model}}
+    if annotated_gi is not None:
+        meta["annotations"] = {"inference.eh-ops.io/memory": f"{annotated_gi}Gi"}
+    return {"kind": "Pod", "metadata": meta, "spec": {"nodeName": node_name}, "status": {"phase": phase}}
+
+
+@st.composite
+def histories(draw):
+    """Each object's events in its own order (ADDED, MODIFIED..., maybe DELETED), as the watch delivers them."""
+    rv = iter(range(1, 10_000))
+    out = []
+    for i in range(draw(st.integers(1, 2))):
+        out.append([("Node", "ADDED", {"kind": "Node", "metadata": {
+            "name": f"n{i}", "resourceVersion": str(next(rv)),
+            "annotations": {"inference.eh-ops.io/memory-capacity": f"{draw(st.integers(16, 256))}Gi"}}})])
+    for name in MODELS:
+        versions = draw(st.lists(st.tuples(st.integers(1, 100), st.integers(0, 3)), max_size=3))
+        events = [("InferenceModel", "ADDED" if j == 0 else "MODIFIED", _model_obj(name, gi, n, next(rv)))
+                  for j, (gi, n) in enumerate(versions)]
+        if events and draw(st.booleans()) and draw(st.booleans()):
+            events.append(("InferenceModel", "DELETED", events[-1][2]))
+        out.append(events)
+        if draw(st.booleans()):  # an adopted Deployment labelled with the model
+            gi, n = draw(st.integers(1, 100)), draw(st.integers(0, 4))
+            out.append([("Deployment", "ADDED", _deployment_obj(f"d-{name}", name, gi, n, next(rv)))])
+        for p in range(draw(st.integers(0, 3))):
+            versions = draw(st.lists(st.tuples(st.sampled_from(["n0", "n1", ""]),
+                                               st.sampled_from([None, None, 24]),
+                                               st.sampled_from(["Running", "Pending", "Succeeded"])),
+                                     min_size=1, max_size=3))
+            out.append([("Pod", "ADDED" if j == 0 else "MODIFIED",
+                         _pod_obj(f"{name}-{p}", name, node, gi, phase, next(rv)))
+                        for j, (node, gi, phase) in enumerate(versions)])
+    return [h for h in out if h]
+
+
+def _final_objects(history_list):
+    """What the cache holds at the end, less the pods it cannot budget: no annotation and no model."""
+    final = {}
+    for history in history_list:
+        for kind, etype, obj in history:
+            final[(kind, obj["metadata"]["name"])] = None if etype == "DELETED" else obj
+    objects = [o for o in final.values() if o is not None]
+    models = {o["metadata"]["name"] for o in objects if o["kind"] == "InferenceModel"}
+    models |= {o["metadata"]["labels"]["inference.eh-ops.io/model"] for o in objects if o["kind"] == "Deployment"}
+
+    def budgetable(o):
+        if o["kind"] != "Pod" or "annotations" in o["metadata"]:
+            return True
+        unplaced = not o["spec"]["nodeName"] or o["status"]["phase"] == "Succeeded"
+        return unplaced or o["metadata"]["labels"]["inference.eh-ops.io/model"] in models
+
+    return [o for o in objects if budgetable(o)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(history_list=histories(), data=st.data())
+def test_the_view_is_the_same_whatever_order_the_objects_arrive_in(history_list, data):
+    # An interleaving: a random order of slots, each slot taken by the next event of its object.
+    slots = [i for i, h in enumerate(history_list) for _ in h]
+    order = data.draw(st.permutations(slots))
+    cursors = [0] * len(history_list)
+    cache = ClusterCache(api=None)
+    for i in order:
+        kind, etype, obj = history_list[i][cursors[i]]
+        cursors[i] += 1
+        cache.apply(kind, etype, copy.deepcopy(obj))
+    assert cache.view() == view_from_objects(_final_objects(history_list))
+
+
+def test_a_pod_listed_before_its_model_is_placed_once_the_model_arrives(cache):
+    """The bug this fixes: an adopted Deployment's pod (no memory annotation) listed before its model was
+    dropped for good: 0 placements and 100Gi free instead of 20Gi."""
+    cache.apply("Node", "ADDED", node(cap="100Gi"))
+    cache.apply("Pod", "ADDED", _pod_obj("vllm-1", "model-a", "shadow", None, "Running", 5))
+    assert cache.view().placements == ()
+    cache.apply("InferenceModel", "ADDED", im("model-a", "80Gi", 1))
+    assert cache.view().free_bytes(0) == {"shadow": 20 * GI}
+    cache.apply("InferenceModel", "MODIFIED", im("model-a", "60Gi", 1, rv="7"))
+    assert cache.view().free_bytes(0) == {"shadow": 40 * GI}, "the model's new memory reaches its pods"

@@ -23,7 +23,7 @@ def test_check_summarises_the_seed_example(capsys):
         pytest.param(
             [],
             "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 60GB, command: 'x {port}'}]\n",
-            "local.yaml: models[0].memory: '60GB' is not a Kubernetes quantity",
+            "local.yaml: models[0].memory: '60GB' is not a memory quantity in whole bytes",
             id="bad-config",
         ),
         pytest.param(["--bind", "8080"], None, "bind '8080': expected HOST:PORT", id="bad-bind"),

@@ -139,7 +139,7 @@ def test_gpus_as_separate_budgets_with_selector_and_env():
         pytest.param(
             "nodes: [{name: shadow, memory: 128Gi}]\nmodels:\n  - {name: a, memory: 1Gi, command: 'x {port}'}\n"
             "  - {name: b, memory: 60GB, command: 'x {port}'}\n",
-            "examples/local.yaml: models[1].memory: '60GB' is not a Kubernetes quantity",
+            "examples/local.yaml: models[1].memory: '60GB' is not a memory quantity in whole bytes",
             id="bad-quantity-names-file-field-value",
         ),
         pytest.param(

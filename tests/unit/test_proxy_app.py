@@ -23,6 +23,7 @@ from proxy.coldstart import HELD_OVERHEAD_BYTES
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
 from proxy.static_scaler import StaticScaler
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -284,7 +285,7 @@ def test_concurrent_cold_requests_share_one_scale_up_call(scaler: StaticScaler) 
         scaler.set_backends(key, [BACKEND_C])
 
     scaler._on_scale_up = slow_scale
-    client, _, _ = make_client(scaler)
+    client, proxy, _ = make_client(scaler)
     statuses: list[int] = []
 
     def call() -> None:
@@ -294,7 +295,9 @@ def test_concurrent_cold_requests_share_one_scale_up_call(scaler: StaticScaler) 
     for t in threads:
         t.start()
     assert entered.wait(5)
-    time.sleep(0.2)
+    # Every request is held while the one scale-up call is still in flight; only then may it finish.
+    wait_until(lambda: proxy.cold.waiting().get("default/model-c") == 8, message="8 held requests")
+    assert len(scaler.scale_calls) == 1
     release.set()
     for t in threads:
         t.join(10)
@@ -354,9 +357,7 @@ def test_queue_full_is_503_and_the_waiting_request_is_still_served(scaler: Stati
         target=lambda: first.append(client.post("/v1/chat/completions", json=chat("model-c")).status_code)
     )
     waiter.start()
-    deadline = time.monotonic() + 5
-    while proxy.cold.waiting().get("default/model-c") != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: proxy.cold.waiting().get("default/model-c") == 1, message="the first request held")
     resp = client.post("/v1/chat/completions", json=chat("model-c"))
     assert resp.status_code == 503
     assert resp.get_json()["error"]["code"] == "queue_full"
@@ -370,9 +371,7 @@ def test_total_held_limit_protects_threads_for_warm_models(scaler: StaticScaler)
     client, proxy, _ = make_client(scaler, max_held_requests=1)
     waiter = threading.Thread(target=lambda: client.post("/v1/chat/completions", json=chat("model-c")))
     waiter.start()
-    deadline = time.monotonic() + 5
-    while not proxy.cold.waiting() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(proxy.cold.waiting, message="a held request")
     assert client.post("/v1/chat/completions", json=chat("model-c")).status_code == 503
     assert client.post("/v1/chat/completions", json=chat("model-a")).status_code == 200
     scaler.set_backends("default/model-c", [BACKEND_C])
@@ -422,7 +421,6 @@ class FailingStart(StaticScaler):
     """A scaler whose replica dies while starting: wait_backends raises, as local mode's does."""
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
-        time.sleep(min(timeout_seconds, 0.05))
         raise ScalerUnavailable("model-c exited with code 3 while starting")
 
 
@@ -584,12 +582,15 @@ def test_requests_spread_over_replicas_by_least_outstanding() -> None:
     blocked = threading.Thread(target=lambda: client.post("/v1/chat/completions", json=chat()))
     # Hold one request on 10.0.0.1 (whichever backend the rotation starts with, retry until it is .1).
     blocked.start()
-    deadline = time.monotonic() + 5
-    while proxy.upstream.outstanding().get(BACKEND_A) != 1 and time.monotonic() < deadline:
+
+    def held_on_a() -> bool:
+        nonlocal blocked
         if not blocked.is_alive():
             blocked = threading.Thread(target=lambda: client.post("/v1/chat/completions", json=chat()))
             blocked.start()
-        time.sleep(0.01)
+        return proxy.upstream.outstanding().get(BACKEND_A) == 1
+
+    wait_until(held_on_a, message="one request held on 10.0.0.1")
     hosts = [client.post("/v1/chat/completions", json=chat()).get_json()["host"] for _ in range(5)]
     assert hosts == ["10.0.0.2"] * 5
     gate.set()

@@ -246,6 +246,19 @@ def test_webhook_denial_becomes_scale_denied_with_the_webhooks_words(
     assert decision.retry_after_seconds > 0
 
 
+def test_a_busy_webhook_is_a_429_with_the_apiservers_retry_after(scaler: KubeScaler, api: FakeCustomApi) -> None:
+    api.error = ApiException(status=429, reason="Too Many Requests")
+    api.error.body = json.dumps({"kind": "Status", "code": 429, "message": (
+        'admission webhook "inferencemodels.budget.inference.eh-ops.io" denied the request: admission is busy: '
+        "this review waited 4.2s for the budget webhook (the API server waits 5s); retry")})
+    api.error.headers = {"Retry-After": "1"}
+    with pytest.raises(ScaleDenied) as caught:
+        scaler.scale_up("ml/model-c", 1)
+    decision = caught.value.decision
+    assert not decision.allowed and decision.retry_after_seconds == 1
+    assert decision.message.startswith("admission is busy")
+
+
 @pytest.mark.parametrize(
     ("status", "body"),
     [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from budget import decide_scale
 from kubeview import ClusterCache
 from webhook import LocalLedger, WebhookSettings, create_app
+from webhook.app import apiserver_timeout
 from webhook.ledger import LedgerBusy, LedgerUnavailable
 
 pytestmark = pytest.mark.unit
@@ -487,6 +489,10 @@ def test_unanswerable_body_gets_http_400_json(body, fragment):
                      id="model-replicas-type"),
         pytest.param(im_create(None, 1, cooldownPeriod="soon"), "spec.cooldownPeriod", id="bad-cooldown"),
         pytest.param(deployment_create("a lot"), "inference.eh-ops.io/memory", id="bad-deployment-memory"),
+        # 80m is a valid Kubernetes quantity (0.08 bytes) that used to be budgeted as 1 byte
+        pytest.param(deployment_create("80m"), "'80m' is not a memory quantity in whole bytes",
+                     id="milli-deployment-memory"),
+        pytest.param(im_create(" 8Gi ", 1), "remove the spaces", id="memory-with-spaces"),
     ],
 )
 def test_malformed_review_with_uid_is_denied_with_400(review, fragment):
@@ -617,3 +623,68 @@ def test_deeply_nested_json_is_a_400_not_a_500():
     resp = h.client.post("/validate", data=b"[" * 5000 + b"]" * 5000, content_type="application/json")
     assert resp.status_code == 400
     assert "nested too deeply" in resp.get_data(as_text=True)
+
+
+# ----- answering within the apiserver's deadline -----
+def _post(h: Harness, review: dict[str, Any], *, timeout: str | None = "5s", queued: float = 0.0) -> dict[str, Any]:
+    url = "/validate" + (f"?timeout={timeout}" if timeout else "")
+    resp = h.client.post(url, data=json.dumps(review), content_type="application/json",
+                         environ_base={"ibc.queued_seconds": queued})
+    assert resp.status_code == 200
+    return resp.get_json()["response"]
+
+
+def test_a_review_that_queued_past_its_deadline_is_told_to_retry_at_once():
+    h = Harness(roomy())
+    review = im_scale(1)
+    started = time.perf_counter()
+    response = _post(h, review, timeout="5s", queued=4.2)  # 5 s - 1 s margin: no time left to decide
+    assert time.perf_counter() - started < 0.5
+    assert response["uid"] == review["request"]["uid"] and response["allowed"] is False
+    assert response["status"]["code"] == 429 and response["status"]["reason"] == "TooManyRequests"
+    assert response["status"]["details"] == {"retryAfterSeconds": 1}, "the apiserver turns this into Retry-After"
+    assert "admission is busy: this review waited 4.2s" in response["status"]["message"]
+    assert "retry" in response["status"]["message"]
+    assert h.ledger_replicas() == {}, "nothing was admitted"
+    metrics = h.client.get("/metrics").get_data(as_text=True)
+    assert 'ibc_webhook_reviews_total{reason="busy",resource="inferencemodels/scale",result="denied"} 1.0' in metrics
+    assert "ibc_webhook_queue_seconds_count 1.0" in metrics
+
+
+@pytest.mark.parametrize(
+    ("timeout", "queued", "allowed"),
+    [
+        pytest.param("5s", 0.0, True, id="fresh"),
+        pytest.param("5s", 3.5, True, id="queued-but-in-time"),
+        pytest.param("10s", 8.5, True, id="longer-timeout"),
+        pytest.param(None, 8.5, True, id="no-timeout-means-10s"),
+        pytest.param("5s", 4.0, False, id="at-the-margin"),
+        pytest.param("2s", 1.5, False, id="short-timeout"),
+    ],
+)
+def test_the_deadline_is_the_apiservers_timeout_minus_the_queueing_and_a_margin(timeout, queued, allowed):
+    response = _post(Harness(roomy()), im_scale(1), timeout=timeout, queued=queued)
+    assert response["allowed"] is allowed, response
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        pytest.param("5s", 5.0, id="seconds"),
+        pytest.param("30s", 30.0, id="max"),
+        pytest.param("1m0s", 10.0, id="beyond-the-api-maximum"),
+        pytest.param("soon", 10.0, id="garbage"),
+        pytest.param("", 10.0, id="empty"),
+        pytest.param(None, 10.0, id="absent"),
+    ],
+)
+def test_apiserver_timeout(value, seconds):
+    assert apiserver_timeout(value, 10.0) == seconds
+
+
+def test_busy_and_unavailable_ledgers_ask_the_client_to_retry_after_a_second():
+    for exc in (LedgerBusy("lost", attempts=8), LedgerUnavailable("down")):
+        app = create_app(WebhookSettings(require_synced=False), roomy(), _FailingLedger(exc))
+        resp = app.test_client().post("/validate", data=json.dumps(im_scale(1)), content_type="application/json")
+        status = resp.get_json()["response"]["status"]
+        assert status["details"] == {"retryAfterSeconds": 1}, status
