@@ -213,7 +213,8 @@ def test_parse_time(value, expected):
                      "Node 5/n: metadata.namespace must be a string", id="namespace-not-a-string"),
         pytest.param(lambda: node_from_object({"kind": "Node", "metadata": {"name": "n", "labels": {
             "nvidia.com/gpu.memory": "81559", "nvidia.com/gpu.count": "two"}}}),
-                     "Node n: label nvidia.com/gpu.count: 'two' is not a Kubernetes quantity", id="bad-gpu-count"),
+                     "Node n: label nvidia.com/gpu.count: 'two' is not a memory quantity in whole bytes",
+                     id="bad-gpu-count"),
         pytest.param(lambda: model_from_deployment(deployment(-1)),
                      "Deployment ns/d: spec.replicas must be a non-negative integer, got -1", id="deployment-negative"),
         pytest.param(lambda: model_from_deployment(deployment("2")),
@@ -225,7 +226,7 @@ def test_parse_time(value, expected):
                      "InferenceModel m: spec.memory is required", id="no-memory"),
         pytest.param(lambda: model_from_inferencemodel({"kind": "InferenceModel", "metadata": {"name": "m"},
                                                         "spec": {"memory": "1GB"}}),
-                     "InferenceModel m: spec.memory: '1GB' is not a Kubernetes quantity", id="bad-memory"),
+                     "InferenceModel m: spec.memory: '1GB' is not a memory quantity in whole bytes", id="bad-memory"),
         pytest.param(lambda: model_from_inferencemodel({"kind": "InferenceModel", "metadata": {"name": "m"},
                                                         "spec": {"memory": "1Gi", "cooldownPeriod": "1d"}}),
                      "InferenceModel m: spec.cooldownPeriod: '1d' is not a duration", id="bad-cooldown"),

@@ -124,14 +124,16 @@ def test_format_duration_whole_seconds():
     assert format_duration(-3) == "0s"
 
 
+WHOLE = "is not a whole number of bytes (examples: 16Gi, 60G, 1.5Ti, 512Mi, 1e9)"
+TOO_LARGE = "is too large (at most 9223372036854775806 bytes)"
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
         pytest.param(0.0, 0, id="float-zero"),
-        pytest.param(0.5, 1, id="float-half-byte-rounds-up"),
-        pytest.param(1.5, 2, id="float-rounds-up"),
-        pytest.param("1e-30", 1, id="smallest-exponent-allowed"),
-        pytest.param(str(2**63 - 1), 2**63 - 1, id="largest-int64"),
+        pytest.param(2.0, 2, id="whole-float"),
+        pytest.param(str(2**63 - 2), 2**63 - 2, id="largest-allowed"),
     ],
 )
 def test_parse_quantity_edges(value, expected):
@@ -141,14 +143,22 @@ def test_parse_quantity_edges(value, expected):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        pytest.param(float("nan"), "quantity: nan is not a non-negative finite number", id="nan"),
-        pytest.param(float("inf"), "quantity: inf is not a non-negative finite number", id="inf"),
-        pytest.param(-0.5, "quantity: -0.5 is not a non-negative finite number", id="negative-float"),
+        pytest.param(float("nan"), f"quantity: nan {WHOLE}", id="nan"),
+        pytest.param(float("inf"), f"quantity: inf {WHOLE}", id="inf"),
+        pytest.param(-0.5, f"quantity: -0.5 {WHOLE}", id="negative-float"),
+        pytest.param(0.5, f"quantity: 0.5 {WHOLE}", id="float-half-byte"),
+        pytest.param(1.5, f"quantity: 1.5 {WHOLE}", id="float-fraction"),
         pytest.param([16], "quantity: expected a quantity string like 16Gi, got list", id="list"),
-        pytest.param("1e-31", "quantity: '1e-31' has an exponent out of range", id="exponent-below-range"),
-        pytest.param("1e31", "quantity: '1e31' has an exponent out of range", id="exponent-above-range"),
-        pytest.param(str(2**63), f"quantity: '{2**63}' is too large", id="int64-plus-one"),
-        pytest.param("8Ei", "quantity: '8Ei' is too large", id="8ei"),
+        pytest.param(
+            "1e-30",
+            "quantity: '1e-30' is not a memory quantity in whole bytes (examples: 16Gi, 60G, 1.5Ti, 512Mi, 1e9): "
+            "a negative exponent leaves a fraction of a byte",
+            id="negative-exponent",
+        ),
+        pytest.param("1e31", f"quantity: '1e31' {TOO_LARGE}", id="exponent-above-range"),
+        pytest.param(str(2**63 - 1), f"quantity: '{2**63 - 1}' {TOO_LARGE}", id="int64-max"),
+        pytest.param(str(2**63), f"quantity: '{2**63}' {TOO_LARGE}", id="int64-plus-one"),
+        pytest.param("8Ei", f"quantity: '8Ei' {TOO_LARGE}", id="8ei"),
     ],
 )
 def test_parse_quantity_errors_read_exactly(value, message):
