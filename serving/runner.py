@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 from gunicorn.glogging import Logger
 from gunicorn.workers import gthread
 
@@ -271,6 +272,13 @@ def serve(
         if code != 0:
             log.error("%s: gunicorn stopped with exit code %s", name, code)
         return 0 if code == 0 else 1
+    except HaltServer as exc:
+        # A worker that fails to boot at once can be reaped (SIGCHLD) while the arbiter is already halting,
+        # and then its HaltServer escapes gunicorn's own handler: the same outcome, said the same way.
+        if os.getpid() != master_pid:
+            raise
+        log.error("%s: gunicorn stopped with exit code %s (%s)", name, exc.exit_status, exc.reason)
+        return 1
     finally:
         if owned_multiproc_dir is not None and os.getpid() == master_pid:
             shutil.rmtree(owned_multiproc_dir, ignore_errors=True)
