@@ -159,6 +159,8 @@ def test_third_model_gets_the_explained_429_and_is_served_after_a_cooldown(
     # Cooldown: both engines exit on their own and the memory is free for the third model.
     for name, pids in holders.items():
         wait_for(lambda pids=pids: not any(alive(p) for p in pids), 60, f"{name}'s engine to stop after its cooldown")
+        # ibc frees the memory once it has seen the exit (its supervisor polls): wait on ibc's own word.
+        wait_for(lambda name=name: ibc.metrics(name)["state"] == "stopped", 10, f"ibc to see {name} stopped")
     assert complete(client, "tiny")
     assert "idle for" in ibc.full_log() and "stopping it to free" in ibc.full_log()
 
