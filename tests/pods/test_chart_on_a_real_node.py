@@ -338,7 +338,7 @@ def test_4_model_b_gets_the_seed_429_and_kubectl_scale_is_refused_by_the_webhook
         chat(ai, "model-b")
     story.notes["429 seconds"] = round(time.perf_counter() - started, 3)
     body = caught.value.response.json()
-    assert body["error"] == "insufficient_memory"
+    assert body["error"]["code"] == "insufficient_memory"  # OpenAI's envelope (#15)
     assert {k: body["requested"][k] for k in ("model", "memory")} == {"model": "model-b", "memory": "60Gi"}
     assert body["available"] == "48Gi"
     assert [(b["model"], b["memory"]) for b in body["blocking"]] == [("model-a", "80Gi")]
