@@ -224,8 +224,9 @@ def _fit(
     return _Fit(new, placed, pool_nodes, available, starting)
 
 
-def _free_in(model: Model | None, state: BlockingState, idle_for: float, ready_in: float,
-             free_by: float | None, now: float) -> float | None:
+def _free_in(
+    model: Model | None, state: BlockingState, idle_for: float, ready_in: float, free_by: float | None, now: float
+) -> float | None:
     """Seconds until a blocking model's memory is free if nothing else changes; None: not on its own."""
     if state == "stopping":
         return None if free_by is None else max(0.0, free_by - now)
@@ -299,13 +300,17 @@ def _blocking(
             key=key,
         )
 
-    order = {"idle": 0, "stopping": 1, "starting": 2}
-    shown = sorted(
-        (entry(k, m) for k, m in pool_memory.items() if m > 0),
-        key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model),
-    )
+    shown = sorted((entry(k, m) for k, m in pool_memory.items() if m > 0), key=_display_order)
     everyone = tuple(entry(k, m) for k, m in all_memory.items())
     return tuple(shown), everyone
+
+
+_STATE_ORDER = {"idle": 0, "stopping": 1, "starting": 2}
+
+
+def _display_order(b: Blocking) -> tuple[int, float, int, str]:
+    """How blocking models are listed: idle ones first, longest idle, then the largest, then by name."""
+    return (_STATE_ORDER[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model)
 
 
 def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
@@ -494,7 +499,8 @@ def decide_scale(
     shown = {b.key: b for b in blocking}
     plan = plan._replace(blockers=tuple(shown.get(b.key, b) for b in plan.blockers))
     named = {b.key for b in plan.blockers}
-    ordered = plan.blockers + tuple(b for b in blocking if b.key not in named)
+    # Those whose going lets the request fit come first; within each part, the one display order.
+    ordered = tuple(sorted(plan.blockers, key=_display_order)) + tuple(b for b in blocking if b.key not in named)
     message = f"{need} in {where}; {format_bytes(fit.available_bytes)} available"
     if ordered:
         message += "; blocked by " + ", ".join(_describe_blocking(b) for b in ordered)
