@@ -138,6 +138,25 @@ def test_body_over_the_limit_is_413_before_any_backend(scaler: StaticScaler) -> 
     assert small.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("header", "forwarded"),
+    [
+        pytest.param("X-IBC-Max-Wait", False, id="max-wait"),
+        pytest.param("x-ibc-max-wait", False, id="max-wait-lowercase"),
+        pytest.param("X-Ibc-Some-Future-Option", False, id="any-x-ibc"),
+        pytest.param("X-Ibcx", True, id="not-the-prefix"),
+        pytest.param("X-Max-Wait", True, id="not-ours"),
+    ],
+)
+def test_the_proxys_own_headers_stay_with_the_proxy(scaler: StaticScaler, header: str, forwarded: bool) -> None:
+    client, _, backends = make_client(scaler)
+    resp = client.post("/v1/chat/completions", json=chat(), headers={header: "5", "X-Trace": "t-1"})
+    assert resp.status_code == 200
+    sent = backends.requests[0]
+    assert (header.lower() in sent.headers) is forwarded
+    assert sent.headers["x-trace"] == "t-1"
+
+
 def test_forwards_to_the_ready_backend_with_path_query_and_filtered_headers(scaler: StaticScaler) -> None:
     client, _, backends = make_client(scaler)
     resp = client.post(
