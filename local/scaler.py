@@ -43,7 +43,6 @@ from budget import (
 from budget.objects import rfc3339
 from local.config import NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
-from local.room import BusySource, EvictionCollector, EvictionLog, nobody_busy
 from local.runtime import (
     ManagedProcess,
     MemorySample,
@@ -55,6 +54,7 @@ from local.runtime import (
     free_port,
 )
 from proxy.app import create_app, error_response, proxy_of
+from proxy.evictions import BusySource, EvictionLog, nobody_busy
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from serving.metrics import MemoryCollector
 
@@ -737,8 +737,6 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
             current=True,
         )
     )
-    proxy.metrics.registry.register(EvictionCollector(scaler.evictions))
-    scaler.set_busy_source(lambda: (proxy.upstream.outstanding().keys(), proxy.cold.waiting().keys()))
     app.extensions["ibc_local"] = scaler
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -34,7 +35,8 @@ from flask import Flask, Response, request
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
 from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
-from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
+from proxy.coldstart import Charge, ColdStarts, QueueFull, Ticket, client_gone
+from proxy.evictions import EvictionCollector, EvictionLog
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.line import LineFull, Outcome, Place, WaitLine, parse_max_wait
 from proxy.metrics import ProxyMetrics
@@ -201,6 +203,13 @@ class ProxyApp:
         self._keys = settings.api_key_digests
         self.refusals = RefusalLog()  # the last refusal per model, for GET /status
         self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
+        # A scaler that makes room (evicts idle models) must know which models this worker serves or holds.
+        busy_hook = getattr(scaler, "set_busy_source", None)
+        if callable(busy_hook):
+            busy_hook(lambda: (self.upstream.outstanding().keys(), self.cold.waiting().keys()))
+        evictions = getattr(scaler, "evictions", None)
+        if isinstance(evictions, EvictionLog):
+            self.metrics.registry.register(EvictionCollector(evictions))
 
     # ----- small endpoints -----
     def not_ready(self) -> str | None:
@@ -462,7 +471,7 @@ class ProxyApp:
         if not decision.allowed and not self._may_make_room(key, replicas):
             if place is None:  # not waited in line yet: wait if the client (or the model) asked to
                 again = functools.partial(self._cold, model, label, path, headers, raw, stream, environ)
-                queued = self._queue(model, label, decision, stream, environ, again)
+                queued = self._queue(model, label, decision, stream, environ, again, len(raw))
                 if queued is not None:
                     return queued
             self.refusals.record(decision)
@@ -663,6 +672,7 @@ class ProxyApp:
         stream: bool,
         environ: dict[str, Any],
         again: Callable[..., Answer],
+        body_bytes: int,
     ) -> Answer | None:
         """Hold a request that does not fit in its pool's line when `X-IBC-Max-Wait` (or the model's
         max_wait) asks for it, then try `again` (the cold path, with the place); None: no wait, the 429 now."""
@@ -673,9 +683,19 @@ class ProxyApp:
         if wait <= 0:
             return None
         try:
+            charge = self.cold.charge(body_bytes)
+        except QueueFull as exc:
+            return self._queue_full(label, exc)
+        try:
             place = self.line.join(decision.pool, label, model.priority)
         except LineFull as exc:
+            charge.release()
             return self._queue_full(label, exc)
+
+        def start() -> Answer:
+            charge.release()  # the cold path's own place counts the body from here
+            return again(place=place)
+
         replicas = decision.replicas_to
         turns = self.line.turns(
             place,
@@ -686,18 +706,19 @@ class ProxyApp:
         )
         if stream:
             self.metrics.count_request(label, 200)
-            return (
-                200,
-                list(SSE_HEADERS),
-                self._queued_stream(place, turns, label, functools.partial(again, place=place)),
-            )
-        with place:
-            outcome = [t for t in turns if isinstance(t, str)][-1]
-            if outcome == "gone":
-                self.metrics.count_request(label, CLIENT_CLOSED)
-                return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
-            # Its turn (or its wait ran out): decide again; a start that still does not fit is the 429.
-            return again(place=place)
+            expected = functools.partial(self._expected_start, model, replicas)
+            return 200, list(SSE_HEADERS), self._queued_stream(place, charge, turns, label, start, expected)
+        try:
+            with place:
+                outcome = [t for t in turns if isinstance(t, str)][-1]
+                if outcome == "gone":
+                    self.metrics.count_request(label, CLIENT_CLOSED)
+                    body = error_body(503, "client closed the connection while waiting", "client_closed")
+                    return _json_answer(503, body)
+                # Its turn (or its wait ran out): decide again; a start that still does not fit is the 429.
+                return start()
+        finally:
+            charge.release()
 
     def _queue_full(self, label: str, exc: Exception) -> Answer:
         self.metrics.reject(label, "queue_full")
@@ -705,20 +726,52 @@ class ProxyApp:
         retry = str(max(1, int(self.settings.progress_interval_seconds)))
         return _json_answer(503, error_body(503, f"{exc}; retry shortly", "queue_full"), [("Retry-After", retry)])
 
+    def _expected_start(self, model: Model, replicas: int) -> int | None:
+        """Seconds until the model could be serving, by the budget's estimates: when the memory frees
+        (cooldowns ending, stops under way) plus the model's startup estimate; None when unknown (a
+        blocking model has no cooldown)."""
+        now = time.time()
+        try:
+            decision = decide_scale(self.scaler.view(), model.key, replicas, now)
+        except UnknownModelError:
+            return None
+        if decision.allowed:
+            wait = 0
+        elif decision.retry_after_seconds <= 0 or any(
+            b.free_in_seconds is None for b in decision.blocking[: decision.retry_blocking]
+        ):
+            return None
+        else:
+            wait = decision.retry_after_seconds
+        return wait + math.ceil(model.startup_seconds)
+
     def _has_room(self, key: str, replicas: int) -> bool:
         decision = decide_scale(self.scaler.view(), key, replicas, time.time())
         return decision.allowed or self._may_make_room(key, replicas)
 
     def _queued_stream(
-        self, place: Place, turns: Iterator[tuple[int, int] | Outcome], label: str, start: Callable[[], Answer]
+        self,
+        place: Place,
+        charge: Charge,
+        turns: Iterator[tuple[int, int] | Outcome],
+        label: str,
+        start: Callable[[], Answer],
+        expected: Callable[[], int | None],
     ) -> Iterator[bytes]:
-        """SSE for a streaming request waiting in line: its position as comments, then the cold path's stream."""
+        """SSE for a streaming request waiting in line: its position and expected start as comments, then
+        the cold path's stream. The estimate is the budget's for the first in line; behind it, a lower bound."""
         try:
             outcome: Outcome = "timeout"
             for turn in turns:
                 if isinstance(turn, tuple):
                     position, length = turn
-                    yield f": waiting for memory for {label}: position {position} of {length}\n\n".encode()
+                    comment = f": waiting for memory for {label}: position {position} of {length}"
+                    seconds = expected() if position else None
+                    if seconds is not None:
+                        comment += (
+                            f"; expected start in about {seconds}s" if position == 1 else f"; not before {seconds}s"
+                        )
+                    yield f"{comment}\n\n".encode()
                 else:
                     outcome = turn
             if outcome == "gone":
@@ -732,6 +785,7 @@ class ProxyApp:
             yield sse_error(status, str(error.get("message", "")), str(error.get("code") or answer.get("error")))
         finally:
             place.release()
+            charge.release()
 
 
 def _error_code(body: bytes) -> str | None:

@@ -842,6 +842,7 @@ subjects:
         """Compact etcd's history up to its current revision (as its periodic compaction would); returns it.
 
         A watch from an older resourceVersion then ends in 410 Gone: how the tests reach that path."""
+
         def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
             req = urllib.request.Request(
                 f"{self.etcd_url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}

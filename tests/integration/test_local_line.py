@@ -94,6 +94,11 @@ def test_three_waiting_clients_are_served_in_order_when_the_cooldown_ends(local_
         clients.append(StreamingClient(local.url, 120))
         assert _until(lambda k=k: (k, k) in clients[-1].positions(), timeout=10), clients[-1].lines
     assert local.state("model-a") == "ready" and not any(c.served() for c in clients)
+    # The first in line is told when model-a's cooldown (10 s) ends; those behind it, a lower bound.
+    first = re.search(r"position 1 of 1; expected start in about (\d+)s", "\n".join(clients[0].lines))
+    assert first and 1 <= int(first.group(1)) <= 10, clients[0].lines
+    behind = re.search(r"position 2 of 2; not before (\d+)s", "\n".join(clients[1].lines))
+    assert behind and int(behind.group(1)) <= int(first.group(1)), clients[1].lines
     status = httpx.get(f"{local.url}/status", timeout=5).json()
     assert status["waiting"] == {"the whole cluster": ["model-b", "model-b", "model-b"]}
     for c in clients:

@@ -7,6 +7,7 @@ upstream failures mapped to 502/504.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -436,6 +437,40 @@ def test_held_requests_are_bounded_by_memory(
     assert proxy.cold.waiting() == {}
 
 
+@pytest.mark.parametrize(
+    ("first_model", "then_model", "then_headers"),
+    [
+        pytest.param("model-b", "model-c", {}, id="in-line-then-cold-start"),
+        pytest.param("model-c", "model-b", {"X-IBC-Max-Wait": "30"}, id="cold-start-then-in-line"),
+        pytest.param("model-b", "model-b", {"X-IBC-Max-Wait": "30"}, id="in-line-twice"),
+    ],
+)
+def test_a_request_waiting_in_line_counts_toward_the_held_memory_cap(
+    scaler: StaticScaler, first_model: str, then_model: str, then_headers: dict[str, str]
+) -> None:
+    """One cap (`--max-held-mib`) for every held request: in line for memory, or waiting for a start."""
+    client, proxy, _ = make_client(scaler, max_held_bytes=HELD_OVERHEAD_BYTES + 1000)
+    first: list[int] = []
+    # model-b does not fit: it waits in line (3 s, then the 429); model-c fits: it waits for its start.
+    post = functools.partial(
+        client.post, "/v1/chat/completions", json=chat(first_model), headers={"X-IBC-Max-Wait": "3"}
+    )
+    waiter = threading.Thread(target=lambda: first.append(post().status_code))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while proxy.cold.held_bytes() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.cold.held_bytes() > HELD_OVERHEAD_BYTES
+    resp = client.post("/v1/chat/completions", json=chat(then_model), headers=then_headers)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"]["code"] == "queue_full"
+    assert "memory limit" in resp.get_json()["error"]["message"]
+    scaler.set_backends("default/model-c", [BACKEND_C])
+    waiter.join(10)
+    assert first == [429 if first_model == "model-b" else 200]
+    assert proxy.cold.held_bytes() == 0
+
+
 class FailingStart(StaticScaler):
     """A scaler whose replica dies while starting: wait_backends raises, as local mode's does."""
 
@@ -687,7 +722,10 @@ def test_one_access_log_line_per_request_with_the_refusals_reason(
     assert lines[1].getMessage().endswith(" reason=insufficient_memory")
     as_json = json.loads(JsonFormatter().format(lines[1]))
     assert {k: as_json[k] for k in ("method", "path", "model", "status", "reason")} == {
-        "method": "POST", "path": "/v1/chat/completions", "model": "model-b", "status": 429,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "model-b",
+        "status": 429,
         "reason": "insufficient_memory",
     }
 
