@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -55,6 +56,9 @@ CLIENT_CLOSED = 499
 # a start longer than the cooldown never has its model stopped under it. Cheap: local touches are a store,
 # Kubernetes ones are throttled to one status write per model every few seconds.
 BUSY_TOUCH_SECONDS = 0.5
+# Retry-After of the 503 that held requests get when the process shuts down (another replica, or this one
+# restarted, can take them).
+SHUTDOWN_RETRY_AFTER_SECONDS = 1
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -202,6 +206,7 @@ class ProxyApp:
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
         self.refusals = RefusalLog()  # the last refusal per model, for GET /status
+        self.closing = threading.Event()  # set by shutdown(): held requests are answered, none newly held
         self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
         # A scaler that makes room (evicts idle models) must know which models this worker serves or holds.
         busy_hook = getattr(scaler, "set_busy_source", None)
@@ -478,6 +483,10 @@ class ProxyApp:
             self.metrics.reject(label, "insufficient_memory")
             self.metrics.count_request(label, 429)
             return too_many_answer(decision)
+        if self.closing.is_set():
+            if place is not None:
+                place.release()
+            return self._closing_answer(label)
         try:
             ticket = self.cold.enter(key, label, len(raw))
         except QueueFull as exc:
@@ -511,12 +520,38 @@ class ProxyApp:
         if isinstance(outcome, ScalerUnavailable):
             log.warning("%s failed to start: %s", label, outcome)
             return self._start_failed(label, outcome)
+        if outcome == "closing":
+            return self._closing_answer(label)
         if outcome == "gone":
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
         return self._forward(ticket.key, label, outcome, path, headers, raw, False, environ)
+
+    def shutdown(self) -> None:
+        """The process is stopping (SIGTERM, a graceful stop): every request held for a start or waiting
+        in line is answered now, 503 with Retry-After (an SSE `error` event once a stream has begun),
+        instead of having its connection dropped when the process exits. New ones that would be held
+        get the same answer at once."""
+        if not self.closing.is_set():
+            log.info("shutting down: answering every held request 503")
+        self.closing.set()
+        self.line.close()
+
+    def _closing_message(self, label: str) -> str:
+        return f"the proxy is shutting down; {label} was not started here: retry (another replica may serve it)"
+
+    def _closing_answer(self, label: str) -> Answer:
+        self.metrics.reject(label, "shutting_down")
+        self.metrics.count_request(label, 503)
+        body = error_body(503, self._closing_message(label), "shutting_down")
+        return _json_answer(503, body, [("Retry-After", str(SHUTDOWN_RETRY_AFTER_SECONDS))])
+
+    def _closing_event(self, label: str) -> bytes:
+        self.metrics.reject(label, "shutting_down")
+        message = self._closing_message(label)
+        return sse_error(503, message, "shutting_down", retry_after_seconds=SHUTDOWN_RETRY_AFTER_SECONDS)
 
     def _start_failed(self, label: str, exc: ScalerUnavailable) -> Answer:
         """503 for a model that could not start: why, and Retry-After = when the scaler will try again."""
@@ -547,26 +582,51 @@ class ProxyApp:
         check = getattr(self.scaler, "can_make_room", None)
         return bool(check is not None and check(key, replicas))
 
-    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
-        """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
-        scaler's ScalerUnavailable when the model failed to start."""
+    def _waiting(
+        self, ticket: Ticket, label: str, environ: dict[str, Any], progress_seconds: float | None = None
+    ) -> Iterator[float | list[str] | str | ScalerUnavailable]:
+        """Wait for a ready backend, for the plain and the streaming path alike: yields the seconds waited
+        every `progress_seconds` (never when None), then one outcome: the backends' URLs, "timeout",
+        "gone" when the client hung up, "closing" when the process is shutting down, or the scaler's
+        ScalerUnavailable when the model failed to start (said at once, not at the timeout)."""
         started = time.monotonic()
         deadline = started + self.settings.cold_start_timeout_seconds
         check = self.settings.disconnect_check_seconds
+        if progress_seconds is not None:
+            check = min(check, progress_seconds)
+        last_progress = started
         while True:
             remaining = deadline - time.monotonic()
+            if self.closing.is_set():
+                yield "closing"
+                return
             if remaining <= 0:
-                return "timeout"
+                yield "timeout"
+                return
             try:
                 backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
-            except ScalerUnavailable as exc:  # the start failed for good: say so now, not at the timeout
-                return exc
+            except ScalerUnavailable as exc:  # while shutting down: the models stopping with the process
+                yield "closing" if self.closing.is_set() else exc
+                return
             if backends:
                 self.cold.started(ticket.key, label)
-                return backends
+                yield backends
+                return
             if client_gone(environ):
                 log.info("client waiting for %s went away after %.1fs", label, time.monotonic() - started)
-                return "gone"
+                yield "gone"
+                return
+            now = time.monotonic()
+            if progress_seconds is not None and now - last_progress >= progress_seconds:
+                last_progress = now
+                yield now - started
+
+    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
+        """Block until a backend is ready; the outcome of :meth:`_waiting`."""
+        for step in self._waiting(ticket, label, environ):
+            if not isinstance(step, float):
+                return step
+        raise AssertionError("_waiting ends with an outcome")
 
     def _wait_then_stream(
         self,
@@ -590,40 +650,31 @@ class ProxyApp:
             done = note(ticket.key) if note is not None else None
             if done:
                 yield f": {done}\n\n".encode()
-            started = time.monotonic()
-            deadline = started + self.settings.cold_start_timeout_seconds
-            progress = self.settings.progress_interval_seconds
-            check = min(self.settings.disconnect_check_seconds, progress)
-            last_progress = started
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seconds = self.settings.cold_start_timeout_seconds
-                    self.metrics.reject(label, "cold_start_timeout")
-                    yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
-                    return
-                try:
-                    backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
-                except ScalerUnavailable as exc:
-                    log.warning("%s failed to start: %s", label, exc)
-                    self.metrics.reject(label, "scaler_unavailable")
-                    yield sse_error(
-                        503,
-                        f"could not start {label}: {exc}",
-                        "scaler_unavailable",
-                        retry_after_seconds=exc.retry_after_seconds or self.settings.default_retry_after_seconds,
-                    )
-                    return
-                if backends:
-                    break
-                if client_gone(environ):
-                    log.info("streaming client waiting for %s went away", label)
-                    return
-                now = time.monotonic()
-                if now - last_progress >= progress:
-                    last_progress = now
-                    yield f": waiting for {label} to start ({int(now - started)}s)\n\n".encode()
-            self.cold.started(ticket.key, label)
+            outcome: list[str] | str | ScalerUnavailable = "timeout"
+            for step in self._waiting(ticket, label, environ, self.settings.progress_interval_seconds):
+                if isinstance(step, float):
+                    yield f": waiting for {label} to start ({int(step)}s)\n\n".encode()
+                else:
+                    outcome = step
+            if outcome == "timeout":
+                seconds = self.settings.cold_start_timeout_seconds
+                self.metrics.reject(label, "cold_start_timeout")
+                yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
+                return
+            if isinstance(outcome, ScalerUnavailable):
+                log.warning("%s failed to start: %s", label, outcome)
+                self.metrics.reject(label, "scaler_unavailable")
+                retry = outcome.retry_after_seconds or self.settings.default_retry_after_seconds
+                yield sse_error(
+                    503, f"could not start {label}: {outcome}", "scaler_unavailable", retry_after_seconds=retry
+                )
+                return
+            if outcome == "closing":
+                yield self._closing_event(label)
+                return
+            if isinstance(outcome, str):  # gone
+                return
+            backends = outcome
             ticket.release()
             backend = upstream.acquire(backends)
             # The headers are sent: ask for an unencoded body we can pass through as it is.
@@ -711,6 +762,8 @@ class ProxyApp:
         try:
             with place:
                 outcome = [t for t in turns if isinstance(t, str)][-1]
+                if outcome == "closing":
+                    return self._closing_answer(label)
                 if outcome == "gone":
                     self.metrics.count_request(label, CLIENT_CLOSED)
                     body = error_body(503, "client closed the connection while waiting", "client_closed")
@@ -775,6 +828,9 @@ class ProxyApp:
                 else:
                     outcome = turn
             if outcome == "gone":
+                return
+            if outcome == "closing":
+                yield self._closing_event(label)
                 return
             status, _, body = start()
             if status == 200:

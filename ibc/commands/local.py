@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -117,23 +116,6 @@ def _warn_missing_executables(config: LocalConfig) -> None:
             log.warning("%s: %r is not on PATH (or not executable); requests for it will fail with 503", m.name, exe)
 
 
-def _stop_on_signals(close: Any) -> None:
-    """In the worker: start stopping the model processes the moment a stop signal arrives.
-
-    gunicorn's own handlers (installed before the app factory runs) still run afterwards, so the
-    worker drains and exits as usual; meanwhile the backends are already going, in parallel.
-    """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        previous = signal.getsignal(sig)
-
-        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            threading.Thread(target=close, name="ibc-local-stop", daemon=True).start()
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(sig, handler)
-
-
 def run(args: argparse.Namespace) -> int:
     from local.runtime import become_subreaper, sweep_children
     from proxy.settings import ProxySettings, SettingsError, load_api_keys
@@ -179,10 +161,16 @@ def run(args: argparse.Namespace) -> int:
 
     def factory() -> Any:
         from local.scaler import create_local_app
+        from proxy.app import proxy_of
+        from serving.stopping import on_stop_signals
 
         app, scaler = create_local_app(config, settings, log_dir=log_dir)
         atexit.register(scaler.close)
-        _stop_on_signals(scaler.close)
+        # The moment a stop signal arrives: held requests get their 503 (not a dropped connection), and
+        # the model processes start stopping, in parallel, while gunicorn drains the worker as usual.
+        # (The last chained runs first.)
+        on_stop_signals(lambda: threading.Thread(target=scaler.close, name="ibc-local-stop", daemon=True).start())
+        on_stop_signals(proxy_of(app).shutdown)
         # As `ibc proxy` does: objects from imports and start-up live as long as the worker; keep them out
         # of every later full collection, which stops every stream while it runs.
         gc.collect()

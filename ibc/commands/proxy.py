@@ -219,8 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
     def factory() -> Any:
         from kubeview import load_api_client
-        from proxy.app import create_app
+        from proxy.app import create_app, proxy_of
         from proxy.kube_scaler import DEFAULT_REQUEST_TIMEOUT_SECONDS, KubeScaler
+        from serving.stopping import on_stop_signals
 
         # A scale PATCH must end well before the held request that asked for it gives up.
         timeout = min(DEFAULT_REQUEST_TIMEOUT_SECONDS, settings.cold_start_timeout_seconds / 2)
@@ -230,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
         if not scaler.cache.wait_synced(SYNC_TIMEOUT_SECONDS):
             log.warning("watch cache not synced after %.0fs; /readyz answers 503 until it is", SYNC_TIMEOUT_SECONDS)
         app = create_app(settings, scaler)
+        # SIGTERM: every held request gets its 503 now, not a dropped connection when the worker exits.
+        on_stop_signals(proxy_of(app).shutdown)
         # A full garbage collection scans every object: with the kubernetes client loaded that is ~60k
         # objects and ~60 ms during which no request moves. Objects from imports and start-up live as
         # long as the worker: keep them out of every later collection.
