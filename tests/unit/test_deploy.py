@@ -418,7 +418,7 @@ def test_the_proxy_cannot_write_deployments_or_touch_secrets(variant):
     assert not {r for _, r, _, _ in rules} & {"secrets", "deployments/scale"}
     assert {v for _, r, _, v in rules if r == "deployments"} == {"get", "list", "watch"}
     writes = {(r, v) for _, r, _, v in rules if v not in ("get", "list", "watch")}
-    assert writes == {("inferencemodels/scale", "patch"), ("inferencemodels/status", "patch")}
+    assert writes == {("inferencemodels/scale", "patch"), ("inferencemodels/status", "patch"), ("events", "create")}
 
 
 #: kubeview kind -> (apiGroup, resource) a list+watch cache of it needs.
