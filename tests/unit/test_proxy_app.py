@@ -471,6 +471,46 @@ def test_a_request_waiting_in_line_counts_toward_the_held_memory_cap(
     assert proxy.cold.held_bytes() == 0
 
 
+@pytest.mark.parametrize(
+    ("model", "stream", "headers"),
+    [
+        pytest.param("model-c", False, {}, id="held-for-a-start"),
+        pytest.param("model-c", True, {}, id="held-for-a-start-streaming"),
+        pytest.param("model-b", False, {"X-IBC-Max-Wait": "60"}, id="in-line"),
+        pytest.param("model-b", True, {"X-IBC-Max-Wait": "60"}, id="in-line-streaming"),
+    ],
+)
+def test_shutdown_answers_every_held_request(
+    scaler: StaticScaler, model: str, stream: bool, headers: dict[str, str]
+) -> None:
+    """What SIGTERM does first (serving/stopping.py): every held request gets an explicit 503 at once."""
+    client, proxy, _ = make_client(scaler, cold_start_timeout_seconds=60)
+    answers: list[Any] = []
+    post = functools.partial(client.post, "/v1/chat/completions", json=chat(model, stream=stream), headers=headers)
+    waiter = threading.Thread(target=lambda: answers.append((r := post(), r.get_data(as_text=True))))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not (proxy.cold.waiting() or proxy.line.snapshot()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.cold.waiting() or proxy.line.snapshot()
+    started = time.monotonic()
+    proxy.shutdown()
+    waiter.join(10)
+    assert time.monotonic() - started < 2, "answered at once, not at the end of the wait"
+    ((resp, text),) = answers
+    if stream:
+        assert resp.status_code == 200
+        event = json.loads(text.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+        assert event["error"]["code"] == "shutting_down" and event["error"]["retry_after_seconds"] == 1
+    else:
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.get_json()["error"]["code"] == "shutting_down"
+    assert proxy.cold.waiting() == {} and proxy.line.snapshot() == {} and proxy.cold.held_bytes() == 0
+    # Once closing, a request that would be held is answered the same way at once.
+    again = client.post("/v1/chat/completions", json=chat("model-c"))
+    assert again.status_code == 503 and again.get_json()["error"]["code"] == "shutting_down"
+
+
 class FailingStart(StaticScaler):
     """A scaler whose replica dies while starting: wait_backends raises, as local mode's does."""
 
