@@ -33,6 +33,7 @@ from ibc.commands.proxy import (
     add_concurrency_arguments,
     add_request_path_arguments,
     check_concurrency,
+    header_timeout_answer,
     held_limits,
 )
 from local.config import LocalConfig, LocalConfigError, load_config
@@ -207,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         worker_class=args.worker_class,
         worker_connections=args.connections,
         header_timeout=args.header_timeout,
+        header_timeout_answer=header_timeout_answer(args.header_timeout),
         name="local",
         # The worker stops its model processes while it drains: give it their grace period and a margin.
         graceful_timeout=math.ceil(grace) + 5,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,19 @@ def add_concurrency_arguments(group: argparse._ArgumentGroup | argparse.Argument
     )
 
 
+def header_timeout_answer(seconds: int) -> Callable[[], tuple[str, bytes]]:
+    """The 408 a request head that missed `--header-timeout` gets: OpenAI's envelope, as for a stalled body.
+    Built in the worker (`serving.runner.serve` calls it there), after gevent patched it."""
+
+    def answer() -> tuple[str, bytes]:
+        from proxy.app import error_body
+
+        body = error_body(408, f"request head not received within {seconds}s", "request_timeout")
+        return "application/json", json.dumps(body).encode()
+
+    return answer
+
+
 def held_limits(args: argparse.Namespace, threads: int) -> tuple[int | None, int | None]:
     """(max held requests, max held bytes) of one worker: threads bound gthread, memory bounds gevent."""
     held_bytes = args.max_held_mib << 20 if args.max_held_mib else default_held_bytes()
@@ -243,5 +258,6 @@ def run(args: argparse.Namespace) -> int:
         worker_class=args.worker_class,
         worker_connections=args.connections,
         header_timeout=args.header_timeout,
+        header_timeout_answer=header_timeout_answer(args.header_timeout),
         **server_options(args),
     )
