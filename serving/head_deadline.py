@@ -31,6 +31,8 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from serving.wsgi import honour_connection_close
+
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 1.0
@@ -65,8 +67,6 @@ class HeadDeadlineWorker(GeventWorker):  # type: ignore[misc]
     response = timeout_response("text/plain", b"request head not received in time\n")
 
     def load_wsgi(self) -> None:
-        from serving.runner import honour_connection_close  # loaded already: it imports this module
-
         super().load_wsgi()
         self.wsgi = honour_connection_close(self.wsgi)
         if self.answer is not None:
