@@ -33,7 +33,7 @@ RESERVED_THREADS = 16
 # Client connections one gevent worker serves at once (each stream also holds an upstream socket):
 # 10,000 covers the 5,000-stream target with room for keep-alive idlers; the fd limit is raised to match.
 DEFAULT_CONNECTIONS = 10000
-# Seconds for a request head to arrive (also the keep-alive idle limit): slowloris clients are cut here.
+# Seconds for a request head to arrive (also the keep-alive idle limit): slowloris clients get 408 here.
 DEFAULT_HEADER_TIMEOUT = 10
 DEFAULT_BODY_TIMEOUT = 30.0
 HELD_MEMORY_SHARE = 8  # held requests may use 1/8 of the memory available at start ...
@@ -146,7 +146,7 @@ def add_concurrency_arguments(group: argparse._ArgumentGroup | argparse.Argument
         type=int,
         default=DEFAULT_HEADER_TIMEOUT,
         metavar="SECONDS",
-        help="a request head must arrive within this (also the keep-alive idle limit), else the "
+        help="a request head must arrive within this (also the keep-alive idle limit), else 408 and the "
         f"connection closes (gevent; default {DEFAULT_HEADER_TIMEOUT})",
     )
 
