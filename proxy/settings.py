@@ -32,7 +32,8 @@ class ProxySettings:
     # so the commands keep some threads of every worker for warm models during a cold-start burst.
     max_held_requests: int | None = None
     # Memory all held requests of a worker may use together (their bodies + HELD_OVERHEAD_BYTES each);
-    # None = no limit. The commands default to an eighth of the memory available at start, at most 4 GiB.
+    # None = no limit. The commands default to an eighth of the memory available at start (or of the
+    # container's memory limit when that is less), at most 4 GiB.
     max_held_bytes: int | None = None
     # 30 s for the whole request body once its head arrived: a 16 MiB upload needs ~4.5 Mbit/s; a client
     # that stalls (announces more than it sends) gets 408 and its connection closed, not a held slot.
