@@ -66,15 +66,15 @@ class HeadDeadlineWorker(GeventWorker):  # type: ignore[misc]
     answer: Callable[[], tuple[str, bytes]] | None = None
     response = timeout_response("text/plain", b"request head not received in time\n")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clients: dict[Any, socket.socket] = {}  # connection greenlet -> its client socket
+
     def load_wsgi(self) -> None:
         super().load_wsgi()
         self.wsgi = honour_connection_close(self.wsgi)
         if self.answer is not None:
             self.response = timeout_response(*self.answer())
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._clients: dict[Any, socket.socket] = {}  # connection greenlet -> its client socket
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         current = gevent.getcurrent()
