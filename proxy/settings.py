@@ -45,7 +45,8 @@ class ProxySettings:
     # Upstream: connecting is fast or broken; generating may take minutes.
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 600.0
-    # Keep-alive connections per worker to all backends together (one per thread is enough).
+    # Keep-alive connections per worker to all backends together: one per request in flight at once
+    # (a thread each under gthread; the commands give gevent workers `--connections`).
     max_connections: int = 256
     # How requests reach backends: "lean" (proxy.transport.LeanTransport), "httpcore" (httpx's own
     # transport) or "client" (httpx.Client.send); see proxy.forward.Upstream and bench/proxy_bench.py.

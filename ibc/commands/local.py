@@ -35,6 +35,7 @@ from ibc.commands.proxy import (
     check_concurrency,
     header_timeout_answer,
     held_limits,
+    upstream_pool_size,
 )
 from local.config import LocalConfig, LocalConfigError, load_config
 
@@ -164,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             max_held_requests=max_held,
             max_held_bytes=max_held_bytes,
             body_timeout_seconds=args.body_timeout,
+            max_connections=upstream_pool_size(args),
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )
     except (LocalConfigError, ServeError, SettingsError) as exc:
