@@ -307,7 +307,8 @@ def section_coldstart(ctx: Context) -> dict[str, Any]:
 def section_concurrency(ctx: Context) -> dict[str, Any]:
     out = OUT / "concurrency_bench.json"
     streams = ["100", "1000"] if ctx.quick else ["100", "1000", "5000"]
-    targets = ["backend", "local-gevent", "proxy-gevent", "proxy-gthread"] + (["litellm"] if ctx.litellm else [])
+    targets = ["backend", "local-gevent", "proxy-gevent-1w", "proxy-gevent", "proxy-gthread"]
+    targets += ["litellm"] if ctx.litellm else []
     argv = [PY, str(BENCH / "concurrency_bench.py"), "--streams", *streams, "--targets", *targets, "--out", str(out)]
     began = time.time()
     took = run_script("concurrency", argv, 3600)
@@ -557,7 +558,8 @@ def render_concurrency(s: dict[str, Any]) -> list[str]:
         "N clients each open one streamed completion at the same moment (20 tokens 50 ms apart: a 1-s stream) "
         "against `ibc mock-backend` alone and through each proxy. Ratios are to the backend alone at the same N. "
         "`proxy-*`: the proxy's app as `ibc proxy` runs it (2 workers; gevent, or gthread x 64 threads, the old "
-        "default); `local-gevent`: `ibc local` with its defaults (1 worker). RSS per stream: the proxy's peak RSS "
+        "default; `proxy-gevent-1w`: one gevent worker, the shape `ibc local` must have); `local-gevent`: "
+        "`ibc local` with its defaults (1 worker). RSS per stream: the proxy's peak RSS "
         "over its idle RSS, divided by N.",
         "",
         "| target | streams | completed | TTFC p50 / p99 (s) | wall (s) | gap p99 (s) "

@@ -32,7 +32,9 @@ from ibc.commands.proxy import (
     add_concurrency_arguments,
     add_request_path_arguments,
     check_concurrency,
+    header_timeout_answer,
     held_limits,
+    upstream_pool_size,
 )
 from local.config import LocalConfig, LocalConfigError, load_config
 
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             max_held_requests=max_held,
             max_held_bytes=max_held_bytes,
             body_timeout_seconds=args.body_timeout,
+            max_connections=upstream_pool_size(args),
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )
     except (LocalConfigError, ServeError, SettingsError) as exc:
@@ -195,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         worker_class=args.worker_class,
         worker_connections=args.connections,
         header_timeout=args.header_timeout,
+        header_timeout_answer=header_timeout_answer(args.header_timeout),
         name="local",
         # The worker stops its model processes while it drains: give it their grace period and a margin.
         graceful_timeout=math.ceil(grace) + 5,
