@@ -560,6 +560,7 @@ class NodeVerdict(NamedTuple):
     reason: str = ""
     free_bytes: int = 0
     capacity_bytes: int = 0
+    devices: tuple[int, ...] = ()  # passed: the device indices the pod would get (the bind annotation)
 
 
 def filter_nodes(view: ClusterView, pod: PodRequest, node_names: Iterable[str], now: float) -> list[NodeVerdict]:
