@@ -9,7 +9,11 @@ chooses which view the core sees and keeps the reservation book honest:
   were told about, and no node is ever promised more than it can hold. (Answering every passing node
   would let the scheduler pick a node we did not reserve; see docs/extender.md for the trade-off.)
 - bind re-checks the fit on the scheduler's chosen node under the same lock, refreshes the
-  reservation there, then POSTs the Binding outside the lock; a failed POST releases it.
+  reservation there (on the devices the core chose), then POSTs the Binding outside the lock; a failed
+  POST releases it. The Binding carries the pod's device indices as the annotation
+  `inference.eh-ops.io/devices` ("0,1"): the API server copies a Binding's annotations onto the pod in
+  the same write that sets spec.nodeName, so a model pod is never bound without them and never
+  annotated without being bound (one request succeeds or fails whole; there is no second patch).
 - the watch turns reservations into placements: a pod seen bound, terminated or deleted drops its entry.
 
 Pods that are not model replicas (no model label, or no memory anywhere) pass everywhere.
@@ -36,7 +40,14 @@ from budget import (
     format_bytes,
     score_nodes,
 )
-from budget.objects import TERMINATED_PHASES, model_label, node_from_object, pod_request_from_pod
+from budget.objects import (
+    ANNOTATION_DEVICES,
+    TERMINATED_PHASES,
+    format_device_indices,
+    model_label,
+    node_from_object,
+    pod_request_from_pod,
+)
 from budget.view import model_key
 from extender.metrics import Metrics
 from extender.reservations import ReservationBook
@@ -159,7 +170,7 @@ class Extender:
             reservation = None
             if passed and reserve:
                 best = self._best(passed, pod.memory_bytes)
-                reservation = self.book.reserve(pod, best.node, now=now)
+                reservation = self.book.reserve(pod, best.node, now=now, devices=best.devices)
                 answer = [best.node]
             else:
                 if reserve:
@@ -238,6 +249,7 @@ class Extender:
         except BindingError as exc:
             return self._bind_answer(BindAnswer("bind_failed", str(exc)))
         reservation = None
+        annotations: dict[str, str] = {}
         if pod is not None:
             pod = replace(pod, uid=uid or pod.uid)
             with self.book.locked():
@@ -256,15 +268,19 @@ class Extender:
                         BindAnswer("no_fit", f"pod {ref} cannot be bound to {node}: {verdict.reason}")
                     )
                 if pod.uid:
-                    reservation = self.book.reserve(pod, node, now=now)
+                    reservation = self.book.reserve(pod, node, now=now, devices=verdict.devices)
+            if verdict.devices:
+                annotations[ANNOTATION_DEVICES] = format_device_indices(verdict.devices)
         try:
-            self.source.writer.bind(namespace, name, uid, node, self.settings.bind_timeout_seconds)
+            self.source.writer.bind(
+                namespace, name, uid, node, self.settings.bind_timeout_seconds, annotations=annotations
+            )
         except BindingError as exc:
             if reservation is not None:
                 self.book.release(reservation.uid, only=reservation)
             log.warning("bind: %s", exc)
             return self._bind_answer(BindAnswer("bind_failed", str(exc)))
-        log.debug("bind: %s -> %s", ref, node)
+        log.debug("bind: %s -> %s %s", ref, node, annotations.get(ANNOTATION_DEVICES, ""))
         return self._bind_answer(BindAnswer("bound"))
 
     def _bind_request(self, namespace: str, name: str, uid: str, base: ClusterView, now: float) -> PodRequest | None:

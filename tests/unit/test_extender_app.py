@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,24 @@ class FakeWriter:
         self.fail = fail
         self.pods = pods or {}
         self.bindings: list[tuple[str, str, str, str]] = []
+        self.annotations: dict[str, dict[str, str]] = {}  # pod name -> the annotations its Binding carried
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.pods.get((namespace, name))
 
-    def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
+    def bind(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        timeout_seconds: float,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         if self.fail:
             raise BindingError(self.fail)
         self.bindings.append((namespace, name, uid, node))
+        self.annotations[name] = dict(annotations or {})
 
 
 class Clock:
