@@ -107,7 +107,7 @@ class ClusterCache:
         self.lists = {k: 0 for k in kinds}  # successful lists per kind: 1 + one per 410 or broken watch
         self.failures = {k: 0 for k in kinds}  # failed lists/watches per kind (each followed by a backoff)
         self.watches = {k: 0 for k in kinds}  # watch requests answered per kind (a new one per server timeout)
-        self.absent = dict.fromkeys(kinds, False)  # an optional kind whose API the server does not serve (404)
+        self.absent = dict.fromkeys(kinds, 0)  # 404s in a row for an optional kind: > 0 while its API is not served
         self._listeners: list[Listener] = []
         self.generation = 0  # bumps on every change; cheap "did anything change" check
 
@@ -330,7 +330,7 @@ class ClusterCache:
             try:
                 rv = self._list(kind)
                 self.lists[kind] += 1
-                self.absent[kind] = False
+                self.absent[kind] = 0
                 self._synced[kind].set()
                 backoff = 0.2
                 while not self._stop.is_set():
@@ -376,7 +376,7 @@ class ClusterCache:
         with self._lock:
             held = list(self._objects.get(kind, {}).values())
             first = not self.absent[kind]
-            self.absent[kind] = True
+            self.absent[kind] += 1
         for obj in held:
             self.apply(kind, "DELETED", obj)
         if first:
