@@ -207,6 +207,9 @@ def test_status_carries_the_observed_memory_fields():
 # The CEL rules of the CRD, as Python; a new rule must be added here, so it is exercised below.
 _CEL = {
     "!(has(self.template) && has(self.deploymentRef))": lambda obj: not ("template" in obj and "deploymentRef" in obj),
+    "self.all(k, k in ['kind', 'profile', 'product'])": lambda obj: set(obj) <= {"kind", "profile", "product"},
+    "!has(self.kind) || self.kind in ['gpu', 'mig', 'unified']": lambda obj: obj.get("kind", "gpu")
+    in ("gpu", "mig", "unified"),
 }
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
 
@@ -287,7 +290,10 @@ def _model(**spec: Any) -> dict[str, Any]:
         ({"priority": "high"}, "must be an integer"),
         ({"pinned": "yes"}, "must be boolean"),
         ({"admission": {"maxWait": "2 minutes"}}, "does not match"),
-        ({"devices": 2, "deviceSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}}, None),
+        ({"devices": 2, "deviceSelector": {"kind": "gpu", "product": "NVIDIA-A100-SXM4-40GB"}}, None),
+        ({"deviceSelector": {"kind": "mig", "profile": "1g.10gb"}}, None),
+        ({"deviceSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}}, "keys must be kind, profile"),
+        ({"deviceSelector": {"kind": "tpu"}}, "kind must be gpu, mig or unified"),
         ({"devices": 0}, "out of range"),
         ({"devices": 65}, "out of range"),
         ({"devices": "2"}, "must be an integer"),
@@ -321,6 +327,9 @@ def _model(**spec: Any) -> dict[str, Any]:
         "pinned-string",
         "prose-max-wait",
         "tensor-parallel-on-a-product",
+        "mig-profile",
+        "label-as-selector-key",
+        "unknown-device-kind",
         "zero-devices",
         "more-devices-than-any-node",
         "devices-string",
