@@ -256,25 +256,35 @@ class ClusterView:
                 per[i] = per.get(i, 0) + share
         return used
 
-    def device_used(self, now: float, *, exclude_uid: str = "") -> dict[str, dict[int, int]]:
+    def device_used(
+        self, now: float, *, exclude_uid: str = "", without: frozenset[str] = frozenset()
+    ) -> dict[str, dict[int, int]]:
         """Declared memory held per device per node (placements, then live reservations); absent means 0.
 
         A replica whose devices are not known (a pod from before devices existed, or without the annotation)
         is charged after those whose devices are, in start order, to the lowest-index devices with room for
         its share: where a process that does not choose its device lands first (CUDA's device 0).
+        `exclude_uid` leaves out one pod (the extender's question), `without` every replica of those models.
         """
         placed = self._placed[1]
-        if exclude_uid and exclude_uid in placed:
-            base = self._charge_devices((p for p in self.placements if p.uid != exclude_uid), {})
+        if without or (exclude_uid and exclude_uid in placed):
+            kept = (p for p in self.placements if not (exclude_uid and p.uid == exclude_uid) and p.model not in without)
+            base = self._charge_devices(kept, {})
         else:
             base = self._placed_devices
         used = {node: dict(per) for node, per in base.items()}
-        live = [r for r in self.live_reservations(now) if not (exclude_uid and r.uid == exclude_uid)]
+        live = [
+            r
+            for r in self.live_reservations(now)
+            if not (exclude_uid and r.uid == exclude_uid) and r.model not in without
+        ]
         return self._charge_devices(live, used)
 
-    def device_free(self, now: float, *, exclude_uid: str = "") -> dict[str, dict[int, int]]:
+    def device_free(
+        self, now: float, *, exclude_uid: str = "", without: frozenset[str] = frozenset()
+    ) -> dict[str, dict[int, int]]:
         """Free bytes per device per budgeted node (negative if something overcommitted behind our back)."""
-        used = self.device_used(now, exclude_uid=exclude_uid)
+        used = self.device_used(now, exclude_uid=exclude_uid, without=without)
         return {
             n.name: {d.index: d.memory_bytes - used.get(n.name, {}).get(d.index, 0) for d in n.devices}
             for n in self.nodes
