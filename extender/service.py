@@ -16,6 +16,11 @@ chooses which view the core sees and keeps the reservation book honest:
   annotated without being bound (one request succeeds or fails whole; there is no second patch).
 - the watch turns reservations into placements: a pod seen bound, terminated or deleted drops its entry.
 
+A node the pod does not fit says why per device in the wire's FailedNodes (`insufficient inference memory
+budget (30Gi on 1 device; GPU 0 has 10Gi free of 40Gi, GPU 1 has 10Gi free of 40Gi)`), so the
+scheduler's FailedScheduling event names the devices; a unified-memory node keeps the bare reason, and
+the metrics count the bare reasons only (bounded label values).
+
 Pods that are not model replicas (no model label, or no memory anywhere) pass everywhere.
 """
 
@@ -24,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +45,7 @@ from budget import (
     format_bytes,
     score_nodes,
 )
+from budget.decide import REASON_DEVICES, Need
 from budget.objects import (
     ANNOTATION_DEVICES,
     TERMINATED_PHASES,
@@ -48,7 +54,7 @@ from budget.objects import (
     node_from_object,
     pod_request_from_pod,
 )
-from budget.view import model_key
+from budget.view import device_matches, model_key, share_bytes
 from extender.metrics import Metrics
 from extender.reservations import ReservationBook
 from extender.settings import Settings
@@ -156,17 +162,18 @@ class Extender:
             # Read the cache's view under the book's lock: a watch event that confirms a reservation
             # drops it under this lock, after the cache holds the placement, so it counts exactly once.
             view = self._view(self.source.view(), request_nodes, now)
-            verdicts = filter_nodes(view, pod, args.node_names, now)
+            verdicts = filter_nodes(view, pod, args.node_names, now, self.settings.score_strategy)
             passed: list[NodeVerdict] = []
             failed: dict[str, str] = {}
             unresolvable: dict[str, str] = {}
+            said = _DeviceWords(view, pod, now)
             for v in verdicts:
                 if v.status == "passed":
                     passed.append(v)
                 elif v.status == "failed":
-                    failed[v.node] = v.reason
+                    failed[v.node] = said.reason(v)
                 else:
-                    unresolvable[v.node] = v.reason
+                    unresolvable[v.node] = said.reason(v)
             reservation = None
             if passed and reserve:
                 best = self._best(passed, pod.memory_bytes)
@@ -176,7 +183,10 @@ class Extender:
                 if reserve:
                     self.book.release(pod.uid)  # filtered again and fits nowhere now: its old promise goes
                 answer = [v.node for v in passed]
-        counts = Counter(failed.values()), Counter(unresolvable.values())
+        counts = (
+            Counter(v.reason for v in verdicts if v.status == "failed"),
+            Counter(v.reason for v in verdicts if v.status == "unresolvable"),
+        )
         self.metrics.count_verdicts(
             [(("passed", ""), len(passed))]
             + [(("failed", r), n) for r, n in counts[0].items()]
@@ -226,7 +236,7 @@ class Extender:
             self.metrics.decisions.labels("prioritize", "passthrough", "").inc()
             return scores
         view = self._view(base, _translate_nodes(args.nodes), now)
-        verdicts = filter_nodes(view, pod, args.node_names, now)
+        verdicts = filter_nodes(view, pod, args.node_names, now, self.settings.score_strategy)
         scores.update(score_nodes(verdicts, pod.memory_bytes, self.settings.score_strategy))
         held = self.book.get(pod.uid, now=now) if pod.uid else None
         if held is not None and held.node in scores:
@@ -254,7 +264,7 @@ class Extender:
             pod = replace(pod, uid=uid or pod.uid)
             with self.book.locked():
                 view = self._view(self.source.view(), None, now)
-                verdict = filter_nodes(view, pod, [node], now)[0]
+                verdict = filter_nodes(view, pod, [node], now, self.settings.score_strategy)[0]
                 if verdict.status != "passed":
                     log.info(
                         "bind: %s (%s) no longer fits %s (%s; free %s)",
@@ -264,9 +274,8 @@ class Extender:
                         verdict.reason,
                         format_bytes(max(0, verdict.free_bytes)),
                     )
-                    return self._bind_answer(
-                        BindAnswer("no_fit", f"pod {ref} cannot be bound to {node}: {verdict.reason}")
-                    )
+                    reason = _DeviceWords(view, pod, now).reason(verdict)
+                    return self._bind_answer(BindAnswer("no_fit", f"pod {ref} cannot be bound to {node}: {reason}"))
                 if pod.uid:
                     reservation = self.book.reserve(pod, node, now=now, devices=verdict.devices)
             if verdict.devices:
@@ -322,6 +331,51 @@ class Extender:
         elif spec.get("nodeName"):
             self.book.confirm(uid)
             log.debug("reservation of pod uid %s confirmed: bound to %s", uid, spec.get("nodeName"))
+
+
+MAX_DEVICES_SAID = 4  # a reason names at most this many devices of a node ("... and 4 more"): one event line
+
+
+class _DeviceWords:
+    """A verdict's reason with the devices behind it, for people: the core decided, this only words it.
+
+    The free bytes are the view's (`ClusterView.device_free`, the pod's own reservation aside), the numbers
+    `budget.filter_nodes` fitted the pod to; a unified-memory node keeps the bare reason."""
+
+    def __init__(self, view: ClusterView, pod: PodRequest, now: float) -> None:
+        model = view.models.get(pod.model)
+        selector = {**(model.device_selector if model else {}), **pod.device_selector}
+        count = pod.devices or (model.devices if model else 1)
+        self.view = view
+        self.need = Need(count, share_bytes(pod.memory_bytes, count), selector)
+        self._now = now
+        self._uid = pod.uid
+        self._free: dict[str, dict[int, int]] | None = None
+
+    def _device_free(self) -> Mapping[str, Mapping[int, int]]:
+        if self._free is None:  # only when a node with devices failed: a passing filter never pays for it
+            self._free = self.view.device_free(self._now, exclude_uid=self._uid)
+        return self._free
+
+    def reason(self, verdict: NodeVerdict) -> str:
+        node = self.view.node_index.get(verdict.node)
+        if node is None or verdict.reason not in (REASON_INSUFFICIENT, REASON_DEVICES):
+            return verdict.reason
+        if all(d.kind == "unified" for d in node.devices) and self.need.devices == 1 and not self.need.selector:
+            return verdict.reason
+        devices = [d for d in node.devices if device_matches(self.need.selector, d)]
+        if verdict.reason == REASON_DEVICES:
+            matching = " matching its deviceSelector" if self.need.selector else ""
+            return f"{verdict.reason} (needs {self.need.devices}{matching}, has {len(devices)})"
+        free = self._device_free().get(node.name, {})
+        said = [
+            f"{d.label()} has {format_bytes(max(0, free.get(d.index, 0)))} free of {format_bytes(d.memory_bytes)}"
+            for d in devices[:MAX_DEVICES_SAID]
+        ]
+        if len(devices) > MAX_DEVICES_SAID:
+            said.append(f"{len(devices) - MAX_DEVICES_SAID} more")
+        on = "1 device" if self.need.devices == 1 else f"each of {self.need.devices} devices"
+        return f"{verdict.reason} ({format_bytes(self.need.share_bytes)} on {on}; {', '.join(said)})"
 
 
 def _translate_nodes(objects: list[dict[str, Any]] | None) -> tuple[Node, ...] | None:

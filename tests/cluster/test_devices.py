@@ -211,10 +211,20 @@ def test_pods_are_bound_only_where_each_of_their_devices_fits_and_carry_the_indi
     assert "GPU 0" in message and "GPU 1" in message, f"no per-device reason: {message}"
     assert core.read_namespaced_pod("small-0", namespace).status.phase == "Pending"
 
-    # The tensor-parallel replica goes: its two GPUs are free again and the pending pod takes one.
+    # The tensor-parallel replica goes: both its GPUs are free again, and a new 30Gi replica takes one. (Not
+    # the pending pod: when the scheduler retries it is up to the scheduler, see docs/extender.md.)
     core.delete_namespaced_pod("tp2-0", namespace, grace_period_seconds=0)
-    wait_for(lambda: placed(core, namespace, "small-0"), timeout=60, interval=0.2, message="small-0 bound")
-    node, devices = placed(core, namespace, "small-0") or ("", "")
+    wait_for(
+        lambda: (
+            [f for _, f in view_devices(extender, f"{pool}-a") or []]
+            in ([40 * GI] * 2, [10 * GI, 40 * GI], [40 * GI, 10 * GI])
+        ),
+        timeout=30,
+        interval=0.1,
+        message="the deleted replica's GPUs free in the extender's view",
+    )
+    core.create_namespaced_pod(namespace, model_pod("small-1", "small", "30Gi", pool))
+    node, devices = bind_or_refuse(core, namespace, "small-1") or ("", "")
     assert node == f"{pool}-a" and devices in ("0", "1")
 
 
@@ -273,6 +283,7 @@ def test_the_webhook_admits_scale_ups_by_the_devices_its_resourceslices_show(
         pool = gpu_pool(a="gpu-2x40", b="gpu-2x40")  # 160Gi in the pool, no GPU above 40Gi
         inference_model(custom, namespace, "tp2", "60Gi", pool, devices=2)
         inference_model(custom, namespace, "single", "60Gi", pool)
+        inference_model(custom, namespace, "small", "30Gi", pool)
 
         def scale(model: str, replicas: int) -> None:
             custom.patch_namespaced_custom_object_scale(
@@ -286,13 +297,17 @@ def test_the_webhook_admits_scale_ups_by_the_devices_its_resourceslices_show(
 
         # Only the slices give these nodes a budget: once the webhook's view has them, tp2 may start.
         wait_for(lambda: _scale_allowed(scale, "tp2", 1), timeout=30, interval=0.5, message="tp2 scaled to 1")
-        # 60Gi on one device: a node has 80Gi (b all of it), but no GPU has 60Gi. Denied, saying so per device.
+        # 60Gi on one device: each node has 80Gi, but no GPU has 60Gi. Denied, naming the largest device.
         with pytest.raises(ApiException) as denied:
             scale("single", 1)
-        print(denied.value.body)
         assert denied.value.status == 403, denied.value.body
-        assert "GPU" in str(denied.value.body), f"the deny does not say which device: {denied.value.body}"
-        scale("tp2", 2)  # the second replica takes both GPUs of the other node
+        assert f"the largest device in pool {POOL_LABEL}={pool} has 40Gi" in str(denied.value.body)
+        scale("tp2", 2)  # the second replica takes both GPUs of the other node: 10Gi left on each GPU
+        with pytest.raises(ApiException) as denied:
+            scale("small", 1)  # 40Gi free in the pool, 10Gi on each GPU: denied, per device
+        print(denied.value.body)
+        message = json.loads(denied.value.body)["message"]
+        assert f"{pool}-a: GPU 0 has 10Gi free of 40Gi, GPU 1 has 10Gi free of 40Gi" in message, message
     finally:
         components.unregister_webhook(cp, config_name)
         components.stop_all([webhook])

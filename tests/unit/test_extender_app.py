@@ -654,8 +654,13 @@ def test_debug_view_shows_what_each_node_holds(env: Env) -> None:
         "boundBytes": 50 * GI,
         "reservedBytes": 0,
         "freeBytes": 30 * GI,
+        "devices": [
+            {"index": 0, "kind": "unified", "profile": "", "product": "", "capacityBytes": 80 * GI,
+             "freeBytes": 30 * GI},
+        ],
     }
     assert nodes["node-b"]["reservedBytes"] == 20 * GI and nodes["node-b"]["freeBytes"] == 28 * GI
+    assert nodes["node-b"]["devices"][0]["freeBytes"] == 28 * GI, "a reservation holds its device's memory"
 
 
 def test_bind_still_guards_the_node_when_filter_does_not_reserve() -> None:
