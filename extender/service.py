@@ -16,7 +16,9 @@ chooses which view the core sees and keeps the reservation book honest:
   annotated without being bound (one request succeeds or fails whole; there is no second patch).
 - the watch turns reservations into placements: a pod seen bound, terminated or deleted drops its entry.
 
-A node the pod does not fit says why per device in the wire's FailedNodes (`insufficient inference memory
+Within a node the core bin-packs devices (the fullest that fit, so whole GPUs stay free for larger or
+tensor-parallel replicas), as the webhook's and the proxy's `decide_scale` do; `--score` chooses among
+nodes only. A node the pod does not fit says why per device in the wire's FailedNodes (`insufficient inference memory
 budget (30Gi on 1 device; GPU 0 has 10Gi free of 40Gi, GPU 1 has 10Gi free of 40Gi)`), so the
 scheduler's FailedScheduling event names the devices; a unified-memory node keeps the bare reason, and
 the metrics count the bare reasons only (bounded label values).
@@ -162,7 +164,7 @@ class Extender:
             # Read the cache's view under the book's lock: a watch event that confirms a reservation
             # drops it under this lock, after the cache holds the placement, so it counts exactly once.
             view = self._view(self.source.view(), request_nodes, now)
-            verdicts = filter_nodes(view, pod, args.node_names, now, self.settings.score_strategy)
+            verdicts = filter_nodes(view, pod, args.node_names, now)
             passed: list[NodeVerdict] = []
             failed: dict[str, str] = {}
             unresolvable: dict[str, str] = {}
@@ -236,7 +238,7 @@ class Extender:
             self.metrics.decisions.labels("prioritize", "passthrough", "").inc()
             return scores
         view = self._view(base, _translate_nodes(args.nodes), now)
-        verdicts = filter_nodes(view, pod, args.node_names, now, self.settings.score_strategy)
+        verdicts = filter_nodes(view, pod, args.node_names, now)
         scores.update(score_nodes(verdicts, pod.memory_bytes, self.settings.score_strategy))
         held = self.book.get(pod.uid, now=now) if pod.uid else None
         if held is not None and held.node in scores:
@@ -264,7 +266,7 @@ class Extender:
             pod = replace(pod, uid=uid or pod.uid)
             with self.book.locked():
                 view = self._view(self.source.view(), None, now)
-                verdict = filter_nodes(view, pod, [node], now, self.settings.score_strategy)[0]
+                verdict = filter_nodes(view, pod, [node], now)[0]
                 if verdict.status != "passed":
                     log.info(
                         "bind: %s (%s) no longer fits %s (%s; free %s)",
