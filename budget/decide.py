@@ -670,13 +670,16 @@ def _per_device(view: ClusterView, fit: _Fit, need: Need) -> str:
     parts = []
     for name in fit.pool_nodes[:MAX_NODES_EXPLAINED]:
         devices = [d for d in view.node_index[name].devices if device_matches(need.selector, d)]
+        if len(devices) < need.devices:
+            parts.append(f"{name}: {len(devices)} matching device(s) of the {need.devices} needed")
+            continue
         said = [
             f"{d.label()} has {format_bytes(max(0, fit.free[name][d.index]))} free of {format_bytes(d.memory_bytes)}"
             for d in devices[:MAX_DEVICES_EXPLAINED]
         ]
         if len(devices) > MAX_DEVICES_EXPLAINED:
             said.append(f"{len(devices) - MAX_DEVICES_EXPLAINED} more")
-        parts.append(f"{name}: {', '.join(said) if said else 'no matching device'}")
+        parts.append(f"{name}: {', '.join(said)}")
     if len(fit.pool_nodes) > MAX_NODES_EXPLAINED:
         parts.append(f"{len(fit.pool_nodes) - MAX_NODES_EXPLAINED} more node(s)")
     return "; " + "; ".join(parts)
@@ -694,6 +697,8 @@ def explain(decision: Decision) -> dict[str, Any]:
         "available": decision.available,
         "blocking": [_blocking_body(b) for b in decision.blocking],
     }
+    if decision.devices > 1:
+        body["requested"]["devices"] = decision.devices
     if not decision.allowed:
         retry = decision.retry_after_seconds or None
         body = {"error": decision.reason, **body, "retry_after_seconds": retry}
