@@ -19,8 +19,8 @@ from budget import (
 )
 from budget.decide import REASON_DEVICES, Need, choose_devices
 from budget.evict import plan_eviction
-from budget.status import build_status, status_body
 from budget.objects import view_from_objects
+from budget.status import build_status, status_body
 
 pytestmark = pytest.mark.unit
 
