@@ -66,3 +66,14 @@ def test_a_split_replica_is_placed_on_both_gpus():
     view = ClusterView.build(nodes=[n.to_node() for n in parsed.nodes], models=[m.to_model() for m in parsed.models])
     d = decide_scale(view, "local/m0", 1, 0.0)
     assert [tuple(s) for s in d.device_placements] == [("box", (0, 1))]
+
+
+def test_check_prints_the_gpus(tmp_path, capsys):
+    from ibc.__main__ import main
+
+    path = tmp_path / "local.yaml"
+    path.write_text("nodes:\n  - {name: gpu-box, devices: 2x40Gi}\n"
+                    "models:\n  - {name: a, memory: 60Gi, devices: 2, command: 'x --port {port}'}\n")
+    assert main(["local", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "  node  gpu-box: 80Gi in GPUs 40Gi,40Gi" in out and "  model a: 60Gi over 2 GPUs, cooldown 600s" in out
