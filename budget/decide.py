@@ -177,11 +177,13 @@ def choose_devices(
     Binpack takes the devices left fullest (least free that still fits), so large devices stay whole for
     large replicas; spread takes the emptiest. Ties go to the lower index, so the answer is deterministic.
     """
-    fits = [
-        d.index for d in node.devices if device_matches(need.selector, d) and free.get(d.index, 0) >= need.share_bytes
-    ]
+    share = need.share_bytes
+    devices = node.devices if not need.selector else [d for d in node.devices if device_matches(need.selector, d)]
+    fits = [d.index for d in devices if free.get(d.index, 0) >= share]
     if len(fits) < need.devices:
         return None
+    if len(fits) == 1:
+        return (fits[0],)
     sign = 1 if strategy == "binpack" else -1
     return tuple(sorted(sorted(fits, key=lambda i: (sign * free.get(i, 0), i))[: need.devices]))
 
@@ -670,13 +672,16 @@ def _per_device(view: ClusterView, fit: _Fit, need: Need) -> str:
     parts = []
     for name in fit.pool_nodes[:MAX_NODES_EXPLAINED]:
         devices = [d for d in view.node_index[name].devices if device_matches(need.selector, d)]
+        if len(devices) < need.devices:
+            parts.append(f"{name}: {len(devices)} matching device(s) of the {need.devices} needed")
+            continue
         said = [
             f"{d.label()} has {format_bytes(max(0, fit.free[name][d.index]))} free of {format_bytes(d.memory_bytes)}"
             for d in devices[:MAX_DEVICES_EXPLAINED]
         ]
         if len(devices) > MAX_DEVICES_EXPLAINED:
             said.append(f"{len(devices) - MAX_DEVICES_EXPLAINED} more")
-        parts.append(f"{name}: {', '.join(said) if said else 'no matching device'}")
+        parts.append(f"{name}: {', '.join(said)}")
     if len(fit.pool_nodes) > MAX_NODES_EXPLAINED:
         parts.append(f"{len(fit.pool_nodes) - MAX_NODES_EXPLAINED} more node(s)")
     return "; " + "; ".join(parts)
@@ -694,6 +699,8 @@ def explain(decision: Decision) -> dict[str, Any]:
         "available": decision.available,
         "blocking": [_blocking_body(b) for b in decision.blocking],
     }
+    if decision.devices > 1:
+        body["requested"]["devices"] = decision.devices
     if not decision.allowed:
         retry = decision.retry_after_seconds or None
         body = {"error": decision.reason, **body, "retry_after_seconds": retry}
@@ -761,7 +768,7 @@ def filter_nodes(
                 verdicts.append(NodeVerdict(name, "unresolvable", REASON_DEVICES, free, capacity))
                 continue
             chosen = choose_devices(node, free_devices[name], need, strategy)
-            if choose_devices(node, {d.index: d.memory_bytes for d in matching}, need) is None:
+            if sum(1 for d in matching if d.memory_bytes >= need.share_bytes) < need.devices:  # even when empty
                 verdicts.append(NodeVerdict(name, "unresolvable", REASON_INSUFFICIENT, free, capacity))
             elif chosen is None:
                 verdicts.append(NodeVerdict(name, "failed", REASON_INSUFFICIENT, free, capacity))

@@ -168,7 +168,7 @@ def share_bytes(memory_bytes: int, devices: int) -> int:
 
 def device_matches(selector: Mapping[str, str], device: Device) -> bool:
     """True when every key of a deviceSelector (kind, profile, product) equals that field of the device."""
-    return all(k in DEVICE_SELECTOR_KEYS and getattr(device, k) == v for k, v in selector.items())
+    return not selector or all(k in DEVICE_SELECTOR_KEYS and getattr(device, k) == v for k, v in selector.items())
 
 
 def _start_order(h: Placement | Reservation) -> tuple[bool, float, str]:

@@ -18,7 +18,9 @@ from budget import (
     filter_nodes,
 )
 from budget.decide import REASON_DEVICES, Need, choose_devices
+from budget.evict import plan_eviction
 from budget.objects import view_from_objects
+from budget.status import build_status, status_body
 
 pytestmark = pytest.mark.unit
 
@@ -237,3 +239,41 @@ def test_choose_devices(free_gi, devices, strategy, chosen) -> None:
     node = gpus("n", *[40] * len(free_gi))
     free = {i: f * GI for i, f in enumerate(free_gi)}
     assert choose_devices(node, free, Need(devices, 20 * GI, {}), strategy) == chosen
+
+
+# ---- making room per device ----
+
+
+def test_eviction_frees_the_device_the_request_needs() -> None:
+    """2x40Gi: a (35Gi) on GPU 0, b and c (15Gi each) on GPU 1; 30Gi needs one whole GPU's worth. Stopping b
+    alone frees enough bytes on the node (5 + 25) but no GPU has 30Gi; b and c together (30Gi) are the
+    cheapest set that empties a GPU, cheaper than a (35Gi)."""
+    def idle(name, memory_gi):
+        return Model("default", name, memory_gi * GI, name, POOL, 600.0, 1, last_request_time=NOW - 300,
+                     evict_idle_after_seconds=60.0)
+
+    view = ClusterView.build(
+        nodes=[gpus("n", 40, 40)],
+        models=[idle("a", 35), idle("b", 15), idle("c", 15), model("m", 30)],
+        placements=[held("a", "n", 35, (0,)), held("b", "n", 15, (1,)), held("c", "n", 15, (1,))],
+    )
+    plan = plan_eviction(view, "m", 1, NOW)
+    assert plan is not None
+    assert [v.name for v in plan.victims] == ["b", "c"]
+    assert [tuple(s) for s in plan.decision.device_placements] == [("n", (1,))]
+
+
+# ---- what /status says per device ----
+
+
+def test_status_nodes_list_their_devices() -> None:
+    view = ClusterView.build(
+        nodes=[gpus("gpu-node-1", 40, 40)],
+        models=[model("a", 30, 1), model("tp", 20, 1, devices=2), model("pending", 8, 1)],
+        placements=[held("a", "gpu-node-1", 30, (0,)), held("tp", "gpu-node-1", 20, (0, 1))],
+    )
+    (node,) = status_body(build_status(view, NOW))["nodes"]
+    rows = [(d["index"], d["label"], d["used"], d["free"], d["largest_placeable"]) for d in node["devices"]]
+    # a: 30Gi on GPU 0; tp: 10Gi on each; the admitted, unplaced 8Gi replica lands (binpack) on GPU 1.
+    assert rows == [(0, "GPU 0", "40Gi", "0", "0"), (1, "GPU 1", "10Gi", "30Gi", "22Gi")]
+    assert (node["free"], node["largest_placeable"]) == ("30Gi", "22Gi")
