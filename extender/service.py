@@ -51,6 +51,7 @@ from budget.decide import REASON_DEVICES, Need
 from budget.objects import (
     ANNOTATION_DEVICES,
     TERMINATED_PHASES,
+    apply_resourceslices,
     format_device_indices,
     model_label,
     node_from_object,
@@ -111,6 +112,13 @@ class Extender:
         source.add_listener(self.on_watch_event)
 
     # ----- shared helpers -----
+    def _translate_nodes(self, objects: list[dict[str, Any]] | None) -> tuple[Node, ...] | None:
+        """The Nodes form's Node objects as budget nodes (None for the NodeNames form): a Node object carries
+        labels and annotations, its DRA devices come from the ResourceSlices the watch holds."""
+        if objects is None:
+            return None
+        return tuple(_translate_node(obj, self.source.slices_of) for obj in objects)
+
     def _pod_request(self, pod: dict[str, Any], view: ClusterView) -> PodRequest | None:
         """The core's question for a model pod; None for any other pod (raises ObjectError if malformed)."""
         label = model_label(pod)
@@ -159,7 +167,7 @@ class Extender:
             self.metrics.decisions.labels("filter", "passthrough", "").inc()
             return FilterAnswer("passthrough", list(args.node_names))
         reserve = self.settings.reservations and bool(pod.uid)
-        request_nodes = _translate_nodes(args.nodes)
+        request_nodes = self._translate_nodes(args.nodes)
         with self.book.locked():
             # Read the cache's view under the book's lock: a watch event that confirms a reservation
             # drops it under this lock, after the cache holds the placement, so it counts exactly once.
@@ -237,7 +245,7 @@ class Extender:
         if pod is None:
             self.metrics.decisions.labels("prioritize", "passthrough", "").inc()
             return scores
-        view = self._view(base, _translate_nodes(args.nodes), now)
+        view = self._view(base, self._translate_nodes(args.nodes), now)
         verdicts = filter_nodes(view, pod, args.node_names, now)
         scores.update(score_nodes(verdicts, pod.memory_bytes, self.settings.score_strategy))
         held = self.book.get(pod.uid, now=now) if pod.uid else None
@@ -380,19 +388,15 @@ class _DeviceWords:
         return f"{verdict.reason} ({format_bytes(self.need.share_bytes)} on {on}; {', '.join(said)})"
 
 
-def _translate_nodes(objects: list[dict[str, Any]] | None) -> tuple[Node, ...] | None:
-    """The Nodes form's Node objects as budget nodes (None for the NodeNames form)."""
-    if objects is None:
-        return None
-    return tuple(_translate_node(obj) for obj in objects)
-
-
-def _translate_node(obj: dict[str, Any]) -> Node:
-    """A Node of the request; one with a malformed capacity is treated as unbudgeted (and logged)."""
+def _translate_node(obj: dict[str, Any], slices: Callable[[str], list[dict[str, Any]]]) -> Node:
+    """A Node of the request with the devices its ResourceSlices (from the watch) publish; one with a
+    malformed capacity is treated as unbudgeted (and logged)."""
+    name = str((obj.get("metadata") or {}).get("name"))
     try:
-        return node_from_object(obj)
+        node = node_from_object(obj)
+        published = slices(node.name)
+        return apply_resourceslices([node], published)[0] if published else node
     except ObjectError as exc:
-        name = str((obj.get("metadata") or {}).get("name"))
         log.warning("node %s in the request has no usable budget: %s", name, exc)
         return Node(name, {}, None, "none")
 

@@ -76,6 +76,10 @@ class CacheSource:
     def view(self) -> ClusterView:
         return self.cache.view()
 
+    def slices_of(self, node: str) -> list[dict[str, Any]]:
+        """The ResourceSlices the watch holds for `node` (for the Nodes form's Node objects)."""
+        return self.cache.slices_of(node)
+
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A model pod as the watch last saw it (only pods with the model label are watched)."""
         return self.cache.get("Pod", namespace, name)

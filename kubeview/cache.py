@@ -183,6 +183,12 @@ class ClusterCache:
         self._pod_memo = memo
         return tuple(p for _, _, p in memo.values() if p is not None)
 
+    def slices_of(self, node: str) -> list[dict[str, Any]]:
+        """The ResourceSlices held for `node` (spec.nodeName), in a fixed order."""
+        with self._lock:
+            held = self._node_slices.get(node, {})
+            return [held[k] for k in sorted(held)]
+
     def objects(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._objects.get(kind, {}).values())
@@ -234,10 +240,8 @@ class ClusterCache:
     def _node(self, obj: dict[str, Any]) -> Node:
         """A node with its devices: labels, annotations and the ResourceSlices that name it."""
         node = node_from_object(obj)
-        slices = self._node_slices.get(node.name)
-        if not slices:
-            return node
-        return apply_resourceslices([node], [slices[k] for k in sorted(slices)])[0]
+        slices = self.slices_of(node.name)
+        return apply_resourceslices([node], slices)[0] if slices else node
 
     def _index_slice(self, key: str, obj: dict[str, Any] | None) -> None:
         """File a slice under its node and translate the node(s) it left or joined again."""

@@ -199,3 +199,13 @@ def test_within_a_node_devices_are_bin_packed_whatever_the_node_strategy(score: 
     env = DeviceEnv(model("m", "10Gi"), bound("x", "node-a", "20Gi", "1"), settings=Settings(score_strategy=score))
     assert env.filter("p1", "10Gi", "m", ["node-a"])["NodeNames"] == ["node-a"]
     assert env.devices_reserved() == {"p1": ("node-a", (1,))}
+
+
+def test_the_nodes_form_takes_devices_from_the_watched_resourceslices() -> None:
+    """Node objects in the request carry labels and annotations; their slices come from the watch."""
+    env = DeviceEnv(model("tp", "60Gi", 2))
+    args = as_model_pod(captured("filter-nodes"), "60Gi", uid="p1", model="tp")
+    args["Nodes"]["items"] = [budgeted(n, "1Gi") for n in args["Nodes"]["items"]]  # 1Gi: the slices must win
+    body = env.client.post("/filter", json=args).get_json()
+    assert [n["metadata"]["name"] for n in body["Nodes"]["items"]] == ["node-a"]
+    assert env.devices_reserved() == {"p1": ("node-a", (0, 1))}
