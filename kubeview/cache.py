@@ -250,10 +250,10 @@ class ClusterCache:
             self._node_slices.get(before, {}).pop(key, None)
             if not self._node_slices.get(before):
                 self._node_slices.pop(before, None)
-        after = slice_node(obj) if obj else ""
-        if after:
+        after = slice_node(obj) if obj is not None else ""
+        if obj is not None and after:
             self._slice_of[key] = after
-            self._node_slices.setdefault(after, {})[key] = obj  # type: ignore[assignment]  # obj is set here
+            self._node_slices.setdefault(after, {})[key] = obj
         for name in {before, after} - {""}:
             node = self._objects.get("Node", {}).get(name)
             if node is not None:
@@ -373,7 +373,6 @@ class ClusterCache:
                 log.warning("list/watch of %s broke: %s (retry in %.1fs)", kind, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-
 
     def _absent(self, kind: str) -> None:
         """The server does not serve `kind`'s API: hold none of it, and count the kind as synced."""
