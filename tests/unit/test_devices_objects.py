@@ -7,6 +7,7 @@ from budget.objects import (
     ANNOTATION_DEVICES,
     apply_resourceslices,
     devices_from_resourceslices,
+    format_device_indices,
     model_from_inferencemodel,
     node_from_object,
     parse_device_indices,
@@ -327,3 +328,5 @@ def test_pod_devices_annotation(annotation, devices):
                             "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}})
     assert p is not None and p.devices == devices
     assert parse_device_indices(annotation) == devices
+    if devices:
+        assert format_device_indices(devices) == annotation  # what the extender writes, the cache reads back
