@@ -160,11 +160,6 @@ class Need(NamedTuple):
     def of(cls, model: Model) -> Need:
         return cls(max(1, model.devices), model.device_share_bytes, model.device_selector)
 
-    def describe(self) -> str:
-        """`60Gi`, or `2 x 30Gi` for a replica split over two devices."""
-        share = format_bytes(self.share_bytes)
-        return share if self.devices == 1 else f"{self.devices} x {share}"
-
 
 Strategy = Literal["binpack", "spread"]
 

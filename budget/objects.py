@@ -242,7 +242,7 @@ def _attribute(device: Mapping[str, Any], name: str) -> object:
         return None
     for key, value in attributes.items():
         if isinstance(key, str) and key.rpartition("/")[2] == name and isinstance(value, Mapping):
-            for kind in ("string", "int", "version", "bool"):
+            for kind in ("string", "int"):  # the kinds of the attributes read here (profile, type, productName, index)
                 if kind in value:
                     return value[kind]
     return None
@@ -262,9 +262,9 @@ def _memory_capacity(obj: Obj, device: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _natural(name: str) -> tuple[tuple[int, int | str], ...]:
-    """`gpu-10` after `gpu-2`: digit runs compare as numbers."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"([0-9]+)", name) if part)
+def _natural(name: str) -> tuple[tuple[bool, Any], ...]:
+    """`gpu-10` after `gpu-2`: digit runs compare as numbers, and before text at the same place."""
+    return tuple((not part.isdigit(), int(part) if part.isdigit() else part) for part in re.split(r"([0-9]+)", name))
 
 
 def devices_from_resourceslices(slices: Iterable[Obj]) -> dict[str, tuple[Device, ...]]:

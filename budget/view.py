@@ -66,6 +66,9 @@ class Node:
     devices: tuple[Device, ...] = ()
 
     def __post_init__(self) -> None:
+        unified = len(self.devices) == 1 and self.devices[0].kind == "unified"
+        if unified and self.capacity_bytes is not None:  # derived from the capacity: follows it (replace())
+            object.__setattr__(self, "devices", ())
         if self.devices:
             indices = [d.index for d in self.devices]
             if len(set(indices)) != len(indices):

@@ -142,7 +142,11 @@ def test_decide_per_device(case: Case) -> None:
     d = decide_scale(view, case.target, case.replicas, NOW)
     assert (d.allowed, d.reason) == (case.allowed, case.reason), d.message
     assert [(s.node, s.devices) for s in d.device_placements] == case.where
-    assert explain(d)["available"] == case.available
+    body = explain(d)
+    assert body["available"] == case.available
+    # The 429 body says a replica is split, and only then (the seed's `requested` keeps its shape).
+    split = next(m.devices for m in case.models if m.name == case.target)
+    assert body["requested"].get("devices") == (split if split > 1 else None)
     for fragment in case.says:
         assert fragment in d.message
 
@@ -277,3 +281,10 @@ def test_status_nodes_list_their_devices() -> None:
     # a: 30Gi on GPU 0; tp: 10Gi on each; the admitted, unplaced 8Gi replica lands (binpack) on GPU 1.
     assert rows == [(0, "GPU 0", "40Gi", "0", "0"), (1, "GPU 1", "10Gi", "30Gi", "22Gi")]
     assert (node["free"], node["largest_placeable"]) == ("30Gi", "22Gi")
+
+
+def test_status_of_a_full_gpu_node_places_nothing() -> None:
+    view = ClusterView.build(nodes=[gpus("n", 40, 40)], models=[model("a", 40, 2)],
+                             placements=[held("a", "n", 40, (0,), 0), held("a", "n", 40, (1,), 1)])
+    (node,) = status_body(build_status(view, NOW))["nodes"]
+    assert (node["largest_placeable_bytes"], [d["largest_placeable_bytes"] for d in node["devices"]]) == (0, [0, 0])

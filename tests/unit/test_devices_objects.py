@@ -7,6 +7,7 @@ from budget.objects import (
     ANNOTATION_DEVICES,
     apply_resourceslices,
     devices_from_resourceslices,
+    format_device_indices,
     model_from_inferencemodel,
     node_from_object,
     parse_device_indices,
@@ -62,6 +63,9 @@ def mig(name, memory, profile):
         pytest.param("2x80Gi,40Gi", [80 * GI, 80 * GI, 40 * GI], id="mixed"),
         pytest.param("24G", [24 * 10**9], id="one-decimal"),
         pytest.param("1x1.5Gi", [3 * GI // 2], id="fraction-in-eighths"),
+        pytest.param("2x1", [1, 1], id="one-byte-devices"),
+        pytest.param("1024x1Gi", [GI] * 1024, id="at-most-1024-devices"),
+        pytest.param("1000x1Gi,24x2Gi", [GI] * 1000 + [2 * GI] * 24, id="1024-over-two-items"),
     ],
 )
 def test_devices_annotation_grammar(text, sizes):
@@ -81,6 +85,8 @@ def test_devices_annotation_grammar(text, sizes):
         pytest.param("4x100m", "did you mean 100Mi", id="milli-typo"),
         pytest.param("2x0", "has no memory", id="zero-size"),
         pytest.param("2000x1Gi", "more than 1024 devices", id="too-many"),
+        pytest.param("1025x1Gi", "more than 1024 devices", id="one-too-many"),
+        pytest.param("1000x1Gi,25x1Gi", "more than 1024 devices", id="one-too-many-over-two-items"),
     ],
 )
 def test_devices_annotation_refused(text, fragment):
@@ -98,14 +104,40 @@ def test_devices_annotation_refused(text, fragment):
             id="gfd-two-gpus",
         ),
         pytest.param(
-            node(labels={"nvidia.com/mig.strategy": "mixed",
+            node(labels={"nvidia.com/mig.strategy": "mixed", "nvidia.com/gpu.product": "A100-80GB",
                          "nvidia.com/mig-3g.40gb.count": "1", "nvidia.com/mig-3g.40gb.memory": "40192",
                          "nvidia.com/mig-1g.10gb.count": "2", "nvidia.com/mig-1g.10gb.memory": "9856",
                          "nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "1"}),
             "gfd-mig-labels",
-            [Device(0, 9856 * MI, "mig", "1g.10gb"), Device(1, 9856 * MI, "mig", "1g.10gb"),
-             Device(2, 40192 * MI, "mig", "3g.40gb")],
+            [Device(0, 9856 * MI, "mig", "1g.10gb", "A100-80GB"), Device(1, 9856 * MI, "mig", "1g.10gb", "A100-80GB"),
+             Device(2, 40192 * MI, "mig", "3g.40gb", "A100-80GB")],
             id="mig-mixed-per-profile",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/mig-2g.20gb.memory": "19968"}),
+            "gfd-mig-labels", [Device(0, 19968 * MI, "mig", "2g.20gb")], id="mig-count-defaults-to-one",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/gpu.memory": "4864", "nvidia.com/gpu.count": "1",
+                         "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"}),
+            "gfd-labels", [Device(0, 4864 * MI, "gpu", "", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb")],
+            id="mig-product-without-single-strategy-is-a-gpu",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/mig.strategy": "single", "nvidia.com/gpu.memory": "40960",
+                         "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}),
+            "gfd-labels", [Device(0, 40 * GI, "gpu", "", "NVIDIA-A100-SXM4-40GB")],
+            id="single-strategy-without-mig-product-is-a-gpu",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/gpu.memory": "1", "nvidia.com/gpu.count": "1024"}),
+            "gfd-labels", [Device(i, MI) for i in range(1024)], id="1024-gpus",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/mig-a.count": "1000", "nvidia.com/mig-a.memory": "1",
+                         "nvidia.com/mig-b.count": "24", "nvidia.com/mig-b.memory": "1"}),
+            "gfd-mig-labels", [Device(i, MI, "mig", "a" if i < 1000 else "b") for i in range(1024)],
+            id="1024-mig-slices-over-two-profiles",
         ),
         pytest.param(
             node(labels={"nvidia.com/mig.strategy": "single", "nvidia.com/gpu.memory": "4864",
@@ -142,6 +174,15 @@ def test_node_inventory(obj, source, devices):
                      "nvidia.com/mig-1g.10gb.memory is required", id="mig-count-without-memory"),
         pytest.param(node(labels={"nvidia.com/mig-1g.10gb.count": "x", "nvidia.com/mig-1g.10gb.memory": "9856"}),
                      "label nvidia.com/mig-1g.10gb.count", id="mig-bad-count"),
+        pytest.param(node(labels={"nvidia.com/mig-1g.10gb.count": "1", "nvidia.com/mig-1g.10gb.memory": "9GB"}),
+                     "Node n1: label nvidia.com/mig-1g.10gb.memory: '9GB'", id="mig-bad-memory-named"),
+        pytest.param(node(labels={"nvidia.com/gpu.memory": "1", "nvidia.com/gpu.count": "1025"}),
+                     "label nvidia.com/gpu.count: '1025' is more than 1024 devices", id="1025-gpus"),
+        pytest.param(node(labels={"nvidia.com/mig-a.count": "1025", "nvidia.com/mig-a.memory": "1"}),
+                     "label nvidia.com/mig-a.count: '1025' is more than 1024 devices", id="1025-mig-slices"),
+        pytest.param(node(labels={"nvidia.com/mig-a.count": "1000", "nvidia.com/mig-a.memory": "1",
+                                  "nvidia.com/mig-b.count": "25", "nvidia.com/mig-b.memory": "1"}),
+                     "label nvidia.com/mig-b.count: '25' is more than 1024 devices", id="1025-over-two-profiles"),
     ],
 )
 def test_node_inventory_refused(obj, fragment):
@@ -181,9 +222,21 @@ SLICES = {
         {},
     ),
     "names-in-natural-order": (
-        [rslice("n1", [gpu("dev-10", "1Gi"), gpu("dev-2", "2Gi")])],
+        [rslice("n1", [gpu("dev-10", "1Gi"), gpu("dev-2", "2Gi"), gpu("dev-b", "3Gi"), gpu("dev-a", "4Gi")])],
         {"n1": [Device(0, 2 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "dev-2"),
-                Device(1, GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "dev-10")]},
+                Device(1, GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "dev-10"),
+                Device(2, 4 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "dev-a"),
+                Device(3, 3 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "dev-b")]},
+    ),
+    "index-attribute-wins-over-name": (
+        [rslice("n1", [gpu("a", "40Gi", 1), gpu("b", "80Gi", 0), gpu("c", "20Gi")])],
+        {"n1": [Device(0, 80 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "b"),
+                Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "a"),
+                Device(2, 20 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "c")]},
+    ),
+    "memory-among-other-capacities": (
+        [rslice("n1", [{"name": "gpu-0", "capacity": {"cores": {"value": "8"}, "memory": {"value": "40Gi"}}}])],
+        {"n1": [Device(0, 40 * GI, "gpu", "", "", "gpu-0")]},
     ),
 }
 
@@ -205,9 +258,21 @@ def test_resourceslices_win_over_labels_in_the_view():
     assert (by_name["n2"].capacity_source, by_name["n2"].capacity_bytes) == ("annotation", 64 * GI)
 
 
-def test_resourceslice_bad_memory_named():
-    with pytest.raises(ObjectError, match="ResourceSlice s: device 'gpu-0' capacity memory"):
-        apply_resourceslices([Node("n1")], [rslice("n1", [gpu("gpu-0", "lots", 0)])])
+@pytest.mark.parametrize(
+    ("devices", "fragment"),
+    [
+        pytest.param([gpu("gpu-0", "lots", 0)], "ResourceSlice s: device 'gpu-0' capacity memory: 'lots'",
+                     id="bad-quantity"),
+        pytest.param([{"name": "gpu-0", "capacity": {"memory": "40Gi"}}],
+                     "ResourceSlice s: device 'gpu-0' capacity memory: expected a quantity",
+                     id="capacity-not-an-object"),
+        pytest.param("gpu-0", "ResourceSlice s: spec.devices must be a list", id="devices-not-a-list"),
+        pytest.param(["gpu-0"], "ResourceSlice s: spec.devices entries must be objects", id="device-not-an-object"),
+    ],
+)
+def test_resourceslice_mistakes_named(devices, fragment):
+    with pytest.raises(ObjectError, match=fragment):
+        apply_resourceslices([Node("n1")], [rslice("n1", devices)])
 
 
 @pytest.mark.parametrize(
@@ -263,3 +328,5 @@ def test_pod_devices_annotation(annotation, devices):
                             "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}})
     assert p is not None and p.devices == devices
     assert parse_device_indices(annotation) == devices
+    if devices:
+        assert format_device_indices(devices) == annotation  # what the extender writes, the cache reads back
