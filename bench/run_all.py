@@ -474,16 +474,18 @@ def render_extender(s: dict[str, Any]) -> list[str]:
         "",
         "`ibc extender` (1 worker x 8 threads, over TLS) on a snapshot of N nodes, half holding a bound model pod; "
         "one client sends filter calls one after another on a kept-alive connection, as kube-scheduler does. The "
-        "floor receives the same request bodies from the same client and answers a fixed body.",
+        "floor receives the same request bodies from the same client and answers a fixed body. Shape `unified`: "
+        "nodes with the capacity annotation (one device); `dra8`: eight 80Gi GPUs per node from a ResourceSlice.",
         "",
-        "| nodes | form | request KiB | p50 ms | floor p50 | xfloor | p99 ms | floor p99 | xfloor "
+        "| nodes | shape | form | request KiB | p50 ms | floor p50 | xfloor | p99 ms | floor p99 | xfloor "
         "| server CPU ms/call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in b.get("filter_latency", []):
         fl = floor.get((r["nodes"], r["form"]), {})
         lines.append(
-            f"| {r['nodes']:,} | {r['form']} | {num(r.get('request_kib'), 1)} | {num(r.get('p50_ms'))} | "
+            f"| {r['nodes']:,} | {r.get('shape', 'unified')} | {r['form']} | {num(r.get('request_kib'), 1)} | "
+            f"{num(r.get('p50_ms'))} | "
             f"{num(fl.get('p50_ms'))} | {ratio(r.get('p50_ms'), fl.get('p50_ms'))} | {num(r.get('p99_ms'))} | "
             f"{num(fl.get('p99_ms'))} | {ratio(r.get('p99_ms'), fl.get('p99_ms'))} | {num(r.get('server_cpu_ms'))} |"
         )

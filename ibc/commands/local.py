@@ -89,10 +89,12 @@ def _summary(config: LocalConfig) -> str:
     lines = [f"{config.source}: {len(config.nodes)} node(s), {len(config.models)} model(s)"]
     for n in config.nodes:
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
-        lines.append(f"  node  {n.name}: {format_bytes(n.memory_bytes)}" + (f" [{labels}]" if labels else ""))
+        gpus = f" in GPUs {','.join(format_bytes(d) for d in n.devices)}" if n.devices else ""
+        lines.append(f"  node  {n.name}: {format_bytes(n.memory_bytes)}{gpus}" + (f" [{labels}]" if labels else ""))
     for m in config.models:
         cooldown = f"cooldown {m.cooldown_seconds:g}s" if m.cooldown_seconds > 0 else "never idles out"
-        lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}, {cooldown}: {' '.join(m.command)}")
+        split = f" over {m.devices} GPUs" if m.devices > 1 else ""
+        lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}{split}, {cooldown}: {' '.join(m.command)}")
     if config.ports is not None:
         lines.append(f"  ports {config.ports[0]}-{config.ports[1]} for model processes")
     lines.append(f"  logs  {config.logs or 'a fresh directory per run'}: <model>.log for each model's output")

@@ -469,21 +469,25 @@ KIND_RESOURCES = {
     "Pod": ("", "pods"),
     "Deployment": ("apps", "deployments"),
     "InferenceModel": ("inference.eh-ops.io", "inferencemodels"),
+    "ResourceSlice": ("resource.k8s.io", "resourceslices"),
 }
 
 
 def _watched_kinds(component: str) -> tuple[str, ...]:
-    """The kinds a component's watch cache lists and watches, read from its code."""
+    """The kinds a component's watch cache lists and watches, read from its code (a cache of Nodes watches
+    their ResourceSlices too: kubeview.cache.watched_kinds)."""
+    from kubeview.cache import watched_kinds
+
     if component == "proxy":
         from proxy.kube_scaler import KINDS
 
-        return tuple(KINDS)
+        return watched_kinds(tuple(KINDS))
     if component == "controller":
         from controller.manager import KINDS as CONTROLLER_KINDS
 
-        return tuple(CONTROLLER_KINDS)
+        return watched_kinds(tuple(CONTROLLER_KINDS))
     text = (REPO / {"webhook": "webhook/kube.py", "extender": "extender/kube.py"}[component]).read_text()
-    return tuple(k for k in KIND_RESOURCES if f'"{k}"' in text)
+    return watched_kinds(tuple(k for k in KIND_RESOURCES if f'"{k}"' in text))
 
 
 @pytest.mark.parametrize(
