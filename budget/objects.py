@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from budget.errors import BudgetError, ObjectError
+from budget.load import LoadTuning
 from budget.quantity import parse_duration, parse_quantity
 from budget.view import (
     DEVICE_SELECTOR_KEYS,
@@ -356,6 +357,7 @@ def model_from_inferencemodel(obj: Obj) -> Model:
         if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
             raise ObjectError(f"spec.devices must be an integer >= 1, got {devices!r}")
         device_selector = device_selector_from(_str_map(obj, "spec.deviceSelector"), "spec.deviceSelector")
+        scaling = load_fields(obj)
     except ObjectError as exc:
         raise _wrap(obj, exc) from exc
     except BudgetError as exc:
@@ -373,6 +375,7 @@ def model_from_inferencemodel(obj: Obj) -> Model:
         devices=devices,
         device_selector=device_selector,
         **policy,
+        **scaling,
     )
 
 
@@ -405,6 +408,60 @@ def _eviction_policy(obj: Obj) -> dict[str, Any]:
         "pinned": pinned,
         "max_wait_seconds": 0.0 if max_wait is None else parse_duration(max_wait, field="spec.admission.maxWait"),
     }
+
+
+def _count(spec: Mapping[str, Any], field: str, default: int, where: str = "spec") -> int:
+    value = spec.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ObjectError(f"{where}.{field} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _fraction(spec: Mapping[str, Any], field: str, default: float) -> float:
+    """A number in (0, 1], given as a number or a string (the CRD takes "0.8" too)."""
+    value = spec.get(field, default)
+    try:
+        number = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else -1.0
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 1:
+        raise ObjectError(f"spec.load.{field} must be a number above 0 and at most 1, got {value!r}")
+    return number
+
+
+def load_fields(obj: Obj) -> dict[str, Any]:
+    """spec.minReplicas, spec.maxReplicas (min <= max) and spec.load as Model fields (budget.load)."""
+    spec = _map(obj, "spec")
+    low = _count(spec, "minReplicas", 0)
+    high = _count(spec, "maxReplicas", 1)
+    if low > high:
+        raise ObjectError(f"spec.minReplicas ({low}) must not exceed spec.maxReplicas ({high})")
+    raw = spec.get("load") or {}
+    if not isinstance(raw, Mapping):
+        raise ObjectError(f"spec.load must be an object, got {type(raw).__name__}")
+    default = LoadTuning()
+    concurrency = raw.get("concurrency")
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise ObjectError(f"spec.load.concurrency must be a positive integer, got {concurrency!r}")
+    waiting = _count(raw, "waitingSaturation", default.waiting_saturation, "spec.load")
+    if waiting < 1:
+        raise ObjectError(f"spec.load.waitingSaturation must be at least 1, got {waiting!r}")
+    up, down = raw.get("scaleUpStabilization"), raw.get("scaleDownStabilization")
+    tuning = LoadTuning(
+        kv_saturation=_fraction(raw, "kvCacheSaturation", default.kv_saturation),
+        waiting_saturation=waiting,
+        concurrency=concurrency,
+        margin=_fraction(raw, "margin", default.margin),
+        scale_up_window_seconds=default.scale_up_window_seconds
+        if up is None
+        else parse_duration(up, field="spec.load.scaleUpStabilization"),
+        scale_down_window_seconds=default.scale_down_window_seconds
+        if down is None
+        else parse_duration(down, field="spec.load.scaleDownStabilization"),
+    )
+    return {"min_replicas": low, "max_replicas": high, "load": tuning}
 
 
 def model_label(obj: Obj) -> str | None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
+from budget.load import LoadTuning
+
 DeviceKind = Literal["gpu", "mig", "unified"]
 
 DEVICE_SELECTOR_KEYS = frozenset({"kind", "profile", "product"})
@@ -114,6 +116,9 @@ class Model:
     def device_share_bytes(self) -> int:
         """What each of its devices must have free for one replica: memory / devices, rounded up."""
         return share_bytes(self.memory_bytes, self.devices)
+    min_replicas: int = 0  # kept warm: never scaled below this by load or idleness (> 0: exempt from cooldown)
+    max_replicas: int = 1  # the load layer adds replicas up to this (1: one replica, as before)
+    load: LoadTuning = field(default_factory=LoadTuning)  # the load layer's thresholds (budget.load)
 
     @property
     def key(self) -> str:

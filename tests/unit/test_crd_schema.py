@@ -73,11 +73,14 @@ def test_scale_and_status_subresources():
     assert STATUS["properties"]["selector"]["type"] == "string", "the scale subresource reads a string selector"
 
 
-def test_kubectl_get_shows_ready_replicas_memory_age_and_model_and_devices_with_wide():
+def test_kubectl_get_shows_desired_ready_max_memory_age_and_model_and_devices_with_wide():
     columns = [(c["name"], c["jsonPath"], c.get("priority", 0)) for c in VERSION["additionalPrinterColumns"]]
     assert columns == [
         ("Ready", ".status.ready", 0),
+        ("Desired", ".spec.replicas", 0),
         ("Replicas", ".status.replicas", 0),
+        ("ReadyReplicas", ".status.readyReplicas", 0),
+        ("Max", ".spec.maxReplicas", 0),
         ("Memory", ".spec.memory", 0),
         ("Age", ".metadata.creationTimestamp", 0),
         ("Model", ".spec.modelName", 1),
@@ -210,6 +213,9 @@ _CEL = {
     "self.all(k, k in ['kind', 'profile', 'product'])": lambda obj: set(obj) <= {"kind", "profile", "product"},
     "!has(self.kind) || self.kind in ['gpu', 'mig', 'unified']": lambda obj: obj.get("kind", "gpu")
     in ("gpu", "mig", "unified"),
+    "(has(self.minReplicas) ? self.minReplicas : 0) <= (has(self.maxReplicas) ? self.maxReplicas : 1)": lambda obj: (
+        obj.get("minReplicas", 0) <= obj.get("maxReplicas", 1)
+    ),
 }
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
 
@@ -300,6 +306,14 @@ def _model(**spec: Any) -> dict[str, Any]:
         ({"devices": True}, "must be an integer"),
         ({"deviceSelector": {"nvidia.com/mig.profile": 1}}, "must be string"),
         ({"deviceSelector": "1g.10gb"}, "must be object"),
+        ({"minReplicas": 1, "maxReplicas": 3, "load": {"waitingSaturation": 3, "scaleUpStabilization": "2s"}}, None),
+        ({"minReplicas": 2}, "minReplicas must not exceed maxReplicas"),
+        ({"minReplicas": 3, "maxReplicas": 2}, "minReplicas must not exceed maxReplicas"),
+        ({"maxReplicas": -1}, "out of range"),
+        ({"load": {"waitingSaturation": 0}}, "out of range"),
+        ({"load": {"concurrency": 0}}, "out of range"),
+        ({"load": {"scaleDownStabilization": "a minute"}}, "does not match"),
+        ({"load": {"kvCache": 0.9}}, "unknown field"),
     ],
     ids=[
         "minimal",
@@ -336,6 +350,14 @@ def _model(**spec: Any) -> dict[str, Any]:
         "devices-bool",
         "non-string-device-selector",
         "device-selector-not-a-map",
+        "load-layer",
+        "min-over-default-max",
+        "min-over-max",
+        "negative-max",
+        "waiting-zero",
+        "concurrency-zero",
+        "prose-down-window",
+        "misspelt-load-field",
     ],
 )
 def test_the_schema_refuses_what_it_should(spec, error):

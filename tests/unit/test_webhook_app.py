@@ -518,6 +518,10 @@ def test_unanswerable_body_gets_http_400_json(body, fragment):
         pytest.param(im_create(None, "1"), "spec.replicas must be a non-negative integer",
                      id="model-replicas-type"),
         pytest.param(im_create(None, 1, cooldownPeriod="soon"), "spec.cooldownPeriod", id="bad-cooldown"),
+        pytest.param(im_create(None, 1, minReplicas=3, maxReplicas=2),
+                     "spec.minReplicas (3) must not exceed spec.maxReplicas (2)", id="min-over-max"),
+        pytest.param(im_create(None, 1, load={"concurrency": 0}), "spec.load.concurrency must be a positive integer",
+                     id="load-concurrency-zero"),
         pytest.param(deployment_create("a lot"), "inference.eh-ops.io/memory", id="bad-deployment-memory"),
         # 80m is a valid Kubernetes quantity (0.08 bytes) that used to be budgeted as 1 byte
         pytest.param(deployment_create("80m"), "'80m' is not a memory quantity in whole bytes",
