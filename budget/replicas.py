@@ -40,17 +40,21 @@ class ReplicaVerdict:
         return text
 
 
-def budget_for(view: ClusterView, model_ref: str, wanted: int, now: float) -> ReplicaVerdict:
-    """The budget's answer to `wanted` replicas, and the largest count at or above today's it allows."""
-    decision = decide_scale(view, model_ref, wanted, now)
+def budget_for(view: ClusterView, model_ref: str, wanted: int, now: float, *, leaving: int = 0) -> ReplicaVerdict:
+    """The budget's answer to `wanted` replicas, and the largest count at or above today's it allows.
+
+    `leaving`: replicas of this model still stopping, which hold their memory until gone and are counted
+    in the view's replicas; they are asked for beside the wanted ones and left out of the numbers shown.
+    """
+    decision = decide_scale(view, model_ref, wanted + leaving, now)
     model = view.find_model(model_ref)
     assert model is not None  # decide_scale raised UnknownModelError otherwise
     name = model.model_name or model.name
     if decision.allowed:
         return ReplicaVerdict(name, wanted, wanted, decision)
-    allowed = min(model.replicas, wanted)
-    for count in range(wanted - 1, model.replicas, -1):
+    allowed = min(model.replicas, wanted + leaving)
+    for count in range(wanted + leaving - 1, model.replicas, -1):
         if decide_scale(view, model_ref, count, now).allowed:
             allowed = count
             break
-    return ReplicaVerdict(name, wanted, allowed, decision)
+    return ReplicaVerdict(name, wanted, max(0, allowed - leaving), decision)

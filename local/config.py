@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from budget import BudgetError, Device, Model, Node, ObjectError, format_bytes, parse_duration, parse_quantity
+from budget.load import LoadTuning
 from budget.objects import parse_devices
 from budget.view import matches, share_bytes
 
@@ -55,6 +56,17 @@ _MODEL_FIELDS = (
     "pinned",
     "max_wait",
     "devices",
+    "min_replicas",
+    "max_replicas",
+    "load",
+)
+_LOAD_FIELDS = (
+    "kv_cache_saturation",
+    "waiting_saturation",
+    "concurrency",
+    "margin",
+    "scale_up_stabilization",
+    "scale_down_stabilization",
 )
 
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
@@ -109,6 +121,9 @@ class LocalModel:
     pinned: bool = False
     max_wait_seconds: float = 0.0  # 0: a request that does not fit gets the 429 at once, as before
     devices: int = 1  # each process is split over this many devices of one node (tensor parallelism)
+    min_replicas: int = 0  # kept warm: started with ibc local, never stopped for idleness
+    max_replicas: int = 1  # the load layer adds processes up to this (1: one process, as before)
+    load: LoadTuning = field(default_factory=LoadTuning)
 
     @property
     def key(self) -> str:
@@ -144,6 +159,9 @@ class LocalModel:
             pinned=self.pinned,
             max_wait_seconds=self.max_wait_seconds,
             devices=self.devices,
+            min_replicas=self.min_replicas,
+            max_replicas=self.max_replicas,
+            load=self.load,
         )
 
 
@@ -258,6 +276,41 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(where, f"expected an integer, got {_describe(value)}")
         return value
+
+    def count(self, value: Any, where: str, default: int, *, least: int = 0) -> int:
+        number = self.integer(value, where, default)
+        if number < least:
+            raise self.fail(where, f"{number} must be at least {least}")
+        return number
+
+    def fraction(self, value: Any, where: str, default: float) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise self.fail(where, f"expected a number above 0 and at most 1, got {_describe(value)}")
+        return float(value)
+
+    def load(self, value: Any, where: str) -> LoadTuning:
+        """The load layer's thresholds (`load:`); absent fields keep budget.load's defaults."""
+        default = LoadTuning()
+        if value is None:
+            return default
+        raw = self.mapping(value, where)
+        self.known_fields(raw, _LOAD_FIELDS, where)
+        concurrency = raw.get("concurrency")
+        return LoadTuning(
+            kv_saturation=self.fraction(raw.get("kv_cache_saturation"), f"{where}.kv_cache_saturation",
+                                        default.kv_saturation),
+            waiting_saturation=self.count(raw.get("waiting_saturation"), f"{where}.waiting_saturation",
+                                          default.waiting_saturation, least=1),
+            concurrency=None if concurrency is None else self.count(concurrency, f"{where}.concurrency", 1, least=1),
+            margin=self.fraction(raw.get("margin"), f"{where}.margin", default.margin),
+            scale_up_window_seconds=self.duration(raw.get("scale_up_stabilization"),
+                                                  f"{where}.scale_up_stabilization", default.scale_up_window_seconds),
+            scale_down_window_seconds=self.duration(raw.get("scale_down_stabilization"),
+                                                    f"{where}.scale_down_stabilization",
+                                                    default.scale_down_window_seconds),
+        )
 
     def flag(self, value: Any, where: str) -> bool:
         if value is None:
@@ -427,6 +480,10 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
                 f"{item.get('memory')!r} is more than the largest matching {what} ({format_bytes(largest)}), "
                 f"so {name} could never start",
             )
+        low = c.count(item.get("min_replicas"), f"{where}.min_replicas", 0)
+        high = c.count(item.get("max_replicas"), f"{where}.max_replicas", 1)
+        if low > high:
+            raise c.fail(f"{where}.min_replicas", f"{low} must not exceed max_replicas ({high})")
         models.append(
             LocalModel(
                 name=name,
@@ -450,11 +507,16 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
                 pinned=c.flag(item.get("pinned"), f"{where}.pinned"),
                 max_wait_seconds=c.duration(item.get("max_wait"), f"{where}.max_wait", 0.0),
                 devices=devices,
+                min_replicas=low,
+                max_replicas=high,
+                load=c.load(item.get("load"), f"{where}.load"),
             )
         )
     ports = c.ports(top.get("ports"), "ports")
-    if ports is not None and ports[1] - ports[0] + 1 < len(models):
-        raise c.fail("ports", f"{top.get('ports')!r} has fewer ports than there are models ({len(models)})")
+    processes = sum(max(1, m.max_replicas) for m in models)
+    if ports is not None and ports[1] - ports[0] + 1 < processes:
+        what = f"models ({len(models)})" if processes == len(models) else f"model processes at most ({processes})"
+        raise c.fail("ports", f"{top.get('ports')!r} has fewer ports than there are {what}")
     return LocalConfig(
         nodes=tuple(nodes),
         models=tuple(models),

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,9 @@ from budget import (
     metrics_body,
     plan_eviction,
 )
+from budget.load import LoadDecision, LoadState, ReplicaSignals, desired_replicas
 from budget.objects import format_device_indices, rfc3339
+from budget.replicas import ReplicaVerdict, budget_for
 from local.config import DEVICE_ENV, NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
 from local.runtime import (
@@ -56,7 +58,8 @@ from local.runtime import (
 from proxy.app import create_app, error_response, proxy_of
 from proxy.evictions import BusySource, EvictionLog, nobody_busy
 from proxy.scaler import ScaleDenied, ScalerUnavailable
-from serving.metrics import MemoryCollector
+from serving.metrics import MemoryCollector, ReplicasCollector
+from serving.signals import ReplicaMetrics, scrape
 
 if TYPE_CHECKING:
     from proxy.settings import ProxySettings
@@ -182,6 +185,13 @@ class LocalScaler:
         self._busy_source: BusySource = nobody_busy
         self._evictions = EvictionLog()
         self._evicted: list[ManagedProcess] = []  # stopped to make room, until their exit is seen
+        # The load layer (budget.load): its state per model, what it last wanted, replicas leaving.
+        self._in_flight: Callable[[], Mapping[str, int]] = dict
+        self._scrape: Callable[[str], ReplicaMetrics | None] = scrape
+        self._load_state: dict[str, LoadState] = {}
+        self._load: dict[str, LoadDecision] = {}
+        self._verdict: dict[str, ReplicaVerdict] = {}
+        self._draining: dict[int, float] = {}  # pid -> monotonic deadline: no new requests, stopped when done
         self._closing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -372,6 +382,153 @@ class LocalScaler:
                 return "failed"
             return "stopped"
 
+    # -- the load layer ---------------------------------------------------------------------------
+
+    def set_signal_source(self, in_flight: Callable[[], Mapping[str, int]]) -> None:
+        """Where the per-replica requests in flight come from (the proxy's counts, by base URL)."""
+        self._in_flight = in_flight
+
+    def balance(self, now: float | None = None) -> None:
+        """One pass of the load layer (run by the supervisor every second): finish replicas leaving,
+        then step each model that may have several replicas, or keeps some warm, toward what it needs."""
+        now = self._clock() if now is None else now
+        in_flight = self._in_flight()
+        self._finish_drains(in_flight)
+        for model in self._models.values():
+            if model.max_replicas > 1 or model.min_replicas > 0:
+                self._balance_one(model, in_flight, now)
+
+    def load_status(self, model_ref: str) -> tuple[int, int, str]:
+        """(replicas wanted, replicas the budget allows, the load layer's last word) for one model."""
+        model = self._model(model_ref)
+        with self._cond:
+            verdict = self._verdict.get(model.key)
+            decision = self._load.get(model.key)
+            current = self._current_locked(model.key)
+        if verdict is not None and verdict.blocked:
+            return verdict.wanted, verdict.allowed, verdict.message
+        return current, current, decision.reason if decision else ""
+
+    def _live_locked(self, key: str) -> list[ManagedProcess]:
+        """Replicas that serve or will: starting or ready, not leaving or stopping."""
+        serving = (Phase.STARTING, Phase.READY)
+        return [p for p in self._replicas[key] if p.phase in serving and p.pid not in self._draining]
+
+    def _current_locked(self, key: str) -> int:
+        """Live replicas and the ones promised (spawning)."""
+        return len(self._live_locked(key)) + len(self._pending[key])
+
+    def _balance_one(self, model: LocalModel, in_flight: Mapping[str, int], now: float) -> None:
+        key = model.key
+        with self._cond:
+            self._prune_locked()
+            if self._closing or now < self._crashes[key].next_attempt:
+                return
+            plist = self._replicas[key]
+            live = self._live_locked(key)
+            current = self._current_locked(key)
+            if key in self._halted and current == 0:
+                return  # stopped by hand: stays stopped until a request
+            leaving = [p for p in plist if p.pid in self._draining]
+            stopping = sum(1 for p in plist if p.phase is Phase.STOPPING or p.pid in self._draining)
+            state = self._load_state.get(key, LoadState())
+            replicas = [(p.spec.base_url, p.phase is Phase.STARTING) for p in live]
+            promised = len(self._pending[key])
+        # Asking replicas for their metrics is I/O: outside the lock.
+        signals = [self._signals(url, starting, in_flight) for url, starting in replicas]
+        signals += [ReplicaSignals("promised", starting=True)] * promised
+        decision = desired_replicas(
+            signals,
+            current=current,
+            min_replicas=model.min_replicas,
+            max_replicas=model.max_replicas,
+            tuning=model.load,
+            state=state,
+            now=now,
+        )
+        with self._cond:
+            self._load[key] = decision
+            self._load_state[key] = decision.state
+            if decision.desired <= current:
+                self._verdict.pop(key, None)
+        if decision.desired > current:
+            if leaving:
+                with self._cond:  # a replica on its way out serves again: no start, no memory asked
+                    self._draining.pop(leaving[0].pid, None)
+                log.info("%s: keeps a leaving replica (%s)", model.name, decision.reason)
+                return
+            self._step_up(model, decision, current, stopping, now)
+        elif decision.desired < current:
+            self._step_down(model, decision, live, in_flight)
+
+    def _signals(self, url: str, starting: bool, in_flight: Mapping[str, int]) -> ReplicaSignals:
+        metrics = None if starting else self._scrape(url)
+        return ReplicaSignals(
+            url,
+            in_flight=in_flight.get(url, 0),
+            waiting=metrics.waiting if metrics else None,
+            running=metrics.running if metrics else None,
+            kv_cache_usage=metrics.kv_cache_usage if metrics else None,
+            starting=starting,
+        )
+
+    def _step_up(self, model: LocalModel, decision: LoadDecision, current: int, stopping: int, now: float) -> None:
+        """Ask the budget for one more replica (or the warm ones); start it if allowed, say who blocks if not."""
+        asked = budget_for(self.view(), model.key, decision.desired, now, leaving=stopping)
+        verdict: ReplicaVerdict | None = asked
+        if not asked.blocked:
+            try:
+                log.info("%s: %d -> %d replicas (%s)", model.name, current, decision.desired, decision.reason)
+                self.scale_up(model.key, decision.desired)
+                verdict = None
+            except ScaleDenied as exc:  # someone took the room between the two decisions
+                verdict = ReplicaVerdict(asked.model, decision.desired, current, exc.decision)
+            except ScalerUnavailable as exc:
+                log.warning("%s: could not add a replica: %s", model.name, exc)
+                return
+        with self._cond:
+            if verdict is None:
+                self._verdict.pop(model.key, None)
+                return
+            if self._verdict.get(model.key) != verdict:
+                log.info("%s", verdict.message)
+            self._verdict[model.key] = verdict
+            # Still wanted: ask again at the next pass, not after a new stabilization window.
+            self._load_state[model.key] = LoadState(pressure_since=now - model.load.scale_up_window_seconds)
+
+    def _step_down(
+        self, model: LocalModel, decision: LoadDecision, live: list[ManagedProcess], in_flight: Mapping[str, int]
+    ) -> None:
+        """One replica leaves: no new requests from now, stopped once its requests end (or its grace period)."""
+        ready = [p for p in live if p.phase is Phase.READY]
+        if not ready:
+            return
+        leaver = min(ready, key=lambda p: (in_flight.get(p.spec.base_url, 0), -p.started_at))
+        with self._cond:
+            self._draining[leaver.pid] = time.monotonic() + model.stop_grace_seconds
+        log.info(
+            "%s: %d -> %d replicas (%s); %s leaves once its %d request(s) end",
+            model.name,
+            len(live),
+            decision.desired,
+            decision.reason,
+            leaver.spec.base_url,
+            in_flight.get(leaver.spec.base_url, 0),
+        )
+
+    def _finish_drains(self, in_flight: Mapping[str, int]) -> None:
+        """Stop each leaving replica whose requests have ended or whose grace period is over."""
+        with self._cond:
+            self._prune_locked()
+            procs = {p.pid: p for plist in self._replicas.values() for p in plist}
+            for pid, deadline in list(self._draining.items()):
+                proc = procs.get(pid)
+                if proc is None or proc.phase in (Phase.STOPPING, Phase.EXITED):
+                    del self._draining[pid]
+                elif in_flight.get(proc.spec.base_url, 0) == 0 or time.monotonic() >= deadline:
+                    del self._draining[pid]
+                    self._stop_locked(self._models[proc.spec.owner], [proc], "stepping down for load")
+
     # -- observation ------------------------------------------------------------------------------
 
     @property
@@ -451,8 +608,8 @@ class LocalScaler:
             for key, plist in self._replicas.items():
                 model = self._models[key]
                 ready = [p for p in plist if p.phase is Phase.READY]
-                if model.cooldown_seconds <= 0 or not ready:
-                    continue
+                if model.cooldown_seconds <= 0 or not ready or model.min_replicas > 0:
+                    continue  # no cooldown, nothing running, or kept warm (the load layer steps it down)
                 if self._pending[key] or any(p.phase is Phase.STARTING for p in plist):
                     continue  # a scale-up is in flight; someone is waiting for it
                 view_model = model.to_model(last_request_time=self._last_request.get(key))
@@ -492,7 +649,8 @@ class LocalScaler:
         return model
 
     def _ready_urls(self, key: str) -> list[str]:
-        return [p.spec.base_url for p in self._replicas[key] if p.phase is Phase.READY]
+        """Ready replicas that take new requests (one leaving for a step down takes none)."""
+        return [p.spec.base_url for p in self._replicas[key] if p.phase is Phase.READY and p.pid not in self._draining]
 
     def _view_locked(self, *, exclude: Collection[ManagedProcess] = ()) -> ClusterView:
         models = []
@@ -553,7 +711,16 @@ class LocalScaler:
         starts) with a short history, and the model's own log file."""
         body = metrics_body(self.memory(model_key))
         keep = ("lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures", "log")
-        return {k: body[k] for k in keep}
+        model = self._model(model_key)
+        wanted, allowed, message = self.load_status(model.key)
+        load = {
+            "minReplicas": model.min_replicas,
+            "maxReplicas": model.max_replicas,
+            "replicasWanted": wanted,
+            "replicasAllowed": allowed,
+            "loadMessage": message,
+        }
+        return {**{k: body[k] for k in keep}, **load}
 
     def _busy_locked(self) -> set[str]:
         """Models serving a request (a backend with requests in flight) or holding one for its start."""
@@ -687,6 +854,7 @@ class LocalScaler:
         while not self._stop.wait(self._supervise_interval_seconds):
             try:
                 self.stop_idle()
+                self.balance()
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + self._sample_interval_seconds
                     self.sample_now()
@@ -743,6 +911,12 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
             current=True,
         )
     )
+    scaler.set_signal_source(proxy.upstream.outstanding)
+
+    def replicas() -> list[tuple[str, str, int, int]]:
+        return [(m.name, NAMESPACE, *scaler.load_status(m.key)[:2]) for m in scaler.config.models]
+
+    proxy.metrics.registry.register(ReplicasCollector(replicas))
     app.extensions["ibc_local"] = scaler
 
 

@@ -69,3 +69,24 @@ class MemoryCollector(Collector):
         yield from (declared, peak, ratio)
         if self._current:
             yield now
+
+
+class ReplicasCollector(Collector):
+    """The load layer's gauges: replicas a model's traffic wants and replicas the budget allows; when they
+    differ the budget refuses the step (the model's status and `/v1/models` say who blocks it)."""
+
+    def __init__(self, models: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
+        self._models = models  # (name, namespace, wanted, allowed)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "namespace"]
+        wanted = GaugeMetricFamily(
+            "ibc_model_replicas_wanted", "Replicas the load layer wants for the traffic it sees", labels=labels
+        )
+        allowed = GaugeMetricFamily(
+            "ibc_model_replicas_allowed", "Of the replicas wanted, how many the memory budget allows", labels=labels
+        )
+        for name, namespace, want, allow in self._models():
+            wanted.add_metric([name, namespace], float(want))
+            allowed.add_metric([name, namespace], float(allow))
+        yield from (wanted, allowed)

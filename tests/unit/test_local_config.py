@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from budget.load import LoadTuning
 from local.config import (
     DEFAULT_COOLDOWN_SECONDS,
     DEFAULT_HEALTH,
@@ -19,6 +20,11 @@ pytestmark = pytest.mark.unit
 GI = 2**30
 SRC = "examples/local.yaml"
 MINI = "nodes: [{name: shadow, memory: 1Gi}]\nmodels:\n  - {name: a, memory: 1Gi, command: 'x {port}'}\n"
+
+
+def _mini(extra):
+    """MINI with more fields for its model (flow style: `min_replicas: 2, load: {...}`)."""
+    return MINI.replace("command: 'x {port}'", "command: 'x {port}', " + extra)
 
 
 def _config(**model_overrides):
@@ -51,6 +57,23 @@ def test_defaults_match_the_crd():
     # No eviction policy, no wait: only the cooldown stops a model, and a request that does not fit gets the 429.
     view = model.to_model()
     assert (view.evict_idle_after_seconds, view.priority, view.pinned, view.max_wait_seconds) == (None, 0, False, 0.0)
+
+
+def test_load_layer_reaches_the_budget():
+    config = parse_config_text(
+        "nodes: [{name: shadow, memory: 128Gi}]\nmodels: [{name: a, memory: 1Gi, command: 'x {port}', "
+        "min_replicas: 1, max_replicas: 3, load: {kv_cache_saturation: 0.9, waiting_saturation: 2, concurrency: 4, "
+        "margin: 0.3, scale_up_stabilization: 1s, scale_down_stabilization: 10s}}]\n",
+        source=SRC,
+    )
+    model = config.models[0].to_model()
+    assert (model.min_replicas, model.max_replicas) == (1, 3)
+    assert model.load == LoadTuning(0.9, 2, 4, 0.3, 1.0, 10.0)
+
+
+def test_load_layer_defaults_are_todays_behaviour():
+    model = parse_config_text(MINI, source=SRC).models[0].to_model()
+    assert (model.min_replicas, model.max_replicas, model.load) == (0, 1, LoadTuning())
 
 
 def test_eviction_policy_reaches_the_budget():
@@ -272,6 +295,41 @@ def test_gpus_as_separate_budgets_with_selector_and_env():
             MINI + "  - {name: b, memory: 1Gi, command: 'x {port}'}\nports: 30000\n",
             "ports: 30000 has fewer ports than there are models (2)",
             id="ports-fewer-than-models",
+        ),
+        pytest.param(
+            MINI + "  - {name: b, memory: 1Gi, command: 'x {port}', max_replicas: 3}\nports: 30000-30002\n",
+            "ports: '30000-30002' has fewer ports than there are model processes at most (4)",
+            id="ports-fewer-than-replicas",
+        ),
+        pytest.param(
+            _mini("min_replicas: 2"),
+            "models[0].min_replicas: 2 must not exceed max_replicas (1)",
+            id="min-over-max",
+        ),
+        pytest.param(
+            _mini("max_replicas: -1"),
+            "models[0].max_replicas: -1 must be at least 0",
+            id="negative-max",
+        ),
+        pytest.param(
+            _mini("load: {kv: 0.9}"),
+            "models[0].load.kv: unknown field (allowed: kv_cache_saturation",
+            id="load-typo",
+        ),
+        pytest.param(
+            _mini("load: {kv_cache_saturation: 2}"),
+            "models[0].load.kv_cache_saturation: expected a number above 0 and at most 1, got int 2",
+            id="load-kv-over-1",
+        ),
+        pytest.param(
+            _mini("load: {concurrency: 0}"),
+            "models[0].load.concurrency: 0 must be at least 1",
+            id="load-concurrency-zero",
+        ),
+        pytest.param(
+            _mini("load: {scale_up_stabilization: soon}"),
+            "models[0].load.scale_up_stabilization",
+            id="load-window-prose",
         ),
         pytest.param(MINI + "logs: ''\n", "logs: expected a directory path", id="logs-empty"),
     ],
