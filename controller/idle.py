@@ -45,6 +45,8 @@ def idle_verdict(
         return IdleVerdict(False, 0.0, None, "cooldown disabled (cooldownPeriod 0)")
     if model.replicas == 0:
         return IdleVerdict(False, 0.0, None, "already at zero replicas")
+    if model.min_replicas > 0:
+        return IdleVerdict(False, 0.0, None, f"kept warm (minReplicas {model.min_replicas})")
     placements = list(placements)
     has_start = any(p.model == model.key and p.started_at is not None for p in placements)
     if model.last_request_time is None and not has_start and awake_since is None:

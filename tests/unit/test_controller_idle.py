@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from budget import Model, Placement
@@ -43,6 +45,9 @@ def placement(started: float | None, model_key: str = KEY) -> Placement:
             model(), [placement(NOW - 30, "default/other")], None, False, 600.0, id="other-models-pods-ignored"
         ),
         pytest.param(model(cooldown=3, last=NOW - 3), [], None, True, None, id="exactly-at-cooldown"),
+        pytest.param(
+            replace(model(last=NOW - 1e6), min_replicas=1), [], None, False, None, id="min-replicas-kept-warm"
+        ),
     ],
 )
 def test_idle_verdict(
