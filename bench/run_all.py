@@ -10,7 +10,7 @@ Python), the date, the commit and the load average before, during and after.
 
 Sections (`--only`): proxy (bench/proxy_bench.py), webhook (bench/webhook_bench.py), extender
 (bench/extender_bench.py), recovery and coldstart (bench/stress_recovery.py), concurrency
-(bench/concurrency_bench.py), engine (bench/engine_bench.py). Raw figures go to
+(bench/concurrency_bench.py), engine (bench/engine_bench.py), load (bench/load_bench.py). Raw figures go to
 bench/out/results.json, each script's output to bench/out/logs/<section>.log.
 
     .venv/bin/ibc bench --quick                  # or: .venv/bin/python bench/run_all.py --quick
@@ -324,6 +324,14 @@ def section_engine(ctx: Context) -> dict[str, Any]:
     return {"bench": read_json(out, began), "seconds": round(took)}
 
 
+def section_load(ctx: Context) -> dict[str, Any]:
+    out = OUT / "load.json"
+    argv = [PY, str(BENCH / "load_bench.py"), "--repeat", str(ctx.repeat), "--json", str(out)]
+    began = time.time()
+    took = run_script("load", argv, 1800)
+    return {"bench": read_json(out, began), "seconds": round(took)}
+
+
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "proxy": section_proxy,
     "webhook": section_webhook,
@@ -332,6 +340,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "coldstart": section_coldstart,
     "concurrency": section_concurrency,
     "engine": section_engine,
+    "load": section_load,
 }
 
 
@@ -621,6 +630,29 @@ def render_engine(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_load(s: dict[str, Any]) -> list[str]:
+    c = s["bench"].get("load", {})
+    d = c.get("direct_start_to_healthy_s")
+    rows = []
+    for window, label in (("0s", "no stabilization window"), ("5s", "the default 5 s window")):
+        figure = (c.get(f"window_{window}") or {}).get("saturation_to_serving_s")
+        rows.append(f"| saturation → second replica serving, {label} | {num(figure, 3)} | {ratio(figure, d)} |")
+    return [
+        "## The load layer: saturation to a new replica serving (bench/load_bench.py)",
+        "",
+        f"One replica of a model behind `ibc local` (`ibc mock-backend --latency 1 --startup-delay "
+        f"{c.get('backend_startup_delay_s')}`, `load.concurrency: 2`, `max_replicas: 2`), then {c.get('clients')} "
+        "clients back to back; the time from their start to a second replica ready in the proxy's backends, "
+        f"median of {c.get('runs')} run(s). Baseline: the same command started directly until /health answers. "
+        f"Load average before / after: {c.get('load_before')} / {c.get('load_after')}.",
+        "",
+        "| | seconds | xdirect start |",
+        "|---|---|---|",
+        f"| direct start → healthy (baseline) | {num(d, 3)} | x1.00 |",
+        *rows,
+    ]
+
+
 RENDERERS = {
     "proxy": render_proxy,
     "webhook": render_webhook,
@@ -629,6 +661,7 @@ RENDERERS = {
     "coldstart": render_coldstart,
     "concurrency": render_concurrency,
     "engine": render_engine,
+    "load": render_load,
 }
 
 
