@@ -1,8 +1,9 @@
 """`ibc local`'s load layer as a user sees it: replicas added under load, within the budget, and taken away.
 
-A model with `max_replicas: 3` whose replica runs 2 requests at once (`load.concurrency: 2`; the mock
-backend answers after 1 s) gets 10 clients at once: its queue (the proxy's in-flight count beyond the
-concurrency) saturates one replica, and `ibc local` adds processes until there are 3. In a pool that fits
+A model with `max_replicas: 3` whose replica runs 2 requests at once (the mock backend answers after 1 s)
+gets 14 clients at once: its queue saturates one replica, and `ibc local` adds processes until there are
+3. The queue is seen two ways: the proxy's in-flight count beyond `load.concurrency: 2`, or, with no
+concurrency given, the replica's own `vllm:num_requests_waiting` (the mock's `--max-running 2`). In a pool that fits
 only 2 beside an idle model, it stays at 2 and `/v1/models` and `/metrics` say "wants 3, budget allows 2,
 blocked by side (...)". When the clients stop it steps back down to `min_replicas`, or to 0 after the
 cooldown. Declared memory is sampled from the live processes all along and never exceeds the node.
@@ -25,17 +26,22 @@ GI = 2**30
 # The sampler of test_local_mode reads declared memory by model name; these are this file's models.
 test_local_mode.MEMORY.update({"chat": 30 * GI, "side": 30 * GI})
 local_factory = test_local_mode.local_factory
-CLIENTS = 10
+CLIENTS = 14  # with 2 running per replica: 7 each on 2 replicas, a queue of 5 (saturated) on both signals
 LOAD_SECONDS = 60.0  # the most any test keeps its clients busy
 
 
-def _config(node_gi, *, min_replicas=0, cooldown="60s", side=False):
+PROXY_COUNT = ("{concurrency: 2, scale_up_stabilization: 0.5s, scale_down_stabilization: 1s}", "")
+# No concurrency given: only the replica's own /metrics (vllm:num_requests_waiting) says it is saturated.
+VLLM_METRICS = ("{scale_up_stabilization: 0.5s, scale_down_stabilization: 1s}", " --max-running 2")
+
+
+def _config(node_gi, *, min_replicas=0, cooldown="60s", side=False, signals=PROXY_COUNT):
     text = (
         f"nodes:\n  - {{name: shadow, memory: {node_gi}Gi}}\nmodels:\n"
         f"  - name: chat\n    memory: 30Gi\n    cooldown: {cooldown}\n    stop_grace_period: 5s\n"
         f"    min_replicas: {min_replicas}\n    max_replicas: 3\n"
-        "    load: {concurrency: 2, scale_up_stabilization: 0.5s, scale_down_stabilization: 1s}\n"
-        "    command: ibc mock-backend --bind 127.0.0.1:{port} --model chat --latency 1 --tokens 2\n"
+        f"    load: {signals[0]}\n"
+        f"    command: ibc mock-backend --bind 127.0.0.1:{{port}} --model chat --latency 1 --tokens 2{signals[1]}\n"
     )
     if side:
         text += (
@@ -84,8 +90,9 @@ def _gauges(local):
     return {kind: float(v) for kind, v in re.findall(pattern, text, re.M)}
 
 
-def test_load_adds_replicas_up_to_max_then_steps_back_down_and_idles_to_zero(local_factory):
-    local = local_factory(_config(128, cooldown="4s"))
+@pytest.mark.parametrize("signals", [PROXY_COUNT, VLLM_METRICS], ids=["proxy-in-flight", "vllm-metrics"])
+def test_load_adds_replicas_up_to_max_then_steps_back_down_and_idles_to_zero(local_factory, signals):
+    local = local_factory(_config(128, cooldown="4s", signals=signals))
     clients = Clients(local)
     try:
         assert _until(lambda: len(local.backend_pids("chat")) == 3, timeout=40), local.log()
