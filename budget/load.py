@@ -109,11 +109,6 @@ def saturated(signal: ReplicaSignals, tuning: LoadTuning) -> bool:
     return (kv is not None and kv >= tuning.kv_saturation) or (queue is not None and queue >= tuning.waiting_saturation)
 
 
-def clamp(replicas: int, min_replicas: int, max_replicas: int) -> int:
-    """Within [min_replicas, max_replicas]."""
-    return max(min_replicas, min(max_replicas, replicas))
-
-
 def desired_replicas(
     signals: Sequence[ReplicaSignals],
     *,
@@ -129,38 +124,39 @@ def desired_replicas(
     Scale from zero is the proxy's (a request arrives), to zero the idle layer's: with no replica,
     only `min_replicas` raises the count; load never takes the last replica away.
     """
+    def decided(desired: int, direction: Direction, reason: str, state: LoadState = LoadState()) -> LoadDecision:
+        return LoadDecision(desired, direction, reason, state, count, 1.0 - busy)
+
+    count, busy = 0, 0.0
     if current < min_replicas:
-        return LoadDecision(min_replicas, "up", f"kept warm: minReplicas is {min_replicas}", LoadState())
+        return decided(min_replicas, "up", f"kept warm: minReplicas is {min_replicas}")
     if current > max_replicas:
-        return LoadDecision(max_replicas, "down", f"maxReplicas is {max_replicas}", LoadState())
+        return decided(max_replicas, "down", f"maxReplicas is {max_replicas}")
     if current == 0:
-        return LoadDecision(0, "hold", "no replica: a request starts one", LoadState())
+        return decided(0, "hold", "no replica: a request starts one")
     serving = [s for s in signals if not s.starting]
     if len(serving) < max(current, len(signals)):
-        return LoadDecision(current, "hold", "a replica is starting", LoadState())
+        return decided(current, "hold", "a replica is starting")
     loads = [load(s, tuning) for s in serving]
-    full = [saturated(s, tuning) for s in serving]
-    open_loads = [min(1.0, x) for x, f in zip(loads, full, strict=True) if not f]
+    # Spare capacity of the non-saturated replicas: one past its concurrency has none, not a negative amount.
+    open_loads = [min(1.0, load(s, tuning)) for s in serving if not saturated(s, tuning)]
+    count = len(serving) - len(open_loads)
     busy = sum(open_loads) / len(open_loads) if open_loads else 1.0
-    spare = 1.0 - busy
-    count = sum(full)
-    summary = f"{count} of {len(serving)} saturated, spare {spare:.2f}"
+    summary = f"{count} of {len(serving)} saturated, spare {1.0 - busy:.2f}"
     if busy > 1.0 - tuning.margin:  # spare under the margin (compared as load: 1 - 4/5 is not 0.2 in floats)
         if current >= max_replicas:
-            return LoadDecision(current, "hold", f"{summary}; at maxReplicas {max_replicas}", LoadState(), count, spare)
+            return decided(current, "hold", f"{summary}; at maxReplicas {max_replicas}")
         since = state.pressure_since if state.pressure_since is not None else now
         if now - since < tuning.scale_up_window_seconds:
-            return LoadDecision(current, "hold", f"{summary}; waiting out the window", LoadState(since), count, spare)
-        return LoadDecision(current + 1, "up", f"{summary} (margin {tuning.margin:.2f})", LoadState(), count, spare)
+            return decided(current, "hold", f"{summary}; waiting out the window", LoadState(since))
+        return decided(current + 1, "up", f"{summary} (margin {tuning.margin:.2f})")
     floor = max(min_replicas, 1)
-    if current > floor and _fits_fewer(loads, current - 1, tuning) and count == 0:
+    if current > floor and count == 0 and _fits_fewer(loads, current - 1, tuning):
         since = state.slack_since if state.slack_since is not None else now
         if now - since < tuning.scale_down_window_seconds:
-            return LoadDecision(
-                current, "hold", f"{summary}; slack, waiting out the window", LoadState(None, since), count, spare
-            )
-        return LoadDecision(current - 1, "down", f"{summary}; {current - 1} keep the margin", LoadState(), count, spare)
-    return LoadDecision(current, "hold", summary, LoadState(), count, spare)
+            return decided(current, "hold", f"{summary}; slack, waiting out the window", LoadState(None, since))
+        return decided(current - 1, "down", f"{summary}; {current - 1} keep the margin")
+    return decided(current, "hold", summary)
 
 
 def _fits_fewer(loads: Sequence[float], replicas: int, tuning: LoadTuning) -> bool:

@@ -46,15 +46,14 @@ def budget_for(view: ClusterView, model_ref: str, wanted: int, now: float, *, le
     `leaving`: replicas of this model still stopping, which hold their memory until gone and are counted
     in the view's replicas; they are asked for beside the wanted ones and left out of the numbers shown.
     """
-    decision = decide_scale(view, model_ref, wanted + leaving, now)
+    target = wanted + leaving
+    decision = decide_scale(view, model_ref, target, now)
     model = view.find_model(model_ref)
     assert model is not None  # decide_scale raised UnknownModelError otherwise
     name = model.model_name or model.name
     if decision.allowed:
         return ReplicaVerdict(name, wanted, wanted, decision)
-    allowed = min(model.replicas, wanted + leaving)
-    for count in range(wanted + leaving - 1, model.replicas, -1):
-        if decide_scale(view, model_ref, count, now).allowed:
-            allowed = count
-            break
+    allowed = model.replicas  # today's count stands (a decrease is always allowed); one more while it fits
+    while allowed + 1 < target and decide_scale(view, model_ref, allowed + 1, now).allowed:
+        allowed += 1
     return ReplicaVerdict(name, wanted, max(0, allowed - leaving), decision)

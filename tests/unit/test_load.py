@@ -167,3 +167,100 @@ def test_decision_reports_saturation_and_spare() -> None:
     )
     assert (got.saturated, got.spare) == (1, pytest.approx(0.5))
     assert got.direction == "hold"
+
+
+UP5 = LoadTuning(scale_up_window_seconds=5.0, scale_down_window_seconds=60.0)
+WHOLE = {
+    # every way out of the rule, the whole decision: what the log, /v1/models and the next pass read
+    "warm": ([], 0, 2, UP5, LoadState(), LoadDecision(2, "up", "kept warm: minReplicas is 2", LoadState(), 0, 1.0)),
+    "over max": ([r()] * 4, 4, 0, UP5, LoadState(), LoadDecision(3, "down", "maxReplicas is 3", LoadState(), 0, 1.0)),
+    "zero": ([], 0, 0, UP5, LoadState(NOW), LoadDecision(0, "hold", "no replica: a request starts one", LoadState())),
+    "starting": (
+        [r(), r(starting=True)],
+        2,
+        0,
+        UP5,
+        LoadState(NOW),
+        LoadDecision(2, "hold", "a replica is starting", LoadState()),
+    ),
+    "at max, all saturated": (
+        [r(kv=0.9)] * 3,
+        3,
+        0,
+        UP5,
+        LoadState(NOW - 9),
+        LoadDecision(3, "hold", "3 of 3 saturated, spare 0.00; at maxReplicas 3", LoadState(), 3, 0.0),
+    ),
+    "window": (
+        [r(kv=0.9), r(kv=0.72)],
+        2,
+        0,
+        UP5,
+        LoadState(NOW - 1),
+        LoadDecision(2, "hold", "1 of 2 saturated, spare 0.10; waiting out the window", LoadState(NOW - 1), 1, 0.1),
+    ),
+    "up": (
+        [r(kv=0.9), r(kv=0.72)],
+        2,
+        0,
+        UP5,
+        LoadState(NOW - 5),
+        LoadDecision(3, "up", "1 of 2 saturated, spare 0.10 (margin 0.20)", LoadState(), 1, 0.1),
+    ),
+    "slack window": (
+        [r(waiting=1), r()],
+        2,
+        0,
+        UP5,
+        LoadState(None, NOW - 1),
+        LoadDecision(
+            2, "hold", "0 of 2 saturated, spare 0.90; slack, waiting out the window", LoadState(None, NOW - 1), 0, 0.9
+        ),
+    ),
+    "down": (
+        [r(waiting=1)] * 3,
+        3,
+        0,
+        UP5,
+        LoadState(None, NOW - 60),
+        LoadDecision(2, "down", "0 of 3 saturated, spare 0.80; 2 keep the margin", LoadState(), 0, 0.8),
+    ),
+    "hold": (
+        [r(waiting=2)],
+        1,
+        0,
+        UP5,
+        LoadState(NOW - 3, NOW - 3),
+        LoadDecision(1, "hold", "0 of 1 saturated, spare 0.60", LoadState(), 0, 0.6),
+    ),
+}
+
+
+@pytest.mark.parametrize(("signals", "current", "low", "tuning", "state", "want"), WHOLE.values(), ids=WHOLE.keys())
+def test_whole_decision(
+    signals: list[ReplicaSignals], current: int, low: int, tuning: LoadTuning, state: LoadState, want: LoadDecision
+) -> None:
+    got = desired_replicas(
+        signals, current=current, min_replicas=low, max_replicas=3, tuning=tuning, state=state, now=NOW
+    )
+    assert got.reason == want.reason
+    assert got == LoadDecision(
+        want.desired, want.direction, want.reason, want.state, want.saturated, pytest.approx(want.spare)
+    )
+
+
+EDGES = {
+    # a replica past its concurrency but not saturated has no spare, not negative spare (1.8 counts as 1.0)
+    "overfull is capped at full": ([r(8), r(2)], 2, CONC4, 2, "hold"),  # (1.0 + 0.5) / 2 = 0.75
+    "all saturated is no spare, not less": ([r(kv=0.9)], 1, NO_WINDOWS, 2, "up"),
+    "exactly the margin over fewer steps down": ([r(waiting=2), r(waiting=2)], 2, NO_WINDOWS, 1, "down"),  # 0.8 <= 0.8
+    "a hair over the margin over fewer holds": ([r(waiting=2), r(waiting=2, kv=0.33)], 2, NO_WINDOWS, 2, "hold"),
+}
+
+
+@pytest.mark.parametrize(("signals", "current", "tuning", "want", "direction"), EDGES.values(), ids=EDGES.keys())
+def test_edges(signals: list[ReplicaSignals], current: int, tuning: LoadTuning, want: int, direction: str) -> None:
+    got = desired_replicas(
+        signals, current=current, min_replicas=0, max_replicas=3, tuning=tuning, state=LoadState(), now=NOW
+    )
+    assert (got.desired, got.direction) == (want, direction), got.reason

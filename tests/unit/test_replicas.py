@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from budget import ClusterView, Model, Node, Placement
+from budget import ClusterView, Model, Node, Placement, Reservation
 from budget.replicas import budget_for
 
 pytestmark = pytest.mark.unit
@@ -59,3 +59,45 @@ def test_allowed_never_below_today() -> None:
     v = view(40, 2)
     v = v.with_model(replace(v.models["default/chat"], replicas=2))
     assert budget_for(v, "chat", 3, NOW).allowed == 2
+
+
+def served_as(v: ClusterView, model_name: str) -> ClusterView:
+    return v.with_model(replace(v.models["default/chat"], model_name=model_name))
+
+
+def with_expired_reservation(v: ClusterView) -> ClusterView:
+    return v.with_reservations([Reservation("r1", "default/other", 50 * GI, NOW - 1, "n1")])
+
+
+MORE = {
+    # (view, wanted, leaving, allowed, message)
+    "named as clients call it": (served_as(view(80, 2), "chat-v2"), 3, 0, 3, "chat-v2 wants 3, budget allows it"),
+    "blocked, named as clients call it": (
+        served_as(view(80, 2, other_gi=30), "chat-v2"),
+        3,
+        0,
+        2,
+        "chat-v2 wants 3, budget allows 2, blocked by other",
+    ),
+    "a leaving replica holds its room: fits beside it": (view(80, 3), 3, 1, 3, "chat wants 3, budget allows it"),
+    "a leaving replica holds its room: not beside it": (view(70, 3), 3, 1, 2, "chat wants 3, budget allows 2"),
+    "nothing allowed from zero": (view(40, 0, other_gi=30), 1, 0, 0, "chat wants 1, budget allows 0, blocked by other"),
+    "four more of five fit, one by one": (view(100, 1), 6, 0, 5, "chat wants 6, budget allows 5"),
+    "an expired reservation holds nothing": (with_expired_reservation(view(80, 2)), 3, 0, 3, "budget allows it"),
+    "an expired reservation, blocked": (
+        with_expired_reservation(view(70, 1)),
+        4,
+        0,
+        3,
+        "chat wants 4, budget allows 3",
+    ),
+}
+
+
+@pytest.mark.parametrize(("v", "wanted", "leaving", "allowed", "message"), MORE.values(), ids=MORE.keys())
+def test_budget_for_more(v: ClusterView, wanted: int, leaving: int, allowed: int, message: str) -> None:
+    got = budget_for(v, "default/chat", wanted, NOW, leaving=leaving)
+    assert (got.wanted, got.allowed) == (wanted, allowed)
+    assert got.message.endswith(message) or got.message.startswith(message), got.message
+    assert got.decision.allowed is (allowed == wanted)
+    assert got.decision.replicas_to == wanted + leaving
