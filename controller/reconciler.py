@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from budget import BudgetError, format_duration, parse_quantity
 from budget.advice import ModelMemory
 from budget.objects import LABEL_MODEL, model_from_inferencemodel, rfc3339
+from budget.replicas import budget_for
 from budget.view import model_key
 from controller import translate as tr
 from controller.advice import recommend, status_advice
@@ -92,6 +93,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self._awake_since: dict[str, float] = {}
         self._service_checked: dict[str, tuple[str, float]] = {}
+        self._blocked: dict[str, tuple[int, int, tuple[str, ...]]] = {}  # warm start refused: wanted, allowed, by
 
     # ------------------------------------------------------------------ entry point
 
@@ -121,6 +123,7 @@ class Reconciler:
             action = "Scale" if outcome.problem.reason == "ScaleDenied" else "Reconcile"
             self._event(model, "Warning", outcome.problem.reason, action, outcome.problem.message)
         elif workload.managed:
+            self._warm(model, key, now)
             self._idle(model, key, now)
         self._write_status(model, key, workload, desired, outcome, now)
 
@@ -129,6 +132,7 @@ class Reconciler:
         with self._lock:
             self._awake_since.pop(key, None)
             self._service_checked.pop(key, None)
+            self._blocked.pop(key, None)
         self.guard.forget(key)
         self.observations.forget(key)
 
@@ -262,6 +266,58 @@ class Reconciler:
         with self._lock:
             self._service_checked.pop(model_key(namespace, name), None)
 
+    # ------------------------------------------------------------------ warm replicas (spec.minReplicas)
+
+    def _warm(self, model: Mapping[str, Any], key: str, now: float) -> None:
+        """Fewer replicas than spec.minReplicas: scale up through /scale (the webhook decides, as for every
+        scale-up), as far as the budget allows; when it refuses, a Warning Event says who holds the memory."""
+        try:
+            m = model_from_inferencemodel(model)
+        except BudgetError:
+            return  # the spec problem is reported by the reconcile itself
+        if m.replicas >= m.min_replicas:
+            with self._lock:
+                self._blocked.pop(key, None)
+            return
+        verdict = budget_for(self.cache.view(), key, m.min_replicas, now)
+        target = verdict.allowed
+        if verdict.blocked:
+            seen = (verdict.wanted, verdict.allowed, tuple(b.model for b in verdict.decision.blocking))
+            with self._lock:
+                changed = self._blocked.get(key) != seen
+                self._blocked[key] = seen
+            if changed:
+                log.info("%s: %s", key, verdict.message)
+                self._event(model, "Warning", "WarmScaleBlocked", "Scale", verdict.message)
+            self.queue.add(key, self.settings.warm_recheck_seconds)
+        if target <= m.replicas:
+            return
+        try:
+            self._scale(model, target)
+        except ApiError as exc:
+            if exc.status == 409:
+                self.queue.add(key)
+            elif exc.status in (400, 403, 422):  # the webhook refused: its reason is the Event
+                self._event(model, "Warning", "WarmScaleBlocked", "Scale", exc.webhook_denial or exc.message)
+                self.queue.add(key, self.settings.warm_recheck_seconds)
+            elif exc.status != 404:
+                raise
+            return
+        self._count_write("InferenceModel/scale")
+        note = f"minReplicas {m.min_replicas}: replicas {m.replicas} -> {target}"
+        log.info("%s: kept warm: %s", key, note)
+        self._event(model, "Normal", "WarmScaleUp", "ScaleUp", note)
+        self.queue.add(key)
+
+    def _scale(self, model: Mapping[str, Any], replicas: int) -> None:
+        """PATCH /scale with the resourceVersion judged: 409 if a request (lastRequestTime) or a scale raced us."""
+        rv = (model.get("metadata") or {}).get("resourceVersion")
+        patch: dict[str, Any] = {"spec": {"replicas": replicas}}
+        if rv:
+            patch["metadata"] = {"resourceVersion": rv}
+        namespace, name = tr.name_of(model)
+        self.kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
+
     # ------------------------------------------------------------------ idle scale-to-zero
 
     def _idle(self, model: Mapping[str, Any], key: str, now: float) -> None:
@@ -282,13 +338,8 @@ class Reconciler:
             if verdict.recheck_in_seconds is not None:
                 self.queue.add(key, verdict.recheck_in_seconds + 0.05)
             return
-        rv = (model.get("metadata") or {}).get("resourceVersion")
-        patch: dict[str, Any] = {"spec": {"replicas": 0}}
-        if rv:  # fails with 409 if a request (lastRequestTime) or a scale-up raced us
-            patch["metadata"] = {"resourceVersion": rv}
-        namespace, name = tr.name_of(model)
         try:
-            self.kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
+            self._scale(model, 0)
         except ApiError as exc:
             if exc.status == 409:
                 log.info("%s: changed while scaling to zero; looking again", key)
