@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from budget import BudgetError, format_duration, parse_quantity
 from budget.advice import ModelMemory
 from budget.objects import LABEL_MODEL, model_from_inferencemodel, rfc3339
-from budget.replicas import budget_for
 from budget.view import model_key
 from controller import translate as tr
 from controller.advice import recommend, status_advice
@@ -93,7 +92,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self._awake_since: dict[str, float] = {}
         self._service_checked: dict[str, tuple[str, float]] = {}
-        self._blocked: dict[str, tuple[int, int, tuple[str, ...]]] = {}  # warm start refused: wanted, allowed, by
+        self._blocked: dict[str, tuple[int, int]] = {}  # a warm start the webhook refused: (wanted, allowed)
 
     # ------------------------------------------------------------------ entry point
 
@@ -269,8 +268,8 @@ class Reconciler:
     # ------------------------------------------------------------------ warm replicas (spec.minReplicas)
 
     def _warm(self, model: Mapping[str, Any], key: str, now: float) -> None:
-        """Fewer replicas than spec.minReplicas: scale up through /scale (the webhook decides, as for every
-        scale-up), as far as the budget allows; when it refuses, a Warning Event says who holds the memory."""
+        """Fewer replicas than spec.minReplicas: one more through /scale, where the webhook decides as for every
+        scale-up; when it refuses, a Warning Event says how many are wanted and allowed, in its words why."""
         try:
             m = model_from_inferencemodel(model)
         except BudgetError:
@@ -279,32 +278,28 @@ class Reconciler:
             with self._lock:
                 self._blocked.pop(key, None)
             return
-        verdict = budget_for(self.cache.view(), key, m.min_replicas, now)
-        target = verdict.allowed
-        if verdict.blocked:
-            seen = (verdict.wanted, verdict.allowed, tuple(b.model for b in verdict.decision.blocking))
-            with self._lock:
-                changed = self._blocked.get(key) != seen
-                self._blocked[key] = seen
-            if changed:
-                log.info("%s: %s", key, verdict.message)
-                self._event(model, "Warning", "WarmScaleBlocked", "Scale", verdict.message)
-            self.queue.add(key, self.settings.warm_recheck_seconds)
-        if target <= m.replicas:
-            return
+        name = m.model_name or m.name
         try:
-            self._scale(model, target)
+            self._scale(model, m.replicas + 1)
         except ApiError as exc:
             if exc.status == 409:
                 self.queue.add(key)
-            elif exc.status in (400, 403, 422):  # the webhook refused: its reason is the Event
-                self._event(model, "Warning", "WarmScaleBlocked", "Scale", exc.webhook_denial or exc.message)
+            elif exc.status in (400, 403, 422):  # the webhook (the budget) refused
+                seen = (m.min_replicas, m.replicas)
+                with self._lock:
+                    changed = self._blocked.get(key) != seen
+                    self._blocked[key] = seen
+                if changed:  # once per count: the refusal's idle times change every second
+                    why = exc.webhook_denial or exc.message
+                    note = f"{name} wants {m.min_replicas}, budget allows {m.replicas}: {why}"
+                    log.info("%s: %s", key, note)
+                    self._event(model, "Warning", "WarmScaleBlocked", "Scale", note)
                 self.queue.add(key, self.settings.warm_recheck_seconds)
             elif exc.status != 404:
                 raise
             return
         self._count_write("InferenceModel/scale")
-        note = f"minReplicas {m.min_replicas}: replicas {m.replicas} -> {target}"
+        note = f"minReplicas {m.min_replicas}: replicas {m.replicas} -> {m.replicas + 1}"
         log.info("%s: kept warm: %s", key, note)
         self._event(model, "Normal", "WarmScaleUp", "ScaleUp", note)
         self.queue.add(key)

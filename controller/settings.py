@@ -26,8 +26,8 @@ class ReconcileSettings:
     # The same advice in the log at most hourly; a changed one after a minute.
     hint_every_seconds: float = 3600.0
     hint_min_gap_seconds: float = 60.0
-    # A warm start (spec.minReplicas) the budget refused is asked for again this often: memory frees in seconds
-    # to minutes (a cooldown, an eviction), and each ask is one budget decision on the cache, no API call.
+    # A warm step (spec.minReplicas) the webhook refused is asked for again this often: memory frees in seconds
+    # to minutes (a cooldown, an eviction); each ask is one /scale PATCH the webhook answers from its cache.
     warm_recheck_seconds: float = 10.0
 
 

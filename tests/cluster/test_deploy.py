@@ -202,7 +202,7 @@ def test_the_crd_accepts_the_samples(installed, test_namespace, sample):
     assert res.returncode == 0, res.stderr
     listing = kubectl_ok(installed, "get", "inferencemodels", "-n", test_namespace)
     header = listing.splitlines()[0].split()
-    assert header[:4] == ["NAME", "READY", "REPLICAS", "MEMORY"], header
+    assert header[:7] == ["NAME", "READY", "DESIRED", "REPLICAS", "READYREPLICAS", "MAX", "MEMORY"], header
     for model in models:
         stored = json.loads(
             kubectl_ok(
