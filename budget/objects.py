@@ -420,12 +420,15 @@ def _count(spec: Mapping[str, Any], field: str, default: int, where: str = "spec
 def _fraction(spec: Mapping[str, Any], field: str, default: float) -> float:
     """A number in (0, 1], given as a number or a string (the CRD takes "0.8" too)."""
     value = spec.get(field, default)
+    problem = ObjectError(f"spec.load.{field} must be a number above 0 and at most 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise problem
     try:
-        number = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else -1.0
+        number = float(value)
     except ValueError:
-        number = -1.0
-    if not 0 < number <= 1:
-        raise ObjectError(f"spec.load.{field} must be a number above 0 and at most 1, got {value!r}")
+        raise problem from None
+    if not 0 < number <= 1:  # NaN too
+        raise problem
     return number
 
 

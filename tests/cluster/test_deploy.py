@@ -235,8 +235,21 @@ def _model(name: str, **spec: Any) -> dict[str, Any]:
         ({"memory": "16Gi", "replicas": -1}, "spec.replicas"),
         ({"memory": "16Gi", "port": 70000}, "spec.port"),
         ({}, "spec.memory"),
+        ({"memory": "16Gi", "minReplicas": 3, "maxReplicas": 2}, "minReplicas must not exceed maxReplicas"),
+        ({"memory": "16Gi", "minReplicas": 2}, "minReplicas must not exceed maxReplicas"),
+        ({"memory": "16Gi", "load": {"kvCacheSaturation": 0}}, "spec.load.kvCacheSaturation"),
     ],
-    ids=["16GB", "milli-bytes", "bad-duration", "negative-replicas", "port-out-of-range", "memory-missing"],
+    ids=[
+        "16GB",
+        "milli-bytes",
+        "bad-duration",
+        "negative-replicas",
+        "port-out-of-range",
+        "memory-missing",
+        "min-over-max",
+        "min-over-default-max",
+        "kv-saturation-zero",
+    ],
 )
 def test_the_crd_refuses_bad_specs_at_apply_time(installed, test_namespace, spec, fragment):
     res = server_side_apply(installed, [_model("bad", **spec)], dry_run=False, namespace=test_namespace)

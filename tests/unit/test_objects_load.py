@@ -43,6 +43,12 @@ GOOD = {
         LoadTuning(0.9, 3, 8, 0.25, 2.0, 300.0),
     ),
     "kv saturation 1": ({"load": {"kvCacheSaturation": 1}}, 0, 1, LoadTuning(kv_saturation=1.0)),
+    "the smallest concurrency and queue": (
+        {"load": {"concurrency": 1, "waitingSaturation": 1}},
+        0,
+        1,
+        LoadTuning(concurrency=1, waiting_saturation=1),
+    ),
 }
 
 
@@ -60,8 +66,14 @@ BAD = {
     "bool max": ({"maxReplicas": True}, "spec.maxReplicas must be a non-negative integer, got True"),
     "kv 0": ({"load": {"kvCacheSaturation": 0}}, "spec.load.kvCacheSaturation must be a number above 0 and at most 1"),
     "kv over 1": ({"load": {"kvCacheSaturation": 1.5}}, "spec.load.kvCacheSaturation must be a number above 0"),
-    "kv text": ({"load": {"kvCacheSaturation": "high"}}, "spec.load.kvCacheSaturation must be a number"),
-    "kv bool": ({"load": {"kvCacheSaturation": True}}, "spec.load.kvCacheSaturation must be a number"),
+    "kv text": (
+        {"load": {"kvCacheSaturation": "high"}},
+        "spec.load.kvCacheSaturation must be a number above 0 and at most 1, got 'high'",
+    ),
+    "kv bool": (
+        {"load": {"kvCacheSaturation": True}},
+        "spec.load.kvCacheSaturation must be a number above 0 and at most 1, got True",
+    ),
     "margin list": ({"load": {"margin": [1]}}, "spec.load.margin must be a number above 0 and at most 1, got [1]"),
     "waiting 0": ({"load": {"waitingSaturation": 0}}, "spec.load.waitingSaturation must be at least 1, got 0"),
     "waiting text": ({"load": {"waitingSaturation": "5"}}, "spec.load.waitingSaturation must be a non-negative"),
@@ -70,7 +82,8 @@ BAD = {
     "concurrency float": ({"load": {"concurrency": 2.5}}, "spec.load.concurrency must be a positive integer, got 2.5"),
     "window not a duration": ({"load": {"scaleUpStabilization": "soon"}}, "spec.load.scaleUpStabilization"),
     "down window not a duration": ({"load": {"scaleDownStabilization": "x"}}, "spec.load.scaleDownStabilization"),
-    "load not an object": ({"load": 3}, "spec.load must be an object"),
+    "load not an object": ({"load": 3}, "spec.load must be an object, got int"),
+    "kv not a number": ({"load": {"kvCacheSaturation": "nan"}}, "spec.load.kvCacheSaturation must be a number above 0"),
 }
 
 

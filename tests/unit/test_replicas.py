@@ -82,6 +82,7 @@ MORE = {
     "a leaving replica holds its room: fits beside it": (view(80, 3), 3, 1, 3, "chat wants 3, budget allows it"),
     "a leaving replica holds its room: not beside it": (view(70, 3), 3, 1, 2, "chat wants 3, budget allows 2"),
     "nothing allowed from zero": (view(40, 0, other_gi=30), 1, 0, 0, "chat wants 1, budget allows 0, blocked by other"),
+    "the next one does not fit: today's count": (view(40, 1, other_gi=10), 3, 0, 1, "chat wants 3, budget allows 1"),
     "four more of five fit, one by one": (view(100, 1), 6, 0, 5, "chat wants 6, budget allows 5"),
     "an expired reservation holds nothing": (with_expired_reservation(view(80, 2)), 3, 0, 3, "budget allows it"),
     "an expired reservation, blocked": (
