@@ -410,7 +410,7 @@ def _eviction_policy(obj: Obj) -> dict[str, Any]:
     }
 
 
-def _count(spec: Mapping[str, Any], field: str, default: int, where: str = "spec") -> int:
+def _whole(spec: Mapping[str, Any], field: str, default: int, where: str = "spec") -> int:
     value = spec.get(field, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ObjectError(f"{where}.{field} must be a non-negative integer, got {value!r}")
@@ -435,8 +435,8 @@ def _fraction(spec: Mapping[str, Any], field: str, default: float) -> float:
 def load_fields(obj: Obj) -> dict[str, Any]:
     """spec.minReplicas, spec.maxReplicas (min <= max) and spec.load as Model fields (budget.load)."""
     spec = _map(obj, "spec")
-    low = _count(spec, "minReplicas", 0)
-    high = _count(spec, "maxReplicas", 1)
+    low = _whole(spec, "minReplicas", 0)
+    high = _whole(spec, "maxReplicas", 1)
     if low > high:
         raise ObjectError(f"spec.minReplicas ({low}) must not exceed spec.maxReplicas ({high})")
     raw = spec.get("load") or {}
@@ -448,7 +448,7 @@ def load_fields(obj: Obj) -> dict[str, Any]:
         isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
     ):
         raise ObjectError(f"spec.load.concurrency must be a positive integer, got {concurrency!r}")
-    waiting = _count(raw, "waitingSaturation", default.waiting_saturation, "spec.load")
+    waiting = _whole(raw, "waitingSaturation", default.waiting_saturation, "spec.load")
     if waiting < 1:
         raise ObjectError(f"spec.load.waitingSaturation must be at least 1, got {waiting!r}")
     up, down = raw.get("scaleUpStabilization"), raw.get("scaleDownStabilization")
