@@ -6,6 +6,13 @@ answering from templates. It speaks the parts of the API the proxy forwards: cha
 completions (both optionally streamed as SSE, one network write per token), embeddings and the model list.
 ``GET /health`` answers 503 until the configured startup delay has passed, like a model server loading
 weights; ``/v1/*`` answers 503 during that time too.
+
+It also behaves like vLLM where the load layer and the proxy's routing look: at most ``max_running``
+generations run at once (the rest wait in a FIFO queue), a simulated prefix cache (an LRU of the chained
+block hashes of :mod:`serving.prompt`) shortens the first token of a prompt whose leading blocks it has
+seen, and ``GET /metrics`` serves vLLM's Prometheus names with vLLM's meanings and labels
+(``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``,
+``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total``, the last two in tokens).
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import signal
 import struct
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from serving.bind import format_bind
+from serving.prompt import BLOCK_CHARS, CHARS_PER_TOKEN, block_hashes, prompt_text, tokens_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,22 @@ class MockSettings:
     tokens: int = 16  # completion length unless the request's max_tokens is smaller
     latency_seconds: float = 0.0  # pause before the first byte of every /v1 answer
     embedding_dim: int = 8
+    max_running: int = 0  # generations at once (vLLM's max_num_seqs); beyond it they wait, FIFO; 0 = no limit
+    kv_capacity_tokens: int = 65536  # simulated KV cache: kv_cache_usage_perc = running tokens / this
+    prefix_cache_blocks: int = 1024  # simulated prefix cache, in blocks of serving.prompt.BLOCK_CHARS; 0 = off
+    prefill_block_seconds: float = 0.0  # first-token delay per prompt block not in the prefix cache
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A completion the backend accepted: what it answers and what it costs (prefill time, KV tokens)."""
+
+    kind: str  # "chat" or "text"
+    tokens: int
+    stream: bool
+    include_usage: bool
+    prefill_seconds: float
+    kv_tokens: int
 
 
 @dataclass
@@ -97,6 +123,10 @@ class MockBackend:
     def __init__(self, settings: MockSettings, clock: Callable[[], float] = time.monotonic) -> None:
         if settings.tokens < 0 or settings.embedding_dim < 1:
             raise ValueError("tokens must be >= 0 and embedding_dim >= 1")
+        if settings.max_running < 0 or settings.prefix_cache_blocks < 0 or settings.kv_capacity_tokens < 1:
+            raise ValueError("max_running and prefix_cache_blocks must be >= 0, kv_capacity_tokens >= 1")
+        if settings.prefill_block_seconds < 0:
+            raise ValueError("prefill_block_seconds must be >= 0")
         self.settings = settings
         self._clock = clock
         self.started_at = clock()
@@ -110,14 +140,28 @@ class MockBackend:
                 "data": [{"id": settings.model, "object": "model", "created": self._created, "owned_by": "ibc-mock"}],
             }
         ).encode()
+        # Scheduler state, as vLLM reports it: generations running, waiting (FIFO) and their KV tokens.
+        self.running = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self.running_kv_tokens = 0
+        # The simulated prefix cache: chained block digests, least recently used first.
+        self._prefix_cache: OrderedDict[bytes, None] = OrderedDict()
+        self.prefix_queries_tokens = 0
+        self.prefix_hits_tokens = 0
+        label = settings.model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        self._labels = f'{{engine="0",model_name="{label}"}}'
 
     @property
     def ready(self) -> bool:
         return self._clock() - self.started_at >= self.settings.startup_delay_seconds
 
-    # ----- answers (status, content type, body) or a streaming plan -----
-    def route(self, req: _Request) -> tuple[int, bytes] | tuple[str, dict[str, Any]]:
-        """A complete answer `(status, json_body)` or a stream plan `("stream", plan)`."""
+    # ----- answers (status, content type, body) or a generation to schedule -----
+    def route(self, req: _Request) -> tuple[int, bytes] | tuple[str, Generation]:
+        """A complete answer `(status, json_body)` or a completion to run `("generate", Generation)`."""
+        if req.path == "/metrics":
+            if req.method != "GET":
+                return 405, _error_body("use GET", "invalid_request_error", 405)
+            return 200, self.metrics_text()
         if req.path == "/health" or req.path == "/healthz":
             if req.method != "GET":
                 return 405, _error_body("use GET", "invalid_request_error", 405)
@@ -151,11 +195,107 @@ class MockBackend:
         else:
             return 404, _error_body(f"no route {path}", "invalid_request_error", 404)
         n = self._tokens(body)
-        if body.get("stream") is True:
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            return "stream", {"kind": kind, "tokens": n, "include_usage": include_usage}
-        return 200, self._completion(kind, n)
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        text = prompt_text(body)
+        uncached_blocks = self._prefill(text)
+        return "generate", Generation(
+            kind=kind,
+            tokens=n,
+            stream=body.get("stream") is True,
+            include_usage=include_usage,
+            prefill_seconds=uncached_blocks * self.settings.prefill_block_seconds,
+            kv_tokens=tokens_of(text) + n,
+        )
+
+    def _prefill(self, text: str) -> int:
+        """Look the prompt's leading blocks up in the prefix cache, then cache them (most recent last);
+        returns how many blocks (full or partial) were not cached, and counts queries and hits in tokens
+        as vLLM does."""
+        capacity = self.settings.prefix_cache_blocks
+        blocks = -(-len(text) // BLOCK_CHARS)
+        if capacity == 0:
+            return blocks
+        cache = self._prefix_cache
+        hashes = block_hashes(text, max_blocks=capacity)  # more blocks than the cache holds cannot hit
+        hits = 0
+        for digest in hashes:  # chained: the first miss ends the cached prefix
+            if digest not in cache:
+                break
+            hits += 1
+        for digest in hashes:
+            cache[digest] = None
+            cache.move_to_end(digest)
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+        self.prefix_queries_tokens += tokens_of(text)
+        self.prefix_hits_tokens += hits * BLOCK_CHARS // CHARS_PER_TOKEN
+        return blocks - hits
+
+    def completion(self, work: Generation) -> bytes:
+        """The non-streamed body of an accepted completion."""
+        return self._completion(work.kind, work.tokens)
+
+    # ----- the scheduler: at most max_running generations, the rest wait in arrival order -----
+    def free_slot(self) -> bool:
+        """Whether a generation arriving now would run at once."""
+        limit = self.settings.max_running
+        return limit == 0 or (self.running < limit and not self._waiting)
+
+    async def admit(self) -> None:
+        """Wait (FIFO) until this generation may run; it then counts as running until `release()`."""
+        if self.free_slot():
+            self.running += 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn  # release() hands its slot over: `running` already counts this one
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # the slot arrived together with the cancellation: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(turn)
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.running -= 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def metrics_text(self) -> bytes:
+        """vLLM's scheduler and cache metrics in Prometheus text format (names, meanings, labels)."""
+        labels = self._labels
+        usage = min(1.0, self.running_kv_tokens / self.settings.kv_capacity_tokens)
+        rows = [
+            ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", self.running),
+            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", self.waiting),
+            ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage),
+            (
+                "vllm:prefix_cache_queries_total",
+                "counter",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                self.prefix_queries_tokens,
+            ),
+            (
+                "vllm:prefix_cache_hits_total",
+                "counter",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                self.prefix_hits_tokens,
+            ),
+        ]
+        lines = []
+        for name, kind, help_, value in rows:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{labels} {float(value)!r}"]
+        return ("\n".join(lines) + "\n").encode()
 
     def _tokens(self, body: dict[str, Any]) -> int:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -224,12 +364,12 @@ class MockBackend:
         }
         return json.dumps(out, separators=(",", ":")).encode()
 
-    def stream_events(self, plan: dict[str, Any]) -> tuple[list[bytes], bytes]:
+    def stream_events(self, plan: Generation) -> tuple[list[bytes], bytes]:
         """One SSE event per token (chat starts with the role), then the finish, usage and [DONE] events."""
         rid = next(self.ids)
         model = self.settings.model
-        n = plan["tokens"]
-        chat = plan["kind"] == "chat"
+        n = plan.tokens
+        chat = plan.kind == "chat"
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{rid}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -251,7 +391,7 @@ class MockBackend:
         events = [event("", None, role=True)] if chat else []
         events += [event(self._word(i), None) for i in range(n)]
         final = event(None, "length" if n else "stop")
-        if plan["include_usage"]:
+        if plan.include_usage:
             usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
             payload = {**base, "choices": [], "usage": usage}
             final += b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
@@ -265,8 +405,9 @@ class _Connection(asyncio.Protocol):
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.busy = False  # an answer is being produced asynchronously (stream or latency)
+        self.busy = False  # an answer is being produced asynchronously (stream, latency, queue, prefill)
         self.closed = False
+        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -274,6 +415,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # a client gone while waiting or generating frees its place, like vLLM's abort
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -359,34 +502,78 @@ class _Connection(asyncio.Protocol):
                 return
             if req is None:
                 return
-            answer = self.backend.route(req)
-            self.backend.requests_served += 1
-            if answer[0] == "stream" or (self.backend.settings.latency_seconds > 0 and req.path.startswith("/v1/")):
-                self.busy = True
-                asyncio.get_running_loop().create_task(self._answer_later(req, answer))
+            backend = self.backend
+            answer = backend.route(req)
+            backend.requests_served += 1
+            if answer[0] == "generate":
+                work = answer[1]
+                assert isinstance(work, Generation)
+                if work.stream or work.prefill_seconds > 0 or backend.settings.latency_seconds > 0:
+                    self._later(self._generate(req, work))
+                    return
+                if not backend.free_slot():
+                    self._later(self._generate(req, work))
+                    return
+                answer = 200, backend.completion(work)  # instant: never counted as running
+            elif backend.settings.latency_seconds > 0 and req.path.startswith("/v1/"):
+                self._later(self._answer_later(req, answer))
                 return
-            status, body = answer  # type: ignore[misc]
-            transport.write(_head(status, "application/json", len(body), req.keep_alive) + body)
+            status, body = answer
+            assert isinstance(status, int) and isinstance(body, bytes)
+            content_type = METRICS_TYPE if req.path == "/metrics" else "application/json"
+            transport.write(_head(status, content_type, len(body), req.keep_alive) + body)
             if not req.keep_alive:
                 transport.close()
                 self.closed = True
                 return
 
+    def _later(self, answer: Any) -> None:
+        """Answer asynchronously; requests pipelined behind this one wait for it (HTTP/1.1 order)."""
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(answer)
+
     async def _answer_later(self, req: _Request, answer: tuple[Any, Any]) -> None:
+        """A complete answer after the configured latency."""
         transport = self.transport
         assert transport is not None
         try:
-            if self.backend.settings.latency_seconds > 0:
-                await asyncio.sleep(self.backend.settings.latency_seconds)
-            if answer[0] != "stream":
-                status, body = answer
-                transport.write(_head(status, "application/json", len(body), req.keep_alive) + body)
-            else:
-                await self._stream(req, answer[1])
+            await asyncio.sleep(self.backend.settings.latency_seconds)
+            status, body = answer
+            transport.write(_head(status, "application/json", len(body), req.keep_alive) + body)
         except (ConnectionError, RuntimeError):
             self.closed = True
+        self._done(req)
+
+    async def _generate(self, req: _Request, work: Generation) -> None:
+        """Wait for a place among the running generations, prefill (latency + uncached blocks), answer."""
+        transport = self.transport
+        assert transport is not None
+        backend = self.backend
+        await backend.admit()
+        backend.running_kv_tokens += work.kv_tokens
+        try:
+            delay = backend.settings.latency_seconds + work.prefill_seconds
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if work.stream:
+                await self._stream(req, work)
+            elif not self.closed:
+                body = backend.completion(work)
+                transport.write(_head(200, "application/json", len(body), req.keep_alive) + body)
+        except (ConnectionError, RuntimeError):
+            self.closed = True
+        finally:
+            backend.running_kv_tokens -= work.kv_tokens
+            backend.release()
+        self._done(req)
+
+    def _done(self, req: _Request) -> None:
+        """After an asynchronous answer: close, or go on with the requests pipelined behind it."""
+        self.task = None
         if self.closed:
             return
+        transport = self.transport
+        assert transport is not None
         if not req.keep_alive:
             transport.close()
             self.closed = True
@@ -395,7 +582,7 @@ class _Connection(asyncio.Protocol):
         if self.buffer:
             self._process()
 
-    async def _stream(self, req: _Request, plan: dict[str, Any]) -> None:
+    async def _stream(self, req: _Request, plan: Generation) -> None:
         transport = self.transport
         assert transport is not None
         tokens, final = self.backend.stream_events(plan)

@@ -166,3 +166,79 @@ def test_bad_flags_exit_2() -> None:
     )
     assert result.returncode == 2
     assert "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def scrape(mock: MockProcess) -> dict[str, float]:
+    """GET /metrics through Prometheus' own parser: sample name -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(mock.host, mock.port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_max_running_queues_the_rest_and_metrics_say_so(mock_factory: Any) -> None:
+    mock = mock_factory("m", "--max-running", "2", "--latency", "0.6", "--kv-capacity-tokens", "100")
+    conns = [http.client.HTTPConnection(mock.host, mock.port, timeout=10) for _ in range(5)]
+    body = json.dumps({"model": "m", "prompt": "x" * 160, "max_tokens": 10})  # 40 + 10 simulated tokens
+    for conn in conns:
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    busy = wait_until(
+        lambda: (m := scrape(mock))["vllm:num_requests_waiting"] == 3 and m, 5, "2 running, 3 waiting"
+    )
+    assert busy["vllm:num_requests_running"] == 2
+    assert busy["vllm:kv_cache_usage_perc"] == 1.0  # 2 x 50 tokens of a 100-token cache
+    answers = [conn.getresponse() for conn in conns]
+    assert [a.status for a in answers] == [200] * 5
+    assert all(json.loads(a.read())["model"] == "m" for a in answers)
+    idle = scrape(mock)
+    assert (idle["vllm:num_requests_running"], idle["vllm:num_requests_waiting"]) == (0, 0)
+    assert idle["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_a_client_that_leaves_the_queue_frees_its_place(mock_factory: Any) -> None:
+    mock = mock_factory("m", "--max-running", "1", "--latency", "1.5")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    first = http.client.HTTPConnection(mock.host, mock.port, timeout=10)
+    first.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    leaving = http.client.HTTPConnection(mock.host, mock.port, timeout=10)
+    leaving.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    wait_until(lambda: scrape(mock)["vllm:num_requests_waiting"] == 1, 5, "the second request to wait")
+    leaving.close()
+    wait_until(lambda: scrape(mock)["vllm:num_requests_waiting"] == 0, 5, "the queue to forget the gone client")
+    assert scrape(mock)["vllm:num_requests_running"] == 1
+    assert first.getresponse().status == 200
+
+
+def test_a_cached_prefix_answers_its_first_token_sooner(mock_factory: Any) -> None:
+    mock = mock_factory("m", "--prefill-per-block", "0.1")
+    conn = http.client.HTTPConnection(mock.host, mock.port, timeout=10)
+    prompt = "The same long system prompt, block after block. " * 16  # 768 characters: 12 blocks of 64
+
+    def first_token_seconds(text: str) -> float:
+        started = time.monotonic()
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps({"model": "m", "prompt": text, "stream": True}),
+            headers={"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read1(65536).startswith(b"data: ")
+        elapsed = time.monotonic() - started
+        resp.read()
+        return elapsed
+
+    cold = first_token_seconds(prompt)
+    warm = first_token_seconds(prompt)
+    assert cold >= 1.2, "12 uncached blocks x 0.1 s"
+    assert warm < 0.6, "every block was cached"
+    metrics = scrape(mock)
+    assert metrics["vllm:prefix_cache_queries_total"] == 2 * 768 / 4
+    assert metrics["vllm:prefix_cache_hits_total"] == 768 / 4

@@ -63,11 +63,30 @@ def test_proxy_outside_a_cluster_without_kubeconfig_exits_2(
     [
         pytest.param(["--model", "m", "--bind", "nowhere"], id="bad-bind"),
         pytest.param(["--model", "m", "--tokens", "-1"], id="negative-tokens"),
+        pytest.param(["--model", "m", "--kv-capacity-tokens", "0"], id="no-kv-capacity"),
     ],
 )
 def test_mock_backend_bad_input_exits_2(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     assert main(["mock-backend", *flags]) == 2
     assert "ibc mock-backend:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        pytest.param(["--max-running=-1"], "'-1' must be >= 0", id="negative-max-running"),
+        pytest.param(["--max-running", "two"], "'two' is not a whole number", id="max-running-not-a-number"),
+        pytest.param(["--prefix-cache-blocks", "1.5"], "'1.5' is not a whole number", id="fractional-cache-blocks"),
+        pytest.param(["--prefill-per-block=-0.1"], "'-0.1' must be >= 0", id="negative-prefill"),
+    ],
+)
+def test_mock_backend_bad_flag_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["mock-backend", "--model", "m", *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_api_key_file_keeps_digests_only(tmp_path: Path) -> None:
