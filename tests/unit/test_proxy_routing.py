@@ -1,0 +1,181 @@
+"""Prefix-affinity routing: which replica a request goes to, from the prefixes replicas served and their load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.routing import PrefixRouter, Routing, random_pick, rendezvous, routing_of
+from proxy.settings import ProxySettings, SettingsError
+from serving.prompt import BLOCK_CHARS, block_hashes, prompt_text
+
+pytestmark = pytest.mark.unit
+
+BACKENDS = ["a", "b", "c"]
+P1, P2, P3, X, R = (bytes([i]) * 8 for i in range(1, 6))  # block keys; P1 then P2 then P3 is one prompt
+
+
+def only(free: str) -> dict[str, int]:
+    """In-flight counts with every replica but `free` far busier: a pick must take `free`."""
+    return {b: 0 if b == free else 10 for b in BACKENDS}
+
+
+IDLE: dict[str, int] = {}
+
+
+@pytest.mark.parametrize(
+    ("history", "keys", "outstanding", "expected", "max_in_flight"),
+    [
+        pytest.param([([P1, P2], only("b"))], [P1, P2], IDLE, "b", None, id="served-last-keeps-its-prefix"),
+        pytest.param([([P1, P2], only("b"))], [P1, P2, R], IDLE, "b", None, id="shared-leading-blocks-follow"),
+        pytest.param(
+            [([P1, P2], only("b")), ([P1, X], only("c"))], [P1, P2, P3], IDLE, "b", None, id="longest-match-wins"
+        ),
+        pytest.param([([P1, X], only("c"))], [P1, P2], IDLE, "c", None, id="shorter-match-still-counts"),
+        pytest.param([([P1], only("b"))], [P1], {"b": 3}, "b", None, id="a-little-busier-keeps-it"),
+        pytest.param([([P1], only("b"))], [P1], {"b": 4}, "a", None, id="far-busier-yields-to-least-loaded"),
+        pytest.param(
+            [([P1], only("b"))], [P1], {"b": 2, "a": 1, "c": 0}, "c", 2, id="saturated-yields-to-least-loaded"
+        ),
+        pytest.param([([P1], only("b"))], [P1], {"b": 1, "a": 1, "c": 0}, "b", 2, id="below-saturation-keeps-it"),
+        pytest.param(
+            [([P1], only("b")), ([P1], {"b": 9})], [P1], IDLE, "a", None, id="where-it-yielded-is-the-new-home"
+        ),
+    ],
+)
+def test_pick(
+    history: list[tuple[list[bytes], dict[str, int]]],
+    keys: list[bytes],
+    outstanding: dict[str, int],
+    expected: str,
+    max_in_flight: int | None,
+) -> None:
+    router = PrefixRouter(imbalance=4, max_in_flight=max_in_flight)
+    for earlier, load in history:
+        router.pick(earlier, BACKENDS, load)
+    assert router.pick(keys, BACKENDS, outstanding) == expected
+
+
+def test_an_unseen_prefix_goes_where_every_worker_sends_it() -> None:
+    """Two workers (two routers) that never talk send a new prefix to the same replica; prefixes spread."""
+    prefixes = [bytes([i]) * 8 for i in range(60)]
+    first = [PrefixRouter().pick([p], BACKENDS, IDLE) for p in prefixes]
+    second = [PrefixRouter().pick([p], BACKENDS, IDLE) for p in prefixes]
+    assert first == second
+    assert {b: first.count(b) for b in BACKENDS} == {b: pytest.approx(20, abs=10) for b in BACKENDS}
+
+
+def test_a_replica_that_left_loses_its_prefixes() -> None:
+    router = PrefixRouter()
+    router.pick([P1], BACKENDS, only("b"))
+    assert router.pick([P1], ["a", "c"], IDLE) == rendezvous(P1, ["a", "c"])
+
+
+def test_tables_are_bounded_per_replica_and_forget_the_oldest() -> None:
+    router = PrefixRouter(entries_per_replica=3)
+    keys = [bytes([i]) * 8 for i in range(10)]
+    for key in keys:
+        router.pick([key], BACKENDS, only("b"))
+    assert router.size() == 3
+    assert router.pick([keys[-1]], BACKENDS, IDLE) == "b", "the most recent ones are remembered"
+    assert router.pick([keys[0]], BACKENDS, IDLE) == rendezvous(keys[0], BACKENDS), "the oldest is forgotten"
+
+
+def test_replicas_that_come_and_go_do_not_grow_the_tables() -> None:
+    router = PrefixRouter()
+    for i in range(500):  # a new pod IP every time, as replicas are replaced
+        backends = [f"10.0.{i}.1", f"10.0.{i}.2"]
+        router.pick([bytes([i % 256]) * 8], backends, IDLE)
+    assert len(router._tables) <= 4 * 2 + 16
+    assert router.size() <= len(router._tables)
+
+
+LONG = "x" * BLOCK_CHARS * 2
+CHAT = {"model": "m", "messages": [{"role": "user", "content": LONG}]}
+
+
+@pytest.mark.parametrize(
+    ("routing", "payload", "backends", "expected"),
+    [
+        pytest.param("prefix", CHAT, BACKENDS, "prefix", id="prefix-with-a-full-block"),
+        pytest.param("prefix", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, BACKENDS, None,
+                     id="prefix-short-prompt-is-least-outstanding"),
+        pytest.param("prefix", {"model": "m", "input": LONG}, BACKENDS, None, id="prefix-embeddings-no-prompt"),
+        pytest.param("prefix", CHAT, ["a"], None, id="one-replica-no-choice"),
+        pytest.param("least-outstanding", CHAT, BACKENDS, None, id="least-outstanding"),
+        pytest.param("random", CHAT, BACKENDS, "random", id="random"),
+    ],
+)
+def test_routing_for_request(routing: str, payload: dict[str, Any], backends: list[str], expected: Any) -> None:
+    pick = routing_of(ProxySettings(routing=routing)).for_request(payload, backends)
+    if expected is None:
+        assert pick is None
+    elif expected == "random":
+        assert pick is random_pick
+    else:
+        assert pick is not None
+        chosen = pick(backends, IDLE)
+        assert pick(backends, {chosen: 1}) == chosen, "the same prompt again: the same replica"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"routing": "round-robin"}, "routing must be", id="unknown-routing"),
+        pytest.param({"prefix_imbalance": 0}, "imbalance", id="no-imbalance"),
+        pytest.param({"prefix_max_in_flight": 0}, "max in flight", id="zero-max-in-flight"),
+    ],
+)
+def test_settings_refuse(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        ProxySettings(**changes)
+
+
+def test_routing_needs_its_router() -> None:
+    with pytest.raises(ValueError, match="PrefixRouter"):
+        Routing("prefix")
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        pytest.param(
+            {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]},
+            "<system>S<user>U",
+            id="chat-roles-and-text-in-order",
+        ),
+        pytest.param(
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image_url"}]}]},
+            "<user>A",
+            id="chat-content-parts-text-only",
+        ),
+        pytest.param({"messages": ["junk", {"content": 5}]}, "<>", id="chat-malformed-ignored"),
+        pytest.param({"prompt": "P"}, "P", id="completion-prompt"),
+        pytest.param({"prompt": ["P", "Q"]}, "P", id="completion-batch-first-prompt"),
+        pytest.param({"prompt": [1, 2, 3]}, "1 2 3", id="completion-token-ids"),
+        pytest.param({"input": "I"}, "", id="embeddings-none"),
+        pytest.param({"prompt": {"x": 1}}, "", id="wrong-type-none"),
+    ],
+)
+def test_prompt_text(body: dict[str, Any], text: str) -> None:
+    assert prompt_text(body) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "max_blocks", "count"),
+    [
+        pytest.param("", None, 0, id="empty"),
+        pytest.param("x" * (BLOCK_CHARS - 1), None, 0, id="partial-block-has-no-key"),
+        pytest.param("x" * BLOCK_CHARS * 3 + "y", None, 3, id="full-blocks-only"),
+        pytest.param("x" * BLOCK_CHARS * 40, 16, 16, id="leading-blocks-only"),
+    ],
+)
+def test_block_hashes_count(text: str, max_blocks: int | None, count: int) -> None:
+    assert len(block_hashes(text, max_blocks=max_blocks)) == count
+
+
+def test_block_keys_are_chained() -> None:
+    a, b = "a" * BLOCK_CHARS, "b" * BLOCK_CHARS
+    assert block_hashes(a + b)[:1] == block_hashes(a + a)[:1], "same first block, same first key"
+    assert block_hashes(a + b)[1] != block_hashes(b + b)[1], "same block after another prefix, other key"
