@@ -636,7 +636,7 @@ def render_routing(s: dict[str, Any]) -> list[str]:
         "",
         f"The same workload through `ibc proxy` (gevent, 2 workers) with each `--routing`, over {c['replicas']} fresh "
         f"`ibc mock-backend` replicas per run with vLLM's prefix cache simulated ({c['cache_blocks']} blocks of 64 "
-        f"characters each, {c['prefill_per_block'] * 1000:g} ms of prefill per uncached block, --max-running "
+        f"bytes each, {c['prefill_per_block'] * 1000:g} ms of prefill per uncached block, --max-running "
         f"{c['max_running']}): {c['prefixes']} shared system prompts of {c['prefix_blocks']} blocks, {c['requests']} "
         f"streamed chat requests per run (each a prefix plus its own question, the same seeded order for every "
         f"routing), {c['concurrency']} clients, {c['rounds']} interleaved round(s). Hit rate: the replicas' own "

@@ -6,7 +6,7 @@ token sooner, but only on the replica that holds those blocks. Least-outstanding
 requests sharing a system prompt or a conversation over every replica, so each replica prefills it again.
 
 `PrefixRouter` keeps, per replica, a bounded LRU table of the prompt-block keys it served
-(`serving.prompt.block_hashes` of the leading blocks), and sends a request to the replica that served
+(`serving.prompt.prefix_keys` of its leading 1, 2, 4, 8 and 16 blocks), and sends a request to the replica that served
 its longest known prefix last. A prefix seen by no replica goes to the replica its first block hashes
 to (rendezvous hashing), so every worker and every proxy replica sends it to the same place without
 talking to each other. The affinity yields to load: when that replica is saturated (as many requests in
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.settings import ProxySettings
-from serving.prompt import block_hashes, prompt_text
+from serving.prompt import prefix_keys, prompt_text
 
 ROUTINGS = ("prefix", "least-outstanding", "random")  # the values of ProxySettings.routing
 
@@ -67,6 +67,7 @@ class PrefixRouter:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.max_blocks = max_blocks
+        self._lengths = [1 << i for i in range(max_blocks.bit_length()) if 1 << i < max_blocks] + [max_blocks]
         self.entries_per_replica = entries_per_replica
         self.imbalance = imbalance
         self.max_in_flight = max_in_flight
@@ -74,8 +75,9 @@ class PrefixRouter:
         self._tables: dict[str, OrderedDict[bytes, None]] = {}  # replica -> its keys, least recent first
 
     def keys(self, payload: Mapping[str, Any]) -> list[bytes]:
-        """The keys of the request's leading full blocks (none for a short or prompt-less request)."""
-        return block_hashes(prompt_text(payload), max_blocks=self.max_blocks)
+        """The keys of the request's leading 1, 2, 4, ... full blocks (none for a short or prompt-less
+        request): a few hashes, not one per block, still tell a shared head from a shared system prompt."""
+        return prefix_keys(prompt_text(payload), self._lengths)
 
     def picker(self, keys: list[bytes]) -> Pick:
         """The choice for a request with these keys, for `Upstream.acquire(backends, pick)`."""

@@ -60,7 +60,7 @@ class ProxySettings:
     # loaded one, or (when set) with prefix_max_in_flight in flight, is too busy to keep its prefixes.
     prefix_imbalance: int = 4
     prefix_max_in_flight: int | None = None
-    # 16 blocks of 64 characters: the first 1 KiB of a prompt (a system prompt, a shared document's head)
+    # 16 blocks of 64 bytes: the first 1 KiB of a prompt (a system prompt, a shared document's head)
     # tells prefixes apart; hashing more costs time on every request for no better choice.
     prefix_blocks: int = 16
     # Keys remembered per replica (LRU): 4096 x 16 blocks covers far more prompts than a replica's KV cache.

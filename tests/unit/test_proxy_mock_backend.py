@@ -134,7 +134,7 @@ def test_parse_bind_rejects(bind: str) -> None:
 
 
 # ----- like vLLM: the simulated prefix cache, the scheduler, GET /metrics -----
-A = "a" * 64  # one block each (serving.prompt.BLOCK_CHARS)
+A = "a" * 64  # one block each (serving.prompt.BLOCK_BYTES)
 B = "b" * 64
 C = "c" * 64
 

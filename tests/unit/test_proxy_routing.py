@@ -8,7 +8,7 @@ import pytest
 
 from proxy.routing import PrefixRouter, Routing, random_pick, rendezvous, routing_of
 from proxy.settings import ProxySettings, SettingsError
-from serving.prompt import BLOCK_CHARS, block_hashes, prompt_text
+from serving.prompt import BLOCK_BYTES, block_count, prefix_keys, prompt_text
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +91,7 @@ def test_replicas_that_come_and_go_do_not_grow_the_tables() -> None:
     assert router.size() <= len(router._tables)
 
 
-LONG = "x" * BLOCK_CHARS * 2
+LONG = "x" * BLOCK_BYTES * 2
 CHAT = {"model": "m", "messages": [{"role": "user", "content": LONG}]}
 
 
@@ -163,19 +163,35 @@ def test_prompt_text(body: dict[str, Any], text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "max_blocks", "count"),
+    ("text", "blocks", "count"),
     [
-        pytest.param("", None, 0, id="empty"),
-        pytest.param("x" * (BLOCK_CHARS - 1), None, 0, id="partial-block-has-no-key"),
-        pytest.param("x" * BLOCK_CHARS * 3 + "y", None, 3, id="full-blocks-only"),
-        pytest.param("x" * BLOCK_CHARS * 40, 16, 16, id="leading-blocks-only"),
+        pytest.param("", range(1, 5), 0, id="empty"),
+        pytest.param("x" * (BLOCK_BYTES - 1), range(1, 5), 0, id="partial-block-has-no-key"),
+        pytest.param("x" * BLOCK_BYTES * 3 + "y", range(1, 5), 3, id="full-blocks-only"),
+        pytest.param("x" * BLOCK_BYTES * 40, range(1, 17), 16, id="leading-blocks-only"),
+        pytest.param("x" * BLOCK_BYTES * 40, [1, 2, 4, 8, 16], 5, id="chosen-lengths"),
+        pytest.param("é" * BLOCK_BYTES, [1, 2, 3], 2, id="blocks-are-utf8-bytes"),
     ],
 )
-def test_block_hashes_count(text: str, max_blocks: int | None, count: int) -> None:
-    assert len(block_hashes(text, max_blocks=max_blocks)) == count
+def test_prefix_keys_count(text: str, blocks: list[int], count: int) -> None:
+    assert len(prefix_keys(text, blocks)) == count
 
 
-def test_block_keys_are_chained() -> None:
-    a, b = "a" * BLOCK_CHARS, "b" * BLOCK_CHARS
-    assert block_hashes(a + b)[:1] == block_hashes(a + a)[:1], "same first block, same first key"
-    assert block_hashes(a + b)[1] != block_hashes(b + b)[1], "same block after another prefix, other key"
+def test_a_key_covers_the_whole_prefix_up_to_its_block() -> None:
+    a, b = "a" * BLOCK_BYTES, "b" * BLOCK_BYTES
+    assert prefix_keys(a + b, [1]) == prefix_keys(a + a, [1]), "same first block, same first key"
+    assert prefix_keys(a + b, [1, 2])[1] != prefix_keys(b + b, [1, 2])[1], "same block after another, other key"
+    assert prefix_keys(a + b + a, [1, 2, 3])[1:] == prefix_keys(a + b + a, [2, 3]), "a key does not depend on others"
+
+
+@pytest.mark.parametrize(
+    ("text", "blocks"),
+    [
+        pytest.param("", 0, id="empty"),
+        pytest.param("x", 1, id="one-partial"),
+        pytest.param("x" * BLOCK_BYTES, 1, id="one-full"),
+        pytest.param("x" * BLOCK_BYTES + "é", 2, id="multibyte-counts-bytes"),
+    ],
+)
+def test_block_count(text: str, blocks: int) -> None:
+    assert block_count(text) == blocks
