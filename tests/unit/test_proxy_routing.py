@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 import pytest
 
+from budget import ClusterView, Model, Node
+from proxy.app import create_app
 from proxy.routing import PrefixRouter, Routing, random_pick, rendezvous, routing_of
 from proxy.settings import ProxySettings, SettingsError
+from proxy.static_scaler import StaticScaler
 from serving.prompt import BLOCK_BYTES, block_count, prefix_keys, prompt_text
 
 pytestmark = pytest.mark.unit
@@ -171,6 +176,7 @@ def test_prompt_text(body: dict[str, Any], text: str) -> None:
         pytest.param("x" * BLOCK_BYTES * 40, range(1, 17), 16, id="leading-blocks-only"),
         pytest.param("x" * BLOCK_BYTES * 40, [1, 2, 4, 8, 16], 5, id="chosen-lengths"),
         pytest.param("é" * BLOCK_BYTES, [1, 2, 3], 2, id="blocks-are-utf8-bytes"),
+        pytest.param("\ud800" * BLOCK_BYTES, [1, 2, 3], 3, id="lone-surrogates-from-json-are-bytes-too"),
     ],
 )
 def test_prefix_keys_count(text: str, blocks: list[int], count: int) -> None:
@@ -195,3 +201,39 @@ def test_a_key_covers_the_whole_prefix_up_to_its_block() -> None:
 )
 def test_block_count(text: str, blocks: int) -> None:
     assert block_count(text) == blocks
+
+
+ODD = "é\ud800x" * 40  # multibyte and a lone surrogate, as JSON allows
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"messages": "not a list"}, id="messages-a-string"),
+        pytest.param({"messages": [{"role": 5, "content": {"text": ODD}}]}, id="content-an-object"),
+        pytest.param({"messages": [{"role": "user", "content": [{"text": ODD}, "x", None]}]}, id="parts-mixed"),
+        pytest.param({"messages": [{"role": "user", "content": ODD}]}, id="odd-text"),
+        pytest.param({"prompt": [[1, 2], None, {"a": 1}]}, id="prompt-nested-junk"),
+        pytest.param({"prompt": ODD}, id="prompt-odd-text"),
+    ],
+)
+def test_odd_prompts_through_the_proxy_are_routed_not_500(body: dict[str, Any]) -> None:
+    """Whatever the prompt fields hold, a model with several replicas answers (the backend decides what is
+    valid), and the same body goes to the same replica."""
+    view = ClusterView.build(nodes=[Node("n", {}, 2**40, "annotation")], models=[Model("default", "m", 2**30, "m")])
+    replicas = [f"http://10.0.0.{i}:8000" for i in range(3)]
+    scaler = StaticScaler(view, {"default/m": replicas})
+    served = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        served.append(request.url.host)
+        return httpx.Response(200, json={"object": "chat.completion"})
+
+    app = create_app(ProxySettings(), scaler, transport=httpx.MockTransport(backend))
+    client = app.test_client()
+    raw = json.dumps({"model": "m", **body})
+    for _ in range(3):
+        response = client.post("/v1/chat/completions", data=raw, content_type="application/json")
+        assert response.status_code == 200, response.get_data(as_text=True)
+    if prefix_keys(prompt_text(json.loads(raw)), [1]):
+        assert len(set(served)) == 1, "a prompt with a full block sticks to one replica"
