@@ -197,7 +197,7 @@ class ProxyApp:
             bytes_limit=settings.max_held_bytes,
             metrics=self.metrics,
         )
-        self.routing = routing_of(settings)
+        self.routing = routing_of(settings, self.metrics.count_route)
         self.line = WaitLine(per_pool=settings.queue_size, total=settings.max_held_requests or 4 * settings.queue_size)
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
@@ -343,7 +343,7 @@ class ProxyApp:
             path = f"{path}?{query}"
         headers = environ_headers(environ, drop_authorization=bool(self._keys))
         if backends:
-            pick = self.routing.for_request(payload, backends)
+            pick = self.routing.for_request(payload, backends, label)
             return self._forward(key, label, backends, path, headers, raw, stream is True, environ, pick)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
 

@@ -79,31 +79,25 @@ class PrefixRouter:
         request): a few hashes, not one per block, still tell a shared head from a shared system prompt."""
         return prefix_keys(prompt_text(payload), self._lengths)
 
-    def picker(self, keys: list[bytes]) -> Pick:
-        """The choice for a request with these keys, for `Upstream.acquire(backends, pick)`."""
-        return lambda backends, outstanding: self.pick(keys, backends, outstanding)
-
-    def pick(self, keys: list[bytes], backends: list[str], outstanding: Mapping[str, int]) -> str:
-        """The replica for a request: its prefix's home unless saturated or far busier than the least
-        loaded; the choice becomes the home of every one of its keys."""
+    def pick(self, keys: list[bytes], backends: list[str], outstanding: Mapping[str, int]) -> tuple[str, str]:
+        """The replica for a request and why (`affinity`, `new`, `yielded`): its prefix's home unless
+        saturated or far busier than the least loaded; the choice becomes the home of all its keys."""
+        home, outcome = self.home(keys, backends)
         least, least_count = least_loaded(backends, outstanding)
-        home = self.home(keys, backends)
-        if home is not None and not self.too_busy(outstanding.get(home, 0), least_count):
-            chosen = home
-        else:
-            chosen = least
+        chosen = home
+        if self.too_busy(outstanding.get(home, 0), least_count):
+            chosen, outcome = least, "yielded"
         self._record(keys, chosen, backends)
-        return chosen
+        return chosen, outcome
 
-    def home(self, keys: list[bytes], backends: list[str]) -> str | None:
-        """The replica that served the longest of these prefixes last, else the first block's rendezvous."""
-        if not keys:
-            return None
+    def home(self, keys: list[bytes], backends: list[str]) -> tuple[str, str]:
+        """The replica that served the longest of these prefixes last (`affinity`), else the first block's
+        rendezvous replica (`new`); `keys` is not empty."""
         for key in reversed(keys):
             home = self._home.get(key)
             if home is not None and home in backends:
-                return home
-        return rendezvous(keys[0], backends)
+                return home, "affinity"
+        return rendezvous(keys[0], backends), "new"
 
     def too_busy(self, in_flight: int, least_in_flight: int) -> bool:
         """Saturated, or so much busier than the least loaded replica that waiting costs more than prefill."""
@@ -146,29 +140,44 @@ def random_pick(backends: list[str], outstanding: Mapping[str, int]) -> str:
     return random.choice(backends)
 
 
+Count = Callable[[str, str], None]  # (model, outcome) of a prefix-routed request, e.g. ProxyMetrics.count_route
+
+
 class Routing:
     """The request path's routing setting, as the one call it makes per request."""
 
-    def __init__(self, name: str, prefix: PrefixRouter | None = None) -> None:
+    def __init__(self, name: str, prefix: PrefixRouter | None = None, count: Count | None = None) -> None:
         if name not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {name!r}")
         if (name == "prefix") != (prefix is not None):
             raise ValueError("prefix routing needs its PrefixRouter (and only it does)")
         self.name = name
         self.prefix = prefix
+        self.count = count
 
-    def for_request(self, payload: Mapping[str, Any], backends: list[str]) -> Pick | None:
+    def for_request(self, payload: Mapping[str, Any], backends: list[str], model: str = "") -> Pick | None:
         """How to choose among `backends` for this request; None: least outstanding (Upstream's own)."""
         if len(backends) < 2:
             return None
-        if self.prefix is not None:
-            keys = self.prefix.keys(payload)
-            return self.prefix.picker(keys) if keys else None
-        return random_pick if self.name == "random" else None
+        router = self.prefix
+        if router is None:
+            return random_pick if self.name == "random" else None
+        keys = router.keys(payload)
+        if not keys:
+            return None
+        count = self.count
+
+        def pick(backends: list[str], outstanding: Mapping[str, int]) -> str:
+            chosen, outcome = router.pick(keys, backends, outstanding)
+            if count is not None:
+                count(model, outcome)
+            return chosen
+
+        return pick
 
 
-def routing_of(settings: ProxySettings) -> Routing:
-    """The routing `settings` ask for."""
+def routing_of(settings: ProxySettings, count: Count | None = None) -> Routing:
+    """The routing `settings` ask for; `count(model, outcome)` is told of every prefix-routed request."""
     if settings.routing != "prefix":
         return Routing(settings.routing)
     router = PrefixRouter(
@@ -177,4 +186,4 @@ def routing_of(settings: ProxySettings) -> Routing:
         imbalance=settings.prefix_imbalance,
         max_in_flight=settings.prefix_max_in_flight,
     )
-    return Routing("prefix", router)
+    return Routing("prefix", router, count)

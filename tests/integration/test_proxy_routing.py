@@ -64,6 +64,16 @@ class Replicas:
         assert raw.parse().choices[0].message.content == "tok0 tok1 tok2 tok3"
         return raw.headers["x-ibc-backend"]
 
+    def routes(self) -> dict[str, float]:
+        """The proxy's own ibc_proxy_prefix_routes_total for model-a, by outcome."""
+        text = httpx.get(f"{self.server.url}/metrics", timeout=5).text
+        return {
+            s.labels["outcome"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "ibc_proxy_prefix_routes_total" and s.labels["model"] == "model-a"
+        }
+
     def hits(self) -> dict[str, tuple[float, float]]:
         """Per replica: (prefix-cache hit tokens, queried tokens), from its own /metrics."""
         out = {}
@@ -95,6 +105,7 @@ def same_prefix_same_replica(stack: Replicas) -> None:
     # Every prompt after a prefix's first finds its system prompt cached: 288 characters of it lead the
     # prompt, 4 full blocks of 64 = 64 simulated tokens, for 3 rounds x 6 prefixes.
     assert sum(hits for hits, _ in stack.hits().values()) == 3 * 6 * 64
+    assert stack.routes() == {"new": 6, "affinity": 18}, "the proxy's metric says why each went where it did"
 
 
 def test_least_outstanding_spreads_a_prefix_and_misses_the_caches() -> None:
@@ -115,3 +126,4 @@ def test_a_saturated_replica_passes_its_prefix_to_another() -> None:
         runner.join(15)
         assert first["backend"] != second, "the saturated replica's prefix went to another replica"
         assert stack.ask(SYSTEMS[0], "after both") == second, "the prefix now lives where it was served last"
+        assert stack.routes() == {"new": 1, "yielded": 1, "affinity": 1}

@@ -32,20 +32,30 @@ IDLE: dict[str, int] = {}
 @pytest.mark.parametrize(
     ("history", "keys", "outstanding", "expected", "max_in_flight"),
     [
-        pytest.param([([P1, P2], only("b"))], [P1, P2], IDLE, "b", None, id="served-last-keeps-its-prefix"),
-        pytest.param([([P1, P2], only("b"))], [P1, P2, R], IDLE, "b", None, id="shared-leading-blocks-follow"),
+        pytest.param([], [P1, P2], IDLE, ("rendezvous", "new"), None, id="unseen-goes-to-its-rendezvous-replica"),
+        pytest.param([([P1, P2], only("b"))], [P1, P2], IDLE, ("b", "affinity"), None, id="served-last-keeps-it"),
         pytest.param(
-            [([P1, P2], only("b")), ([P1, X], only("c"))], [P1, P2, P3], IDLE, "b", None, id="longest-match-wins"
+            [([P1, P2], only("b"))], [P1, P2, R], IDLE, ("b", "affinity"), None, id="shared-leading-blocks-follow"
         ),
-        pytest.param([([P1, X], only("c"))], [P1, P2], IDLE, "c", None, id="shorter-match-still-counts"),
-        pytest.param([([P1], only("b"))], [P1], {"b": 3}, "b", None, id="a-little-busier-keeps-it"),
-        pytest.param([([P1], only("b"))], [P1], {"b": 4}, "a", None, id="far-busier-yields-to-least-loaded"),
         pytest.param(
-            [([P1], only("b"))], [P1], {"b": 2, "a": 1, "c": 0}, "c", 2, id="saturated-yields-to-least-loaded"
+            [([P1, P2], only("b")), ([P1, X], only("c"))],
+            [P1, P2, P3],
+            IDLE,
+            ("b", "affinity"),
+            None,
+            id="longest-match-wins",
         ),
-        pytest.param([([P1], only("b"))], [P1], {"b": 1, "a": 1, "c": 0}, "b", 2, id="below-saturation-keeps-it"),
+        pytest.param([([P1, X], only("c"))], [P1, P2], IDLE, ("c", "affinity"), None, id="shorter-match-counts"),
+        pytest.param([([P1], only("b"))], [P1], {"b": 3}, ("b", "affinity"), None, id="a-little-busier-keeps-it"),
+        pytest.param([([P1], only("b"))], [P1], {"b": 4}, ("a", "yielded"), None, id="far-busier-yields"),
         pytest.param(
-            [([P1], only("b")), ([P1], {"b": 9})], [P1], IDLE, "a", None, id="where-it-yielded-is-the-new-home"
+            [([P1], only("b"))], [P1], {"b": 2, "a": 1, "c": 0}, ("c", "yielded"), 2, id="saturated-yields"
+        ),
+        pytest.param(
+            [([P1], only("b"))], [P1], {"b": 1, "a": 1, "c": 0}, ("b", "affinity"), 2, id="below-saturation-keeps-it"
+        ),
+        pytest.param(
+            [([P1], only("b")), ([P1], {"b": 9})], [P1], IDLE, ("a", "affinity"), None, id="yielded-is-the-new-home"
         ),
     ],
 )
@@ -53,20 +63,23 @@ def test_pick(
     history: list[tuple[list[bytes], dict[str, int]]],
     keys: list[bytes],
     outstanding: dict[str, int],
-    expected: str,
+    expected: tuple[str, str],
     max_in_flight: int | None,
 ) -> None:
     router = PrefixRouter(imbalance=4, max_in_flight=max_in_flight)
     for earlier, load in history:
         router.pick(earlier, BACKENDS, load)
-    assert router.pick(keys, BACKENDS, outstanding) == expected
+    backend, outcome = expected
+    if backend == "rendezvous":
+        backend = rendezvous(keys[0], BACKENDS)
+    assert router.pick(keys, BACKENDS, outstanding) == (backend, outcome)
 
 
 def test_an_unseen_prefix_goes_where_every_worker_sends_it() -> None:
     """Two workers (two routers) that never talk send a new prefix to the same replica; prefixes spread."""
     prefixes = [bytes([i]) * 8 for i in range(60)]
-    first = [PrefixRouter().pick([p], BACKENDS, IDLE) for p in prefixes]
-    second = [PrefixRouter().pick([p], BACKENDS, IDLE) for p in prefixes]
+    first = [PrefixRouter().pick([p], BACKENDS, IDLE)[0] for p in prefixes]
+    second = [PrefixRouter().pick([p], BACKENDS, IDLE)[0] for p in prefixes]
     assert first == second
     assert {b: first.count(b) for b in BACKENDS} == {b: pytest.approx(20, abs=10) for b in BACKENDS}
 
@@ -74,7 +87,7 @@ def test_an_unseen_prefix_goes_where_every_worker_sends_it() -> None:
 def test_a_replica_that_left_loses_its_prefixes() -> None:
     router = PrefixRouter()
     router.pick([P1], BACKENDS, only("b"))
-    assert router.pick([P1], ["a", "c"], IDLE) == rendezvous(P1, ["a", "c"])
+    assert router.pick([P1], ["a", "c"], IDLE) == (rendezvous(P1, ["a", "c"]), "new")
 
 
 def test_tables_are_bounded_per_replica_and_forget_the_oldest() -> None:
@@ -83,8 +96,8 @@ def test_tables_are_bounded_per_replica_and_forget_the_oldest() -> None:
     for key in keys:
         router.pick([key], BACKENDS, only("b"))
     assert router.size() == 3
-    assert router.pick([keys[-1]], BACKENDS, IDLE) == "b", "the most recent ones are remembered"
-    assert router.pick([keys[0]], BACKENDS, IDLE) == rendezvous(keys[0], BACKENDS), "the oldest is forgotten"
+    assert router.pick([keys[-1]], BACKENDS, IDLE) == ("b", "affinity"), "the most recent ones are remembered"
+    assert router.pick([keys[0]], BACKENDS, IDLE) == (rendezvous(keys[0], BACKENDS), "new"), "the oldest is forgotten"
 
 
 def test_replicas_that_come_and_go_do_not_grow_the_tables() -> None:
