@@ -14,6 +14,8 @@ for every routing) plus a unique question, streamed, from `--concurrency` keep-a
 rate is the replicas' own `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` (tokens);
 TTFT is measured by the client to the first byte of the stream's body; the requests each replica
 served come from the proxy's `X-IBC-Backend` header. Rounds interleave the routings (order rotates).
+Then what routing costs: CPU time per request of the proxy's request path in-process (`ProxyApp.wsgi`
+over a mock transport), each routing with 3 replicas, best of 8 interleaved rounds.
 
     .venv/bin/python bench/routing_bench.py             # 3 rounds, about 2 minutes
     .venv/bin/python bench/routing_bench.py --quick     # 1 round
@@ -243,6 +245,51 @@ def run_one(routing: str, args: argparse.Namespace, bodies: list[bytes], logs: P
     return result
 
 
+def cpu_per_request(rounds: int = 8, requests: int = 2000) -> dict[str, float]:
+    """CPU time (us) of the proxy's request path per request, in-process over a mock transport, for each
+    routing with 3 replicas (a 1 KiB and a 2-character prompt) and for one replica: what routing costs."""
+    import io
+
+    import httpx
+
+    from budget import ClusterView, Model, Node
+    from proxy.app import create_app
+    from proxy.settings import ProxySettings
+    from proxy.static_scaler import StaticScaler
+
+    view = ClusterView.build(nodes=[Node("n", {}, 2**40, "annotation")], models=[Model("default", MODEL, 2**30, MODEL)])
+    answer = b'{"object":"chat.completion","choices":[]}'
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=answer))
+    long_prompt = "You are a helpful assistant. " * 36  # 1 KiB: 16 blocks
+
+    def case(routing: str, replicas: int, prompt: str) -> Any:
+        scaler = StaticScaler(view, {f"default/{MODEL}": [f"http://10.0.0.{i}:8000" for i in range(replicas)]})
+        proxy = create_app(ProxySettings(routing=routing), scaler, transport=transport).extensions["ibc_proxy"]
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": prompt}]}).encode()
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "CONTENT_TYPE": "application/json"}
+        environ["CONTENT_LENGTH"] = str(len(body))
+
+        def call() -> None:
+            b"".join(proxy.wsgi({**environ, "wsgi.input": io.BytesIO(body)}, lambda status, headers: None))
+
+        return call
+
+    cases = {f"{r}, 3 replicas, 1 KiB prompt": case(r, 3, long_prompt) for r in ROUTINGS}
+    cases["prefix, 3 replicas, short prompt"] = case("prefix", 3, "hi")
+    cases["any routing, 1 replica"] = case("prefix", 1, long_prompt)
+    best = dict.fromkeys(cases, float("inf"))
+    for call in cases.values():
+        for _ in range(requests // 4):
+            call()
+    for _ in range(rounds):  # interleaved; CPU time, so other jobs on the machine count less than in wall time
+        for name, call in cases.items():
+            started = time.process_time()
+            for _ in range(requests):
+                call()
+            best[name] = min(best[name], (time.process_time() - started) / requests)
+    return {name: round(seconds * 1e6, 1) for name, seconds in best.items()}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -329,10 +376,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_ + 1}/{args.rounds}: {routing}", file=sys.stderr, flush=True)
             runs[routing].append(run_one(routing, args, bodies, logs))
     summary = summarize(runs)
+    print("CPU per request, in-process", file=sys.stderr, flush=True)
+    cpu = cpu_per_request()
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "serve", "backends", "bind")}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": settings, "routings": summary}, indent=2, default=str))
+    out = {"settings": settings, "routings": summary, "cpu_us_per_request": cpu, "cpu_load": os.getloadavg()[0]}
+    args.json.write_text(json.dumps(out, indent=2, default=str))
     print(render(summary, args))
+    print("\n| request path, in-process | CPU us per request |\n|---|---|")
+    print("\n".join(f"| {name} | {us} |" for name, us in cpu.items()))
     return 0 if all(s["errors"] == 0 for s in summary.values()) else 1
 
 

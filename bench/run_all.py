@@ -655,6 +655,19 @@ def render_routing(s: dict[str, Any]) -> list[str]:
             f"| {num(r['wall_s'])} | {' / '.join(map(str, r['served_per_replica']))} | {r['errors']} "
             f"| {', '.join(map(str, r['load']))} |"
         )
+    cpu = b.get("cpu_us_per_request") or {}
+    if cpu:
+        base_cpu = cpu.get("least-outstanding, 3 replicas, 1 KiB prompt")
+        lines += [
+            "",
+            "What routing costs the proxy: CPU time per request of its request path in-process (`ProxyApp.wsgi` over "
+            f"a mock transport, best of 8 interleaved rounds, load {num(b.get('cpu_load'))}); the whole proxy spends "
+            "its *server CPU µs/req* of the proxy section per request.",
+            "",
+            "| request path | CPU µs per request | ratio to least-outstanding |",
+            "|---|---|---|",
+            *(f"| {name} | {num(us, 1)} | {ratio(us, base_cpu)} |" for name, us in cpu.items()),
+        ]
     return lines
 
 
