@@ -5,13 +5,14 @@ request whose prompt starts like an earlier one skips that part of the prefill a
 token sooner, but only on the replica that holds those blocks. Least-outstanding balancing spreads
 requests sharing a system prompt or a conversation over every replica, so each replica prefills it again.
 
-`PrefixRouter` keeps, per replica, a bounded LRU table of the prompt-block keys it served
-(`serving.prompt.prefix_keys` of its leading 1, 2, 4, 8 and 16 blocks), and sends a request to the replica that served
-its longest known prefix last. A prefix seen by no replica goes to the replica its first block hashes
-to (rendezvous hashing), so every worker and every proxy replica sends it to the same place without
-talking to each other. The affinity yields to load: when that replica is saturated (as many requests in
-flight as `max_in_flight`, when set) or far busier than the least loaded (`imbalance` more requests in
-flight), the request goes to the least loaded replica, which then becomes the prefix's home.
+`PrefixRouter` keeps, per replica, a bounded LRU table of the prompt-prefix keys it served
+(`serving.prompt.prefix_keys` of the leading 1, 2, 4, 8 and 16 blocks), and sends a request to the
+replica that served its longest known prefix last. A prefix seen by no replica goes to the replica its
+first block hashes to (rendezvous hashing), so every worker and every proxy replica sends it to the same
+place without talking to each other. The affinity yields to load: when that replica is saturated (as
+many requests in flight as `max_in_flight`, when set) or far busier than the least loaded (`imbalance`
+more requests in flight), the request goes to the least loaded replica, which then becomes the prefix's
+home.
 
 Everything here runs under `proxy.forward.Upstream`'s lock (its `acquire(backends, pick)`), on
 in-flight counts of the calling worker; a request with no full block, or a model with one replica,
