@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.bind import format_bind
-from serving.prompt import BLOCK_BYTES, CHARS_PER_TOKEN, block_count, prefix_keys, prompt_text, tokens_of
+from serving.prompt import (
+    BLOCK_BYTES,
+    BYTES_PER_TOKEN,
+    block_count,
+    prefix_keys,
+    prompt_bytes,
+    prompt_text,
+    token_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,22 +206,23 @@ class MockBackend:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         text = prompt_text(body)
-        uncached_blocks = self._prefill(text)
+        size = prompt_bytes(text)
+        uncached_blocks = self._prefill(text, size)
         return "generate", Generation(
             kind=kind,
             tokens=n,
             stream=body.get("stream") is True,
             include_usage=include_usage,
             prefill_seconds=uncached_blocks * self.settings.prefill_block_seconds,
-            kv_tokens=tokens_of(text) + n,
+            kv_tokens=token_count(size) + n,
         )
 
-    def _prefill(self, text: str) -> int:
+    def _prefill(self, text: str, size_bytes: int) -> int:
         """Look the prompt's leading blocks up in the prefix cache, then cache them (most recent last);
         returns how many blocks (full or partial) were not cached, and counts queries and hits in tokens
         as vLLM does."""
         capacity = self.settings.prefix_cache_blocks
-        blocks = block_count(text)
+        blocks = block_count(size_bytes)
         if capacity == 0:
             return blocks
         cache = self._prefix_cache
@@ -228,8 +237,8 @@ class MockBackend:
             cache.move_to_end(digest)
         while len(cache) > capacity:
             cache.popitem(last=False)
-        self.prefix_queries_tokens += tokens_of(text)
-        self.prefix_hits_tokens += hits * BLOCK_BYTES // CHARS_PER_TOKEN
+        self.prefix_queries_tokens += token_count(size_bytes)
+        self.prefix_hits_tokens += hits * BLOCK_BYTES // BYTES_PER_TOKEN
         return blocks - hits
 
     def completion(self, work: Generation) -> bytes:

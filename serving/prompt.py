@@ -17,8 +17,8 @@ from typing import Any
 
 # Bytes per block: ~16 tokens of English text, vLLM's default KV block size.
 BLOCK_BYTES = 64
-# Characters a simulated token stands for (for token counts such as vLLM's prefix-cache counters).
-CHARS_PER_TOKEN = 4
+# Bytes a simulated token stands for (token counts such as vLLM's prefix-cache counters): a block is 16.
+BYTES_PER_TOKEN = 4
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:
@@ -68,11 +68,16 @@ def prefix_keys(text: str, blocks: Sequence[int]) -> list[bytes]:
     return out
 
 
-def block_count(text: str) -> int:
-    """Blocks the prompt fills, the last one possibly partial."""
-    return -(-len(text.encode("utf-8", "surrogatepass")) // BLOCK_BYTES)
+def prompt_bytes(text: str) -> int:
+    """The size of the prompt's UTF-8 text, the unit of blocks and simulated tokens."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
-def tokens_of(text: str) -> int:
-    """The simulated token count of `text` (ceil of characters / CHARS_PER_TOKEN)."""
-    return -(-len(text) // CHARS_PER_TOKEN)
+def block_count(size_bytes: int) -> int:
+    """Blocks a prompt of this size fills, the last one possibly partial."""
+    return -(-size_bytes // BLOCK_BYTES)
+
+
+def token_count(size_bytes: int) -> int:
+    """The simulated token count of a prompt of this size (ceil of bytes / BYTES_PER_TOKEN)."""
+    return -(-size_bytes // BYTES_PER_TOKEN)

@@ -215,6 +215,15 @@ def test_metrics_have_vllms_names_types_and_labels() -> None:
     }
 
 
+def test_hits_never_exceed_queries_with_multibyte_prompts() -> None:
+    backend = MockBackend(MockSettings(model="m"))
+    for _ in range(3):
+        completion_cost(backend, "é" * 200)  # 400 bytes: 6 full blocks, 100 simulated tokens
+    metrics = scrape(backend)
+    assert metrics["vllm:prefix_cache_queries"][2] == 300
+    assert metrics["vllm:prefix_cache_hits"][2] == 2 * 6 * 16
+
+
 def test_metrics_count_prefix_queries_and_hits_in_tokens() -> None:
     backend = MockBackend(MockSettings(model="m"))
     completion_cost(backend, A + B + "1234")  # 132 characters: 33 tokens, nothing cached yet

@@ -13,7 +13,7 @@ from proxy.app import create_app
 from proxy.routing import PrefixRouter, Routing, random_pick, rendezvous, routing_of
 from proxy.settings import ProxySettings, SettingsError
 from proxy.static_scaler import StaticScaler
-from serving.prompt import BLOCK_BYTES, block_count, prefix_keys, prompt_text
+from serving.prompt import BLOCK_BYTES, block_count, prefix_keys, prompt_bytes, prompt_text, token_count
 
 pytestmark = pytest.mark.unit
 
@@ -204,16 +204,18 @@ def test_a_key_covers_the_whole_prefix_up_to_its_block() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "blocks"),
+    ("text", "blocks", "tokens"),
     [
-        pytest.param("", 0, id="empty"),
-        pytest.param("x", 1, id="one-partial"),
-        pytest.param("x" * BLOCK_BYTES, 1, id="one-full"),
-        pytest.param("x" * BLOCK_BYTES + "é", 2, id="multibyte-counts-bytes"),
+        pytest.param("", 0, 0, id="empty"),
+        pytest.param("x", 1, 1, id="one-partial"),
+        pytest.param("x" * BLOCK_BYTES, 1, 16, id="one-full"),
+        pytest.param("x" * BLOCK_BYTES + "é", 2, 17, id="multibyte-counts-bytes"),
+        pytest.param("é" * BLOCK_BYTES, 2, 32, id="a-cached-block-never-has-more-tokens-than-it-holds"),
     ],
 )
-def test_block_count(text: str, blocks: int) -> None:
-    assert block_count(text) == blocks
+def test_block_and_token_counts(text: str, blocks: int, tokens: int) -> None:
+    size = prompt_bytes(text)
+    assert (block_count(size), token_count(size)) == (blocks, tokens)
 
 
 ODD = "é\ud800x" * 40  # multibyte and a lone surrogate, as JSON allows
