@@ -74,8 +74,10 @@ test: lint kube-binaries tools browser engine pods-node
 unit: setup
 	$(BIN)/python -m pytest -m unit -q
 
+## wrk (bench/tools/install-wrk.sh: unpacked from its Debian package into ~/.cache/ibc/tools, cached) measures
+## throughput; without it proxy_bench.py falls back to a slower Python client.
 bench: setup
-	$(BIN)/ibc bench
+	PATH="$$(bash bench/tools/install-wrk.sh | tail -n 1):$$PATH" $(BIN)/ibc bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

@@ -9,6 +9,8 @@ side on the same machine, N clients each opening ONE streamed completion at the 
 - `proxy-gevent` / `proxy-gthread`: the proxy's app with a fixed view in front of that same backend, run
   by `serving.runner.serve` as `ibc proxy` runs it (2 workers; gevent with 10,000 connections, or gthread
   with 64 threads: the old default);
+- `proxy-gevent-1w`: the same with ONE worker, as `ibc local` must run (its scaler's state lives in one
+  process): the fair comparison for `local-gevent`, and what separates the two from the scaler's cost;
 - `local-gevent` / `local-gthread`: `ibc local` with its defaults (1 worker), whose model is an
   `ibc mock-backend` with the same flags, started by local mode;
 - `local-threads`: the other design considered, `ibc local --worker-class gthread --threads N+16`
@@ -45,7 +47,16 @@ from tests.stress.support import hold_streams, raise_fd_limit, rss_bytes, stream
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 MODEL = pb.MODEL
-TARGETS = ("backend", "proxy-gevent", "proxy-gthread", "local-gevent", "local-gthread", "local-threads", "litellm")
+TARGETS = (
+    "backend",
+    "proxy-gevent",
+    "proxy-gevent-1w",
+    "proxy-gthread",
+    "local-gevent",
+    "local-gthread",
+    "local-threads",
+    "litellm",
+)
 
 
 @dataclass
@@ -107,9 +118,9 @@ def start_target(name: str, backend: str, workdir: Path, args: argparse.Namespac
     py = sys.executable
     port = pb.free_port()
     if name.startswith("proxy-"):
-        kind = "ibc" if name == "proxy-gevent" else "ibc-gthread"
+        kind = "ibc-gthread" if name == "proxy-gthread" else "ibc"
         argv = [py, str(Path(pb.__file__)), "--serve", kind, "--backend", backend, "--bind", f"127.0.0.1:{port}"]
-        argv += ["--workers", "2", "--threads", "64"]
+        argv += ["--workers", "1" if name == "proxy-gevent-1w" else "2", "--threads", "64"]
         return pb.start(name, argv, port, "chat", workdir)
     if name.startswith("local-"):
         argv = [py, "-m", "ibc", "local", "--config", str(local_config(workdir, args)), "--bind", f"127.0.0.1:{port}"]

@@ -8,7 +8,10 @@ measured side by side in one run, never pass/fail thresholds.
    worker, as deployed) on a snapshot of N fake nodes (the captured Node object as the template, so
    the Nodes form carries realistic objects) with half of them holding a bound model pod. One client
    sends filter calls one after another over a kept-alive connection, as kube-scheduler does, with the
-   captured pod made a model replica. Reports p50/p99 client-side per size and form.
+   captured pod made a model replica. Reports p50/p99 client-side per size and form, and per node shape
+   (`--shapes`): `unified` nodes carry the 80Gi capacity annotation (one device each), `dra8` nodes get
+   eight 80Gi GPUs from one DRA ResourceSlice each (the held pods on GPU 0), so the cost of deciding per
+   device is read as a ratio to the unified run beside it.
 2. Scheduler throughput (`--throughput`): a real control plane (tests/cluster/harness.py) with
    `--throughput-nodes` fake nodes; two extra kube-schedulers with the same profile, one with the
    shipped extender config (pointed at a live `ibc extender`), one without. For each round the pods
@@ -43,7 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from budget.objects import ANNOTATION_CAPACITY, ANNOTATION_MEMORY, LABEL_MODEL  # noqa: E402
+from budget.objects import ANNOTATION_CAPACITY, ANNOTATION_DEVICES, ANNOTATION_MEMORY, LABEL_MODEL  # noqa: E402
 from certs.generate import generate_serving_certificate, write_files  # noqa: E402
 
 CAPTURED = REPO / "tests" / "fixtures" / "captured"
@@ -97,7 +100,7 @@ def node_objects(count: int) -> list[dict[str, Any]]:
 
 
 def bound_pods(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A 40Gi model pod on every other node: the view has placements to count."""
+    """A 40Gi model pod on every other node (on its device 0): the view has placements to count."""
     pods = []
     for i, node in enumerate(nodes[::2]):
         pods.append(
@@ -109,13 +112,38 @@ def bound_pods(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "namespace": "bench",
                     "uid": f"held-{i}",
                     "labels": {LABEL_MODEL: "resident"},
-                    "annotations": {ANNOTATION_MEMORY: "40Gi"},
+                    "annotations": {ANNOTATION_MEMORY: "40Gi", ANNOTATION_DEVICES: "0"},
                 },
                 "spec": {"nodeName": node["metadata"]["name"]},
                 "status": {"phase": "Running"},
             }
         )
     return pods
+
+
+def resource_slices(nodes: list[dict[str, Any]], gpus: int = 8) -> list[dict[str, Any]]:
+    """One DRA ResourceSlice per node with `gpus` 80Gi GPUs (the NVIDIA driver's shape, trimmed)."""
+    return [
+        {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {"name": f"{n['metadata']['name']}-gpu.nvidia.com"},
+            "spec": {
+                "driver": "gpu.nvidia.com",
+                "nodeName": n["metadata"]["name"],
+                "pool": {"name": n["metadata"]["name"], "generation": 1, "resourceSliceCount": 1},
+                "devices": [
+                    {
+                        "name": f"gpu-{i}",
+                        "attributes": {"index": {"int": i}, "productName": {"string": "NVIDIA H100 80GB HBM3"}},
+                        "capacity": {"memory": {"value": "80Gi"}},
+                    }
+                    for i in range(gpus)
+                ],
+            },
+        }
+        for n in nodes
+    ]
 
 
 def filter_request(form: str, nodes: list[dict[str, Any]], uid: str) -> bytes:
@@ -181,14 +209,17 @@ def extender_process(work: Path, extra: list[str], ca_bundle: Any) -> Iterator[t
             proc.wait(5)
 
 
-def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]) -> list[dict[str, Any]]:
+def measure_latency(
+    sizes: list[int], forms: list[str], requests: dict[int, int], shapes: list[str] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     bundle = generate_serving_certificate("ibc-extender", "ibc-system", ip_addresses=["127.0.0.1"])
     with tempfile.TemporaryDirectory(prefix="ibc-extender-bench-") as tmp:
         work = Path(tmp)
-        for size in sizes:
+        for size, shape in [(s, h) for s in sizes for h in shapes or ["unified"]]:
             nodes = node_objects(size)
-            state = work / f"cluster-{size}.yaml"
+            slices = resource_slices(nodes) if shape == "dra8" else []
+            state = work / f"cluster-{size}-{shape}.yaml"
             # The cache only needs names, labels and the capacity annotation (full objects would make a
             # 20 MB snapshot); the Nodes form still sends the full captured objects in each request.
             slim = [
@@ -199,7 +230,7 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
                 }
                 for n in nodes
             ]
-            state.write_text(yaml.safe_dump_all([*slim, *bound_pods(nodes)], sort_keys=False))
+            state.write_text(yaml.safe_dump_all([*slim, *slices, *bound_pods(nodes)], sort_keys=False))
             with extender_process(work, ["--cluster-state", str(state), "--no-bind"], bundle) as (url, ca, pid):
                 with httpx.Client(
                     base_url=url, verify=str(ca), timeout=60, headers={"Content-Type": "application/json"}
@@ -225,6 +256,7 @@ def measure_latency(sizes: list[int], forms: list[str], requests: dict[int, int]
                         row = {
                             "server_cpu_ms": round(server_cpu_ms, 2),
                             "nodes": size,
+                            "shape": shape,
                             "form": form,
                             "requests": count,
                             "request_kib": round(len(bodies[0]) / 1024, 1),
@@ -413,6 +445,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,5000", help="node counts for filter latency")
     parser.add_argument("--forms", default="nodenames,nodes", help="request forms to measure")
+    parser.add_argument(
+        "--shapes", default="unified,dra8", help="node shapes: unified (capacity annotation), dra8 (8 GPUs by DRA)"
+    )
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip filter latency")
     parser.add_argument("--throughput", action="store_true", help="also measure kube-scheduler throughput")
     parser.add_argument("--throughput-nodes", type=int, default=1000)
@@ -428,19 +463,27 @@ def main() -> int:
     if args.latency:
         sizes = [int(s) for s in args.sizes.split(",") if s]
         requests = {s: (2000 if s <= 100 else 1000 if s <= 1000 else 300) for s in sizes}
-        report["filter_latency"] = measure_latency(sizes, args.forms.split(","), requests)
+        report["filter_latency"] = measure_latency(sizes, args.forms.split(","), requests, args.shapes.split(","))
     if args.throughput:
         kinds = ("plain", "extender", "extender-nobind") if args.with_nobind else ("plain", "extender")
         report["throughput"] = measure_throughput(args.throughput_nodes, args.pods, args.rounds, kinds)
         print(json.dumps(report["throughput"]), flush=True)
     if "filter_latency" in report:
-        print("\n| nodes | form | request | p50 ms | p99 ms | max ms | server CPU ms/call |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| nodes | shape | form | request | p50 ms | p99 ms | max ms | server CPU ms/call |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in report["filter_latency"]:
             print(
-                f"| {r['nodes']} | {r['form']} | {r['request_kib']} KiB | {r['p50_ms']} | {r['p99_ms']} "
+                f"| {r['nodes']} | {r['shape']} | {r['form']} | {r['request_kib']} KiB | {r['p50_ms']} | {r['p99_ms']} "
                 f"| {r['max_ms']} | {r['server_cpu_ms']} |"
             )
+        by = {(r["nodes"], r["form"], r["shape"]): r for r in report["filter_latency"]}
+        for (size, form, shape), r in by.items():
+            base = by.get((size, form, "unified"))
+            if shape != "unified" and base:
+                print(
+                    f"{shape} / unified at {size} nodes ({form}): p50 x{r['p50_ms'] / base['p50_ms']:.2f}, "
+                    f"server CPU x{r['server_cpu_ms'] / max(base['server_cpu_ms'], 1e-6):.2f}"
+                )
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if "throughput" in report:
         t = report["throughput"]

@@ -307,7 +307,8 @@ def section_coldstart(ctx: Context) -> dict[str, Any]:
 def section_concurrency(ctx: Context) -> dict[str, Any]:
     out = OUT / "concurrency_bench.json"
     streams = ["100", "1000"] if ctx.quick else ["100", "1000", "5000"]
-    targets = ["backend", "local-gevent", "proxy-gevent", "proxy-gthread"] + (["litellm"] if ctx.litellm else [])
+    targets = ["backend", "local-gevent", "proxy-gevent-1w", "proxy-gevent", "proxy-gthread"]
+    targets += ["litellm"] if ctx.litellm else []
     argv = [PY, str(BENCH / "concurrency_bench.py"), "--streams", *streams, "--targets", *targets, "--out", str(out)]
     began = time.time()
     took = run_script("concurrency", argv, 3600)
@@ -482,16 +483,18 @@ def render_extender(s: dict[str, Any]) -> list[str]:
         "",
         "`ibc extender` (1 worker x 8 threads, over TLS) on a snapshot of N nodes, half holding a bound model pod; "
         "one client sends filter calls one after another on a kept-alive connection, as kube-scheduler does. The "
-        "floor receives the same request bodies from the same client and answers a fixed body.",
+        "floor receives the same request bodies from the same client and answers a fixed body. Shape `unified`: "
+        "nodes with the capacity annotation (one device); `dra8`: eight 80Gi GPUs per node from a ResourceSlice.",
         "",
-        "| nodes | form | request KiB | p50 ms | floor p50 | xfloor | p99 ms | floor p99 | xfloor "
+        "| nodes | shape | form | request KiB | p50 ms | floor p50 | xfloor | p99 ms | floor p99 | xfloor "
         "| server CPU ms/call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in b.get("filter_latency", []):
         fl = floor.get((r["nodes"], r["form"]), {})
         lines.append(
-            f"| {r['nodes']:,} | {r['form']} | {num(r.get('request_kib'), 1)} | {num(r.get('p50_ms'))} | "
+            f"| {r['nodes']:,} | {r.get('shape', 'unified')} | {r['form']} | {num(r.get('request_kib'), 1)} | "
+            f"{num(r.get('p50_ms'))} | "
             f"{num(fl.get('p50_ms'))} | {ratio(r.get('p50_ms'), fl.get('p50_ms'))} | {num(r.get('p99_ms'))} | "
             f"{num(fl.get('p99_ms'))} | {ratio(r.get('p99_ms'), fl.get('p99_ms'))} | {num(r.get('server_cpu_ms'))} |"
         )
@@ -566,7 +569,8 @@ def render_concurrency(s: dict[str, Any]) -> list[str]:
         "N clients each open one streamed completion at the same moment (20 tokens 50 ms apart: a 1-s stream) "
         "against `ibc mock-backend` alone and through each proxy. Ratios are to the backend alone at the same N. "
         "`proxy-*`: the proxy's app as `ibc proxy` runs it (2 workers; gevent, or gthread x 64 threads, the old "
-        "default); `local-gevent`: `ibc local` with its defaults (1 worker). RSS per stream: the proxy's peak RSS "
+        "default; `proxy-gevent-1w`: one gevent worker, the shape `ibc local` must have); `local-gevent`: "
+        "`ibc local` with its defaults (1 worker). RSS per stream: the proxy's peak RSS "
         "over its idle RSS, divided by N.",
         "",
         "| target | streams | completed | TTFC p50 / p99 (s) | wall (s) | gap p99 (s) "

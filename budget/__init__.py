@@ -34,7 +34,7 @@ from budget.errors import (
 )
 from budget.evict import Eviction, Victim, plan_eviction
 from budget.quantity import format_bytes, format_duration, parse_duration, parse_quantity
-from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation
+from budget.view import ClusterView, Device, Model, Node, Placement, PodRequest, Reservation
 
 __all__ = [
     "NEVER_REASONS",
@@ -45,6 +45,7 @@ __all__ = [
     "BudgetError",
     "ClusterView",
     "Decision",
+    "Device",
     "DurationError",
     "Eviction",
     "Model",

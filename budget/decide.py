@@ -16,18 +16,36 @@ from typing import Any, Literal, NamedTuple
 
 from budget.errors import BudgetError, UnknownModelError
 from budget.quantity import format_bytes, format_duration
-from budget.view import ClusterView, Model, Node, Placement, PodRequest, Reservation, matches
+from budget.view import (
+    ClusterView,
+    Model,
+    Node,
+    Placement,
+    PodRequest,
+    Reservation,
+    device_matches,
+    matches,
+    share_bytes,
+)
 
 # Stable, number-free reasons: kube-scheduler groups them as "0/N nodes are available: K <reason>".
 REASON_INSUFFICIENT = "insufficient inference memory budget"
 REASON_NO_BUDGET = "node has no inference memory budget"
 REASON_SELECTOR = "node does not match the model's nodeSelector"
 REASON_UNKNOWN_NODE = "node is unknown to the inference budget"
+REASON_DEVICES = "node has too few devices for the model"  # deviceSelector or tensor parallelism
 
 DEFAULT_RETRY_AFTER_SECONDS = 30
 
 
 BlockingState = Literal["idle", "starting", "stopping"]
+
+
+class Slot(NamedTuple):
+    """Where one new replica goes: a node and the indices of the devices it takes there."""
+
+    node: str
+    devices: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,26 @@ class Decision:
     retry_after_seconds: int = 0
     placements: Mapping[str, int] = field(default_factory=dict)  # node -> new replicas placed there
     retry_blocking: int = 0
+    device_placements: tuple[Slot, ...] = ()  # fits: each new replica's node and device indices
+    devices: int = 1  # devices per replica (the model's)
+    available_node: str = ""  # where the largest placement in `available_bytes` is ("" when none)
+
+    @property
+    def available(self) -> str:
+        """The largest placement the pool can still make, for people: `48Gi`, or `2 x 30Gi on gpu-node-1`."""
+        return _placement_text(self.devices, self.available_bytes // max(1, self.devices), self.available_node)
 
     @property
     def where(self) -> str:
         """The pool for people: `pool inference-pool=gpu-nodes`, or `the whole cluster` without a selector."""
         return self.pool if self.pool == WHOLE_CLUSTER else f"pool {self.pool}"
+
+
+def _placement_text(count: int, share_bytes: int, node: str) -> str:
+    """`48Gi` for one device (the seed's shape), `2 x 30Gi on gpu-node-1` for a replica split over several."""
+    if count > 1 and node:
+        return f"{count} x {format_bytes(share_bytes)} on {node}"
+    return format_bytes(share_bytes * max(1, count))
 
 
 WHOLE_CLUSTER = "the whole cluster"
@@ -112,11 +145,52 @@ def idle_seconds(model: Model | None, started: list[float], now: float) -> float
     return max(0.0, now - max(marks))
 
 
-def _first_fit(free: dict[str, int], candidates: list[str], memory: int) -> str | None:
+Free = dict[str, dict[int, int]]
+"""Free bytes per device index per budgeted node: the ground every placement step works on."""
+
+
+class Need(NamedTuple):
+    """What one replica asks of one node: `devices` devices matching `selector`, each with `share_bytes` free."""
+
+    devices: int
+    share_bytes: int
+    selector: Mapping[str, str]
+
+    @classmethod
+    def of(cls, model: Model) -> Need:
+        return cls(max(1, model.devices), model.device_share_bytes, model.device_selector)
+
+
+Strategy = Literal["binpack", "spread"]
+
+
+def choose_devices(
+    node: Node, free: Mapping[int, int], need: Need, strategy: Strategy = "binpack"
+) -> tuple[int, ...] | None:
+    """The devices of `node` one replica takes (sorted indices), or None when fewer than `need.devices` fit.
+
+    Binpack takes the devices left fullest (least free that still fits), so large devices stay whole for
+    large replicas; spread takes the emptiest. Ties go to the lower index, so the answer is deterministic.
+    """
+    share = need.share_bytes
+    devices = node.devices if not need.selector else [d for d in node.devices if device_matches(need.selector, d)]
+    fits = [d.index for d in devices if free.get(d.index, 0) >= share]
+    if len(fits) < need.devices:
+        return None
+    if len(fits) == 1:
+        return (fits[0],)
+    sign = 1 if strategy == "binpack" else -1
+    return tuple(sorted(sorted(fits, key=lambda i: (sign * free.get(i, 0), i))[: need.devices]))
+
+
+def _first_fit(view: ClusterView, free: Free, candidates: list[str], need: Need) -> tuple[str, tuple[int, ...]] | None:
+    """The first candidate node with room for one replica, and its devices; their free bytes are taken."""
     for name in candidates:
-        if free[name] >= memory:
-            free[name] -= memory
-            return name
+        chosen = choose_devices(view.node_index[name], free[name], need)
+        if chosen is not None:
+            for i in chosen:
+                free[name][i] -= need.share_bytes
+            return name, chosen
     return None
 
 
@@ -137,25 +211,27 @@ def _nodes_for(view: ClusterView, selector: Mapping[str, str], cache: Candidates
 
 def _admitted(
     view: ClusterView, now: float, exclude: str, gone: frozenset[str], cache: Candidates
-) -> tuple[dict[str, int], list[tuple[str, str, int]], dict[str, int]]:
-    """Free bytes per node after placing other models' admitted, unplaced replicas (largest first), where
-    they land, and the replicas holding memory per model; `gone` models count as scaled to zero."""
+) -> tuple[Free, list[tuple[str, str, int]], dict[str, int]]:
+    """Free bytes per device after placing other models' admitted, unplaced replicas (largest share first),
+    where they land, and the replicas holding memory per model; `gone` models count as scaled to zero."""
     held, free = _holding(view, now, gone)
-    pending: list[tuple[int, str, int]] = []
+    pending: list[tuple[int, int, str, int]] = []
     for other_key, other in view.models.items():
         if other_key == exclude or other.memory_bytes <= 0 or other_key in gone:
             continue
         missing = other.replicas - held.get(other_key, 0)
         if missing > 0:
-            pending.append((other.memory_bytes, other_key, missing))
-    pending.sort(key=lambda item: (-item[0], item[1]))
+            pending.append((other.device_share_bytes, other.memory_bytes, other_key, missing))
+    pending.sort(key=lambda item: (-item[0], -item[1], item[2]))
     landed: list[tuple[str, str, int]] = []
-    for memory, other_key, missing in pending:
-        where = _nodes_for(view, view.models[other_key].node_selector, cache)
+    for _, memory, other_key, missing in pending:
+        other = view.models[other_key]
+        where = _nodes_for(view, other.node_selector, cache)
+        need = Need.of(other)
         for _ in range(missing):
-            node = _first_fit(free, where, memory)
-            if node is not None:
-                landed.append((other_key, node, memory))
+            spot = _first_fit(view, free, where, need)
+            if spot is not None:
+                landed.append((other_key, spot[0], memory))
     return free, landed, held
 
 
@@ -164,28 +240,46 @@ class _Fit:
     """Where the new replicas of one model would go on one view (the placement step of the decision)."""
 
     new: int  # replicas that need new memory
-    placed: dict[str, int]  # node -> new replicas placed
+    slots: list[Slot]  # one per new replica placed
     pool_nodes: list[str]
-    available_bytes: int  # largest free space on one pool node, after admitted replicas of others
+    available: tuple[int, str]  # the largest replica the pool can still take: (bytes per device, node), after admitted
     starting: dict[str, int]  # model key -> memory of its admitted, unplaced replicas landing in the pool
+    free: Free  # per device, after admitted replicas of others (before this model's new ones)
 
     @property
     def fits(self) -> bool:
-        return sum(self.placed.values()) == self.new
+        return len(self.slots) == self.new
+
+    @property
+    def placed(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for slot in self.slots:
+            out[slot.node] = out.get(slot.node, 0) + 1
+        return out
 
 
-def _holding(view: ClusterView, now: float, gone: frozenset[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Replicas holding memory per model (placed or reserved) and free bytes per budgeted node, `gone` aside."""
-    free = {n.name: n.capacity_bytes for n in view.nodes if n.capacity_bytes is not None}
+def _holding(view: ClusterView, now: float, gone: frozenset[str]) -> tuple[dict[str, int], Free]:
+    """Replicas holding memory per model (placed or reserved) and free bytes per device, `gone` aside."""
     held: dict[str, int] = {}
     holders: list[Placement | Reservation] = [*view.placements, *view.live_reservations(now)]
     for holder in holders:
         if holder.model in gone:
             continue
         held[holder.model] = held.get(holder.model, 0) + 1
-        if holder.node in free:
-            free[holder.node] -= holder.memory_bytes
-    return held, free
+    return held, view.device_free(now, without=gone)
+
+
+def _largest(view: ClusterView, free: Free, nodes: list[str], need: Need) -> tuple[int, str]:
+    """The largest share `need.devices` matching devices of one node still have free, and that node."""
+    best = (0, "")
+    for name in nodes:
+        frees = sorted(
+            (free[name][d.index] for d in view.node_index[name].devices if device_matches(need.selector, d)),
+            reverse=True,
+        )
+        if len(frees) >= need.devices and frees[need.devices - 1] > best[0]:
+            best = (frees[need.devices - 1], name)
+    return best
 
 
 def _fit(
@@ -198,9 +292,9 @@ def _fit(
 ) -> _Fit:
     """First-fit-decreasing of the model's new replicas after the replicas admitted for other models.
 
+    Each replica takes `model.devices` devices of one node, each with `memory / devices` (rounded up) free.
     `gone` names models to treat as scaled to zero with their memory free (the retry plan's what-if),
-    without building a new view; `candidates` caches nodes per selector across such tries. Per node
-    today; per device (one replica on `devices` devices of one node) slots in here.
+    without building a new view; `candidates` caches nodes per selector across such tries.
     """
     cache = {} if candidates is None else candidates
     key = model.key
@@ -210,22 +304,25 @@ def _fit(
     for other_key, node, memory in landed:
         if node in pool_nodes:
             starting[other_key] = starting.get(other_key, 0) + memory
-    available = max(0, max((free[n] for n in pool_nodes), default=0))
+    need = Need.of(model)
+    available = _largest(view, free, pool_nodes, need)
     new = max(0, replicas - held.get(key, 0)) if replicas >= model.replicas else 0
-    placed: dict[str, int] = {}
+    slots: list[Slot] = []
     if model.memory_bytes > 0:
+        work = {node: dict(per) for node, per in free.items()}
         for _ in range(new):
-            spot = _first_fit(free, pool_nodes, model.memory_bytes)
+            spot = _first_fit(view, work, pool_nodes, need)
             if spot is None:
                 break
-            placed[spot] = placed.get(spot, 0) + 1
+            slots.append(Slot(*spot))
     else:
         new = 0
-    return _Fit(new, placed, pool_nodes, available, starting)
+    return _Fit(new, slots, pool_nodes, available, starting, free)
 
 
-def _free_in(model: Model | None, state: BlockingState, idle_for: float, ready_in: float,
-             free_by: float | None, now: float) -> float | None:
+def _free_in(
+    model: Model | None, state: BlockingState, idle_for: float, ready_in: float, free_by: float | None, now: float
+) -> float | None:
     """Seconds until a blocking model's memory is free if nothing else changes; None: not on its own."""
     if state == "stopping":
         return None if free_by is None else max(0.0, free_by - now)
@@ -299,13 +396,17 @@ def _blocking(
             key=key,
         )
 
-    order = {"idle": 0, "stopping": 1, "starting": 2}
-    shown = sorted(
-        (entry(k, m) for k, m in pool_memory.items() if m > 0),
-        key=lambda b: (order[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model),
-    )
+    shown = sorted((entry(k, m) for k, m in pool_memory.items() if m > 0), key=_display_order)
     everyone = tuple(entry(k, m) for k, m in all_memory.items())
     return tuple(shown), everyone
+
+
+_STATE_ORDER = {"idle": 0, "stopping": 1, "starting": 2}
+
+
+def _display_order(b: Blocking) -> tuple[int, float, int, str]:
+    """How blocking models are listed: idle ones first, longest idle, then the largest, then by name."""
+    return (_STATE_ORDER[b.state], -b.idle_for_seconds, -b.memory_bytes, b.model)
 
 
 def _unplaced(view: ClusterView, target_key: str, now: float) -> dict[str, int]:
@@ -406,11 +507,9 @@ def _describe_blocking(b: Blocking) -> str:
     return f"{b.model} ({format_bytes(b.memory_bytes)}, {b.state})"
 
 
-def free_after_admitted(
-    view: ClusterView, now: float, *, exclude: str = ""
-) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
-    """Free bytes per budgeted node once the replicas other models were admitted for, but that hold no
-    memory yet, are placed (first-fit-decreasing), and where they land as (model key, node, bytes).
+def free_after_admitted(view: ClusterView, now: float, *, exclude: str = "") -> tuple[Free, list[tuple[str, str, int]]]:
+    """Free bytes per device of each budgeted node once the replicas other models were admitted for, but
+    that hold no memory yet, are placed (first-fit-decreasing), and where they land as (model key, node, bytes).
 
     `exclude` is the model being decided: its own missing replicas are the question, not the ground.
     """
@@ -437,6 +536,7 @@ def decide_scale(
     pool = pool_name(model.node_selector)
     where = pool if pool == WHOLE_CLUSTER else f"pool {pool}"
     fit = _fit(view, model, replicas, now)
+    need = Need.of(model)
 
     def decision(allowed: bool, reason: str, message: str, **extra: Any) -> Decision:
         return Decision(
@@ -448,8 +548,10 @@ def decide_scale(
             memory_bytes=model.memory_bytes,
             replicas_from=model.replicas,
             replicas_to=replicas,
-            available_bytes=fit.available_bytes,
+            available_bytes=fit.available[0] * need.devices,
             pool=pool,
+            devices=need.devices,
+            available_node=fit.available[1],
             **extra,
         )
 
@@ -463,21 +565,20 @@ def decide_scale(
             "fits",
             f"{name} fits: {fit.new} new replica(s) of {format_bytes(model.memory_bytes)} in {where}",
             placements=fit.placed,
+            device_placements=tuple(fit.slots),
         )
 
-    need = f"{name} needs {format_bytes(model.memory_bytes)}"
+    asks = f"{name} needs {format_bytes(model.memory_bytes)}"
     if fit.new > 1:
-        need = f"{name} needs {fit.new} more replicas of {format_bytes(model.memory_bytes)}"
+        asks = f"{name} needs {fit.new} more replicas of {format_bytes(model.memory_bytes)}"
+    if need.devices > 1:
+        asks += f" on {need.devices} devices of one node ({format_bytes(need.share_bytes)} each)"
     if not fit.pool_nodes:
-        return decision(False, "no_matching_nodes", f"{need} but no budgeted node matches {where}")
+        return decision(False, "no_matching_nodes", f"{asks} but no budgeted node matches {where}")
+    impossible = _never_fits(view, fit.pool_nodes, need, where)
+    if impossible is not None:
+        return decision(False, impossible[0], f"{asks} but {impossible[1]}")
     capacities = [n.capacity_bytes or 0 for n in view.nodes if n.name in fit.pool_nodes]
-    if model.memory_bytes > max(capacities):
-        return decision(
-            False,
-            "exceeds_node_capacity",
-            f"{need} but the largest node in {where} has {format_bytes(max(capacities))}; "
-            "it can never fit without a larger node",
-        )
     # Taking a model away can move others' admitted replicas into the pool, so the plan weighs every model.
     blocking, everyone = _blocking(view, key, set(fit.pool_nodes), now, fit.starting)
     plan = plan_retry(view, model, replicas, now, everyone)
@@ -486,7 +587,8 @@ def decide_scale(
         return decision(
             False,
             "exceeds_pool_capacity",
-            f"{name} cannot have {replicas} replica(s) of {format_bytes(model.memory_bytes)} in {where} even with "
+            f"{name} cannot have {replicas} replica(s) of {format_bytes(model.memory_bytes)}{_split(need)} in {where} "
+            "even with "
             f"nothing else running ({len(capacities)} node(s), {format_bytes(total)} in all); "
             "it can never fit without more nodes",
             blocking=blocking,
@@ -494,8 +596,10 @@ def decide_scale(
     shown = {b.key: b for b in blocking}
     plan = plan._replace(blockers=tuple(shown.get(b.key, b) for b in plan.blockers))
     named = {b.key for b in plan.blockers}
-    ordered = plan.blockers + tuple(b for b in blocking if b.key not in named)
-    message = f"{need} in {where}; {format_bytes(fit.available_bytes)} available"
+    # Those whose going lets the request fit come first; within each part, the one display order.
+    ordered = tuple(sorted(plan.blockers, key=_display_order)) + tuple(b for b in blocking if b.key not in named)
+    message = f"{asks} in {where}; {_placement_text(need.devices, *fit.available)} available"
+    message += _per_device(view, fit, need)
     if ordered:
         message += "; blocked by " + ", ".join(_describe_blocking(b) for b in ordered)
     if plan.after_seconds is None:
@@ -517,6 +621,73 @@ def decide_scale(
     )
 
 
+MAX_NODES_EXPLAINED = 3  # the per-device sentence names at most this many nodes ...
+MAX_DEVICES_EXPLAINED = 4  # ... and this many devices of each, so a 429 stays one readable line
+
+
+def _split(need: Need) -> str:
+    return f" on {need.devices} devices each" if need.devices > 1 else ""
+
+
+def _unified(view: ClusterView, nodes: Iterable[str]) -> bool:
+    """True when every node is one unified-memory device: the answers and words of before devices existed."""
+    return all(d.kind == "unified" for n in nodes for d in view.node_index[n].devices)
+
+
+def _never_fits(view: ClusterView, pool_nodes: list[str], need: Need, where: str) -> tuple[str, str] | None:
+    """Why a replica fits no node of the pool even with the pool empty (reason, words), or None if one would."""
+    empty = {n: {d.index: d.memory_bytes for d in view.node_index[n].devices} for n in pool_nodes}
+    largest, node = _largest(view, empty, pool_nodes, need)
+    if largest >= need.share_bytes:
+        return None
+    if _unified(view, pool_nodes) and need.devices == 1 and not need.selector:
+        capacity = max(view.node_index[n].capacity_bytes or 0 for n in pool_nodes)
+        return "exceeds_node_capacity", (
+            f"the largest node in {where} has {format_bytes(capacity)}; it can never fit without a larger node"
+        )
+    kinds = f" matching {pool_name(need.selector)}" if need.selector else ""
+    if not node and not any(
+        device_matches(need.selector, d) for n in pool_nodes for d in view.node_index[n].devices
+    ):
+        return "no_matching_nodes", f"no device in {where} matches deviceSelector {pool_name(need.selector)}"
+    if not node:
+        most = max(
+            sum(1 for d in view.node_index[n].devices if device_matches(need.selector, d)) for n in pool_nodes
+        )
+        return "exceeds_node_capacity", (
+            f"no node in {where} has {need.devices} devices{kinds} (at most {most}); "
+            "it can never fit without such a node"
+        )
+    what = "device" if need.devices == 1 else f"{need.devices} devices of one node"
+    return "exceeds_node_capacity", (
+        f"the largest {what}{kinds} in {where} {'has' if need.devices == 1 else 'have'} {format_bytes(largest)}"
+        f"{'' if need.devices == 1 else ' each'} ({node}); it can never fit without larger devices"
+    )
+
+
+def _per_device(view: ClusterView, fit: _Fit, need: Need) -> str:
+    """Why not, per device (`; gpu-node-2: GPU 0 has 12Gi free of 40Gi, GPU 1 has 8Gi free of 40Gi`),
+    bounded in length; nothing for unified-memory pools, where the node's free memory says it all."""
+    if _unified(view, fit.pool_nodes):
+        return ""
+    parts = []
+    for name in fit.pool_nodes[:MAX_NODES_EXPLAINED]:
+        devices = [d for d in view.node_index[name].devices if device_matches(need.selector, d)]
+        if len(devices) < need.devices:
+            parts.append(f"{name}: {len(devices)} matching device(s) of the {need.devices} needed")
+            continue
+        said = [
+            f"{d.label()} has {format_bytes(max(0, fit.free[name][d.index]))} free of {format_bytes(d.memory_bytes)}"
+            for d in devices[:MAX_DEVICES_EXPLAINED]
+        ]
+        if len(devices) > MAX_DEVICES_EXPLAINED:
+            said.append(f"{len(devices) - MAX_DEVICES_EXPLAINED} more")
+        parts.append(f"{name}: {', '.join(said)}")
+    if len(fit.pool_nodes) > MAX_NODES_EXPLAINED:
+        parts.append(f"{len(fit.pool_nodes) - MAX_NODES_EXPLAINED} more node(s)")
+    return "; " + "; ".join(parts)
+
+
 def explain(decision: Decision) -> dict[str, Any]:
     """The 429 / deny body: the seed's shape plus a human sentence and the retry hint (null: waiting cannot help)."""
     body: dict[str, Any] = {
@@ -526,9 +697,11 @@ def explain(decision: Decision) -> dict[str, Any]:
             "memory": format_bytes(decision.memory_bytes),
             "replicas": decision.replicas_to,
         },
-        "available": format_bytes(decision.available_bytes),
+        "available": decision.available,
         "blocking": [_blocking_body(b) for b in decision.blocking],
     }
+    if decision.devices > 1:
+        body["requested"]["devices"] = decision.devices
     if not decision.allowed:
         retry = decision.retry_after_seconds or None
         body = {"error": decision.reason, **body, "retry_after_seconds": retry}
@@ -560,16 +733,24 @@ class NodeVerdict(NamedTuple):
     reason: str = ""
     free_bytes: int = 0
     capacity_bytes: int = 0
+    devices: tuple[int, ...] = ()  # passed: the device indices the pod would get (the bind annotation)
 
 
-def filter_nodes(view: ClusterView, pod: PodRequest, node_names: Iterable[str], now: float) -> list[NodeVerdict]:
-    """Verdict per node for a model pod; the pod's own reservation (same UID) does not count against it."""
+def filter_nodes(
+    view: ClusterView, pod: PodRequest, node_names: Iterable[str], now: float, strategy: Strategy = "binpack"
+) -> list[NodeVerdict]:
+    """Verdict per node for a model pod, with the devices it would take on each node that passes; the pod's
+    own reservation (same UID) does not count against it. Devices per replica: the pod's, else its model's."""
     model = view.models.get(pod.model)
     selector = dict(model.node_selector) if model else {}
     selector.update(pod.node_selector)
+    device_selector = dict(model.device_selector) if model else {}
+    device_selector.update(pod.device_selector)
+    count = pod.devices or (model.devices if model else 1)
+    need = Need(count, share_bytes(pod.memory_bytes, count), device_selector)
     used = view.used_bytes(now, exclude_uid=pod.uid)
+    free_devices = view.device_free(now, exclude_uid=pod.uid)
     by_name = view.node_index
-    need = pod.memory_bytes
     verdicts = []
     for name in node_names:
         node = by_name.get(name)
@@ -583,12 +764,17 @@ def filter_nodes(view: ClusterView, pod: PodRequest, node_names: Iterable[str], 
             verdicts.append(NodeVerdict(name, "unresolvable", REASON_SELECTOR, capacity_bytes=capacity))
         else:
             free = capacity - used.get(name, 0)
-            if need > capacity:
+            matching = [d for d in node.devices if device_matches(need.selector, d)]
+            if len(matching) < need.devices:
+                verdicts.append(NodeVerdict(name, "unresolvable", REASON_DEVICES, free, capacity))
+                continue
+            chosen = choose_devices(node, free_devices[name], need, strategy)
+            if sum(1 for d in matching if d.memory_bytes >= need.share_bytes) < need.devices:  # even when empty
                 verdicts.append(NodeVerdict(name, "unresolvable", REASON_INSUFFICIENT, free, capacity))
-            elif need > free:
+            elif chosen is None:
                 verdicts.append(NodeVerdict(name, "failed", REASON_INSUFFICIENT, free, capacity))
             else:
-                verdicts.append(NodeVerdict(name, "passed", "", free, capacity))
+                verdicts.append(NodeVerdict(name, "passed", "", free, capacity, chosen))
     return verdicts
 
 

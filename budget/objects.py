@@ -7,6 +7,7 @@ one raises :class:`ObjectError` naming the object and the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -14,7 +15,17 @@ from typing import Any
 
 from budget.errors import BudgetError, ObjectError
 from budget.quantity import parse_duration, parse_quantity
-from budget.view import ClusterView, Model, Node, Placement, PodRequest, model_key
+from budget.view import (
+    DEVICE_SELECTOR_KEYS,
+    ClusterView,
+    Device,
+    DeviceKind,
+    Model,
+    Node,
+    Placement,
+    PodRequest,
+    model_key,
+)
 
 GROUP = "inference.eh-ops.io"  # the InferenceModel API group, also the prefix of our labels and annotations
 VERSION = "v1alpha1"  # the InferenceModel API version
@@ -22,8 +33,20 @@ LABEL_MODEL = f"{GROUP}/model"
 ANNOTATION_MEMORY = f"{GROUP}/memory"
 ANNOTATION_CAPACITY = f"{GROUP}/memory-capacity"
 ANNOTATION_CAPTURED_AT = f"{GROUP}/captured-at"
+# On a Node: the devices and their memory (`4x80Gi`, `80Gi,80Gi,40Gi`); on a pod: the indices it was bound
+# to (`0,1`), set by the extender at bind for the model server to select (CUDA_VISIBLE_DEVICES).
+ANNOTATION_DEVICES = f"{GROUP}/devices"
 GFD_MEMORY = "nvidia.com/gpu.memory"
 GFD_COUNT = "nvidia.com/gpu.count"
+GFD_PRODUCT = "nvidia.com/gpu.product"
+GFD_MIG_STRATEGY = "nvidia.com/mig.strategy"
+# GFD's mixed strategy: nvidia.com/mig-<profile>.count and nvidia.com/mig-<profile>.memory (MiB) per profile.
+_GFD_MIG = re.compile(r"^nvidia\.com/mig-(?P<profile>[^/]+)\.(?P<field>count|memory)$")
+# The MIG profile at the end of a single-strategy product label: `NVIDIA-A100-SXM4-40GB-MIG-1g.5gb`.
+_MIG_PRODUCT = re.compile(r"-MIG-(?P<profile>[0-9]+g\.[0-9]+gb)$")
+RESOURCE_API = "resource.k8s.io/v1"  # the DRA API whose ResourceSlices are read (GA since Kubernetes 1.34)
+MAX_DEVICES_PER_NODE = 1024  # far above any node's; bounds `1000000x1Gi` before it is built
+DEVICE_KINDS: frozenset[str] = frozenset({"gpu", "mig", "unified"})
 DEFAULT_COOLDOWN = "10m"
 DEFAULT_REPLICAS = 1
 TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -106,22 +129,207 @@ def _wrap(obj: Obj, exc: BudgetError) -> ObjectError:
     return ObjectError(f"{_describe(obj)}: {exc}")
 
 
+def parse_devices(value: object, *, field: str = f"annotation {ANNOTATION_DEVICES}") -> list[int]:
+    """A node's devices as the annotation and local mode's config write them, to bytes per device.
+
+    Comma-separated items, each a memory quantity (the one whole-byte grammar) or `<count>x<quantity>`:
+    `4x80Gi` is four devices of 80Gi, `80Gi,80Gi,40Gi` three; `2x80Gi,40Gi` mixes both.
+    """
+    if not isinstance(value, str) or not value:
+        raise ObjectError(f"{field}: expected devices like 4x80Gi or 80Gi,80Gi,40Gi, got {value!r}")
+    sizes: list[int] = []
+    for item in value.split(","):
+        count_text, times, quantity = item.rpartition("x")
+        count = 1
+        if times:
+            if not count_text.isdigit() or not count_text.isascii() or int(count_text) < 1:
+                raise ObjectError(f"{field}: {item!r}: the count before 'x' must be a whole number >= 1")
+            count = int(count_text)
+        if len(sizes) + count > MAX_DEVICES_PER_NODE:
+            raise ObjectError(f"{field}: {value!r} has more than {MAX_DEVICES_PER_NODE} devices")
+        try:
+            memory = parse_quantity(quantity, field=f"{field}: device {item!r}")
+        except BudgetError as exc:
+            raise ObjectError(str(exc)) from exc
+        if memory <= 0:
+            raise ObjectError(f"{field}: device {item!r} has no memory")
+        sizes.extend([memory] * count)
+    return sizes
+
+
+def parse_device_indices(value: object) -> tuple[int, ...]:
+    """A pod's devices annotation (`0,1`) to indices; () when absent or unreadable (devices not known)."""
+    if not isinstance(value, str) or not value:
+        return ()
+    parts = value.split(",")
+    if not all(p.isascii() and p.isdigit() for p in parts) or len(parts) > MAX_DEVICES_PER_NODE:
+        return ()
+    indices = tuple(int(p) for p in parts)
+    return indices if len(set(indices)) == len(indices) else ()
+
+
+def format_device_indices(indices: Iterable[int]) -> str:
+    """Indices as the pod annotation and CUDA_VISIBLE_DEVICES write them: `0,1`."""
+    return ",".join(str(i) for i in indices)
+
+
+def _gfd_devices(labels: Mapping[str, str]) -> tuple[tuple[Device, ...], str] | None:
+    """Devices from NVIDIA GPU Feature Discovery labels (MiB per device), with the source; None without any."""
+    product = labels.get(GFD_PRODUCT, "")
+    profiles: dict[str, dict[str, str]] = {}
+    for key, value in labels.items():
+        found = _GFD_MIG.match(key)
+        if found:
+            profiles.setdefault(found["profile"], {})[found["field"]] = value
+    if profiles:  # mixed strategy: one device per MIG slice, per profile (sorted), numbered in that order
+        devices: list[Device] = []
+        for profile in sorted(profiles):
+            fields = profiles[profile]
+            memory_label = f"nvidia.com/mig-{profile}.memory"
+            if "memory" not in fields:
+                raise ObjectError(f"label {memory_label} is required beside nvidia.com/mig-{profile}.count")
+            mib = parse_quantity(fields["memory"], field=f"label {memory_label}")
+            count = _count(fields.get("count", "1"), f"label nvidia.com/mig-{profile}.count", len(devices))
+            first = len(devices)
+            devices.extend(Device(first + i, mib * 2**20, "mig", profile, product) for i in range(count))
+        return tuple(devices), "gfd-mig-labels"
+    if GFD_MEMORY not in labels:
+        return None
+    mib = parse_quantity(labels[GFD_MEMORY], field=f"label {GFD_MEMORY}")
+    count = _count(labels.get(GFD_COUNT, "1"), f"label {GFD_COUNT}", 0)
+    mig = _MIG_PRODUCT.search(product)
+    if labels.get(GFD_MIG_STRATEGY) == "single" and mig:  # single strategy: the GPU labels describe the slices
+        return tuple(Device(i, mib * 2**20, "mig", mig["profile"], product) for i in range(count)), "gfd-mig-labels"
+    return tuple(Device(i, mib * 2**20, "gpu", "", product) for i in range(count)), "gfd-labels"
+
+
+def _count(text: str, field: str, already: int) -> int:
+    count = parse_quantity(text, field=field)
+    if already + count > MAX_DEVICES_PER_NODE:
+        raise ObjectError(f"{field}: {text!r} is more than {MAX_DEVICES_PER_NODE} devices")
+    return count
+
+
 def node_from_object(obj: Obj) -> Node:
-    """Capacity: the memory-capacity annotation, else GFD labels (MiB per GPU x count), else none."""
+    """Capacity and devices: the devices annotation, else the memory-capacity annotation (one unified-memory
+    device), else GFD labels (MIG slices per profile, or GPUs: MiB per device x count), else none."""
     _, name = _name(obj)
     labels = _str_map(obj, "metadata.labels")
     annotations = _str_map(obj, "metadata.annotations")
     try:
+        if ANNOTATION_DEVICES in annotations:
+            sizes = parse_devices(annotations[ANNOTATION_DEVICES])
+            product = labels.get(GFD_PRODUCT, "")
+            devices = tuple(Device(i, size, "gpu", "", product) for i, size in enumerate(sizes))
+            return Node(name, labels, None, "devices-annotation", devices)
         if ANNOTATION_CAPACITY in annotations:
             capacity = parse_quantity(annotations[ANNOTATION_CAPACITY], field=f"annotation {ANNOTATION_CAPACITY}")
             return Node(name, labels, capacity, "annotation")
-        if GFD_MEMORY in labels:
-            mib = parse_quantity(labels[GFD_MEMORY], field=f"label {GFD_MEMORY}")
-            count = parse_quantity(labels.get(GFD_COUNT, "1"), field=f"label {GFD_COUNT}")
-            return Node(name, labels, mib * 2**20 * count, "gfd-labels")
+        gfd = _gfd_devices(labels)
     except BudgetError as exc:
         raise _wrap(obj, exc) from exc
+    if gfd is not None and gfd[0]:
+        return Node(name, labels, None, gfd[1], gfd[0])
+    if gfd is not None:  # a GPU count of 0: budgeted, with nothing to place on
+        return Node(name, labels, 0, gfd[1], ())
     return Node(name, labels)  # not budgeted
+
+
+def _attribute(device: Mapping[str, Any], name: str) -> object:
+    """A DRA device attribute's value by its name, qualified (`gpu.nvidia.com/profile`) or not."""
+    attributes = device.get("attributes")
+    if not isinstance(attributes, Mapping):
+        return None
+    for key, value in attributes.items():
+        if isinstance(key, str) and key.rpartition("/")[2] == name and isinstance(value, Mapping):
+            for kind in ("string", "int"):  # the kinds of the attributes read here (profile, type, productName, index)
+                if kind in value:
+                    return value[kind]
+    return None
+
+
+def _memory_capacity(obj: Obj, device: Mapping[str, Any]) -> int | None:
+    capacity = device.get("capacity")
+    if not isinstance(capacity, Mapping):
+        return None
+    for key, value in capacity.items():
+        if isinstance(key, str) and key.rpartition("/")[2] == "memory":
+            amount = value.get("value") if isinstance(value, Mapping) else None
+            try:
+                return parse_quantity(amount, field=f"device {device.get('name')!r} capacity {key}")
+            except BudgetError as exc:
+                raise _wrap(obj, exc) from exc
+    return None
+
+
+def _natural(name: str) -> tuple[tuple[bool, Any], ...]:
+    """`gpu-10` after `gpu-2`: digit runs compare as numbers, and before text at the same place."""
+    return tuple((not part.isdigit(), int(part) if part.isdigit() else part) for part in re.split(r"([0-9]+)", name))
+
+
+def devices_from_resourceslices(slices: Iterable[Obj]) -> dict[str, tuple[Device, ...]]:
+    """`resource.k8s.io/v1` ResourceSlices -> devices with a memory capacity, per node (a pure translation).
+
+    Only slices with `spec.nodeName` count (devices of one node), and per driver pool only the highest
+    `spec.pool.generation` (older slices are stale, as the DRA API says). A device with a `profile`
+    attribute (or `type: mig`) is a MIG slice; `productName` is its product. A node's devices are
+    numbered 0.. by driver, then the `index` attribute (GPUs without one last), then name (`gpu-2` before
+    `gpu-10`), so full GPUs keep the index the driver gives them.
+    """
+    latest: dict[tuple[str, str], int] = {}
+    usable: list[tuple[Obj, str, str, int]] = []
+    for obj in slices:
+        spec = _map(obj, "spec")
+        node = spec.get("nodeName")
+        if not isinstance(node, str) or not node:
+            continue
+        driver = str(spec.get("driver") or "")
+        pool = _map(obj, "spec.pool")
+        generation = pool.get("generation", 0)
+        if isinstance(generation, bool) or not isinstance(generation, int):
+            raise ObjectError(f"{_describe(obj)}: spec.pool.generation must be an integer, got {generation!r}")
+        key = (driver, str(pool.get("name") or node))
+        latest[key] = max(latest.get(key, generation), generation)
+        usable.append((obj, node, driver, generation))
+    found: dict[str, list[tuple[tuple[Any, ...], Device]]] = {}
+    for obj, node, driver, generation in usable:
+        pool_name = str(_map(obj, "spec.pool").get("name") or node)
+        if generation != latest[(driver, pool_name)]:
+            continue
+        devices = _map(obj, "spec").get("devices") or []
+        if not isinstance(devices, list):
+            raise ObjectError(f"{_describe(obj)}: spec.devices must be a list")
+        for device in devices:
+            if not isinstance(device, Mapping):
+                raise ObjectError(f"{_describe(obj)}: spec.devices entries must be objects")
+            memory = _memory_capacity(obj, device)
+            if memory is None:
+                continue  # not an accelerator with memory (a NIC, a counter set): not budgeted
+            name = str(device.get("name") or "")
+            profile = _attribute(device, "profile")
+            kind: DeviceKind = "mig" if profile or _attribute(device, "type") == "mig" else "gpu"
+            index = _attribute(device, "index")
+            has_index = isinstance(index, int) and not isinstance(index, bool) and kind == "gpu"
+            order = (driver, not has_index, index if has_index else 0, _natural(name))
+            product = _attribute(device, "productName")
+            found.setdefault(node, []).append(
+                (order, Device(0, memory, kind, str(profile or ""), str(product or ""), name))
+            )
+    return {
+        node: tuple(replace(d, index=i) for i, (_, d) in enumerate(sorted(entries, key=lambda e: e[0])))
+        for node, entries in found.items()
+    }
+
+
+def apply_resourceslices(nodes: Iterable[Node], slices: Iterable[Obj]) -> list[Node]:
+    """Nodes with the devices their ResourceSlices publish: slices win over labels and annotations."""
+    published = devices_from_resourceslices(slices)
+    return [
+        replace(n, capacity_bytes=None, capacity_source="resourceslice", devices=published[n.name])
+        if published.get(n.name)
+        else n
+        for n in nodes
+    ]
 
 
 def model_from_inferencemodel(obj: Obj) -> Model:
@@ -144,6 +352,10 @@ def model_from_inferencemodel(obj: Obj) -> Model:
             raise ObjectError(f"spec.backendUrl must be a string, got {backend!r}")
         last = parse_time(status.get("lastRequestTime"), field="status.lastRequestTime")
         policy = _eviction_policy(obj)
+        devices = spec.get("devices", 1)
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+            raise ObjectError(f"spec.devices must be an integer >= 1, got {devices!r}")
+        device_selector = device_selector_from(_str_map(obj, "spec.deviceSelector"), "spec.deviceSelector")
     except ObjectError as exc:
         raise _wrap(obj, exc) from exc
     except BudgetError as exc:
@@ -158,8 +370,20 @@ def model_from_inferencemodel(obj: Obj) -> Model:
         replicas=replicas,
         last_request_time=last,
         backend_url=backend,
+        devices=devices,
+        device_selector=device_selector,
         **policy,
     )
+
+
+def device_selector_from(selector: Mapping[str, str], field: str) -> dict[str, str]:
+    """A deviceSelector checked: keys kind, profile, product; kind one of gpu, mig, unified."""
+    for key, value in selector.items():
+        if key not in DEVICE_SELECTOR_KEYS:
+            raise ObjectError(f"{field}: unknown key {key!r} (use {', '.join(sorted(DEVICE_SELECTOR_KEYS))})")
+        if key == "kind" and value not in DEVICE_KINDS:
+            raise ObjectError(f"{field}.kind must be one of {', '.join(sorted(DEVICE_KINDS))}, got {value!r}")
+    return dict(selector)
 
 
 def _eviction_policy(obj: Obj) -> dict[str, Any]:
@@ -282,6 +506,7 @@ def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Place
         ready=ready,
         state=state,
         free_by=deleting,
+        devices=parse_device_indices(_str_map(obj, "metadata.annotations").get(ANNOTATION_DEVICES)),
     )
 
 
@@ -350,8 +575,9 @@ def merge_models(inference_models: Iterable[Model], deployment_models: Iterable[
 
 
 def view_from_objects(objects: Iterable[Any]) -> ClusterView:
-    """Nodes, Pods, Deployments and InferenceModels -> one ClusterView (other kinds are ignored)."""
+    """Nodes, ResourceSlices, Pods, Deployments and InferenceModels -> one ClusterView (other kinds are ignored)."""
     nodes: list[Node] = []
+    slices: list[Obj] = []
     inference_models: list[tuple[str, Model]] = []
     deployment_models: list[tuple[str, Model]] = []
     pods: list[Obj] = []
@@ -367,6 +593,8 @@ def view_from_objects(objects: Iterable[Any]) -> ClusterView:
                 deployment_models.append((object_key(obj), dm))
         elif kind == "Pod":
             pods.append(obj)
+        elif kind == "ResourceSlice":
+            slices.append(obj)
         elif not isinstance(kind, str):
             raise ObjectError(f"{_describe(obj)}: missing kind")
     models = merge_models(
@@ -378,7 +606,11 @@ def view_from_objects(objects: Iterable[Any]) -> ClusterView:
         p = placement_from_pod(pod, fallback_memory=fallback_memory(pod, models))
         if p is not None:
             placements.append(p)
-    return ClusterView.build(nodes=nodes, models=models.values(), placements=sorted(placements, key=lambda p: p.pod))
+    return ClusterView.build(
+        nodes=apply_resourceslices(nodes, slices),
+        models=models.values(),
+        placements=sorted(placements, key=lambda p: p.pod),
+    )
 
 
 def object_key(obj: Obj) -> str:

@@ -64,8 +64,21 @@ class NodeStatus:
     capacity_bytes: int
     used_bytes: int
     free_bytes: int
-    largest_placeable_bytes: int  # free once replicas already admitted elsewhere take their room
+    largest_placeable_bytes: int  # on one device, once replicas already admitted elsewhere take their room
     replicas: tuple[Replica, ...]
+    devices: tuple[DeviceStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device of a node: what it has, what is declared on it, and what is left once admitted replicas land."""
+
+    index: int
+    label: str  # `GPU 0`, `MIG 1g.10gb 2`, `memory`
+    kind: str
+    capacity_bytes: int
+    used_bytes: int
+    placeable_bytes: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ def build_status(view: ClusterView, now: float, counters: Counters | None = None
         replicas_by_model.setdefault(r.model, []).append(replica)
 
     used = view.used_bytes(now)
+    device_used = view.device_used(now)
     placeable, _ = free_after_admitted(view, now)
     nodes = tuple(
         NodeStatus(
@@ -156,8 +170,19 @@ def build_status(view: ClusterView, now: float, counters: Counters | None = None
             capacity_bytes=n.capacity_bytes,
             used_bytes=used.get(n.name, 0),
             free_bytes=n.capacity_bytes - used.get(n.name, 0),
-            largest_placeable_bytes=max(0, placeable[n.name]),
+            largest_placeable_bytes=max(0, *placeable[n.name].values()),
             replicas=tuple(sorted(replicas_by_node.get(n.name, ()), key=lambda r: (-r.memory_bytes, r.name, r.pod))),
+            devices=tuple(
+                DeviceStatus(
+                    d.index,
+                    d.label(),
+                    d.kind,
+                    d.memory_bytes,
+                    device_used.get(n.name, {}).get(d.index, 0),
+                    max(0, placeable[n.name][d.index]),
+                )
+                for d in n.devices
+            ),
         )
         for n in view.nodes
         if n.capacity_bytes is not None
@@ -359,6 +384,11 @@ def status_body(status: Status) -> dict[str, Any]:
                 "name": n.name,
                 **_room(n.capacity_bytes, n.used_bytes, n.free_bytes, n.largest_placeable_bytes),
                 "replicas": [_replica_body(r) for r in n.replicas],
+                "devices": [
+                    {"index": d.index, "label": d.label, "kind": d.kind,
+                     **_room(d.capacity_bytes, d.used_bytes, d.capacity_bytes - d.used_bytes, d.placeable_bytes)}
+                    for d in n.devices
+                ],
             }
             for n in status.nodes
         ],

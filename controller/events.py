@@ -15,45 +15,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from controller.errors import ControllerError
 from controller.kube import Kube
 from kubeview.api import EVENTS, ApiError
+from kubeview.events import EventType, micro_time, regarding_ref
+from kubeview.events import event_body as kube_event_body
 
 log = logging.getLogger(__name__)
 
 REPORTING_CONTROLLER = "inference.eh-ops.io/controller"
-NOTE_MAX_BYTES = 1024
-EventType = Literal["Normal", "Warning"]
-
-
-def micro_time(ts: float) -> str:
-    """POSIX seconds -> metav1.MicroTime (`2026-01-15T10:30:00.123456Z`)."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def regarding_ref(obj: Mapping[str, Any]) -> dict[str, str]:
-    """An ObjectReference to `obj` for the Event's `regarding` field."""
-    meta = obj.get("metadata") or {}
-    ref = {
-        "apiVersion": str(obj.get("apiVersion") or ""),
-        "kind": str(obj.get("kind") or ""),
-        "namespace": str(meta.get("namespace") or ""),
-        "name": str(meta.get("name") or ""),
-        "uid": str(meta.get("uid") or ""),
-    }
-    if meta.get("resourceVersion"):
-        ref["resourceVersion"] = str(meta["resourceVersion"])
-    return {k: v for k, v in ref.items() if v}
-
-
-def truncate_note(note: str) -> str:
-    data = note.encode()
-    if len(data) <= NOTE_MAX_BYTES:
-        return note
-    return data[: NOTE_MAX_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 def event_body(
@@ -67,21 +39,18 @@ def event_body(
     now: float,
     name: str,
 ) -> dict[str, Any]:
-    """A new events.k8s.io/v1 Event (pure)."""
-    ref = regarding_ref(regarding)
-    return {
-        "apiVersion": "events.k8s.io/v1",
-        "kind": "Event",
-        "metadata": {"name": name, "namespace": ref.get("namespace", "default")},
-        "eventTime": micro_time(now),
-        "reportingController": REPORTING_CONTROLLER,
-        "reportingInstance": instance[:128],
-        "action": action,
-        "reason": reason,
-        "note": truncate_note(note),
-        "type": event_type,
-        "regarding": ref,
-    }
+    """A new events.k8s.io/v1 Event from the controller (pure)."""
+    return kube_event_body(
+        regarding,
+        reporting_controller=REPORTING_CONTROLLER,
+        event_type=event_type,
+        reason=reason,
+        action=action,
+        note=note,
+        instance=instance,
+        now=now,
+        name=name,
+    )
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.errors import ControllerError
-from controller.events import micro_time
 from controller.kube import Kube
 from kubeview.api import LEASES, ApiError
+from kubeview.events import micro_time
 
 log = logging.getLogger(__name__)
 

@@ -159,7 +159,7 @@ def create_app(
 
     @app.get("/debug/view")
     def view() -> Response:
-        """Per node: capacity, memory held by bound pods and by reservations, and what is free."""
+        """Per node: capacity, memory held by bound pods and by reservations, what is free, and per device."""
         now = extender.clock()
         with extender.book.locked():
             current = source.view().with_reservations(extender.book.live(now))
@@ -170,6 +170,7 @@ def create_app(
         for r in current.live_reservations(now):
             reserved[r.node] = reserved.get(r.node, 0) + r.memory_bytes
         free = current.free_bytes(now)
+        device_free = current.device_free(now)
         nodes = {
             n.name: {
                 "capacityBytes": n.capacity_bytes,
@@ -177,6 +178,17 @@ def create_app(
                 "boundBytes": placed.get(n.name, 0),
                 "reservedBytes": reserved.get(n.name, 0),
                 "freeBytes": free.get(n.name),
+                "devices": [
+                    {
+                        "index": d.index,
+                        "kind": d.kind,
+                        "profile": d.profile,
+                        "product": d.product,
+                        "capacityBytes": d.memory_bytes,
+                        "freeBytes": device_free.get(n.name, {}).get(d.index),
+                    }
+                    for d in n.devices
+                ],
             }
             for n in current.nodes
         }

@@ -7,6 +7,7 @@ HTTP status and the Status message).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from extender.source import BindingError, CacheSource
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class KubeApi:
-    """The real writer: a pod GET and `pods/binding` (201), through a kubernetes ApiClient."""
+    """The real writer: a pod GET and `pods/binding` (201, annotations included), through a kubernetes ApiClient."""
 
     def __init__(self, api: Any) -> None:
         self.api = api
@@ -31,10 +32,21 @@ class KubeApi:
             raise BindingError(f"reading pod {namespace}/{name} failed: {exc}") from exc
         return body if isinstance(body, dict) else None
 
-    def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
+    def bind(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        timeout_seconds: float,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """POST the pod's Binding; its `annotations` land on the pod in the same write as spec.nodeName."""
         metadata: dict[str, Any] = {"name": name, "namespace": namespace}
         if uid:
             metadata["uid"] = uid  # precondition: never bind a newer pod that reused the name
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         body = {
             "apiVersion": "v1",
             "kind": "Binding",

@@ -6,6 +6,10 @@ filtered back to back would all be told "fits" on the same free hole. The book h
 :class:`budget.Reservation` per pod UID; the view used for every decision is the cache's view plus
 the book's live entries (`ClusterView.with_reservations`), so `budget.filter_nodes` counts them.
 
+An entry names the node and the device indices the decision chose there, so a pod filtered but not yet
+bound holds its share on exactly those devices (`ClusterView.device_used` charges them), and the next
+pod is fitted to what is left of each device, not of the node.
+
 Lifecycle of an entry: made (or replaced) when filter answers for the pod; refreshed when bind
 re-checks the fit; removed when the watch shows the pod bound (it is then a Placement with the same
 UID, which `ClusterView.live_reservations` already ignores), when the pod is deleted or terminates,
@@ -53,8 +57,11 @@ class ReservationBook:
         for listener in self._listeners:
             listener(count)
 
-    def reserve(self, pod: PodRequest, node: str, *, now: float | None = None) -> Reservation:
-        """Promise `pod.memory_bytes` on `node` for one TTL, replacing this pod's previous reservation."""
+    def reserve(
+        self, pod: PodRequest, node: str, *, now: float | None = None, devices: tuple[int, ...] = ()
+    ) -> Reservation:
+        """Promise `pod.memory_bytes` on `node` for one TTL, split evenly over `devices` (the indices the
+        decision chose; () when not known), replacing this pod's previous reservation."""
         if not pod.uid:
             raise ValueError(f"pod {pod.namespace}/{pod.name} has no UID; a reservation is keyed by UID")
         now = self.clock() if now is None else now
@@ -65,6 +72,7 @@ class ReservationBook:
             expires_at=now + self.ttl_seconds,
             node=node,
             pod=model_key(pod.namespace, pod.name),
+            devices=tuple(devices),
         )
         with self._lock:
             self._by_uid[pod.uid] = reservation

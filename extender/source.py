@@ -9,17 +9,17 @@ list+watch cache in a cluster (`extender.kube.cluster_source`), or the same cach
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from budget import ClusterView
+from budget import ClusterView, Node
 from budget.snapshot import load_snapshot
 from kubeview.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, str, dict[str, Any]], None]
-SNAPSHOT_KINDS = ("InferenceModel", "Deployment", "Node", "Pod")  # models first: pods fall back to them
+SNAPSHOT_KINDS = ("InferenceModel", "Deployment", "ResourceSlice", "Node", "Pod")  # models first: pods fall back
 
 
 class BindingError(Exception):
@@ -31,7 +31,16 @@ class ApiWriter(Protocol):
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None: ...
+    def bind(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        timeout_seconds: float,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Bind the pod to `node`, setting `annotations` on it in the same write (or not at all)."""
 
 
 class NoApi:
@@ -40,7 +49,15 @@ class NoApi:
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return None
 
-    def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
+    def bind(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        timeout_seconds: float,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         raise BindingError("this extender runs from a snapshot file (--cluster-state) and cannot bind pods")
 
 
@@ -58,6 +75,10 @@ class CacheSource:
 
     def view(self) -> ClusterView:
         return self.cache.view()
+
+    def node(self, name: str) -> Node | None:
+        """The node as the watch last translated it, ResourceSlices applied (for the Nodes form's Node objects)."""
+        return self.cache.view().node_index.get(name)
 
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A model pod as the watch last saw it (only pods with the model label are watched)."""

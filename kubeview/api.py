@@ -106,8 +106,10 @@ VALIDATING_WEBHOOK_CONFIGURATIONS = Resource(
     namespaced=False,
 )
 INFERENCE_MODELS = Resource("InferenceModel", "inferencemodels", GROUP, VERSION)
+RESOURCE_SLICES = Resource("ResourceSlice", "resourceslices", "resource.k8s.io", "v1", namespaced=False)
+"""DRA's per-node device inventory (GA in Kubernetes 1.34); a cluster without it answers 404."""
 RESOURCES = {r.kind: r for r in (NODES, PODS, SERVICES, CONFIGMAPS, SECRETS, DEPLOYMENTS, LEASES, EVENTS,
-                                 VALIDATING_WEBHOOK_CONFIGURATIONS, INFERENCE_MODELS)}  # fmt: skip
+                                 VALIDATING_WEBHOOK_CONFIGURATIONS, INFERENCE_MODELS, RESOURCE_SLICES)}  # fmt: skip
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:

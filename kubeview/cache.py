@@ -4,6 +4,13 @@ Each kind is listed, then watched from the list's resourceVersion with bookmarks
 broken stream re-lists. Objects are kept as plain dicts (the API's own JSON), and translated once per
 event, so building a view for a filter call costs only assembling tuples. Clients must be created
 after a gunicorn fork (call from the app factory), never shared across processes.
+
+A cache of Nodes also watches DRA ResourceSlices (`resource.k8s.io/v1`): a node's devices are its labels,
+annotations and the slices that name it, translated together by `budget.objects`; a slice event
+translates its node again. A cluster that does not serve the DRA API (404) has no slices: the kind counts
+as synced and empty, nodes keep their labels and annotations, and the list is retried now and then (an
+upgraded cluster is noticed without a restart). Any other failure (a 403 from missing RBAC) keeps the
+cache unsynced, as for every kind: a budget that silently ignored devices would overcommit them.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 from budget import ClusterView, Model, Node, ObjectError, Placement
 from budget.objects import (
+    apply_resourceslices,
     fallback_memory,
     merge_models,
     model_from_deployment,
@@ -29,6 +37,27 @@ from kubeview.api import RESOURCES, ApiError, raw_request
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, str, dict[str, Any]], None]
+
+RESOURCE_SLICE = "ResourceSlice"
+OPTIONAL_KINDS = frozenset({RESOURCE_SLICE})
+"""Kinds of an API a cluster may not serve: a 404 means "none of them", not a failure."""
+ABSENT_RECHECK_SECONDS = 300.0
+"""How often an API that answered 404 is listed again: an upgrade is seen within this, at one cheap GET."""
+
+
+def watched_kinds(kinds: tuple[str, ...], *, resource_slices: bool = True) -> tuple[str, ...]:
+    """The kinds a cache asked for `kinds` lists and watches: with Nodes, the ResourceSlices of their devices."""
+    if resource_slices and "Node" in kinds and RESOURCE_SLICE not in kinds:
+        return (*kinds, RESOURCE_SLICE)
+    return kinds
+
+
+def slice_node(obj: dict[str, Any]) -> str:
+    """The node a ResourceSlice describes (spec.nodeName), "" for network-attached devices (allNodes,
+    nodeSelector): those are no node's budget."""
+    spec = obj.get("spec")
+    name = spec.get("nodeName") if isinstance(spec, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def obj_key(obj: dict[str, Any]) -> str:
@@ -48,15 +77,22 @@ class ClusterCache:
         namespace: str | None = None,
         label_selectors: dict[str, str] | None = None,
         watch_timeout_seconds: int = 300,
+        resource_slices: bool = True,
+        absent_recheck_seconds: float = ABSENT_RECHECK_SECONDS,
     ) -> None:
         self.api = api
+        kinds = watched_kinds(kinds, resource_slices=resource_slices)
         self.kinds = kinds
+        self.absent_recheck_seconds = absent_recheck_seconds
         self.namespace = namespace
         self.label_selectors = label_selectors or {"Pod": "inference.eh-ops.io/model"}
         self.watch_timeout_seconds = watch_timeout_seconds
         self._lock = threading.RLock()
         self._objects: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in kinds}
         self._nodes: dict[str, Node] = {}
+        # ResourceSlices by the node they describe: node name -> {slice key: raw slice}, and slice key -> node.
+        self._node_slices: dict[str, dict[str, dict[str, Any]]] = {}
+        self._slice_of: dict[str, str] = {}
         self._im_models: dict[str, Model] = {}
         self._dep_models: dict[str, Model] = {}
         # Pods are translated when a view is built, against the models of that moment (a pod without the
@@ -71,6 +107,7 @@ class ClusterCache:
         self.lists = {k: 0 for k in kinds}  # successful lists per kind: 1 + one per 410 or broken watch
         self.failures = {k: 0 for k in kinds}  # failed lists/watches per kind (each followed by a backoff)
         self.watches = {k: 0 for k in kinds}  # watch requests answered per kind (a new one per server timeout)
+        self.absent = dict.fromkeys(kinds, 0)  # 404s in a row for an optional kind: > 0 while its API is not served
         self._listeners: list[Listener] = []
         self.generation = 0  # bumps on every change; cheap "did anything change" check
 
@@ -146,6 +183,12 @@ class ClusterCache:
         self._pod_memo = memo
         return tuple(p for _, _, p in memo.values() if p is not None)
 
+    def slices_of(self, node: str) -> list[dict[str, Any]]:
+        """The ResourceSlices held for `node` (spec.nodeName), in a fixed order."""
+        with self._lock:
+            held = self._node_slices.get(node, {})
+            return [held[k] for k in sorted(held)]
+
     def objects(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._objects.get(kind, {}).values())
@@ -178,9 +221,12 @@ class ClusterCache:
                 log.exception("listener failed for %s %s", kind, key)
 
     def _translate(self, kind: str, key: str, obj: dict[str, Any] | None) -> None:
+        if kind == RESOURCE_SLICE:
+            self._index_slice(key, obj)
+            return
         try:
             if kind == "Node":
-                self._put(self._nodes, key, node_from_object(obj) if obj else None)
+                self._put(self._nodes, key, self._node(obj) if obj else None)
             elif kind == "InferenceModel":
                 self._put(self._im_models, key, model_from_inferencemodel(obj) if obj else None)
             elif kind == "Deployment":
@@ -190,6 +236,28 @@ class ClusterCache:
             log.warning("ignoring malformed %s %s: %s", kind, key, exc)
             self._put({"Node": self._nodes, "InferenceModel": self._im_models,
                        "Deployment": self._dep_models}[kind], key, None)
+
+    def _node(self, obj: dict[str, Any]) -> Node:
+        """A node with its devices: labels, annotations and the ResourceSlices that name it."""
+        node = node_from_object(obj)
+        slices = self.slices_of(node.name)
+        return apply_resourceslices([node], slices)[0] if slices else node
+
+    def _index_slice(self, key: str, obj: dict[str, Any] | None) -> None:
+        """File a slice under its node and translate the node(s) it left or joined again."""
+        before = self._slice_of.pop(key, "")
+        if before:
+            self._node_slices.get(before, {}).pop(key, None)
+            if not self._node_slices.get(before):
+                self._node_slices.pop(before, None)
+        after = slice_node(obj) if obj is not None else ""
+        if obj is not None and after:
+            self._slice_of[key] = after
+            self._node_slices.setdefault(after, {})[key] = obj
+        for name in {before, after} - {""}:
+            node = self._objects.get("Node", {}).get(name)
+            if node is not None:
+                self._translate("Node", name, node)
 
     @staticmethod
     def _put(store: dict[str, Any], key: str, value: Any) -> None:
@@ -266,6 +334,7 @@ class ClusterCache:
             try:
                 rv = self._list(kind)
                 self.lists[kind] += 1
+                self.absent[kind] = 0
                 self._synced[kind].set()
                 backoff = 0.2
                 while not self._stop.is_set():
@@ -287,6 +356,10 @@ class ClusterCache:
                 if exc.status == 410:
                     log.info("watch of %s expired (410); re-listing", kind)
                     continue
+                if exc.status == 404 and kind in OPTIONAL_KINDS:
+                    self._absent(kind)
+                    self._stop.wait(self.absent_recheck_seconds)
+                    continue
                 if self._stop.is_set():
                     return
                 self.failures[kind] += 1
@@ -300,6 +373,24 @@ class ClusterCache:
                 log.warning("list/watch of %s broke: %s (retry in %.1fs)", kind, exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+    def _absent(self, kind: str) -> None:
+        """The server does not serve `kind`'s API: hold none of it, and count the kind as synced."""
+        with self._lock:
+            held = list(self._objects.get(kind, {}).values())
+            first = not self.absent[kind]
+            self.absent[kind] += 1
+        for obj in held:
+            self.apply(kind, "DELETED", obj)
+        if first:
+            log.info(
+                "the API server does not serve %s (404): no %ss, node budgets come from labels and annotations; "
+                "listing again every %.0fs",
+                RESOURCES[kind].api_version,
+                kind,
+                self.absent_recheck_seconds,
+            )
+        self._synced[kind].set()
 
 
 def _shut(resp: Any) -> None:

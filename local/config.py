@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from budget import BudgetError, Model, Node, format_bytes, parse_duration, parse_quantity
-from budget.view import matches
+from budget import BudgetError, Device, Model, Node, ObjectError, format_bytes, parse_duration, parse_quantity
+from budget.objects import parse_devices
+from budget.view import matches, share_bytes
 
 NAMESPACE = "local"
 """Local models are keyed `local/<name>`; clients only ever see the name."""
@@ -38,7 +39,7 @@ DEFAULT_HEALTH = "/health"
 """vLLM, llama-server and `ibc mock-backend` all answer 200 on /health once they can serve."""
 
 _TOP_FIELDS = ("nodes", "models", "ports", "logs")
-_NODE_FIELDS = ("name", "memory", "labels", "env")
+_NODE_FIELDS = ("name", "memory", "devices", "labels", "env")
 _MODEL_FIELDS = (
     "name",
     "memory",
@@ -53,7 +54,11 @@ _MODEL_FIELDS = (
     "priority",
     "pinned",
     "max_wait",
+    "devices",
 )
+
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+"""Set for each process on a node with `devices:` to the devices the decision chose (NVIDIA and AMD)."""
 
 
 class LocalConfigError(ValueError):
@@ -62,18 +67,28 @@ class LocalConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LocalNode:
-    """One memory budget: the machine, or one GPU; `env` is given to processes placed on it."""
+    """One memory budget: the machine (unified memory), or its GPUs (`devices`: bytes per device, indexed
+    from 0 as CUDA_VISIBLE_DEVICES counts them); `env` is given to processes placed on it."""
 
     name: str
     memory_bytes: int
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    devices: tuple[int, ...] = ()  # () = one unified-memory device of memory_bytes
 
     def to_node(self) -> Node:
         """The budget's view of this node."""
+        if self.devices:
+            listed = tuple(Device(i, size) for i, size in enumerate(self.devices))
+            return Node(name=self.name, labels=dict(self.labels), capacity_source="config", devices=listed)
         return Node(
             name=self.name, labels=dict(self.labels), capacity_bytes=self.memory_bytes, capacity_source="config"
         )
+
+    def largest(self, devices: int) -> int:
+        """The largest replica `devices` of its devices can hold together (0 when it has fewer)."""
+        sizes = sorted(self.devices or (self.memory_bytes,), reverse=True)
+        return sizes[devices - 1] * devices if len(sizes) >= devices else 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,7 @@ class LocalModel:
     priority: int = 0
     pinned: bool = False
     max_wait_seconds: float = 0.0  # 0: a request that does not fit gets the 429 at once, as before
+    devices: int = 1  # each process is split over this many devices of one node (tensor parallelism)
 
     @property
     def key(self) -> str:
@@ -127,6 +143,7 @@ class LocalModel:
             priority=self.priority,
             pinned=self.pinned,
             max_wait_seconds=self.max_wait_seconds,
+            devices=self.devices,
         )
 
 
@@ -217,6 +234,23 @@ class _Checker:
 
     def optional_duration(self, value: Any, where: str) -> float | None:
         return None if value is None else self.duration(value, where, 0.0)
+
+    def node_devices(self, item: dict[str, Any], where: str) -> tuple[int, tuple[int, ...]]:
+        """A node's `memory:` (one unified device) or `devices:` (the annotation's grammar): (bytes, devices)."""
+        raw = item.get("devices")
+        if raw is None:
+            return self.memory(item.get("memory"), f"{where}.memory"), ()
+        if item.get("memory") is not None:
+            raise self.fail(where, "give memory (one unified-memory budget) or devices (per GPU), not both")
+        try:
+            sizes = tuple(parse_devices(raw, field=f"{where}.devices"))
+        except ObjectError as exc:
+            raise LocalConfigError(f"{self.source}: {exc}") from exc
+        env = item.get("env")
+        clash = sorted(k for k in DEVICE_ENV if isinstance(env, dict) and k in env)
+        if clash:
+            raise self.fail(f"{where}.env", f"{', '.join(clash)} is set by ibc to the devices each process gets")
+        return sum(sizes), sizes
 
     def integer(self, value: Any, where: str, default: int) -> int:
         if value is None:
@@ -347,12 +381,14 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
         name = c.name(item.get("name"), f"{where}.name")
         if any(n.name == name for n in nodes):
             raise c.fail(f"{where}.name", f"{name!r} is declared twice")
+        memory_bytes, devices = c.node_devices(item, where)
         nodes.append(
             LocalNode(
                 name=name,
-                memory_bytes=c.memory(item.get("memory"), f"{where}.memory"),
+                memory_bytes=memory_bytes,
                 labels=c.string_map(item.get("labels"), f"{where}.labels"),
                 env=c.string_map(item.get("env"), f"{where}.env"),
+                devices=devices,
             )
         )
 
@@ -374,11 +410,21 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
             raise c.fail(
                 f"{where}.node_selector", f"{selector!r} matches none of the nodes, so {name} could never start"
             )
-        largest = max(n.memory_bytes for n in pool)
-        if memory_bytes > largest:
+        devices = c.integer(item.get("devices"), f"{where}.devices", 1)
+        if devices < 1:
+            raise c.fail(f"{where}.devices", f"{devices!r} must be at least 1")
+        largest = max(n.largest(devices) for n in pool)
+        if largest == 0:
+            raise c.fail(
+                f"{where}.devices", f"{devices} devices: no matching node has that many, so {name} could never start"
+            )
+        if share_bytes(memory_bytes, devices) * devices > largest:
+            what = f"{devices} devices of one node have"
+            if devices == 1:
+                what = "GPU has" if any(n.devices for n in pool) else "node has"
             raise c.fail(
                 f"{where}.memory",
-                f"{item.get('memory')!r} is more than the largest matching node has ({format_bytes(largest)}), "
+                f"{item.get('memory')!r} is more than the largest matching {what} ({format_bytes(largest)}), "
                 f"so {name} could never start",
             )
         models.append(
@@ -403,6 +449,7 @@ def parse_config(data: Any, *, source: str = "<config>") -> LocalConfig:
                 priority=c.integer(item.get("priority"), f"{where}.priority", 0),
                 pinned=c.flag(item.get("pinned"), f"{where}.pinned"),
                 max_wait_seconds=c.duration(item.get("max_wait"), f"{where}.max_wait", 0.0),
+                devices=devices,
             )
         )
     ports = c.ports(top.get("ports"), "ports")

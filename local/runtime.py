@@ -81,6 +81,7 @@ class ProcessSpec:
     health_url: str
     node: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
+    devices: tuple[int, ...] = ()  # the node's devices the budget gave it (its env says so); () = unified memory
     startup_timeout_seconds: float = 600.0
     stop_grace_seconds: float = 30.0
     log_path: str | None = None  # the process's stdout and stderr, appended; None: ibc's log only
@@ -459,11 +460,12 @@ class ProcessRuntime:
             self._live.append(proc)
         argv_text = " ".join(spec.argv)
         log.info(
-            "started %s pid=%d port=%d node=%s%s: %s",
+            "started %s pid=%d port=%d node=%s%s%s: %s",
             spec.name,
             proc.pid,
             spec.port,
             spec.node,
+            f" devices={','.join(map(str, spec.devices))}" if spec.devices else "",
             f" log={spec.log_path}" if spec.log_path and self._forward_output else "",
             argv_text,
         )

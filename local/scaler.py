@@ -40,10 +40,9 @@ from budget import (
     metrics_body,
     plan_eviction,
 )
-from budget.objects import rfc3339
-from local.config import NAMESPACE, LocalConfig, LocalModel
+from budget.objects import format_device_indices, rfc3339
+from local.config import DEVICE_ENV, NAMESPACE, LocalConfig, LocalModel
 from local.control import add_control_routes
-from local.room import BusySource, EvictionCollector, EvictionLog, nobody_busy
 from local.runtime import (
     ManagedProcess,
     MemorySample,
@@ -55,6 +54,7 @@ from local.runtime import (
     free_port,
 )
 from proxy.app import create_app, error_response, proxy_of
+from proxy.evictions import BusySource, EvictionLog, nobody_busy
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from serving.metrics import MemoryCollector
 
@@ -130,6 +130,7 @@ class _Pending:
     serial: int
     node: str
     decided_at: float
+    devices: tuple[int, ...] = ()
 
 
 class LocalScaler:
@@ -270,10 +271,9 @@ class LocalScaler:
                     raise ScaleDenied(decision)
                 self._cond.wait(min(remaining, ROOM_POLL_SECONDS))
             granted = []
-            for node, count in sorted(decision.placements.items()):
-                for _ in range(count):
-                    self._serial += 1
-                    granted.append(_Pending(self._serial, node, now))
+            for slot in decision.device_placements:
+                self._serial += 1
+                granted.append(_Pending(self._serial, slot.node, now, slot.devices))
             self._pending[model.key].extend(granted)
             self._halted.discard(model.key)
             self._view = None
@@ -283,7 +283,7 @@ class LocalScaler:
         errors = []
         for pending in granted:
             try:
-                proc: ManagedProcess | None = self._spawn(model, pending.node)
+                proc: ManagedProcess | None = self._spawn(model, pending.node, pending.devices)
             except ProcessError as exc:
                 proc = None
                 errors.append(exc)
@@ -512,6 +512,7 @@ class LocalScaler:
                     Placement(
                         pod=f"{key}-{p.pid}",
                         node=p.spec.node,
+                        devices=p.spec.devices,
                         memory_bytes=model.memory_bytes,
                         model=key,
                         uid=f"pid-{p.pid}-{p.started_at}",
@@ -527,6 +528,7 @@ class LocalScaler:
                     Placement(
                         pod=f"{key}-spawning-{r.serial}",
                         node=r.node,
+                        devices=r.devices,
                         memory_bytes=model.memory_bytes,
                         model=key,
                         uid=f"spawning-{r.serial}",
@@ -604,11 +606,14 @@ class LocalScaler:
         """How long stopping processes may take: the longest grace period, plus time to reap."""
         return max((m.stop_grace_seconds for m in self._models.values()), default=0.0) + STOP_REAP_MARGIN_SECONDS
 
-    def _spawn(self, model: LocalModel, node_name: str) -> ManagedProcess:
-        """Run one replica of `model` on `node_name` (called without the lock held)."""
+    def _spawn(self, model: LocalModel, node_name: str, devices: tuple[int, ...] = ()) -> ManagedProcess:
+        """Run one replica of `model` on `node_name`, on `devices` of it (called without the lock held)."""
         node = self.config.node(node_name)
         assert node is not None, node_name  # the decision only places on config nodes
         port = self._port_picker()
+        chosen = {}
+        if node.devices:  # a node of GPUs: the process sees only the devices the decision gave it
+            chosen = dict.fromkeys(DEVICE_ENV, format_device_indices(devices))
         spec = ProcessSpec(
             owner=model.key,
             name=model.name,
@@ -616,7 +621,8 @@ class LocalScaler:
             port=port,
             health_url=model.health_url(port=port, node=node.name),
             node=node.name,
-            env={**node.env, **model.env},
+            env={**node.env, **model.env, **chosen},
+            devices=devices if node.devices else (),
             startup_timeout_seconds=model.startup_timeout_seconds,
             stop_grace_seconds=model.stop_grace_seconds,
             log_path=self.log_path(model.key),
@@ -737,8 +743,6 @@ def add_local_routes(app: Flask, scaler: LocalScaler) -> None:
             current=True,
         )
     )
-    proxy.metrics.registry.register(EvictionCollector(scaler.evictions))
-    scaler.set_busy_source(lambda: (proxy.upstream.outstanding().keys(), proxy.cold.waiting().keys()))
     app.extensions["ibc_local"] = scaler
 
 

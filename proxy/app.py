@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -34,7 +36,8 @@ from flask import Flask, Response, request
 from budget import Decision, Model, UnknownModelError, decide_scale, explain, format_bytes
 from proxy.access_log import MODEL_KEY, REASON_KEY, access_logged
 from proxy.client_io import BodyError, BodyTimeout, ClosingAnswer, DisconnectWatch, read_body
-from proxy.coldstart import ColdStarts, QueueFull, Ticket, client_gone
+from proxy.coldstart import Charge, ColdStarts, QueueFull, Ticket, client_gone
+from proxy.evictions import EvictionCollector, EvictionLog
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.line import LineFull, Outcome, Place, WaitLine, parse_max_wait
 from proxy.metrics import ProxyMetrics
@@ -54,6 +57,9 @@ CLIENT_CLOSED = 499
 # a start longer than the cooldown never has its model stopped under it. Cheap: local touches are a store,
 # Kubernetes ones are throttled to one status write per model every few seconds.
 BUSY_TOUCH_SECONDS = 0.5
+# Retry-After of the 503 that held requests get when the process shuts down (another replica, or this one
+# restarted, can take them).
+SHUTDOWN_RETRY_AFTER_SECONDS = 1
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -202,7 +208,15 @@ class ProxyApp:
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
         self.refusals = RefusalLog()  # the last refusal per model, for GET /status
+        self.closing = threading.Event()  # set by shutdown(): held requests are answered, none newly held
         self._denials: dict[str, tuple[object, tuple[int, int], Decision]] = {}  # key -> (view, (replicas, s), no)
+        # A scaler that makes room (evicts idle models) must know which models this worker serves or holds.
+        busy_hook = getattr(scaler, "set_busy_source", None)
+        if callable(busy_hook):
+            busy_hook(lambda: (self.upstream.outstanding().keys(), self.cold.waiting().keys()))
+        evictions = getattr(scaler, "evictions", None)
+        if isinstance(evictions, EvictionLog):
+            self.metrics.registry.register(EvictionCollector(evictions))
 
     # ----- small endpoints -----
     def not_ready(self) -> str | None:
@@ -466,13 +480,17 @@ class ProxyApp:
         if not decision.allowed and not self._may_make_room(key, replicas):
             if place is None:  # not waited in line yet: wait if the client (or the model) asked to
                 again = functools.partial(self._cold, model, label, path, headers, raw, stream, environ)
-                queued = self._queue(model, label, decision, stream, environ, again)
+                queued = self._queue(model, label, decision, stream, environ, again, len(raw))
                 if queued is not None:
                     return queued
             self.refusals.record(decision)
             self.metrics.reject(label, "insufficient_memory")
             self.metrics.count_request(label, 429)
             return too_many_answer(decision)
+        if self.closing.is_set():
+            if place is not None:
+                place.release()
+            return self._closing_answer(label)
         try:
             ticket = self.cold.enter(key, label, len(raw))
         except QueueFull as exc:
@@ -506,12 +524,38 @@ class ProxyApp:
         if isinstance(outcome, ScalerUnavailable):
             log.warning("%s failed to start: %s", label, outcome)
             return self._start_failed(label, outcome)
+        if outcome == "closing":
+            return self._closing_answer(label)
         if outcome == "gone":
             self.metrics.count_request(label, CLIENT_CLOSED)
             return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
         assert isinstance(outcome, list)
         self.scaler.touch(ticket.key, time.time())  # held since before the start: the model is busy from now
         return self._forward(ticket.key, label, outcome, path, headers, raw, False, environ)
+
+    def shutdown(self) -> None:
+        """The process is stopping (SIGTERM, a graceful stop): every request held for a start or waiting
+        in line is answered now, 503 with Retry-After (an SSE `error` event once a stream has begun),
+        instead of having its connection dropped when the process exits. New ones that would be held
+        get the same answer at once."""
+        if not self.closing.is_set():
+            log.info("shutting down: answering every held request 503")
+        self.closing.set()
+        self.line.close()
+
+    def _closing_message(self, label: str) -> str:
+        return f"the proxy is shutting down; {label} was not started here: retry (another replica may serve it)"
+
+    def _closing_answer(self, label: str) -> Answer:
+        self.metrics.reject(label, "shutting_down")
+        self.metrics.count_request(label, 503)
+        body = error_body(503, self._closing_message(label), "shutting_down")
+        return _json_answer(503, body, [("Retry-After", str(SHUTDOWN_RETRY_AFTER_SECONDS))])
+
+    def _closing_event(self, label: str) -> bytes:
+        self.metrics.reject(label, "shutting_down")
+        message = self._closing_message(label)
+        return sse_error(503, message, "shutting_down", retry_after_seconds=SHUTDOWN_RETRY_AFTER_SECONDS)
 
     def _start_failed(self, label: str, exc: ScalerUnavailable) -> Answer:
         """503 for a model that could not start: why, and Retry-After = when the scaler will try again."""
@@ -542,26 +586,51 @@ class ProxyApp:
         check = getattr(self.scaler, "can_make_room", None)
         return bool(check is not None and check(key, replicas))
 
-    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
-        """Block until a backend is ready: its URLs, or "timeout", or "gone" when the client hung up, or the
-        scaler's ScalerUnavailable when the model failed to start."""
+    def _waiting(
+        self, ticket: Ticket, label: str, environ: dict[str, Any], progress_seconds: float | None = None
+    ) -> Iterator[float | list[str] | str | ScalerUnavailable]:
+        """Wait for a ready backend, for the plain and the streaming path alike: yields the seconds waited
+        every `progress_seconds` (never when None), then one outcome: the backends' URLs, "timeout",
+        "gone" when the client hung up, "closing" when the process is shutting down, or the scaler's
+        ScalerUnavailable when the model failed to start (said at once, not at the timeout)."""
         started = time.monotonic()
         deadline = started + self.settings.cold_start_timeout_seconds
         check = self.settings.disconnect_check_seconds
+        if progress_seconds is not None:
+            check = min(check, progress_seconds)
+        last_progress = started
         while True:
             remaining = deadline - time.monotonic()
+            if self.closing.is_set():
+                yield "closing"
+                return
             if remaining <= 0:
-                return "timeout"
+                yield "timeout"
+                return
             try:
                 backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
-            except ScalerUnavailable as exc:  # the start failed for good: say so now, not at the timeout
-                return exc
+            except ScalerUnavailable as exc:  # while shutting down: the models stopping with the process
+                yield "closing" if self.closing.is_set() else exc
+                return
             if backends:
                 self.cold.started(ticket.key, label)
-                return backends
+                yield backends
+                return
             if client_gone(environ):
                 log.info("client waiting for %s went away after %.1fs", label, time.monotonic() - started)
-                return "gone"
+                yield "gone"
+                return
+            now = time.monotonic()
+            if progress_seconds is not None and now - last_progress >= progress_seconds:
+                last_progress = now
+                yield now - started
+
+    def _wait(self, ticket: Ticket, label: str, environ: dict[str, Any]) -> list[str] | str | ScalerUnavailable:
+        """Block until a backend is ready; the outcome of :meth:`_waiting`."""
+        for step in self._waiting(ticket, label, environ):
+            if not isinstance(step, float):
+                return step
+        raise AssertionError("_waiting ends with an outcome")
 
     def _wait_then_stream(
         self,
@@ -585,40 +654,31 @@ class ProxyApp:
             done = note(ticket.key) if note is not None else None
             if done:
                 yield f": {done}\n\n".encode()
-            started = time.monotonic()
-            deadline = started + self.settings.cold_start_timeout_seconds
-            progress = self.settings.progress_interval_seconds
-            check = min(self.settings.disconnect_check_seconds, progress)
-            last_progress = started
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seconds = self.settings.cold_start_timeout_seconds
-                    self.metrics.reject(label, "cold_start_timeout")
-                    yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
-                    return
-                try:
-                    backends = self.scaler.wait_backends(ticket.key, min(remaining, check))
-                except ScalerUnavailable as exc:
-                    log.warning("%s failed to start: %s", label, exc)
-                    self.metrics.reject(label, "scaler_unavailable")
-                    yield sse_error(
-                        503,
-                        f"could not start {label}: {exc}",
-                        "scaler_unavailable",
-                        retry_after_seconds=exc.retry_after_seconds or self.settings.default_retry_after_seconds,
-                    )
-                    return
-                if backends:
-                    break
-                if client_gone(environ):
-                    log.info("streaming client waiting for %s went away", label)
-                    return
-                now = time.monotonic()
-                if now - last_progress >= progress:
-                    last_progress = now
-                    yield f": waiting for {label} to start ({int(now - started)}s)\n\n".encode()
-            self.cold.started(ticket.key, label)
+            outcome: list[str] | str | ScalerUnavailable = "timeout"
+            for step in self._waiting(ticket, label, environ, self.settings.progress_interval_seconds):
+                if isinstance(step, float):
+                    yield f": waiting for {label} to start ({int(step)}s)\n\n".encode()
+                else:
+                    outcome = step
+            if outcome == "timeout":
+                seconds = self.settings.cold_start_timeout_seconds
+                self.metrics.reject(label, "cold_start_timeout")
+                yield sse_error(504, f"{label} did not become ready within {seconds:g}s", "cold_start_timeout")
+                return
+            if isinstance(outcome, ScalerUnavailable):
+                log.warning("%s failed to start: %s", label, outcome)
+                self.metrics.reject(label, "scaler_unavailable")
+                retry = outcome.retry_after_seconds or self.settings.default_retry_after_seconds
+                yield sse_error(
+                    503, f"could not start {label}: {outcome}", "scaler_unavailable", retry_after_seconds=retry
+                )
+                return
+            if outcome == "closing":
+                yield self._closing_event(label)
+                return
+            if isinstance(outcome, str):  # gone
+                return
+            backends = outcome
             ticket.release()
             backend = upstream.acquire(backends)
             # The headers are sent: ask for an unencoded body we can pass through as it is.
@@ -667,6 +727,7 @@ class ProxyApp:
         stream: bool,
         environ: dict[str, Any],
         again: Callable[..., Answer],
+        body_bytes: int,
     ) -> Answer | None:
         """Hold a request that does not fit in its pool's line when `X-IBC-Max-Wait` (or the model's
         max_wait) asks for it, then try `again` (the cold path, with the place); None: no wait, the 429 now."""
@@ -677,9 +738,19 @@ class ProxyApp:
         if wait <= 0:
             return None
         try:
+            charge = self.cold.charge(body_bytes)
+        except QueueFull as exc:
+            return self._queue_full(label, exc)
+        try:
             place = self.line.join(decision.pool, label, model.priority)
         except LineFull as exc:
+            charge.release()
             return self._queue_full(label, exc)
+
+        def start() -> Answer:
+            charge.release()  # the cold path's own place counts the body from here
+            return again(place=place)
+
         replicas = decision.replicas_to
         turns = self.line.turns(
             place,
@@ -690,18 +761,21 @@ class ProxyApp:
         )
         if stream:
             self.metrics.count_request(label, 200)
-            return (
-                200,
-                list(SSE_HEADERS),
-                self._queued_stream(place, turns, label, functools.partial(again, place=place)),
-            )
-        with place:
-            outcome = [t for t in turns if isinstance(t, str)][-1]
-            if outcome == "gone":
-                self.metrics.count_request(label, CLIENT_CLOSED)
-                return _json_answer(503, error_body(503, "client closed the connection while waiting", "client_closed"))
-            # Its turn (or its wait ran out): decide again; a start that still does not fit is the 429.
-            return again(place=place)
+            expected = functools.partial(self._expected_start, model, replicas)
+            return 200, list(SSE_HEADERS), self._queued_stream(place, charge, turns, label, start, expected)
+        try:
+            with place:
+                outcome = [t for t in turns if isinstance(t, str)][-1]
+                if outcome == "closing":
+                    return self._closing_answer(label)
+                if outcome == "gone":
+                    self.metrics.count_request(label, CLIENT_CLOSED)
+                    body = error_body(503, "client closed the connection while waiting", "client_closed")
+                    return _json_answer(503, body)
+                # Its turn (or its wait ran out): decide again; a start that still does not fit is the 429.
+                return start()
+        finally:
+            charge.release()
 
     def _queue_full(self, label: str, exc: Exception) -> Answer:
         self.metrics.reject(label, "queue_full")
@@ -709,23 +783,58 @@ class ProxyApp:
         retry = str(max(1, int(self.settings.progress_interval_seconds)))
         return _json_answer(503, error_body(503, f"{exc}; retry shortly", "queue_full"), [("Retry-After", retry)])
 
+    def _expected_start(self, model: Model, replicas: int) -> int | None:
+        """Seconds until the model could be serving, by the budget's estimates: when the memory frees
+        (cooldowns ending, stops under way) plus the model's startup estimate; None when unknown (a
+        blocking model has no cooldown)."""
+        now = time.time()
+        try:
+            decision = decide_scale(self.scaler.view(), model.key, replicas, now)
+        except UnknownModelError:
+            return None
+        if decision.allowed:
+            wait = 0
+        elif decision.retry_after_seconds <= 0 or any(
+            b.free_in_seconds is None for b in decision.blocking[: decision.retry_blocking]
+        ):
+            return None
+        else:
+            wait = decision.retry_after_seconds
+        return wait + math.ceil(model.startup_seconds)
+
     def _has_room(self, key: str, replicas: int) -> bool:
         decision = decide_scale(self.scaler.view(), key, replicas, time.time())
         return decision.allowed or self._may_make_room(key, replicas)
 
     def _queued_stream(
-        self, place: Place, turns: Iterator[tuple[int, int] | Outcome], label: str, start: Callable[[], Answer]
+        self,
+        place: Place,
+        charge: Charge,
+        turns: Iterator[tuple[int, int] | Outcome],
+        label: str,
+        start: Callable[[], Answer],
+        expected: Callable[[], int | None],
     ) -> Iterator[bytes]:
-        """SSE for a streaming request waiting in line: its position as comments, then the cold path's stream."""
+        """SSE for a streaming request waiting in line: its position and expected start as comments, then
+        the cold path's stream. The estimate is the budget's for the first in line; behind it, a lower bound."""
         try:
             outcome: Outcome = "timeout"
             for turn in turns:
                 if isinstance(turn, tuple):
                     position, length = turn
-                    yield f": waiting for memory for {label}: position {position} of {length}\n\n".encode()
+                    comment = f": waiting for memory for {label}: position {position} of {length}"
+                    seconds = expected() if position else None
+                    if seconds is not None:
+                        comment += (
+                            f"; expected start in about {seconds}s" if position == 1 else f"; not before {seconds}s"
+                        )
+                    yield f"{comment}\n\n".encode()
                 else:
                     outcome = turn
             if outcome == "gone":
+                return
+            if outcome == "closing":
+                yield self._closing_event(label)
                 return
             status, _, body = start()
             if status == 200:
@@ -736,6 +845,7 @@ class ProxyApp:
             yield sse_error(status, str(error.get("message", "")), str(error.get("code") or answer.get("error")))
         finally:
             place.release()
+            charge.release()
 
 
 def _error_code(body: bytes) -> str | None:

@@ -12,8 +12,8 @@ departed client is noticed on the next write.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
-import os
 import select
 import socket
 import sys
@@ -150,42 +150,50 @@ class ClosingAnswer:
 class DisconnectWatch:
     """Calls `on_gone()` the moment the client closes its connection; `stop()` ends the watch.
 
-    Only under gevent (one greenlet waiting for the socket to become readable, then peeking without
-    consuming: readable with no data is EOF). Bytes from a pipelining client end the watch unharmed.
+    Only under gevent: an event-loop watcher on the client's socket (no greenlet per stream: that cost
+    ~5% of a worker's CPU at 1,000 streams), whose callback peeks without consuming: readable with no
+    data is EOF, and `on_gone()` then runs in a greenlet of its own. Bytes from a pipelining client end
+    the watch unharmed.
     """
 
     def __init__(self, environ: Mapping[str, Any], on_gone: Callable[[], None]) -> None:
         self.gone = False
-        self._greenlet: Any = None
+        self._watcher: Any = None
         sock = client_socket(environ)
         if sock is None or not cooperative():
             return
         import gevent
 
-        self._greenlet = gevent.spawn(self._watch, sock, on_gone)
+        self._on_gone = on_gone
+        self._sock = sock
+        self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+        self._watcher.start(self._readable)
 
-    def _watch(self, sock: socket.socket, on_gone: Callable[[], None]) -> None:
-        from gevent.socket import wait_read
-
+    def _readable(self) -> None:
+        """In the event loop itself: must neither block nor switch."""
+        sock = self._sock
+        # The descriptor's bytes, peeked through a plain socket object on the same descriptor (detached
+        # after, never closed): no byte consumed, no system call but the peek, and TLS sockets work too.
+        # (`_socket.socket` is the C type: gevent's patch replaces `socket.socket`, not it.)
+        peek = _socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
         try:
-            fd = sock.fileno()
-            while True:
-                wait_read(fd)
-                # Peek on a duplicate of the descriptor: no byte consumed, and TLS sockets work too.
-                with socket.socket(fileno=os.dup(fd)) as dup:
-                    try:
-                        data = dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                        break
-                    except BlockingIOError:
-                        continue
+            data = peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # woken for nothing: keep watching
         except OSError:
             data = b""
+        finally:
+            peek.detach()
+        self.stop()
         if data:
             return
         self.gone = True
-        on_gone()
+        import gevent
+
+        gevent.spawn(self._on_gone)
 
     def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill(block=False)
-            self._greenlet = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None

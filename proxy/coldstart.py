@@ -42,13 +42,11 @@ class _Flight:
     error: BaseException | None = None
 
 
-class Ticket:
-    """A place in a model's waiting room; `release()` gives it back (idempotent, thread-safe)."""
+class Charge:
+    """Bytes a held request costs against the held-memory cap; `release()` gives them back (idempotent)."""
 
-    def __init__(self, rooms: ColdStarts, key: str, label: str, cost_bytes: int = 0) -> None:
+    def __init__(self, rooms: ColdStarts, cost_bytes: int) -> None:
         self._rooms = rooms
-        self.key = key
-        self.label = label
         self.cost_bytes = cost_bytes
         self._released = False
 
@@ -56,6 +54,21 @@ class Ticket:
         if self._released:
             return
         self._released = True
+        self._give_back()
+
+    def _give_back(self) -> None:
+        self._rooms._uncharge(self.cost_bytes)
+
+
+class Ticket(Charge):
+    """A place in a model's waiting room (its bytes included); `release()` gives it back."""
+
+    def __init__(self, rooms: ColdStarts, key: str, label: str, cost_bytes: int = 0) -> None:
+        super().__init__(rooms, cost_bytes)
+        self.key = key
+        self.label = label
+
+    def _give_back(self) -> None:
         self._rooms._leave(self)
 
     def __enter__(self) -> Ticket:
@@ -115,6 +128,29 @@ class ColdStarts:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(label).inc()
         return Ticket(self, key, label, cost)
+
+    def charge(self, body_bytes: int) -> Charge:
+        """Count a request waiting in line for memory against `bytes_limit`, as a request held for a start
+        is (one cap for everything held); QueueFull beyond it. Its model's room is entered (and charged
+        anew) only when its turn comes: release the charge just before."""
+        cost = body_bytes + HELD_OVERHEAD_BYTES
+        with self._lock:
+            if self.bytes_limit is not None and self._total_bytes + cost > self.bytes_limit:
+                raise QueueFull(
+                    f"held requests already use {self._total_bytes >> 20} MiB "
+                    f"(the memory limit of this worker is {self.bytes_limit >> 20} MiB)"
+                )
+            self._total_bytes += cost
+        return Charge(self, cost)
+
+    def _uncharge(self, cost_bytes: int) -> None:
+        with self._lock:
+            self._total_bytes -= cost_bytes
+
+    def held_bytes(self) -> int:
+        """What every held request (waiting for a start or in line) costs now, bodies and overhead."""
+        with self._lock:
+            return self._total_bytes
 
     def _leave(self, ticket: Ticket) -> None:
         with self._lock:

@@ -70,7 +70,8 @@ class UpstreamTimeout(UpstreamError):
 
 def environ_headers(environ: Mapping[str, Any], *, drop_authorization: bool) -> list[tuple[str, str]]:
     """The client's headers from a WSGI environ, minus hop-by-hop ones and those its Connection names
-    (and Authorization when it was meant for the proxy)."""
+    (and Authorization when it was meant for the proxy), minus `X-IBC-*`: those are the proxy's own
+    (`X-IBC-Max-Wait`), not the backend's business."""
     connection = environ.get("HTTP_CONNECTION", "")
     named = {t.strip().lower() for t in connection.split(",")} if connection else ()
     out = []
@@ -78,7 +79,9 @@ def environ_headers(environ: Mapping[str, Any], *, drop_authorization: bool) -> 
         if not key.startswith("HTTP_"):
             continue
         name = key[5:].replace("_", "-").lower()
-        if name in _REQUEST_DROP or name in named or (drop_authorization and name == "authorization"):
+        if name in _REQUEST_DROP or name in named or name.startswith("x-ibc-"):
+            continue
+        if drop_authorization and name == "authorization":
             continue
         out.append((name, value))
     content_type = environ.get("CONTENT_TYPE")

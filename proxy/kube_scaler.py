@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
-from budget import NEVER_REASONS, ClusterView, Decision, UnknownModelError, decide_scale, parse_quantity
-from budget.decide import DEFAULT_RETRY_AFTER_SECONDS
+from budget import NEVER_REASONS, ClusterView, Decision, Model, UnknownModelError, decide_scale, parse_quantity
+from budget.decide import DEFAULT_RETRY_AFTER_SECONDS, without
+from budget.evict import Victim, evictable, plan_eviction
 from budget.objects import LABEL_MODEL, rfc3339
-from kubeview.api import DEPLOYMENTS, INFERENCE_MODELS, ApiError, Kube
+from budget.quantity import format_duration
+from kubeview.api import DEPLOYMENTS, EVENTS, INFERENCE_MODELS, ApiError, Kube
 from kubeview.cache import ClusterCache
+from kubeview.events import event_body
+from proxy.evictions import BusySource, EvictionLog, nobody_busy
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,10 @@ DEFAULT_PORT = 8000
 STOP_FLUSH_SECONDS = 5.0
 # The longest a scale PATCH may take: the webhook behind it answers within its timeoutSeconds (5 s).
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10.0
+# How long a scale-up waits for the models stopped to make room to go away (their pods terminating).
+DEFAULT_ROOM_TIMEOUT_SECONDS = 30.0
+ROOM_POLL_SECONDS = 0.5  # ask the webhook again at least this often while room is being made
+REPORTING_CONTROLLER = "inference.eh-ops.io/proxy"
 KINDS = ("Node", "Pod", "Deployment", "InferenceModel")
 # Container states that mean the replica will not become ready without someone fixing something.
 FAILED_WAITING_REASONS = frozenset(
@@ -159,6 +169,8 @@ class KubeScaler:
         request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
         default_retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
         clock: Callable[[], float] = time.time,
+        room_timeout_seconds: float = DEFAULT_ROOM_TIMEOUT_SECONDS,
+        instance: str | None = None,
     ) -> None:
         self.api = api
         self.namespace = namespace
@@ -183,6 +195,10 @@ class KubeScaler:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self.status_patches = 0
+        self.room_timeout_seconds = room_timeout_seconds
+        self.instance = instance or socket.gethostname()
+        self.evictions = EvictionLog()
+        self._busy_source: BusySource = nobody_busy
         self.cache.add_listener(self._on_event)
         for obj in self.cache.objects("InferenceModel"):
             self._on_event("InferenceModel", "ADDED", obj)
@@ -292,6 +308,180 @@ class KubeScaler:
         return "starting" if model is not None and model.replicas > 0 else "stopped"
 
     def scale_up(self, model_key: str, replicas: int) -> None:
+        """Ask for `replicas` through the webhook; when it refuses for memory, make room if policy allows:
+        stop the cheapest set of idle models `budget.plan_eviction` names (each a conditional `/scale` to 0,
+        with an Event on it), or wait for models already being stopped for someone else, and ask again.
+
+        Bounded by `room_timeout_seconds`; the webhook still decides every scale-up, so two proxies racing
+        for the same room cannot overcommit, and a victim's resourceVersion precondition means only one of
+        them stops it (the other sees it stopping and waits instead of evicting more)."""
+        namespace, _, name = model_key.partition("/")
+        im = self.cache.get("InferenceModel", namespace, name)
+        if im is not None and _model_spec(im).desired_replicas < replicas:
+            self.evictions.forget(model_key)  # a new start: what was stopped for the last one is old news
+        try:
+            self._ask(model_key, replicas)
+            return
+        except ScaleDenied as exc:
+            if exc.decision.reason != "insufficient_memory" or not self._has_policy(model_key):
+                raise
+            denied = exc
+        deadline = time.monotonic() + self.room_timeout_seconds
+        fits_tries = 0
+        while True:
+            acted = self._make_room(model_key, replicas)
+            if acted is None:
+                raise denied  # nothing is being stopped and nothing may be: the webhook's 429 stands
+            if acted == "fits":
+                fits_tries += 1  # fits as far as this proxy knows: ask once more; the webhook knows better
+                if fits_tries > 1:
+                    raise denied
+            try:
+                self._ask(model_key, replicas)
+                return
+            except ScaleDenied as exc:
+                if exc.decision.reason != "insufficient_memory":
+                    raise
+                denied = exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise denied
+            with self._changed:  # a pod going away (or a model changing) is what can let the start fit
+                self._changed.wait(min(remaining, ROOM_POLL_SECONDS))
+
+    def can_make_room(self, model_key: str, replicas: int) -> bool:
+        """Whether a start the budget refuses now would fit by evicting idle models, or once the models
+        already being stopped to make room are gone (the proxy then asks `scale_up` instead of a 429)."""
+        if not self._has_policy(model_key):
+            return False
+        now = self._clock()
+        view, freeing = self._room_view(now)
+        try:
+            if freeing and decide_scale(without(view, freeing), model_key, replicas, now).allowed:
+                return True
+            plan = plan_eviction(without(view, freeing), model_key, replicas, now, busy=self._busy())
+        except UnknownModelError:
+            return False
+        return plan is not None and bool(plan.victims)
+
+    def note(self, model_key: str) -> str | None:
+        """What was done to start the model (which models were stopped for it), for held streaming clients."""
+        return self.evictions.note(model_key)
+
+    def set_busy_source(self, source: BusySource) -> None:
+        """Tell the scaler which backends serve requests and which models hold requests (never evicted)."""
+        self._busy_source = source
+
+    def _has_policy(self, model_key: str) -> bool:
+        """Whether any model could ever be evicted (no `idleAfter` anywhere: no planning on the hot path)."""
+        return any(
+            m.evict_idle_after_seconds is not None and not m.pinned and m.key != model_key
+            for m in self.cache.view().models.values()
+        )
+
+    def _busy(self) -> set[str]:
+        """Models this worker serves (a request in flight or streaming) or holds requests for."""
+        urls, held = self._busy_source()
+        busy = set(held)
+        if urls:
+            in_flight = set(urls)
+            with self._changed:
+                for key in self._models:
+                    if in_flight.intersection(self._compute_backends(key)):
+                        busy.add(key)
+        return busy
+
+    def _room_view(self, now: float) -> tuple[ClusterView, set[str]]:
+        """The view with this worker's latest requests as each model's last request (not all written yet),
+        and the models being stopped: scaled to 0 while their pods still hold memory."""
+        view = self.cache.view()
+        touched = dict(self._touched)
+        models = [
+            replace(m, last_request_time=max(m.last_request_time or 0.0, touched[m.key]))
+            if m.key in touched and touched[m.key] > (m.last_request_time or 0.0)
+            else m
+            for m in view.models.values()
+        ]
+        view = ClusterView.build(view.nodes, models, view.placements, view.reservations)
+        holding = {p.model for p in view.placements}
+        freeing = {m.key for m in view.models.values() if m.replicas == 0 and m.key in holding}
+        return view, freeing
+
+    def _make_room(self, model_key: str, replicas: int) -> Literal["evicted", "freeing", "fits"] | None:
+        """One step: evict what the plan names, or wait for memory being freed, or ask again when the
+        start fits as far as this proxy knows (a victim already gone); None when nothing can help."""
+        now = self._clock()
+        view, freeing = self._room_view(now)
+        after = without(view, freeing)
+        if freeing and decide_scale(after, model_key, replicas, now).allowed:
+            return "freeing"  # someone's eviction (or a scale-down) frees enough: wait for it, evict nothing
+        busy = self._busy()
+        plan = plan_eviction(after, model_key, replicas, now, busy=busy)
+        if plan is None:
+            if not freeing:
+                log.info(
+                    "no eviction makes room for %s: evictable %s, busy %s",
+                    model_key,
+                    [v.describe() for v in evictable(after, model_key, now, busy=busy)] or "none",
+                    sorted(busy) or "none",
+                )
+            return "freeing" if freeing else None
+        if not plan.victims:
+            return "freeing" if freeing else "fits"
+        target = view.models[plan.decision.model_key]
+        for victim in plan.victims:
+            self._evict(victim, target, plan.message, now)
+        return "evicted"
+
+    def _evict(self, victim: Victim, target: Model, message: str, now: float) -> None:
+        """Scale one victim to 0 if it is still what the plan saw (resourceVersion precondition): a 409 means
+        someone changed it (another proxy evicted it, or a request was recorded): the next step re-plans."""
+        namespace, _, name = victim.model.partition("/")
+        for_label = target.model_name or target.name
+        im = self.cache.get("InferenceModel", namespace, name)
+        if im is None or _model_spec(im).desired_replicas == 0:
+            return
+        version = (im.get("metadata") or {}).get("resourceVersion")
+        patch: dict[str, Any] = {"spec": {"replicas": 0}}
+        if version:
+            patch["metadata"] = {"resourceVersion": version}
+        try:
+            self._kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
+        except ApiError as exc:
+            if exc.status == 409:
+                log.info("%s changed before it could be stopped for %s; planning again", victim.model, for_label)
+                return
+            raise ScalerUnavailable(f"stopping {victim.name} to make room for {for_label} failed: {exc}") from exc
+        note = f"stopped after {format_duration(victim.idle_for_seconds)} idle to make room for {for_label}"
+        log.info("%s: %s", victim.model, note)
+        target_key = next(
+            (m.key for m in self.cache.view().models.values() if (m.model_name or m.name) == for_label), ""
+        )
+        self.evictions.record([victim.name], for_label, target_key, message)
+        self._record_event(im, note, now)
+
+    def _record_event(self, im: Mapping[str, Any], note: str, now: float) -> None:
+        """An Event on the evicted model (`kubectl describe`); failing to write it is logged, not raised."""
+        meta = im.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        regarding = {"apiVersion": im.get("apiVersion") or INFERENCE_MODELS.api_version, "kind": "InferenceModel"}
+        body = event_body(
+            {**regarding, "metadata": meta},
+            reporting_controller=REPORTING_CONTROLLER,
+            event_type="Normal",
+            reason="Evicted",
+            action="ScaleDown",
+            note=note,
+            instance=self.instance,
+            now=now,
+            name=f"{meta.get('name', 'model')}.{secrets.token_hex(8)}",
+        )
+        try:
+            self._kube.create(EVENTS.path(namespace), body)
+        except Exception as exc:  # the eviction happened; only its record is missing
+            log.warning("the eviction Event on %s/%s was not written: %s", namespace, meta.get("name"), exc)
+
+    def _ask(self, model_key: str, replicas: int) -> None:
         """PATCH the model's `/scale` to `replicas` unless it already asks for as many; the webhook decides."""
         namespace, _, name = model_key.partition("/")
         im = self.cache.get("InferenceModel", namespace, name)
@@ -318,9 +508,7 @@ class KubeScaler:
             raise ScaleDenied(self._denied(model_key, replicas, webhook_message, exc.retry_after_seconds)) from exc
         log.info("asked for %d replica(s) of %s", replicas, model_key)
 
-    def _denied(
-        self, model_key: str, replicas: int, webhook_message: str, retry_after: int | None = None
-    ) -> Decision:
+    def _denied(self, model_key: str, replicas: int, webhook_message: str, retry_after: int | None = None) -> Decision:
         try:
             local = decide_scale(
                 self.cache.view(),

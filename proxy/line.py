@@ -6,7 +6,8 @@ takes a place in its pool's line and moves up as those ahead leave; only the fir
 start its model, and only when the budget says it fits (memory freed by a cooldown, a stop, or an
 eviction), so later arrivals never overtake it. A place is given up when its turn comes and the start
 was asked for, when its wait runs out (then the 429 as before), or when its client goes away.
-Lines live in memory: a restart ends them with the connection of every held client.
+Lines live in memory: a process shutting down closes them (`close()`), and every held client gets an
+explicit 503 (an SSE error event once its stream began), not a dropped connection.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ MAX_WAIT_HEADER = "X-IBC-Max-Wait"
 MAX_WAIT_LIMIT_SECONDS = 3600.0
 """An hour: longer than any cold start; a client wanting more should retry rather than hold a thread."""
 
-Outcome = Literal["turn", "timeout", "gone"]
+Outcome = Literal["turn", "timeout", "gone", "closing"]
 
 
 class LineFull(Exception):
@@ -78,10 +79,13 @@ class WaitLine:
         self._cond = threading.Condition()
         self._lines: dict[str, list[Place]] = {}
         self._serial = itertools.count(1)
+        self._closed = False
 
     def join(self, pool: str, label: str, priority: int) -> Place:
         """A place at the back of the requests of the same priority; LineFull at the bounds."""
         with self._cond:
+            if self._closed:
+                raise LineFull("the proxy is shutting down")
             line = self._lines.setdefault(pool, [])
             if len(line) >= self.per_pool:
                 raise LineFull(f"{len(line)} requests already wait for memory in pool {pool} (the limit per pool)")
@@ -91,6 +95,12 @@ class WaitLine:
             line.append(place)
             line.sort(key=lambda p: (-p.priority, p.serial))
             return place
+
+    def close(self) -> None:
+        """The process is stopping: every waiter's `turns` ends with "closing" now; no new places."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _leave(self, place: Place) -> None:
         with self._cond:
@@ -125,11 +135,15 @@ class WaitLine:
         gone: Callable[[], bool],
     ) -> Iterator[tuple[int, int] | Outcome]:
         """Yield (position, length) whenever it changes, then one outcome: "turn" when first with room,
-        "timeout" when the wait ran out, "gone" when the client left. Memory freeing is polled every
-        `check_seconds` (a cooldown stop does not tell the line); places leaving wake it at once."""
+        "timeout" when the wait ran out, "gone" when the client left, "closing" when the line was closed.
+        Memory freeing is polled every `check_seconds` (a cooldown stop does not tell the line); places
+        leaving, and `close()`, wake it at once."""
         deadline = self._monotonic() + wait_seconds
         last: tuple[int, int] | None = None
         while True:
+            if self._closed:
+                yield "closing"
+                return
             now_position = self.position(place)
             if now_position != last:
                 last = now_position
@@ -145,5 +159,5 @@ class WaitLine:
                 yield "gone"
                 return
             with self._cond:
-                if self.position(place) == last:
+                if self.position(place) == last and not self._closed:
                     self._cond.wait(min(remaining, check_seconds))

@@ -32,7 +32,8 @@ class ProxySettings:
     # so the commands keep some threads of every worker for warm models during a cold-start burst.
     max_held_requests: int | None = None
     # Memory all held requests of a worker may use together (their bodies + HELD_OVERHEAD_BYTES each);
-    # None = no limit. The commands default to an eighth of the memory available at start, at most 4 GiB.
+    # None = no limit. The commands default to an eighth of the memory available at start (or of the
+    # container's memory limit when that is less), at most 4 GiB.
     max_held_bytes: int | None = None
     # 30 s for the whole request body once its head arrived: a 16 MiB upload needs ~4.5 Mbit/s; a client
     # that stalls (announces more than it sends) gets 408 and its connection closed, not a held slot.
@@ -44,7 +45,8 @@ class ProxySettings:
     # Upstream: connecting is fast or broken; generating may take minutes.
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 600.0
-    # Keep-alive connections per worker to all backends together (one per thread is enough).
+    # Keep-alive connections per worker to all backends together: one per request in flight at once
+    # (a thread each under gthread; the commands give gevent workers `--connections`).
     max_connections: int = 256
     # How requests reach backends: "lean" (proxy.transport.LeanTransport), "httpcore" (httpx's own
     # transport) or "client" (httpx.Client.send); see proxy.forward.Upstream and bench/proxy_bench.py.

@@ -9,7 +9,7 @@ same things right, and each is easy to get wrong alone:
 - `gthread` workers by default; the proxy and local mode ask for `gevent` (one greenlet per connection,
   measured in docs/proxy.md), which holds thousands of streams per process where a thread each could
   not. Under gevent, gunicorn's keep-alive timeout bounds the wait for each request head: it is the
-  header deadline (`header_timeout`);
+  header deadline (`header_timeout`), answered 408 with `Connection: close` (`serving.head_deadline`);
 - gevent workers with a fixed port each listen on their own SO_REUSEPORT socket, so the kernel spreads
   connections over them;
 - the soft open-files limit is raised to the hard one: every held stream is two descriptors;
@@ -45,6 +45,7 @@ from certs.errors import CertFileError
 from certs.reload import DEFAULT_CHECK_INTERVAL_MS, CertReloader
 from serving.bind import ServeError, format_bind, parse_bind, url_host
 from serving.metrics import MULTIPROC_ENV
+from serving.wsgi import honour_connection_close
 
 if TYPE_CHECKING:
     from werkzeug.serving import BaseWSGIServer
@@ -103,7 +104,7 @@ class QueueStampingWorker(gthread.ThreadWorker):  # type: ignore[misc]
             environ[QUEUED_ENV] = getattr(local, "queued", 0.0)
             return app(environ, start_response)
 
-        self.wsgi = stamped
+        self.wsgi = honour_connection_close(stamped)
 
 
 def add_server_arguments(
@@ -191,6 +192,7 @@ def serve(
     worker_class: str = "gthread",
     worker_connections: int = 1000,
     header_timeout: int | None = None,
+    header_timeout_answer: Callable[[], tuple[str, bytes]] | None = None,
 ) -> int:
     """Run `app_factory()` under gunicorn until SIGTERM/SIGINT; return the exit code for `run(args)`.
 
@@ -199,7 +201,9 @@ def serve(
     `post_fork()` runs in each worker right after the fork, before `app_factory()`; `on_exit()` runs in
     the master just before it exits. With `worker_class="gevent"`, each worker serves up to
     `worker_connections` connections at once and `header_timeout` (seconds) bounds the wait for each
-    request head, including the idle time between keep-alive requests (default: `keepalive`).
+    request head, including the idle time between keep-alive requests (default: `keepalive`); when it
+    passes the client gets 408 with the body of `header_timeout_answer()` (content type, body; called in
+    each worker like `app_factory`) and the connection closes.
     """
     try:
         host, port = parse_bind(bind)
@@ -225,8 +229,9 @@ def serve(
         "bind": [format_bind(host, port)],
         "workers": workers,
         "threads": threads,
-        # gthread is served by QueueStampingWorker (queue time, idle TLS connections handed back)
-        "worker_class": QueueStampingWorker if worker_class == "gthread" else worker_class,
+        # gthread is served by QueueStampingWorker (queue time, idle TLS connections handed back), gevent
+        # by HeadDeadlineWorker (a request head that misses its deadline is answered 408, not cut)
+        "worker_class": _head_deadline_worker(header_timeout_answer) if cooperative else QueueStampingWorker,
         "worker_connections": worker_connections,
         "timeout": timeout,
         "graceful_timeout": graceful_timeout,
@@ -283,6 +288,15 @@ def serve(
         if owned_multiproc_dir is not None and os.getpid() == master_pid:
             shutil.rmtree(owned_multiproc_dir, ignore_errors=True)
     return 0
+
+
+def _head_deadline_worker(answer: Callable[[], tuple[str, bytes]] | None) -> type:
+    """The gevent worker class, with its 408 body (imported here: only gevent servers load gevent)."""
+    from serving.head_deadline import HeadDeadlineWorker
+
+    if answer is None:
+        return HeadDeadlineWorker
+    return type("HeadDeadlineWorker", (HeadDeadlineWorker,), {"answer": staticmethod(answer)})
 
 
 def raise_open_files_limit() -> int:

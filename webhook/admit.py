@@ -106,10 +106,16 @@ def _status(obj: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 
 def _grew(old: Model | None, new: Model) -> bool:
-    """True when running replicas would need more (or other) memory: memory up, or another pool."""
+    """True when running replicas would need more (or other) memory: memory up, another pool, or other
+    devices (another split, or a deviceSelector the devices they hold may not match)."""
     if old is None:
         return False
-    return new.memory_bytes > old.memory_bytes or dict(new.node_selector) != dict(old.node_selector)
+    return (
+        new.memory_bytes > old.memory_bytes
+        or dict(new.node_selector) != dict(old.node_selector)
+        or new.devices != old.devices
+        or dict(new.device_selector) != dict(old.device_selector)
+    )
 
 
 def _name_of(obj: Mapping[str, Any]) -> str | None:

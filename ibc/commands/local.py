@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -33,7 +32,9 @@ from ibc.commands.proxy import (
     add_concurrency_arguments,
     add_request_path_arguments,
     check_concurrency,
+    header_timeout_answer,
     held_limits,
+    upstream_pool_size,
 )
 from local.config import LocalConfig, LocalConfigError, load_config
 
@@ -88,10 +89,12 @@ def _summary(config: LocalConfig) -> str:
     lines = [f"{config.source}: {len(config.nodes)} node(s), {len(config.models)} model(s)"]
     for n in config.nodes:
         labels = ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))
-        lines.append(f"  node  {n.name}: {format_bytes(n.memory_bytes)}" + (f" [{labels}]" if labels else ""))
+        gpus = f" in GPUs {','.join(format_bytes(d) for d in n.devices)}" if n.devices else ""
+        lines.append(f"  node  {n.name}: {format_bytes(n.memory_bytes)}{gpus}" + (f" [{labels}]" if labels else ""))
     for m in config.models:
         cooldown = f"cooldown {m.cooldown_seconds:g}s" if m.cooldown_seconds > 0 else "never idles out"
-        lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}, {cooldown}: {' '.join(m.command)}")
+        split = f" over {m.devices} GPUs" if m.devices > 1 else ""
+        lines.append(f"  model {m.name}: {format_bytes(m.memory_bytes)}{split}, {cooldown}: {' '.join(m.command)}")
     if config.ports is not None:
         lines.append(f"  ports {config.ports[0]}-{config.ports[1]} for model processes")
     lines.append(f"  logs  {config.logs or 'a fresh directory per run'}: <model>.log for each model's output")
@@ -115,23 +118,6 @@ def _warn_missing_executables(config: LocalConfig) -> None:
         exe = m.command[0]
         if exe != "ibc" and shutil.which(exe) is None:
             log.warning("%s: %r is not on PATH (or not executable); requests for it will fail with 503", m.name, exe)
-
-
-def _stop_on_signals(close: Any) -> None:
-    """In the worker: start stopping the model processes the moment a stop signal arrives.
-
-    gunicorn's own handlers (installed before the app factory runs) still run afterwards, so the
-    worker drains and exits as usual; meanwhile the backends are already going, in parallel.
-    """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        previous = signal.getsignal(sig)
-
-        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            threading.Thread(target=close, name="ibc-local-stop", daemon=True).start()
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(sig, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             routing=args.routing,
             prefix_imbalance=args.prefix_imbalance,
             prefix_max_in_flight=args.prefix_max_in_flight,
+            max_connections=upstream_pool_size(args),
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )
     except (LocalConfigError, ServeError, SettingsError) as exc:
@@ -182,10 +169,16 @@ def run(args: argparse.Namespace) -> int:
 
     def factory() -> Any:
         from local.scaler import create_local_app
+        from proxy.app import proxy_of
+        from serving.stopping import on_stop_signals
 
         app, scaler = create_local_app(config, settings, log_dir=log_dir)
         atexit.register(scaler.close)
-        _stop_on_signals(scaler.close)
+        # The moment a stop signal arrives: held requests get their 503 (not a dropped connection), and
+        # the model processes start stopping, in parallel, while gunicorn drains the worker as usual.
+        # (The last chained runs first.)
+        on_stop_signals(lambda: threading.Thread(target=scaler.close, name="ibc-local-stop", daemon=True).start())
+        on_stop_signals(proxy_of(app).shutdown)
         # As `ibc proxy` does: objects from imports and start-up live as long as the worker; keep them out
         # of every later full collection, which stops every stream while it runs.
         gc.collect()
@@ -210,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         worker_class=args.worker_class,
         worker_connections=args.connections,
         header_timeout=args.header_timeout,
+        header_timeout_answer=header_timeout_answer(args.header_timeout),
         name="local",
         # The worker stops its model processes while it drains: give it their grace period and a margin.
         graceful_timeout=math.ceil(grace) + 5,

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from budget import Blocking, BudgetError, decide_scale, explain
+from budget import Blocking, BudgetError, ClusterView, Decision, decide_scale, explain
 from budget.objects import parse_time
 from budget.quantity import format_bytes
 from budget.snapshot import load_snapshot
@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "snapshot file, and explain why not. Exit 0 when it fits, 1 when it does not, 2 on bad input."
     )
     parser.epilog = (
-        "A snapshot is multi-document YAML of Nodes, Pods, Deployments and InferenceModels, or the List "
-        "printed by `kubectl get nodes,pods,deployments,inferencemodels -A -o yaml`.\n"
+        "A snapshot is multi-document YAML of Nodes, ResourceSlices, Pods, Deployments and InferenceModels, or "
+        "the List printed by `kubectl get nodes,resourceslices,pods,deployments,inferencemodels -A -o yaml`.\n"
+        "Placements are per device: each new replica's node and the device indices it takes there "
+        "(text: `placement:` lines; json: `placements` as {\"node\": ..., \"devices\": [...]}).\n"
         "Example: ibc plan --cluster-state examples/seed-scenario.yaml --scale default/model-b=1"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -61,6 +63,19 @@ def _blocking_line(b: Blocking) -> str:
     return f"{b.model} {format_bytes(b.memory_bytes)}, {state}, {until}"
 
 
+def _placement_line(view: ClusterView, node_name: str, devices: tuple[int, ...]) -> str:
+    """One new replica for people: `gpu-node-1 GPU 0, GPU 1`, `shadow (unified memory)`."""
+    node = view.node_index[node_name]
+    labels = [d.label() if d is not None else str(i) for i in devices for d in [node.device(i)]]
+    if labels == ["memory"]:
+        return f"{node_name} (unified memory)"
+    return f"{node_name} {', '.join(labels)}"
+
+
+def _placements(decision: Decision) -> list[dict[str, object]]:
+    return [{"node": s.node, "devices": list(s.devices)} for s in decision.device_placements]
+
+
 def _fail(message: str) -> int:
     print(f"ibc plan: {message}", file=sys.stderr)
     return 2
@@ -85,13 +100,16 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     body = explain(decision)
     if args.output == "json":
-        print(json.dumps({"allowed": decision.allowed, "reason": decision.reason, **body}, indent=2))
+        doc = {"allowed": decision.allowed, "reason": decision.reason, **body, "placements": _placements(decision)}
+        print(json.dumps(doc, indent=2))
     else:
         verdict = "FITS" if decision.allowed else "DOES NOT FIT"
         print(f"{verdict}: {decision.message}")
-        print(f"  requested: {decision.model} x{replicas} at {format_bytes(decision.memory_bytes)} each")
-        available = format_bytes(decision.available_bytes)
-        print(f"  available: {available} (largest free space on one node in {decision.where})")
+        split = f" over {decision.devices} devices" if decision.devices > 1 else ""
+        print(f"  requested: {decision.model} x{replicas} at {format_bytes(decision.memory_bytes)} each{split}")
+        print(f"  available: {decision.available} (largest placement left in {decision.where})")
+        for slot in decision.device_placements:
+            print(f"  placement: {_placement_line(snapshot.view, slot.node, slot.devices)}")
         for i, b in enumerate(decision.blocking):
             needed = "  <- must go for it to fit" if i < decision.retry_blocking else ""
             print(f"  blocking:  {_blocking_line(b)}{needed}")

@@ -179,6 +179,12 @@ def render(doc: dict[str, Any]) -> str:
     for n in doc["nodes"]:
         room = f"{n['used']} / {n['capacity']}"
         node_rows.append([n["name"], room, n["free"], n["largest_placeable"], _bar(n, letters)])
+        devices = n.get("devices") or []
+        if any(d["kind"] != "unified" for d in devices):  # a node of GPUs: one row per device under it
+            for d in devices:
+                node_rows.append(
+                    [f"  {d['label']}", f"{d['used']} / {d['capacity']}", d["free"], d["largest_placeable"], ""]
+                )
     if node_rows:
         lines += _table(["NODE", "USED / CAPACITY", "FREE", "FITS", "MEMORY"], node_rows)
         legend = [f"{letters[m['name']]}={m['name']}" for m in doc["models"] if m["held_bytes"]]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_NAMESPACE = "ibc-system"
 # Apply order: a Pod's memory may fall back to its model's, so models go before pods.
-KIND_ORDER = {"Node": 0, "InferenceModel": 1, "Deployment": 2, "Pod": 3}
+KIND_ORDER = {"ResourceSlice": 0, "Node": 0, "InferenceModel": 1, "Deployment": 2, "Pod": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -502,6 +502,10 @@ class ControlPlane:
     controllers: str = CONTROLLERS
     #: Give the apiserver a client certificate for kubelets (``kubectl logs/exec`` on a real node).
     kubelet_client_cert: bool = False
+    #: kube-apiserver --authorization-mode. The Node authorizer watches DRA ResourceSlices (its graph
+    #: includes them) and keeps /readyz failing while they cannot be listed: an apiserver without the
+    #: DRA API (``--runtime-config=resource.k8s.io/v1=false``) runs with "RBAC" alone.
+    authorization_mode: str = "Node,RBAC"
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     startup_seconds: dict[str, float] = field(default_factory=dict)
     extra_schedulers: list[SchedulerHandle] = field(default_factory=list)
@@ -642,7 +646,7 @@ class ControlPlane:
                 f"--tls-private-key-file={serving[1]}",
                 f"--client-ca-file={self.ca_file}",
                 *kubelet_flags,
-                "--authorization-mode=Node,RBAC",
+                f"--authorization-mode={self.authorization_mode}",
                 # the default plugin set already has MutatingAdmissionWebhook and ValidatingAdmissionWebhook
                 "--enable-admission-plugins=NodeRestriction",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
@@ -842,6 +846,7 @@ subjects:
         """Compact etcd's history up to its current revision (as its periodic compaction would); returns it.
 
         A watch from an older resourceVersion then ends in 410 Gone: how the tests reach that path."""
+
         def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
             req = urllib.request.Request(
                 f"{self.etcd_url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}

@@ -92,8 +92,11 @@ def env(
         # Models have no nodeSelector here, so a model left behind would count in every later test's pool
         # (the namespace's own deletion runs in the background and can outlast the next modules).
         control_plane.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=false")
-        wait_for(lambda: not (e.kube.get(INFERENCE_MODELS.path(namespace)) or {}).get("items"), timeout=60,
-                 message=f"the models of {namespace} deleted")
+        wait_for(
+            lambda: not (e.kube.get(INFERENCE_MODELS.path(namespace)) or {}).get("items"),
+            timeout=60,
+            message=f"the models of {namespace} deleted",
+        )
 
 
 class Env:

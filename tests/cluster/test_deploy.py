@@ -274,6 +274,7 @@ CAN_I = [
     ("ibc-proxy", ["list", "nodes"], True),
     ("ibc-proxy", ["watch", "pods", "-A"], True),
     ("ibc-proxy", ["list", "deployments.apps", "-A"], True),
+    ("ibc-proxy", ["create", "events.events.k8s.io"], True),  # an Event on a model stopped to make room
     ("ibc-proxy", ["get", "secrets"], False),
     ("ibc-proxy", ["get", "secrets", "-n", NAMESPACE], False),
     ("ibc-proxy", ["patch", "deployments.apps"], False),

@@ -1,4 +1,7 @@
-"""The live cache against the real apiserver: it syncs, follows binds and deletes, and survives reconnects."""
+"""The live cache against the real apiserver: it syncs, follows binds and deletes, and survives reconnects.
+
+It follows DRA ResourceSlices beside nodes, and an apiserver that does not serve the DRA API (as before
+Kubernetes 1.34) leaves it synced with labels and annotations only."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 from kubernetes import client
 
 from kubeview import ClusterCache, load_api_client
+from kubeview.api import RESOURCE_SLICES, request_json
 from tests.cluster.harness import ControlPlane, create_node, wait_for
 
 GI = 2**30
@@ -57,15 +61,60 @@ def test_cache_syncs_and_follows_pods_on_a_real_apiserver(
         cache.stop()
 
 
-# ----- stop, 410, backoff: against an apiserver that serves watches from etcd ------------------------------
+def _slice(node: str, *memories: str, generation: int = 1) -> dict[str, Any]:
+    devices = [
+        {"name": f"gpu-{i}", "attributes": {"index": {"int": i}}, "capacity": {"memory": {"value": m}}}
+        for i, m in enumerate(memories)
+    ]
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": f"{node}-gpu.example.com"},
+        "spec": {
+            "driver": "gpu.example.com",
+            "nodeName": node,
+            "pool": {"name": node, "generation": generation, "resourceSliceCount": 1},
+            "devices": devices,
+        },
+    }
+
+
+def _devices(cache: ClusterCache, node: str) -> list[int] | None:
+    found = cache.view().node_index.get(node)
+    return None if found is None else [d.memory_bytes // GI for d in found.devices]
+
+
+def test_cache_follows_resourceslices_on_a_real_apiserver(control_plane: ControlPlane, node_factory: Any) -> None:
+    api = control_plane.api_client()
+    node_factory("kv-dra", capacity="64Gi")
+    cache = ClusterCache(api, kinds=("Node",), watch_timeout_seconds=5).start()
+    try:
+        assert cache.wait_synced(30)
+        assert cache.kinds == ("Node", "ResourceSlice") and not cache.absent["ResourceSlice"]
+        assert _devices(cache, "kv-dra") == [64], "no slice yet: the capacity annotation's one device"
+        created = request_json(api, "POST", RESOURCE_SLICES.path(), body=_slice("kv-dra", "40Gi", "40Gi"))
+        wait_for(lambda: _devices(cache, "kv-dra") == [40, 40], timeout=15, message="the slice's two GPUs")
+        request_json(api, "DELETE", RESOURCE_SLICES.path(name=created["metadata"]["name"]))
+        wait_for(lambda: _devices(cache, "kv-dra") == [64], timeout=15, message="back to the annotation")
+        assert cache.failures["ResourceSlice"] == 0
+    finally:
+        cache.stop()
+
+
+# ----- stop, 410, backoff, no DRA: against an apiserver that serves watches from etcd and no DRA API ------------
 # With its watch cache on (the session's control plane), an apiserver answers a watch from its own event
 # buffer and etcd's compaction never shows. Without it, a watch from a compacted resourceVersion gets the
 # ERROR event with code 410 that a long-lived client meets after an etcd compaction or a partition.
+# The same apiserver does not serve resource.k8s.io/v1 (a cluster before 1.34): its Node authorizer, which
+# watches ResourceSlices, is left out (RBAC alone), or /readyz would wait for them forever.
 
 
 @pytest.fixture(scope="module")
 def etcd_watches() -> Iterator[ControlPlane]:
-    cp = ControlPlane.start_new(apiserver_extra_args=("--watch-cache=false",))
+    cp = ControlPlane.start_new(
+        apiserver_extra_args=("--watch-cache=false", "--runtime-config=resource.k8s.io/v1=false"),
+        authorization_mode="RBAC",
+    )
     try:
         yield cp
     finally:
@@ -79,7 +128,7 @@ def test_stop_closes_the_watches_at_once(control_plane: ControlPlane) -> None:
     t0 = time.monotonic()
     assert cache.stop(timeout=5), "a watch thread outlived stop()"
     assert time.monotonic() - t0 < 1.0, "stop() waited on a watch instead of closing it"
-    assert cache.failures == {"Node": 0, "Pod": 0}, "a closed watch is not a failure to retry"
+    assert cache.failures == {"Node": 0, "Pod": 0, "ResourceSlice": 0}, "a closed watch is not a failure to retry"
 
 
 def test_a_watch_from_a_compacted_version_relists_and_follows(etcd_watches: ControlPlane) -> None:
@@ -96,7 +145,7 @@ def test_a_watch_from_a_compacted_version_relists_and_follows(etcd_watches: Cont
         cp.compact_etcd()
         # The open watches end after 2 s; resumed from the compacted version they get ERROR 410: re-list.
         wait_for(lambda: cache.lists["Pod"] >= 2 and cache.lists["Node"] >= 2, timeout=20, message="re-lists")
-        assert cache.failures == {"Node": 0, "Pod": 0}, "a 410 is re-listed at once, not backed off"
+        assert cache.failures == {"Node": 0, "Pod": 0, "ResourceSlice": 0}, "a 410 is re-listed at once"
         core.create_namespaced_pod("default", _pod("kv-2", "kv-410"))
         wait_for(lambda: cache.view().free_bytes(0).get("kv-410") == 48 * GI, timeout=15, message="still following")
     finally:
@@ -121,5 +170,23 @@ def test_a_refused_list_backs_off_and_recovers_when_allowed(etcd_watches: Contro
             assert res.returncode == 0, res.stderr
         # The next try comes within the backoff cap (10 s): then it lists and watches.
         assert cache.wait_synced(25), "did not recover within the 10 s backoff cap once allowed"
+    finally:
+        cache.stop()
+
+
+def test_without_the_dra_api_the_cache_syncs_on_labels_and_annotations(etcd_watches: ControlPlane) -> None:
+    api = etcd_watches.api_client()
+    create_node(api, "kv-no-dra", capacity="48Gi")
+    create_node(api, "kv-no-dra-gfd", gfd_memory_mib=40960, gfd_count=2)
+    cache = ClusterCache(api, kinds=("Node", "Pod"), absent_recheck_seconds=0.5).start()
+    try:
+        assert cache.wait_synced(30), "a 404 for ResourceSlices kept the cache from syncing"
+        assert cache.absent["ResourceSlice"] and cache.objects("ResourceSlice") == []
+        assert _devices(cache, "kv-no-dra") == [48]
+        assert _devices(cache, "kv-no-dra-gfd") == [40, 40], "GFD labels still give a node its GPUs"
+        # The API is asked again now and then (an upgrade is noticed without a restart), never as a failure.
+        wait_for(lambda: cache.absent["ResourceSlice"] >= 3, timeout=10, message="ResourceSlices asked again")
+        assert cache.synced and cache.failures == {"Node": 0, "Pod": 0, "ResourceSlice": 0}
+        assert cache.lists["ResourceSlice"] == 0
     finally:
         cache.stop()

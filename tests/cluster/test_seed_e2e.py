@@ -26,6 +26,7 @@ The tests are steps of one story and run in file order on module-scoped state (r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import secrets
@@ -75,6 +76,7 @@ class ModelSpec:
     cooldown: str
     mock_flags: tuple[str, ...] = ()
     loads: bool = False  # its pods come up Running but not Ready: the test plays the model loading
+    policy: dict[str, Any] = field(default_factory=dict)  # more spec fields (eviction, priority, pinned)
 
 
 MODELS = (
@@ -167,6 +169,7 @@ class Seed:
     ports: dict[str, int]
     api: Any
     notes: dict[str, Any] = field(default_factory=dict)
+    more_proxies: tuple[comp.Server, ...] = ()  # other replicas of the proxy, on the same cluster
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -227,6 +230,7 @@ def inference_model(spec: ModelSpec, port: int) -> dict[str, Any]:
             "cooldownPeriod": spec.cooldown,
             "port": port,
             "nodeSelector": dict(POOL),
+            **spec.policy,
             "template": {
                 # The pod simulator reports this IP: the model's mock backend listens there on spec.port.
                 "metadata": {"annotations": annotations},
@@ -241,21 +245,25 @@ def inference_model(spec: ModelSpec, port: int) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def seed(
-    control_plane: ControlPlane,
+@contextlib.contextmanager
+def running_seed(
+    cp: ControlPlane,
     k8s_client: Any,
-    pod_simulator: PodSimulator,
     scheduler_factory: Callable[..., SchedulerHandle],
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
+    *,
+    name: str = "seed-e2e",
+    models: tuple[ModelSpec, ...] = MODELS,
+    proxies: int = 1,
 ) -> Iterator[Seed]:
-    cp = control_plane
+    """The product running on one 128Gi node with `models`, `proxies` replicas of the proxy (the first is
+    `seed.proxy`), and the memory sampler; everything is stopped and deleted on exit."""
     t0 = time.monotonic()
     suffix = secrets.token_hex(3)
-    namespace, node = f"seed-e2e-{suffix}", f"shadow-{suffix}"
-    webhook_name, ledger_name = f"ibc-webhook-seed-{suffix}", f"ibc-seed-ledger-{suffix}"
-    logs = tmp_path_factory.mktemp("seed-e2e")
+    namespace, node = f"{name}-{suffix}", f"shadow-{suffix}"
+    webhook_name, ledger_name = f"ibc-webhook-{name}-{suffix}", f"ibc-{name}-ledger-{suffix}"
+    logs = tmp_path_factory.mktemp(name)
     core = client.CoreV1Api(k8s_client)
     servers: list[comp.Server] = []
     sampler: MemorySampler | None = None
@@ -267,14 +275,14 @@ def seed(
         # The node exists before the extender and the proxy list nodes, so their first view has it.
         create_node(k8s_client, node, capacity=CAPACITY, labels=POOL)
 
-        ports = {m.name: free_port() for m in MODELS}
+        ports = {m.name: free_port() for m in models}
         extender = comp.launch_extender(cp, logs)
         webhook = comp.launch_webhook(cp, logs, ledger_namespace=LEDGER_NAMESPACE, ledger_name=ledger_name)
         controller = comp.launch_controller(cp, logs, namespace=namespace)
         # The proxy holds at most threads - 16 requests during cold starts (16 are kept for ready models).
-        proxy = comp.launch_proxy(cp, logs, namespace=namespace, threads=BURST + 16 + 14)
-        mocks = [comp.launch_mock_backend(logs, m.name, ports[m.name], *m.mock_flags) for m in MODELS]
-        servers += [extender, webhook, controller, proxy, *mocks]
+        replicas = [comp.launch_proxy(cp, logs, namespace=namespace, threads=BURST + 16 + 14) for _ in range(proxies)]
+        mocks = [comp.launch_mock_backend(logs, m.name, ports[m.name], *m.mock_flags) for m in models]
+        servers += [extender, webhook, controller, *replicas, *mocks]
 
         extender.wait_ready()
         scheduler = scheduler_factory(comp.SCHEDULER_NAME, config=comp.scheduler_config(extender.url, extender.ca))
@@ -284,16 +292,18 @@ def seed(
             cp,
             comp.webhook_configuration(webhook_name, f"{webhook.url}/validate", webhook.ca.read_bytes(), [namespace]),
         )
-        for server in (controller, proxy, *mocks):
+        for server in (controller, *replicas, *mocks):
             server.wait_ready()
 
         # Created through the webhook (model-a's 80Gi is admitted; the others ask for nothing yet).
-        docs = "\n---\n".join(yaml.safe_dump(inference_model(m, ports[m.name])) for m in MODELS)
+        docs = "\n---\n".join(yaml.safe_dump(inference_model(m, ports[m.name])) for m in models)
         res = cp.kubectl("apply", "-n", namespace, "-f", "-", input=docs, timeout=90)
         assert res.returncode == 0, f"applying the models failed:\n{res.stderr}"
 
         sampler = MemorySampler(cp, node, extender).start()
+        proxy, *others = replicas
         scene = Seed(cp, namespace, node, extender, webhook, controller, proxy, scheduler, sampler, ports, k8s_client)
+        scene.more_proxies = tuple(others)
         scene.notes["setup_seconds"] = round(time.monotonic() - t0, 1)
         yield scene
     finally:
@@ -302,7 +312,7 @@ def seed(
         comp.unregister_webhook(cp, webhook_name)
         stop_seconds: dict[str, float] = {}
         tails = comp.stop_all(servers, stop_seconds)
-        print(f"[seed-e2e] seconds to stop after SIGTERM: {stop_seconds}")
+        print(f"[{name}] seconds to stop after SIGTERM: {stop_seconds}")
         with contextlib.suppress(Exception):
             core.delete_namespaced_config_map(ledger_name, LEDGER_NAMESPACE)
         with contextlib.suppress(Exception):
@@ -314,9 +324,28 @@ def seed(
         if request.session.testsfailed:
             reporter = request.config.pluginmanager.getplugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(f"[seed-e2e] component logs in {logs}")
-                for name, tail in tails.items():
-                    reporter.write_line(f"--- {name} (last lines) ---\n{tail}")
+                reporter.write_line(f"[{name}] component logs in {logs}")
+                for server_name, tail in tails.items():
+                    reporter.write_line(f"--- {server_name} (last lines) ---\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def seed_scenes(
+    control_plane: ControlPlane,
+    k8s_client: Any,
+    pod_simulator: PodSimulator,
+    scheduler_factory: Callable[..., SchedulerHandle],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Callable[..., contextlib.AbstractContextManager[Seed]]:
+    """`running_seed` with the tier's fixtures bound: `with seed_scenes(models=..., proxies=2) as scene:`."""
+    return functools.partial(running_seed, control_plane, k8s_client, scheduler_factory, tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def seed(seed_scenes: Callable[..., contextlib.AbstractContextManager[Seed]]) -> Iterator[Seed]:
+    with seed_scenes() as scene:
+        yield scene
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -359,8 +359,12 @@ def test_a_webhook_process_killed_under_load_recovers_and_its_promises_expire(
     custom = client.CustomObjectsApi(k8s_client)
     for name in names:
         assert scale(custom, namespace, name, 0) == "admitted"
-    wait_for(lambda: live_ledger(k8s_client, namespace, time.time()) == {}, timeout=TTL_SECONDS + 10,
-             interval=0.2, message="every ledger entry expired")
+    wait_for(
+        lambda: live_ledger(k8s_client, namespace, time.time()) == {},
+        timeout=TTL_SECONDS + 10,
+        interval=0.2,
+        message="every ledger entry expired",
+    )
     fit = CAPACITY_GI // MODEL_GI
     outcomes = [scale(custom, namespace, name, 1) for name in names[:fit]]
     assert outcomes == ["admitted"] * fit, outcomes

@@ -7,6 +7,7 @@ ends; a client whose wait runs out gets the 429 as today; a client that leaves g
 
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -42,12 +43,12 @@ class StreamingClient:
     """A streaming chat request on a raw socket in a thread, keeping every line as it arrives; `leave()`
     hangs up the way a client process that gives up does (the socket closes under the read)."""
 
-    def __init__(self, url, max_wait):
+    def __init__(self, url, max_wait, model="model-b"):
         self.lines: list[str] = []
         self.status = None
         self.done = threading.Event()
         host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({"model": "model-b", "messages": MESSAGES, "stream": True}).encode()
+        body = json.dumps({"model": model, "messages": MESSAGES, "stream": True}).encode()
         request = (
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nX-IBC-Max-Wait: {max_wait}\r\nConnection: close\r\n\r\n"
@@ -94,6 +95,11 @@ def test_three_waiting_clients_are_served_in_order_when_the_cooldown_ends(local_
         clients.append(StreamingClient(local.url, 120))
         assert _until(lambda k=k: (k, k) in clients[-1].positions(), timeout=10), clients[-1].lines
     assert local.state("model-a") == "ready" and not any(c.served() for c in clients)
+    # The first in line is told when model-a's cooldown (10 s) ends; those behind it, a lower bound.
+    first = re.search(r"position 1 of 1; expected start in about (\d+)s", "\n".join(clients[0].lines))
+    assert first and 1 <= int(first.group(1)) <= 10, clients[0].lines
+    behind = re.search(r"position 2 of 2; not before (\d+)s", "\n".join(clients[1].lines))
+    assert behind and int(behind.group(1)) <= int(first.group(1)), clients[1].lines
     status = httpx.get(f"{local.url}/status", timeout=5).json()
     assert status["waiting"] == {"the whole cluster": ["model-b", "model-b", "model-b"]}
     for c in clients:
@@ -147,3 +153,51 @@ def test_a_bad_max_wait_is_a_clear_400(local_factory, value):
     )
     assert response.status_code == 400
     assert "X-IBC-Max-Wait must be a number of seconds" in response.json()["error"]["message"]
+
+
+def test_a_stopping_process_answers_every_held_request_instead_of_dropping_it(local_factory):
+    """SIGTERM (a restart, a rollout) while requests are held: in line for memory, or for a start; plain or
+    streaming. Each gets an explicit error it can act on (503 + Retry-After, or an SSE error event once its
+    stream began), not a connection closed under it."""
+    slow_c = (
+        "  - name: model-c\n    memory: 16Gi\n    stop_grace_period: 5s\n"
+        "    command: ibc mock-backend --bind 127.0.0.1:{port} --model model-c --startup-delay 60\n"
+    )
+    local = local_factory(_config(cooldown_a="10m") + slow_c)
+    local.client().chat.completions.create(model="model-a", messages=MESSAGES)
+    in_line = StreamingClient(local.url, 120)
+    starting = StreamingClient(local.url, 120, model="model-c")
+    plain: dict[str, httpx.Response] = {}
+
+    def ask(model):
+        plain[model] = httpx.post(
+            f"{local.url}/v1/chat/completions",
+            json={"model": model, "messages": MESSAGES},
+            headers={"X-IBC-Max-Wait": "120"},
+            timeout=60,
+        )
+
+    askers = [threading.Thread(target=ask, args=(m,), daemon=True) for m in ("model-b", "model-c")]
+    for t in askers:
+        t.start()
+    assert _until(lambda: (1, 1) in in_line.positions(), timeout=10), in_line.lines
+    assert _until(lambda: any("waiting for model-c to start" in x for x in starting.lines), timeout=10)
+    assert _until(lambda: httpx.get(f"{local.url}/status", timeout=5).json()["waiting"], timeout=10)
+    assert _until(lambda: local.state("model-c") == "starting", timeout=10)
+
+    local.proc.send_signal(signal.SIGTERM)
+    for t in askers:
+        t.join(30)
+    for model in ("model-b", "model-c"):
+        response = plain[model]
+        assert response.status_code == 503, (model, response.text)
+        assert response.json()["error"]["code"] == "shutting_down"
+        assert response.headers["Retry-After"] == "1"
+    for client in (in_line, starting):
+        assert client.done.wait(30), client.lines
+        assert client.status == 200
+        errors = [json.loads(x[6:]) for x in client.lines if x.startswith("data: {")]
+        assert "event: error" in client.lines, client.lines
+        assert [e["error"]["code"] for e in errors] == ["shutting_down"], client.lines
+        assert errors[0]["error"]["retry_after_seconds"] == 1
+    assert local.proc.wait(60) == 0

@@ -93,3 +93,32 @@ def test_help_is_useful():
         assert command in top.stdout
     plan = ibc("plan", "--help")
     assert "--cluster-state" in plan.stdout and "Exit 0 when it fits" in plan.stdout
+
+
+GPUS = "examples/gpu-devices.yaml"
+
+
+@pytest.mark.parametrize(
+    ("scale", "code", "placements", "available", "lines"),
+    [
+        pytest.param("default/llama-60g=1", 0, [{"node": "gpu-node-2", "devices": [0]}], "80Gi",
+                     ["  placement: gpu-node-2 GPU 0"], id="60gi-goes-to-the-80gi-gpu-not-the-2x40gi-node"),
+        pytest.param("default/llama-tp2=1", 1, [], "2 x 10Gi on gpu-node-1",
+                     ["  requested: llama-tp2 x1 at 70Gi each over 2 devices",
+                      "  blocking:  mistral 30Gi, idle 120s, cooldown ends in 480s  <- must go for it to fit"],
+                     id="tensor-parallel-waits-for-the-gpu-mistral-holds"),
+        pytest.param("default/mistral=2", 0, [{"node": "gpu-node-1", "devices": [1]}], "80Gi",
+                     ["  placement: gpu-node-1 GPU 1"], id="second-replica-on-the-other-gpu"),
+        pytest.param("default/mistral=4", 0,
+                     [{"node": "gpu-node-1", "devices": [1]}, {"node": "gpu-node-2", "devices": [0]},
+                      {"node": "gpu-node-2", "devices": [0]}], "80Gi",
+                     ["  placement: gpu-node-1 GPU 1", "  placement: gpu-node-2 GPU 0"], id="two-share-the-80gi-gpu"),
+    ],
+)
+def test_plan_places_per_device(scale, code, placements, available, lines):
+    as_json = ibc("plan", "--cluster-state", GPUS, "--scale", scale, "--output", "json")
+    body = json.loads(as_json.stdout)
+    assert (as_json.returncode, body["placements"], body["available"]) == (code, placements, available)
+    text = ibc("plan", "--cluster-state", GPUS, "--scale", scale).stdout.splitlines()
+    for line in lines:
+        assert line in text

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from controller.events import REPORTING_CONTROLLER, EventRecorder, event_body, truncate_note
+from controller.events import REPORTING_CONTROLLER, EventRecorder, event_body
 from kubeview.api import ApiError as KubeError
+from kubeview.events import truncate_note
 
 pytestmark = pytest.mark.unit
 

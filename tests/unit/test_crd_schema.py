@@ -73,7 +73,7 @@ def test_scale_and_status_subresources():
     assert STATUS["properties"]["selector"]["type"] == "string", "the scale subresource reads a string selector"
 
 
-def test_kubectl_get_shows_ready_replicas_memory_age_and_model_with_wide():
+def test_kubectl_get_shows_ready_replicas_memory_age_and_model_and_devices_with_wide():
     columns = [(c["name"], c["jsonPath"], c.get("priority", 0)) for c in VERSION["additionalPrinterColumns"]]
     assert columns == [
         ("Ready", ".status.ready", 0),
@@ -81,6 +81,7 @@ def test_kubectl_get_shows_ready_replicas_memory_age_and_model_with_wide():
         ("Memory", ".spec.memory", 0),
         ("Age", ".metadata.creationTimestamp", 0),
         ("Model", ".spec.modelName", 1),
+        ("Devices", ".spec.devices", 1),
     ]
 
 
@@ -206,6 +207,9 @@ def test_status_carries_the_observed_memory_fields():
 # The CEL rules of the CRD, as Python; a new rule must be added here, so it is exercised below.
 _CEL = {
     "!(has(self.template) && has(self.deploymentRef))": lambda obj: not ("template" in obj and "deploymentRef" in obj),
+    "self.all(k, k in ['kind', 'profile', 'product'])": lambda obj: set(obj) <= {"kind", "profile", "product"},
+    "!has(self.kind) || self.kind in ['gpu', 'mig', 'unified']": lambda obj: obj.get("kind", "gpu")
+    in ("gpu", "mig", "unified"),
 }
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
 
@@ -286,6 +290,16 @@ def _model(**spec: Any) -> dict[str, Any]:
         ({"priority": "high"}, "must be an integer"),
         ({"pinned": "yes"}, "must be boolean"),
         ({"admission": {"maxWait": "2 minutes"}}, "does not match"),
+        ({"devices": 2, "deviceSelector": {"kind": "gpu", "product": "NVIDIA-A100-SXM4-40GB"}}, None),
+        ({"deviceSelector": {"kind": "mig", "profile": "1g.10gb"}}, None),
+        ({"deviceSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}}, "keys must be kind, profile"),
+        ({"deviceSelector": {"kind": "tpu"}}, "kind must be gpu, mig or unified"),
+        ({"devices": 0}, "out of range"),
+        ({"devices": 65}, "out of range"),
+        ({"devices": "2"}, "must be an integer"),
+        ({"devices": True}, "must be an integer"),
+        ({"deviceSelector": {"nvidia.com/mig.profile": 1}}, "must be string"),
+        ({"deviceSelector": "1g.10gb"}, "must be object"),
     ],
     ids=[
         "minimal",
@@ -312,6 +326,16 @@ def _model(**spec: Any) -> dict[str, Any]:
         "priority-string",
         "pinned-string",
         "prose-max-wait",
+        "tensor-parallel-on-a-product",
+        "mig-profile",
+        "label-as-selector-key",
+        "unknown-device-kind",
+        "zero-devices",
+        "more-devices-than-any-node",
+        "devices-string",
+        "devices-bool",
+        "non-string-device-selector",
+        "device-selector-not-a-map",
     ],
 )
 def test_the_schema_refuses_what_it_should(spec, error):

@@ -71,7 +71,19 @@ CASES = {
         seed_view(models=[model("model-b", 60, selector={"inference-pool": "other"})], placements=[]),
         "model-b", 1, False, "no_matching_nodes", "0",
     ),
-    "gfd-capacity-fits": Case(
+    # Issue 17: GFD labels are two 80Gi GPUs, not one 160Gi node; 150Gi fits only split over both.
+    "gfd-capacity-fits-over-two-devices": Case(
+        view_from_objects(
+            [
+                {"kind": "Node", "metadata": {"name": "gpu1", "labels": {
+                    **POOL, "nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "2"}}},
+                {"kind": "InferenceModel", "metadata": {"name": "big"},
+                 "spec": {"memory": "150Gi", "nodeSelector": POOL, "replicas": 0, "devices": 2}},
+            ]
+        ),
+        "big", 1, True, "fits", "2 x 80Gi on gpu1",
+    ),
+    "gfd-one-device-exceeds-each-gpu": Case(
         view_from_objects(
             [
                 {"kind": "Node", "metadata": {"name": "gpu1", "labels": {
@@ -80,7 +92,7 @@ CASES = {
                  "spec": {"memory": "150Gi", "nodeSelector": POOL, "replicas": 0}},
             ]
         ),
-        "big", 1, True, "fits", "160Gi",
+        "big", 1, False, "exceeds_node_capacity", "80Gi",
     ),
     "total-enough-no-single-node": Case(
         seed_view(

@@ -213,6 +213,9 @@ def test_helm_lint_passes_strict():
         ("webhook.timeoutSeconds=31", "webhook.timeoutSeconds"),
         ("proxy.replicsa=2", "replicsa"),
         ("image.pullPolicy=Sometimes", "image.pullPolicy"),
+        ("proxy.workerClass=sync", "proxy.workerClass"),
+        ("proxy.connections=0", "proxy.connections"),
+        ("proxy.headerTimeoutSeconds=0", "proxy.headerTimeoutSeconds"),
     ],
     ids=[
         "unknown-cert-mode",
@@ -221,11 +224,50 @@ def test_helm_lint_passes_strict():
         "timeout-over-30",
         "typo-key",
         "bad-pull-policy",
+        "unknown-worker-class",
+        "no-connections",
+        "zero-header-timeout",
     ],
 )
 def test_values_schema_refuses_bad_values(setting, fragment):
     with pytest.raises(RenderError, match=re.escape(fragment)):
         helm_template(setting)
+
+
+PROXY_CONCURRENCY = ("worker_class", "threads", "connections", "header_timeout", "body_timeout", "queue_size")
+
+
+def _proxy_args(*settings: str) -> Any:
+    from ibc.__main__ import build_parser
+
+    (container,) = pod_spec(named(helm_template(*settings), "Deployment", "ibc-proxy"))["containers"]
+    return build_parser(only="proxy").parse_args(container["args"])
+
+
+def test_chart_proxy_defaults_are_the_clis():
+    # The chart states every concurrency setting; by default each is what `ibc proxy` alone would use,
+    # so the docs' figures (measured with the CLI's defaults) hold for a default install.
+    from ibc.__main__ import build_parser
+
+    cli = build_parser(only="proxy").parse_args(["proxy"])
+    chart = _proxy_args()
+    assert {k: getattr(chart, k) for k in PROXY_CONCURRENCY} == {k: getattr(cli, k) for k in PROXY_CONCURRENCY}
+
+
+@pytest.mark.parametrize(
+    ("setting", "attribute", "value"),
+    [
+        ("proxy.workerClass=gthread", "worker_class", "gthread"),
+        ("proxy.threads=96", "threads", 96),
+        ("proxy.connections=2000", "connections", 2000),
+        ("proxy.headerTimeoutSeconds=3", "header_timeout", 3),
+        ("proxy.bodyTimeoutSeconds=45", "body_timeout", 45.0),
+        ("proxy.queueSize=100", "queue_size", 100),
+    ],
+    ids=["worker-class", "threads", "connections", "header-timeout", "body-timeout", "queue-size"],
+)
+def test_chart_proxy_concurrency_values_reach_the_container(setting, attribute, value):
+    assert getattr(_proxy_args(setting), attribute) == value
 
 
 def test_proxy_can_be_disabled_entirely():
@@ -418,7 +460,7 @@ def test_the_proxy_cannot_write_deployments_or_touch_secrets(variant):
     assert not {r for _, r, _, _ in rules} & {"secrets", "deployments/scale"}
     assert {v for _, r, _, v in rules if r == "deployments"} == {"get", "list", "watch"}
     writes = {(r, v) for _, r, _, v in rules if v not in ("get", "list", "watch")}
-    assert writes == {("inferencemodels/scale", "patch"), ("inferencemodels/status", "patch")}
+    assert writes == {("inferencemodels/scale", "patch"), ("inferencemodels/status", "patch"), ("events", "create")}
 
 
 #: kubeview kind -> (apiGroup, resource) a list+watch cache of it needs.
@@ -427,21 +469,25 @@ KIND_RESOURCES = {
     "Pod": ("", "pods"),
     "Deployment": ("apps", "deployments"),
     "InferenceModel": ("inference.eh-ops.io", "inferencemodels"),
+    "ResourceSlice": ("resource.k8s.io", "resourceslices"),
 }
 
 
 def _watched_kinds(component: str) -> tuple[str, ...]:
-    """The kinds a component's watch cache lists and watches, read from its code."""
+    """The kinds a component's watch cache lists and watches, read from its code (a cache of Nodes watches
+    their ResourceSlices too: kubeview.cache.watched_kinds)."""
+    from kubeview.cache import watched_kinds
+
     if component == "proxy":
         from proxy.kube_scaler import KINDS
 
-        return tuple(KINDS)
+        return watched_kinds(tuple(KINDS))
     if component == "controller":
         from controller.manager import KINDS as CONTROLLER_KINDS
 
-        return tuple(CONTROLLER_KINDS)
+        return watched_kinds(tuple(CONTROLLER_KINDS))
     text = (REPO / {"webhook": "webhook/kube.py", "extender": "extender/kube.py"}[component]).read_text()
-    return tuple(k for k in KIND_RESOURCES if f'"{k}"' in text)
+    return watched_kinds(tuple(k for k in KIND_RESOURCES if f'"{k}"' in text))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,24 @@ class FakeWriter:
         self.fail = fail
         self.pods = pods or {}
         self.bindings: list[tuple[str, str, str, str]] = []
+        self.annotations: dict[str, dict[str, str]] = {}  # pod name -> the annotations its Binding carried
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.pods.get((namespace, name))
 
-    def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
+    def bind(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        timeout_seconds: float,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         if self.fail:
             raise BindingError(self.fail)
         self.bindings.append((namespace, name, uid, node))
+        self.annotations[name] = dict(annotations or {})
 
 
 class Clock:
@@ -643,8 +654,13 @@ def test_debug_view_shows_what_each_node_holds(env: Env) -> None:
         "boundBytes": 50 * GI,
         "reservedBytes": 0,
         "freeBytes": 30 * GI,
+        "devices": [
+            {"index": 0, "kind": "unified", "profile": "", "product": "", "capacityBytes": 80 * GI,
+             "freeBytes": 30 * GI},
+        ],
     }
     assert nodes["node-b"]["reservedBytes"] == 20 * GI and nodes["node-b"]["freeBytes"] == 28 * GI
+    assert nodes["node-b"]["devices"][0]["freeBytes"] == 28 * GI, "a reservation holds its device's memory"
 
 
 def test_bind_still_guards_the_node_when_filter_does_not_reserve() -> None:

@@ -196,7 +196,9 @@ def test_concurrent_filters_and_binds_through_http_never_overbook() -> None:
         def read_pod(self, namespace: str, name: str) -> None:
             return None
 
-        def bind(self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float) -> None:
+        def bind(
+            self, namespace: str, name: str, uid: str, node: str, timeout_seconds: float, annotations: object = None
+        ) -> None:
             with bound_lock:
                 bound.append((uid, node))
 

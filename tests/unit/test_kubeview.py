@@ -172,3 +172,80 @@ def test_a_pod_listed_before_its_model_is_placed_once_the_model_arrives(cache):
     assert cache.view().free_bytes(0) == {"shadow": 20 * GI}
     cache.apply("InferenceModel", "MODIFIED", im("model-a", "60Gi", 1, rv="7"))
     assert cache.view().free_bytes(0) == {"shadow": 40 * GI}, "the model's new memory reaches its pods"
+
+
+# ----- DRA ResourceSlices: a node's devices follow its slices, whatever the order they arrive in -----------
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from kubeview.cache import RESOURCE_SLICE, watched_kinds  # noqa: E402
+
+CAPTURED_SLICES = json.loads(
+    (Path(__file__).resolve().parents[1] / "fixtures/captured/resourceslices.json").read_text()
+)["items"]
+
+
+def captured_slice(node_name):
+    (found,) = [s for s in CAPTURED_SLICES if s["spec"]["nodeName"] == node_name]
+    return copy.deepcopy(found)
+
+
+def devices_of(cache, name):
+    node = cache.view().node_index.get(name)
+    return None if node is None else [(d.index, d.memory_bytes // GI, d.kind, d.profile) for d in node.devices]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "resource_slices", "watched"),
+    [
+        pytest.param(("Node", "Pod"), True, ("Node", "Pod", RESOURCE_SLICE), id="nodes-bring-their-slices"),
+        pytest.param(("InferenceModel", "Deployment", "Pod"), True, ("InferenceModel", "Deployment", "Pod"),
+                     id="no-nodes-no-slices"),
+        pytest.param(("Node",), False, ("Node",), id="turned-off"),
+        pytest.param(("Node", RESOURCE_SLICE), True, ("Node", RESOURCE_SLICE), id="asked-for-once"),
+    ],
+)
+def test_a_cache_of_nodes_watches_their_resourceslices(kinds, resource_slices, watched):
+    assert watched_kinds(kinds, resource_slices=resource_slices) == watched
+    assert ClusterCache(api=None, kinds=kinds, resource_slices=resource_slices).kinds == watched
+
+
+@pytest.mark.parametrize("slice_first", [False, True], ids=["node-then-slice", "slice-then-node"])
+def test_a_node_gets_the_devices_its_slice_publishes(cache, slice_first):
+    # A 2 x 40Gi GPU node that also carries an (older, coarser) capacity annotation: the slice wins.
+    events = [("Node", node("gpu-2x40", "80Gi")), (RESOURCE_SLICE, captured_slice("gpu-2x40"))]
+    for kind, obj in reversed(events) if slice_first else events:
+        cache.apply(kind, "ADDED", obj)
+    assert devices_of(cache, "gpu-2x40") == [(0, 40, "gpu", ""), (1, 40, "gpu", "")]
+    assert cache.view().node_index["gpu-2x40"].capacity_source == "resourceslice"
+
+
+def test_slice_changes_and_deletes_translate_the_node_again(cache):
+    cache.apply("Node", "ADDED", node("gpu-mig", "40Gi"))
+    published = captured_slice("gpu-mig")
+    cache.apply(RESOURCE_SLICE, "ADDED", published)
+    assert sorted(devices_of(cache, "gpu-mig"), key=lambda d: d[3]) == [
+        (0, 4, "mig", "1g.5gb"), (1, 9, "mig", "2g.10gb"), (2, 19, "mig", "3g.20gb")]
+    # The driver republishes the pool (new generation) with one slice fewer: the node follows at once.
+    republished = copy.deepcopy(published)
+    republished["metadata"]["resourceVersion"] = "7"
+    republished["spec"]["pool"]["generation"] = 2
+    del republished["spec"]["devices"][2]
+    cache.apply(RESOURCE_SLICE, "MODIFIED", republished)
+    assert sorted(d[3] for d in devices_of(cache, "gpu-mig")) == ["2g.10gb", "3g.20gb"]
+    cache.apply(RESOURCE_SLICE, "DELETED", republished)
+    assert devices_of(cache, "gpu-mig") == [(0, 40, "unified", "")], "without a slice, the annotation again"
+
+
+def test_a_slice_of_no_node_or_of_another_node_leaves_a_node_alone(cache):
+    cache.apply("Node", "ADDED", node("gpu-1x80", "64Gi"))
+    network = captured_slice("gpu-2x40")
+    network["metadata"]["name"] = "fabric"
+    del network["spec"]["nodeName"]
+    network["spec"]["allNodes"] = True
+    for obj in (network, captured_slice("gpu-2x40")):
+        cache.apply(RESOURCE_SLICE, "ADDED", obj)
+    assert devices_of(cache, "gpu-1x80") == [(0, 64, "unified", "")]
+    assert "gpu-2x40" not in cache.view().node_index, "a slice alone makes no node"
+    cache.apply(RESOURCE_SLICE, "ADDED", captured_slice("gpu-1x80"))
+    assert devices_of(cache, "gpu-1x80") == [(0, 80, "gpu", "")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from budget import Model, Node, ObjectError, Placement, PodRequest, SnapshotError
+from budget import Device, Model, Node, ObjectError, Placement, PodRequest, SnapshotError
 from budget.objects import (
     merge_models,
     model_from_deployment,
@@ -57,7 +57,8 @@ def pod(status=None, meta=None, spec=None):
         ),
         pytest.param(
             {"kind": "Node", "metadata": {"name": "g", "labels": {"nvidia.com/gpu.memory": "81559"}}},
-            Node("g", {"nvidia.com/gpu.memory": "81559"}, 81559 * 2**20, "gfd-labels"), id="gfd-keeps-labels",
+            Node("g", {"nvidia.com/gpu.memory": "81559"}, 81559 * 2**20, "gfd-labels", (Device(0, 81559 * 2**20),)),
+            id="gfd-keeps-labels",
         ),
         pytest.param(
             {"kind": "Node", "metadata": {"name": "c", "labels": {"x": "1"}}},

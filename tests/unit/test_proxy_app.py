@@ -7,6 +7,7 @@ upstream failures mapped to 502/504.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -136,6 +137,25 @@ def test_body_over_the_limit_is_413_before_any_backend(scaler: StaticScaler) -> 
     assert backends.requests == []
     small = client.post("/v1/chat/completions", json=chat())
     assert small.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "forwarded"),
+    [
+        pytest.param("X-IBC-Max-Wait", False, id="max-wait"),
+        pytest.param("x-ibc-max-wait", False, id="max-wait-lowercase"),
+        pytest.param("X-Ibc-Some-Future-Option", False, id="any-x-ibc"),
+        pytest.param("X-Ibcx", True, id="not-the-prefix"),
+        pytest.param("X-Max-Wait", True, id="not-ours"),
+    ],
+)
+def test_the_proxys_own_headers_stay_with_the_proxy(scaler: StaticScaler, header: str, forwarded: bool) -> None:
+    client, _, backends = make_client(scaler)
+    resp = client.post("/v1/chat/completions", json=chat(), headers={header: "5", "X-Trace": "t-1"})
+    assert resp.status_code == 200
+    sent = backends.requests[0]
+    assert (header.lower() in sent.headers) is forwarded
+    assert sent.headers["x-trace"] == "t-1"
 
 
 def test_forwards_to_the_ready_backend_with_path_query_and_filtered_headers(scaler: StaticScaler) -> None:
@@ -417,6 +437,80 @@ def test_held_requests_are_bounded_by_memory(
     assert proxy.cold.waiting() == {}
 
 
+@pytest.mark.parametrize(
+    ("first_model", "then_model", "then_headers"),
+    [
+        pytest.param("model-b", "model-c", {}, id="in-line-then-cold-start"),
+        pytest.param("model-c", "model-b", {"X-IBC-Max-Wait": "30"}, id="cold-start-then-in-line"),
+        pytest.param("model-b", "model-b", {"X-IBC-Max-Wait": "30"}, id="in-line-twice"),
+    ],
+)
+def test_a_request_waiting_in_line_counts_toward_the_held_memory_cap(
+    scaler: StaticScaler, first_model: str, then_model: str, then_headers: dict[str, str]
+) -> None:
+    """One cap (`--max-held-mib`) for every held request: in line for memory, or waiting for a start."""
+    client, proxy, _ = make_client(scaler, max_held_bytes=HELD_OVERHEAD_BYTES + 1000)
+    first: list[int] = []
+    # model-b does not fit: it waits in line (3 s, then the 429); model-c fits: it waits for its start.
+    post = functools.partial(
+        client.post, "/v1/chat/completions", json=chat(first_model), headers={"X-IBC-Max-Wait": "3"}
+    )
+    waiter = threading.Thread(target=lambda: first.append(post().status_code))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while proxy.cold.held_bytes() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.cold.held_bytes() > HELD_OVERHEAD_BYTES
+    resp = client.post("/v1/chat/completions", json=chat(then_model), headers=then_headers)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"]["code"] == "queue_full"
+    assert "memory limit" in resp.get_json()["error"]["message"]
+    scaler.set_backends("default/model-c", [BACKEND_C])
+    waiter.join(10)
+    assert first == [429 if first_model == "model-b" else 200]
+    assert proxy.cold.held_bytes() == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "stream", "headers"),
+    [
+        pytest.param("model-c", False, {}, id="held-for-a-start"),
+        pytest.param("model-c", True, {}, id="held-for-a-start-streaming"),
+        pytest.param("model-b", False, {"X-IBC-Max-Wait": "60"}, id="in-line"),
+        pytest.param("model-b", True, {"X-IBC-Max-Wait": "60"}, id="in-line-streaming"),
+    ],
+)
+def test_shutdown_answers_every_held_request(
+    scaler: StaticScaler, model: str, stream: bool, headers: dict[str, str]
+) -> None:
+    """What SIGTERM does first (serving/stopping.py): every held request gets an explicit 503 at once."""
+    client, proxy, _ = make_client(scaler, cold_start_timeout_seconds=60)
+    answers: list[Any] = []
+    post = functools.partial(client.post, "/v1/chat/completions", json=chat(model, stream=stream), headers=headers)
+    waiter = threading.Thread(target=lambda: answers.append((r := post(), r.get_data(as_text=True))))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not (proxy.cold.waiting() or proxy.line.snapshot()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.cold.waiting() or proxy.line.snapshot()
+    started = time.monotonic()
+    proxy.shutdown()
+    waiter.join(10)
+    assert time.monotonic() - started < 2, "answered at once, not at the end of the wait"
+    ((resp, text),) = answers
+    if stream:
+        assert resp.status_code == 200
+        event = json.loads(text.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+        assert event["error"]["code"] == "shutting_down" and event["error"]["retry_after_seconds"] == 1
+    else:
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.get_json()["error"]["code"] == "shutting_down"
+    assert proxy.cold.waiting() == {} and proxy.line.snapshot() == {} and proxy.cold.held_bytes() == 0
+    # Once closing, a request that would be held is answered the same way at once.
+    again = client.post("/v1/chat/completions", json=chat("model-c"))
+    assert again.status_code == 503 and again.get_json()["error"]["code"] == "shutting_down"
+
+
 class FailingStart(StaticScaler):
     """A scaler whose replica dies while starting: wait_backends raises, as local mode's does."""
 
@@ -668,7 +762,10 @@ def test_one_access_log_line_per_request_with_the_refusals_reason(
     assert lines[1].getMessage().endswith(" reason=insufficient_memory")
     as_json = json.loads(JsonFormatter().format(lines[1]))
     assert {k: as_json[k] for k in ("method", "path", "model", "status", "reason")} == {
-        "method": "POST", "path": "/v1/chat/completions", "model": "model-b", "status": 429,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "model": "model-b",
+        "status": 429,
         "reason": "insufficient_memory",
     }
 

@@ -109,3 +109,34 @@ def test_api_key_file_errors(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(SettingsError, match=message):
         load_api_keys(path)
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("meminfo_kib", "cgroup_v2", "cgroup_v1", "expected"),
+    [
+        pytest.param(16 * 1024 * 1024, None, None, 2 * GIB, id="no-cgroup-limit:-an-eighth-of-MemAvailable"),
+        pytest.param(64 * 1024 * 1024, "max", None, 4 * GIB, id="cgroup-v2-unlimited:-capped-at-4GiB"),
+        pytest.param(64 * 1024 * 1024, str(512 << 20), None, 64 << 20, id="512Mi-pod-on-a-64GiB-node"),
+        pytest.param(64 * 1024 * 1024, None, str(1 << 30), 128 << 20, id="cgroup-v1-limit"),
+        pytest.param(64 * 1024 * 1024, None, str((1 << 63) - 4096), 4 * GIB, id="cgroup-v1-no-limit"),
+        pytest.param(1024 * 1024, str(8 * GIB), None, 128 << 20, id="node-smaller-than-the-limit"),
+        pytest.param(None, None, None, 1 * GIB, id="nothing-readable:-assume-8GiB"),
+    ],
+)
+def test_held_memory_default_follows_the_containers_limit(
+    tmp_path: Path, meminfo_kib: int | None, cgroup_v2: str | None, cgroup_v1: str | None, expected: int
+) -> None:
+    from ibc.commands.proxy import default_held_bytes
+
+    def file(name: str, text: str | None) -> str:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text + "\n")
+        return str(path)
+
+    meminfo = file("meminfo", None if meminfo_kib is None else f"MemTotal: 1 kB\nMemAvailable: {meminfo_kib} kB")
+    limits = (file("memory.max", cgroup_v2), file("memory.limit_in_bytes", cgroup_v1))
+    assert default_held_bytes(meminfo, limits) == expected

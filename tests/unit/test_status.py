@@ -236,6 +236,7 @@ GOLDEN = [
     ("seed", SEED, "2026-01-15T10:32:00Z", "seed-status.txt"),
     ("seed-later", SEED, "2026-01-15T10:41:00Z", "seed-status-later.txt"),
     ("two-pools", FIXTURES / "two-pools.yaml", "2026-03-01T12:00:00Z", "two-pools-status.txt"),
+    ("gpu-devices", ROOT / "examples" / "gpu-devices.yaml", "2026-01-15T10:32:00Z", "gpu-devices-status.txt"),
 ]
 
 

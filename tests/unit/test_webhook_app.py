@@ -389,6 +389,36 @@ def test_memory_growth_is_checked_with_replicas_unchanged():
     assert "llama-2-7b needs 50Gi" in too_big["status"]["message"]
 
 
+def _tensor_parallel_update(**new_spec: Any) -> dict[str, Any]:
+    """llama-2-7b, 60Gi over 2 devices with 1 replica, updated to `new_spec` (replicas unchanged)."""
+    review = im_update("60Gi", "60Gi", 1)
+    req = review["request"]
+    req["oldObject"]["spec"]["devices"] = 2
+    req["object"]["spec"].update({"devices": 2, **new_spec})
+    return review
+
+
+@pytest.mark.parametrize(
+    ("new_spec", "allowed", "fragment"),
+    [
+        pytest.param({}, True, "", id="unchanged"),
+        pytest.param({"devices": 1}, False, "the largest device in the whole cluster has 40Gi", id="onto-one-gpu"),
+        pytest.param({"deviceSelector": {"kind": "mig"}}, False, "matches deviceSelector", id="onto-mig-slices"),
+        pytest.param({"devices": 2, "memory": "64Gi"}, True, "", id="still-fits-2-x-32Gi"),
+    ],
+)
+def test_a_change_of_devices_re_places_the_running_replicas(new_spec, allowed, fragment):
+    gpu = {"kind": "Node", "metadata": {"name": "gpu", "annotations": {"inference.eh-ops.io/devices": "2x40Gi"}}}
+    running = pod("llama-2-7b", "60Gi", node_name="gpu")
+    running["metadata"]["annotations"]["inference.eh-ops.io/devices"] = "0,1"
+    model = inference_model("llama-2-7b", "60Gi", 1)
+    model["spec"]["devices"] = 2
+    response = Harness(cluster(gpu, model, running)).review(_tensor_parallel_update(**new_spec))
+    assert response["allowed"] is allowed, response
+    if fragment:
+        assert fragment in (response.get("status") or {}).get("message", ""), response
+
+
 @pytest.mark.parametrize(
     ("declared", "peak", "warned"),
     [
@@ -493,6 +523,20 @@ def test_unanswerable_body_gets_http_400_json(body, fragment):
         pytest.param(deployment_create("80m"), "'80m' is not a memory quantity in whole bytes",
                      id="milli-deployment-memory"),
         pytest.param(im_create(" 8Gi ", 1), "remove the spaces", id="memory-with-spaces"),
+        pytest.param(im_create(None, 1, devices=0), "spec.devices must be an integer >= 1, got 0", id="zero-devices"),
+        pytest.param(im_create(None, 1, devices="2"), "spec.devices must be an integer >= 1, got '2'",
+                     id="devices-string"),
+        pytest.param(im_create(None, 1, devices=True), "spec.devices must be an integer >= 1, got True",
+                     id="devices-bool"),
+        pytest.param(im_create(None, 1, deviceSelector={"nvidia.com/gpu.product": "A100"}),
+                     "spec.deviceSelector: unknown key 'nvidia.com/gpu.product' (use kind, product, profile)",
+                     id="device-selector-label-key"),
+        pytest.param(im_create(None, 1, deviceSelector={"kind": "tpu"}),
+                     "spec.deviceSelector.kind must be one of gpu, mig, unified, got 'tpu'", id="device-kind"),
+        pytest.param(im_create(None, 1, deviceSelector={"profile": 1}), "spec.deviceSelector must map strings",
+                     id="device-selector-value-type"),
+        pytest.param(im_create(None, 1, deviceSelector="1g.10gb"), "spec.deviceSelector must be an object",
+                     id="device-selector-not-a-map"),
     ],
 )
 def test_malformed_review_with_uid_is_denied_with_400(review, fragment):

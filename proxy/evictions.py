@@ -1,9 +1,10 @@
-"""Making room in local mode: who is busy, what was evicted for whom, and the metric that counts it.
+"""Making room: who is busy, what was evicted for whom, and the metric that counts it.
 
-The decision is :func:`budget.plan_eviction`; the local scaler acts on it under its one lock (stop the
-victims by the cooldown's stop path, promise their memory to the requested model, start it once they
-have exited). This module holds the small pieces around that: the record of evictions and their
-Prometheus counter, and the wiring that tells the scaler which models the proxy is serving or holding.
+The decision is :func:`budget.plan_eviction`; each scaler acts on it its own way (local mode stops the
+victims' processes under its one lock; the Kubernetes scaler scales them to 0 through `/scale`, with
+resourceVersion preconditions, then asks for the requested model through the webhook). This module holds
+the small pieces both share: the record of evictions and their Prometheus counter, and the busy source
+through which the proxy tells a scaler which models it is serving or holding requests for.
 """
 
 from __future__ import annotations
