@@ -10,7 +10,8 @@ Python), the date, the commit and the load average before, during and after.
 
 Sections (`--only`): proxy (bench/proxy_bench.py), webhook (bench/webhook_bench.py), extender
 (bench/extender_bench.py), recovery and coldstart (bench/stress_recovery.py), concurrency
-(bench/concurrency_bench.py), engine (bench/engine_bench.py), load (bench/load_bench.py). Raw figures go to
+(bench/concurrency_bench.py), engine (bench/engine_bench.py), load (bench/load_bench.py), routing
+(bench/routing_bench.py). Raw figures go to
 bench/out/results.json, each script's output to bench/out/logs/<section>.log.
 
     .venv/bin/ibc bench --quick                  # or: .venv/bin/python bench/run_all.py --quick
@@ -332,6 +333,14 @@ def section_load(ctx: Context) -> dict[str, Any]:
     return {"bench": read_json(out, began), "seconds": round(took)}
 
 
+def section_routing(ctx: Context) -> dict[str, Any]:
+    out = OUT / "routing.json"
+    argv = [PY, str(BENCH / "routing_bench.py"), "--rounds", "1" if ctx.quick else "3", "--json", str(out)]
+    began = time.time()
+    took = run_script("routing", argv, 1800)
+    return {"bench": read_json(out, began), "seconds": round(took)}
+
+
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "proxy": section_proxy,
     "webhook": section_webhook,
@@ -341,6 +350,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "concurrency": section_concurrency,
     "engine": section_engine,
     "load": section_load,
+    "routing": section_routing,
 }
 
 
@@ -653,6 +663,51 @@ def render_load(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_routing(s: dict[str, Any]) -> list[str]:
+    b = s["bench"]
+    c = b["settings"]
+    routings = b["routings"]
+    base = routings.get("least-outstanding", {})
+    lines = [
+        "## Routing across replicas: prefix cache hits and time to first token (bench/routing_bench.py)",
+        "",
+        f"The same workload through `ibc proxy` (gevent, 2 workers) with each `--routing`, over {c['replicas']} fresh "
+        f"`ibc mock-backend` replicas per run with vLLM's prefix cache simulated ({c['cache_blocks']} blocks of 64 "
+        f"bytes each, {c['prefill_per_block'] * 1000:g} ms of prefill per uncached block, --max-running "
+        f"{c['max_running']}): {c['prefixes']} shared system prompts of {c['prefix_blocks']} blocks, {c['requests']} "
+        f"streamed chat requests per run (each a prefix plus its own question, the same seeded order for every "
+        f"routing), {c['concurrency']} clients, {c['rounds']} interleaved round(s). Hit rate: the replicas' own "
+        "`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`; TTFT: client to the first byte of the "
+        "stream; the baseline is least-outstanding (the routing before prefix affinity).",
+        "",
+        "| routing | prefix cache hit rate | TTFT p50 / p99 ms | ratio p50 / p99 | wall s | requests per replica "
+        "| errors | load per round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in routings.items():
+        p50, p99 = r["ttft_p50_ms"], r["ttft_p99_ms"]
+        lines.append(
+            f"| {name} | {r['hit_rate']:.1%} | {num(p50)} / {num(p99)} "
+            f"| {ratio(p50, base.get('ttft_p50_ms'))} / {ratio(p99, base.get('ttft_p99_ms'))} "
+            f"| {num(r['wall_s'])} | {' / '.join(map(str, r['served_per_replica']))} | {r['errors']} "
+            f"| {', '.join(map(str, r['load']))} |"
+        )
+    cpu = b.get("cpu_us_per_request") or {}
+    if cpu:
+        base_cpu = cpu.get("least-outstanding, 3 replicas, 1 KiB prompt")
+        lines += [
+            "",
+            "What routing costs the proxy: CPU time per request of its request path in-process (`ProxyApp.wsgi` over "
+            f"a mock transport, best of 8 interleaved rounds, load {num(b.get('cpu_load'))}); the whole proxy spends "
+            "its *server CPU µs/req* of the proxy section per request.",
+            "",
+            "| request path | CPU µs per request | ratio to least-outstanding |",
+            "|---|---|---|",
+            *(f"| {name} | {num(us, 1)} | {ratio(us, base_cpu)} |" for name, us in cpu.items()),
+        ]
+    return lines
+
+
 RENDERERS = {
     "proxy": render_proxy,
     "webhook": render_webhook,
@@ -662,6 +717,7 @@ RENDERERS = {
     "concurrency": render_concurrency,
     "engine": render_engine,
     "load": render_load,
+    "routing": render_routing,
 }
 
 

@@ -8,8 +8,8 @@ completions (both optionally streamed as SSE, one network write per token), embe
 weights; ``/v1/*`` answers 503 during that time too.
 
 It also behaves like vLLM where the load layer and the proxy's routing look: at most ``max_running``
-generations run at once (the rest wait in a FIFO queue), a simulated prefix cache (an LRU of the chained
-block hashes of :mod:`serving.prompt`) shortens the first token of a prompt whose leading blocks it has
+generations run at once (the rest wait in a FIFO queue), a simulated prefix cache (an LRU of the prompt
+block keys of :mod:`serving.prompt`) shortens the first token of a prompt whose leading blocks it has
 seen, and ``GET /metrics`` serves vLLM's Prometheus names with vLLM's meanings and labels
 (``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``,
 ``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total``, the last two in tokens).
@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.bind import format_bind
-from serving.prompt import BLOCK_CHARS, CHARS_PER_TOKEN, block_hashes, prompt_text, tokens_of
+from serving.prompt import (
+    BLOCK_BYTES,
+    BYTES_PER_TOKEN,
+    block_count,
+    prefix_keys,
+    prompt_bytes,
+    prompt_text,
+    token_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ class MockSettings:
     embedding_dim: int = 8
     max_running: int = 0  # generations at once (vLLM's max_num_seqs); beyond it they wait, FIFO; 0 = no limit
     kv_capacity_tokens: int = 65536  # simulated KV cache: kv_cache_usage_perc = running tokens / this
-    prefix_cache_blocks: int = 1024  # simulated prefix cache, in blocks of serving.prompt.BLOCK_CHARS; 0 = off
+    prefix_cache_blocks: int = 1024  # simulated prefix cache, in blocks of serving.prompt.BLOCK_BYTES; 0 = off
     prefill_block_seconds: float = 0.0  # first-token delay per prompt block not in the prefix cache
 
 
@@ -144,7 +152,7 @@ class MockBackend:
         self.running = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
         self.running_kv_tokens = 0
-        # The simulated prefix cache: chained block digests, least recently used first.
+        # The simulated prefix cache: keys of prompt prefixes ending at a block, least recently used first.
         self._prefix_cache: OrderedDict[bytes, None] = OrderedDict()
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
@@ -198,28 +206,29 @@ class MockBackend:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         text = prompt_text(body)
-        uncached_blocks = self._prefill(text)
+        size = prompt_bytes(text)
+        uncached_blocks = self._prefill(text, size)
         return "generate", Generation(
             kind=kind,
             tokens=n,
             stream=body.get("stream") is True,
             include_usage=include_usage,
             prefill_seconds=uncached_blocks * self.settings.prefill_block_seconds,
-            kv_tokens=tokens_of(text) + n,
+            kv_tokens=token_count(size) + n,
         )
 
-    def _prefill(self, text: str) -> int:
+    def _prefill(self, text: str, size_bytes: int) -> int:
         """Look the prompt's leading blocks up in the prefix cache, then cache them (most recent last);
         returns how many blocks (full or partial) were not cached, and counts queries and hits in tokens
         as vLLM does."""
         capacity = self.settings.prefix_cache_blocks
-        blocks = -(-len(text) // BLOCK_CHARS)
+        blocks = block_count(size_bytes)
         if capacity == 0:
             return blocks
         cache = self._prefix_cache
-        hashes = block_hashes(text, max_blocks=capacity)  # more blocks than the cache holds cannot hit
+        hashes = prefix_keys(text, range(1, min(blocks, capacity) + 1))  # more than the cache holds cannot hit
         hits = 0
-        for digest in hashes:  # chained: the first miss ends the cached prefix
+        for digest in hashes:  # a key covers the whole prefix: the first miss ends the cached part
             if digest not in cache:
                 break
             hits += 1
@@ -228,8 +237,8 @@ class MockBackend:
             cache.move_to_end(digest)
         while len(cache) > capacity:
             cache.popitem(last=False)
-        self.prefix_queries_tokens += tokens_of(text)
-        self.prefix_hits_tokens += hits * BLOCK_CHARS // CHARS_PER_TOKEN
+        self.prefix_queries_tokens += token_count(size_bytes)
+        self.prefix_hits_tokens += hits * BLOCK_BYTES // BYTES_PER_TOKEN
         return blocks - hits
 
     def completion(self, work: Generation) -> bytes:

@@ -41,6 +41,7 @@ from proxy.evictions import EvictionCollector, EvictionLog
 from proxy.forward import Upstream, UpstreamError, environ_headers, raw_chunks, response_headers
 from proxy.line import LineFull, Outcome, Place, WaitLine, parse_max_wait
 from proxy.metrics import ProxyMetrics
+from proxy.routing import Pick, routing_of
 from proxy.scaler import ScaleDenied, Scaler, ScalerUnavailable
 from proxy.settings import ProxySettings, digest_key
 from proxy.status import RefusalLog, add_status_routes
@@ -202,6 +203,7 @@ class ProxyApp:
             bytes_limit=settings.max_held_bytes,
             metrics=self.metrics,
         )
+        self.routing = routing_of(settings, self.metrics.count_route)
         self.line = WaitLine(per_pool=settings.queue_size, total=settings.max_held_requests or 4 * settings.queue_size)
         self._scaler_ready = not callable(getattr(scaler, "ready", None))
         self._keys = settings.api_key_digests
@@ -355,7 +357,8 @@ class ProxyApp:
             path = f"{path}?{query}"
         headers = environ_headers(environ, drop_authorization=bool(self._keys))
         if backends:
-            return self._forward(key, label, backends, path, headers, raw, stream is True, environ)
+            pick = self.routing.for_request(payload, backends, label)
+            return self._forward(key, label, backends, path, headers, raw, stream is True, environ, pick)
         return self._cold(model, label, path, headers, raw, stream is True, environ)
 
     def _bad(self, message: str, code: str, param: str | None = None) -> Answer:
@@ -372,9 +375,10 @@ class ProxyApp:
         raw: bytes,
         stream: bool,
         environ: dict[str, Any],
+        pick: Pick | None = None,
     ) -> Answer:
         upstream = self.upstream
-        backend = upstream.acquire(backends)
+        backend = upstream.acquire(backends, pick)
         started = time.perf_counter()
         try:
             response = upstream.send(upstream.prepare(backend, "POST", path, headers, raw))

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from proxy.routing import Pick
 from proxy.transport import LeanTransport
 
 log = logging.getLogger(__name__)
@@ -176,12 +177,15 @@ class Upstream:
         self.client.close()
 
     # ----- balancing -----
-    def acquire(self, backends: list[str]) -> str:
-        """The backend with the fewest requests in flight (ties rotate), counted as one more in flight."""
+    def acquire(self, backends: list[str], pick: Pick | None = None) -> str:
+        """The backend `pick` chooses from the in-flight counts (see proxy.routing), else the one with the
+        fewest requests in flight (ties rotate); counted as one more in flight."""
         with self._lock:
             outstanding = self._outstanding
             if len(backends) == 1:
                 best = backends[0]
+            elif pick is not None:
+                best = pick(backends, outstanding)
             else:
                 start = next(self._turn) % len(backends)
                 best = backends[start]

@@ -58,7 +58,16 @@ class ProxyMetrics:
             ["model", "kind"],
             registry=r,
         )
+        self.prefix_routes = Counter(
+            "ibc_proxy_prefix_routes",
+            "Requests routed by prefix affinity, by model and outcome (affinity: to the replica that served "
+            "the prefix last; new: a prefix no replica served, to its rendezvous replica; yielded: that "
+            "replica was too busy, to the least loaded).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self._lock = threading.Lock()
+        self._route_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
 
@@ -69,6 +78,15 @@ class ProxyMetrics:
             with self._lock:
                 child = self.requests.labels(model, str(status))
                 self._request_children[(model, status)] = child
+        child.inc()
+
+    def count_route(self, model: str, outcome: str) -> None:
+        """One request routed by prefix affinity (a cached child, as for count_request)."""
+        child = self._route_children.get((model, outcome))
+        if child is None:
+            with self._lock:
+                child = self.prefix_routes.labels(model, outcome)
+                self._route_children[(model, outcome)] = child
         child.inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:

@@ -55,6 +55,18 @@ class ProxySettings:
     default_retry_after_seconds: int = 30
     # Extra response header naming the backend that answered (debugging, tests); off by default.
     expose_backend_header: bool = False
+    # Which replica of a model gets a request (proxy/routing.py): "prefix" (the one holding the prompt's
+    # prefix in its cache; measured faster in bench/RESULTS.md), "least-outstanding" or "random".
+    routing: str = "prefix"
+    # Prefix routing yields to load: a replica with this many more requests in flight than the least
+    # loaded one, or (when set) with prefix_max_in_flight in flight, is too busy to keep its prefixes.
+    prefix_imbalance: int = 4
+    prefix_max_in_flight: int | None = None
+    # 16 blocks of 64 bytes: the first 1 KiB of a prompt (a system prompt, a shared document's head)
+    # tells prefixes apart; hashing more costs time on every request for no better choice.
+    prefix_blocks: int = 16
+    # Keys remembered per replica (LRU): 4096 x 16 blocks covers far more prompts than a replica's KV cache.
+    prefix_entries_per_replica: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -75,6 +87,12 @@ class ProxySettings:
             raise SettingsError("upstream timeouts must be > 0 s")
         if self.upstream not in ("lean", "httpcore", "client"):
             raise SettingsError(f"upstream must be lean, httpcore or client, got {self.upstream!r}")
+        if self.routing not in ("prefix", "least-outstanding", "random"):
+            raise SettingsError(f"routing must be prefix, least-outstanding or random, got {self.routing!r}")
+        if self.prefix_imbalance < 1 or self.prefix_blocks < 1 or self.prefix_entries_per_replica < 1:
+            raise SettingsError("prefix imbalance, blocks and entries per replica must be >= 1")
+        if self.prefix_max_in_flight is not None and self.prefix_max_in_flight < 1:
+            raise SettingsError(f"prefix max in flight must be >= 1, got {self.prefix_max_in_flight}")
         if self.max_connections < 1:
             raise SettingsError(f"max connections must be >= 1, got {self.max_connections}")
 

@@ -1,23 +1,24 @@
-"""A prompt's leading blocks, hashed: the one definition shared by the proxy's prefix-affinity routing and
+"""A prompt's leading blocks, keyed: the one definition shared by the proxy's prefix-affinity routing and
 the mock backend's simulated prefix cache (stdlib only, so the mock stays light).
 
-vLLM's automatic prefix caching keys each full block of 16 tokens by a hash chained over every block
-before it, so a block is a hit only when the whole prompt up to its end matches one seen before. We have
-no tokenizer here: a block is `BLOCK_CHARS` characters of the prompt's text (about 16 tokens of English),
-chained the same way. The hash is a stable BLAKE2b digest (not Python's per-process `hash`), so every
-proxy worker and every proxy replica computes the same keys for the same prompt.
+vLLM's automatic prefix caching keys each full block of 16 tokens by a hash of every token up to the
+block's end, so a block is a hit only when the whole prompt up to there matches one seen before. We have
+no tokenizer here: a block is `BLOCK_BYTES` bytes of the prompt's UTF-8 text (about 16 tokens of
+English), and the key of the first n blocks is a BLAKE2b digest of those n blocks, computed as one
+running hash (a copy at each block's end). The hash is stable (not Python's per-process `hash`), so
+every proxy worker and every proxy replica computes the same keys for the same prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Characters per block: ~16 tokens of English text, vLLM's default KV block size.
-BLOCK_CHARS = 64
-# Characters a simulated token stands for (for token counts such as vLLM's prefix-cache counters).
-CHARS_PER_TOKEN = 4
+# Bytes per block: ~16 tokens of English text, vLLM's default KV block size.
+BLOCK_BYTES = 64
+# Bytes a simulated token stands for (token counts such as vLLM's prefix-cache counters): a block is 16.
+BYTES_PER_TOKEN = 4
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:
@@ -45,22 +46,38 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
-def block_hashes(text: str, *, block_chars: int = BLOCK_CHARS, max_blocks: int | None = None) -> list[bytes]:
-    """One chained digest per full block of `text` (at most `max_blocks`); a partial last block has none."""
-    if block_chars < 1:
-        raise ValueError(f"block_chars must be >= 1, got {block_chars}")
-    count = len(text) // block_chars
-    if max_blocks is not None:
-        count = min(count, max_blocks)
+def prefix_keys(text: str, blocks: Sequence[int]) -> list[bytes]:
+    """The key of the prompt's first n full blocks for each n of `blocks` (ascending, >= 1), as far as the
+    text has that many; a partial last block has no key."""
+    if not blocks:
+        return []
+    if blocks[0] < 1:
+        raise ValueError(f"a prefix has at least 1 block, got {blocks[0]}")
+    # Encode only what the longest prefix needs (a character is at least one byte).
+    raw = text[: blocks[-1] * BLOCK_BYTES].encode("utf-8", "surrogatepass")
     out: list[bytes] = []
-    previous = b""
-    for i in range(count):
-        block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
-        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
-        out.append(previous)
+    digest = hashlib.blake2b(digest_size=8)
+    done = 0
+    for n in blocks:
+        end = n * BLOCK_BYTES
+        if end > len(raw):
+            break
+        digest.update(raw[done:end])
+        done = end
+        out.append(digest.copy().digest())
     return out
 
 
-def tokens_of(text: str) -> int:
-    """The simulated token count of `text` (ceil of characters / CHARS_PER_TOKEN)."""
-    return -(-len(text) // CHARS_PER_TOKEN)
+def prompt_bytes(text: str) -> int:
+    """The size of the prompt's UTF-8 text, the unit of blocks and simulated tokens."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def block_count(size_bytes: int) -> int:
+    """Blocks a prompt of this size fills, the last one possibly partial."""
+    return -(-size_bytes // BLOCK_BYTES)
+
+
+def token_count(size_bytes: int) -> int:
+    """The simulated token count of a prompt of this size (ceil of bytes / BYTES_PER_TOKEN)."""
+    return -(-size_bytes // BYTES_PER_TOKEN)

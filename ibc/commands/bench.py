@@ -14,14 +14,15 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SECTIONS = ("proxy", "webhook", "extender", "recovery", "coldstart", "concurrency", "engine", "load")
+SECTIONS = ("proxy", "webhook", "extender", "recovery", "coldstart", "concurrency", "engine", "load", "routing")
 REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run the side-by-side benchmarks (proxy, webhook, extender, recovery after SIGKILL, scale from zero, "
-        "a real engine behind ibc local, the load layer's saturation-to-new-replica time) "
+        "a real engine behind ibc local, the load layer's saturation-to-new-replica time, routing across replicas "
+        "with prefix caches) "
         "with the loopback floor measured by each benchmark's own client, and write bench/RESULTS.md."
     )
     parser.epilog = (

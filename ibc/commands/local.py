@@ -149,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
             max_held_requests=max_held,
             max_held_bytes=max_held_bytes,
             body_timeout_seconds=args.body_timeout,
+            routing=args.routing,
+            prefix_imbalance=args.prefix_imbalance,
+            prefix_max_in_flight=args.prefix_max_in_flight,
             max_connections=upstream_pool_size(args),
             api_key_digests=load_api_keys(args.api_key_file) if args.api_key_file else frozenset(),
         )

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=8, metavar="N", help="embedding size (default 8)")
     vllm = parser.add_argument_group(
         "like vLLM (scheduler, prefix cache, GET /metrics with vLLM's metric names)",
-        "A prompt is cut in blocks of 64 characters (~16 tokens); a simulated token is 4 characters.",
+        "A prompt is cut in blocks of 64 bytes of UTF-8 text (~16 tokens); a simulated token is 4 bytes.",
     )
     vllm.add_argument(
         "--max-running",

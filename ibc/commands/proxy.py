@@ -123,6 +123,28 @@ def add_request_path_arguments(
         metavar="SECONDS",
         help="longest silence from a backend while it answers (default 600)",
     )
+    group.add_argument(
+        "--routing",
+        choices=("prefix", "least-outstanding", "random"),
+        default="prefix",
+        help="which replica of a model gets a request: prefix (default: the replica that served the prompt's "
+        "leading blocks last, so its prefix cache is reused), least-outstanding, random",
+    )
+    group.add_argument(
+        "--prefix-imbalance",
+        type=int,
+        default=4,
+        metavar="N",
+        help="prefix routing yields to the least loaded replica when the prefix's replica has N more "
+        "requests in flight (default 4)",
+    )
+    group.add_argument(
+        "--prefix-max-in-flight",
+        type=int,
+        metavar="N",
+        help="prefix routing treats a replica with N requests in flight as saturated (e.g. the backend's "
+        "--max-num-seqs; default: no limit)",
+    )
 
 
 def add_concurrency_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -256,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
             max_held_requests=max_held,
             max_held_bytes=max_held_bytes,
             body_timeout_seconds=args.body_timeout,
+            routing=args.routing,
+            prefix_imbalance=args.prefix_imbalance,
+            prefix_max_in_flight=args.prefix_max_in_flight,
             max_connections=upstream_pool_size(args),
         )
     except SettingsError as exc:

@@ -35,6 +35,8 @@ def test_check_summarises_the_seed_example(capsys):
         pytest.param(["--max-held-mib", "0"], None, "--max-held-mib must be >= 1", id="no-held-memory"),
         pytest.param(["--queue-size", "0"], None, "queue size must be >= 1", id="bad-queue"),
         pytest.param(["--api-key-file", "/nonexistent/keys"], None, "cannot read API key file", id="no-key-file"),
+        pytest.param(["--prefix-imbalance", "0"], None, "prefix imbalance", id="no-prefix-imbalance"),
+        pytest.param(["--prefix-max-in-flight", "0"], None, "prefix max in flight must be >= 1", id="no-in-flight"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, config, message):

@@ -134,7 +134,7 @@ def test_parse_bind_rejects(bind: str) -> None:
 
 
 # ----- like vLLM: the simulated prefix cache, the scheduler, GET /metrics -----
-A = "a" * 64  # one block each (serving.prompt.BLOCK_CHARS)
+A = "a" * 64  # one block each (serving.prompt.BLOCK_BYTES)
 B = "b" * 64
 C = "c" * 64
 
@@ -213,6 +213,15 @@ def test_metrics_have_vllms_names_types_and_labels() -> None:
         "vllm:prefix_cache_queries": ("counter", {"engine": "0", "model_name": 'org/m "q"'}, 0.0),
         "vllm:prefix_cache_hits": ("counter", {"engine": "0", "model_name": 'org/m "q"'}, 0.0),
     }
+
+
+def test_hits_never_exceed_queries_with_multibyte_prompts() -> None:
+    backend = MockBackend(MockSettings(model="m"))
+    for _ in range(3):
+        completion_cost(backend, "é" * 200)  # 400 bytes: 6 full blocks, 100 simulated tokens
+    metrics = scrape(backend)
+    assert metrics["vllm:prefix_cache_queries"][2] == 300
+    assert metrics["vllm:prefix_cache_hits"][2] == 2 * 6 * 16
 
 
 def test_metrics_count_prefix_queries_and_hits_in_tokens() -> None:
