@@ -219,6 +219,27 @@ def test_filter_nodes_per_device(nodes, memory_gi, devices, selector, held_, exp
     assert {v.node: (v.status, v.reason, v.devices) for v in verdicts} == expected
 
 
+@pytest.mark.parametrize(
+    ("strategy", "chosen"),
+    [pytest.param(None, (1,), id="binpack-by-default"), pytest.param("binpack", (1,), id="binpack"),
+     pytest.param("spread", (0,), id="spread")],
+)
+def test_filter_chooses_devices_by_strategy(strategy, chosen) -> None:
+    view = ClusterView.build(nodes=[gpus("a", 40, 40, 40)], models=[model("m", 10)],
+                             placements=[held("x", "a", 15, (1,)), held("x", "a", 5, (2,), 1)])
+    pod = PodRequest("default", "p", "p-uid", "default/m", 10 * GI)
+    extra = {} if strategy is None else {"strategy": strategy}
+    (verdict,) = filter_nodes(view, pod, ["a"], NOW, **extra)
+    assert (verdict.status, verdict.devices) == ("passed", chosen)
+
+
+def test_filter_says_how_much_a_node_with_too_few_devices_has() -> None:
+    view = ClusterView.build(nodes=[gpus("a", 80)], models=[model("m", 60, devices=2)],
+                             placements=[held("x", "a", 20, (0,))])
+    (verdict,) = filter_nodes(view, PodRequest("default", "p", "p-uid", "default/m", 60 * GI), ["a"], NOW)
+    assert verdict == (("a", "unresolvable", REASON_DEVICES, 60 * GI, 80 * GI, ()))
+
+
 def test_filter_counts_reservations_per_device() -> None:
     view = ClusterView.build(
         nodes=[gpus("a", 40, 40)], models=[model("m", 30)],
