@@ -270,7 +270,8 @@ SLICES = {
                 Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0")]},
     ),
     "mig-by-type-attribute-or-profile": (
-        [rslice("n1", [{"name": "m0", "attributes": {"type": {"string": "mig"}}, "capacity": {"memory": {"value": "5Gi"}}},
+        [rslice("n1", [{"name": "m0", "attributes": {"type": {"string": "mig"}},
+                        "capacity": {"memory": {"value": "5Gi"}}},
                        mig("m1", "10Gi", "1g.10gb")])],
         {"n1": [Device(0, 5 * GI, "mig", "", "", "m0"), Device(1, 10 * GI, "mig", "1g.10gb", "", "m1")]},
     ),
