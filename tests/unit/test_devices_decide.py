@@ -115,7 +115,29 @@ CASES = {
     ),
     "too-few-devices-on-any-node": Case(
         [gpus("n", 80, 80)], [model("m", 60, devices=4)], "m", 1, False, "exceeds_node_capacity", [], "0",
-        says=("no node in pool pool=gpu has 4 devices (at most 2)",),
+        says=("no node in pool pool=gpu has 4 devices (at most 2); it can never fit without such a node",),
+    ),
+    "split-replica-on-unified-memory-never-fits": Case(
+        [Node("shadow", POOL, 128 * GI)], [model("m", 60, devices=2)], "m", 1, False, "exceeds_node_capacity", [],
+        "0", says=("no node in pool pool=gpu has 2 devices (at most 1)",),
+    ),
+    "too-few-matching-mig-slices": Case(
+        [MIXED_MIG], [model("m", 9, devices=3, selector={"profile": "1g.10gb"})], "m", 1, False,
+        "exceeds_node_capacity", [], "0",
+        says=("no node in pool pool=gpu has 3 devices matching profile=1g.10gb (at most 2)",),
+    ),
+    "per-device-reasons-name-only-matching-slices": Case(
+        [MIXED_MIG],
+        [model("a", 8, 2, selector={"profile": "1g.10gb"}), model("m", 8, selector={"profile": "1g.10gb"})],
+        "m", 1, False, "insufficient_memory", [], "2Gi",
+        [held("a", "mig-node", 8, (0,), 0), held("a", "mig-node", 8, (1,), 1)],
+        ("mig-node: MIG 1g.10gb 0 has 2Gi free of 10Gi, MIG 1g.10gb 1 has 2Gi free of 10Gi; blocked by",),
+    ),
+    "a-node-with-too-few-devices-does-not-hide-the-next": Case(
+        [gpus("a-small", 80), gpus("b-big", 40, 40)], [model("x", 40, 2), model("m", 60, devices=2)], "m", 1,
+        False, "insufficient_memory", [], "0",
+        [held("x", "b-big", 40, (0,), 0), held("x", "b-big", 40, (1,), 1)],
+        ("a-small: 1 matching device(s) of the 2 needed; b-big: GPU 0 has 0 free of 40Gi, GPU 1 has 0 free of 40Gi",),
     ),
     "tensor-parallel-shares-too-large": Case(
         [gpus("n", 40, 40)], [model("m", 100, devices=2)], "m", 1, False, "exceeds_node_capacity", [],
@@ -149,6 +171,16 @@ def test_decide_per_device(case: Case) -> None:
     assert body["requested"].get("devices") == (split if split > 1 else None)
     for fragment in case.says:
         assert fragment in d.message
+
+
+def test_four_gpus_on_three_nodes_are_listed_without_more() -> None:
+    nodes = [gpus(f"n{i}", *[40] * 4) for i in range(3)]
+    placements = [held("a", f"n{i}", 30, (g,), i * 4 + g) for i in range(3) for g in range(4)]
+    d = decide_scale(ClusterView.build(nodes=nodes, models=[model("a", 30, 12), model("m", 20)],
+                                       placements=placements), "m", 1, NOW)
+    assert "n2: GPU 0 has 10Gi free of 40Gi, GPU 1 has 10Gi free of 40Gi, GPU 2 has 10Gi free of 40Gi, GPU 3 has " \
+           "10Gi free of 40Gi; blocked by" in d.message
+    assert "more" not in d.message
 
 
 def test_the_message_is_bounded_on_large_pools() -> None:
