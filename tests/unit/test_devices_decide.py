@@ -71,6 +71,10 @@ CASES = {
         [gpus("a-2x40", 40, 40), gpus("b-1x80", 80)], [model("m", 60, devices=2)], "m", 1, True, "fits",
         [("a-2x40", (0, 1))], "2 x 40Gi on a-2x40",
     ),
+    "equal-nodes-name-the-first": Case(
+        [gpus("a", 40, 40), gpus("b", 40, 40)], [model("m", 60, devices=2)], "m", 1, True, "fits",
+        [("a", (0, 1))], "2 x 40Gi on a",
+    ),
     "two-30gi-replicas-take-different-gpus": Case(
         [gpus("n", 40, 40)], [model("m", 30)], "m", 2, True, "fits", [("n", (0,)), ("n", (1,))], "40Gi",
     ),
