@@ -785,6 +785,7 @@ def score_nodes(
             scores[v.node] = 0
             continue
         fraction_used_after = 1 - (v.free_bytes - memory_bytes) / v.capacity_bytes
-        fraction = fraction_used_after if strategy == "binpack" else 1 - fraction_used_after
-        scores[v.node] = max(0, min(10, round(10 * fraction)))
+        packed = max(0, min(10, round(10 * fraction_used_after)))
+        # Spread mirrors the rounded binpack score: rounding 1 - x apart can give 1 + 10 (5 bytes on 100).
+        scores[v.node] = packed if strategy == "binpack" else 10 - packed
     return scores

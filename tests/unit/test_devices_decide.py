@@ -10,12 +10,14 @@ from budget import (
     Device,
     Model,
     Node,
+    NodeVerdict,
     Placement,
     PodRequest,
     Reservation,
     decide_scale,
     explain,
     filter_nodes,
+    score_nodes,
 )
 from budget.decide import REASON_DEVICES, Need, choose_devices
 from budget.evict import plan_eviction
@@ -345,3 +347,9 @@ def test_status_of_a_full_gpu_node_places_nothing() -> None:
                              placements=[held("a", "n", 40, (0,), 0), held("a", "n", 40, (1,), 1)])
     (node,) = status_body(build_status(view, NOW))["nodes"]
     assert (node["largest_placeable_bytes"], [d["largest_placeable_bytes"] for d in node["devices"]]) == (0, [0, 0])
+
+
+def test_spread_mirrors_binpack_after_rounding() -> None:
+    """5 bytes on an empty 100-byte node: 0.05 used rounds to 1, and 0.95 free must then be 9, not 10."""
+    verdicts = [NodeVerdict("n", "passed", "", 100, 100)]
+    assert (score_nodes(verdicts, 5, "binpack"), score_nodes(verdicts, 5, "spread")) == ({"n": 1}, {"n": 9})
