@@ -100,6 +100,9 @@ USED = {
                                 placed("0-never-started", 15)], [], {0: 30, 1: 35}),
     "unknown-after-known-even-if-listed-first": ([placed("b", 20), placed("a", 30, (0,))], [], {0: 30, 1: 20}),
     "index-not-on-the-node-is-unknown": ([placed("a", 30, (7,))], [], {0: 30}),
+    "a-placement-on-an-unknown-node-is-skipped-not-the-rest": (
+        [Placement("default/gone", "gone-node", GI, "default/m", uid="gone"), placed("a", 30, (0,))], [], {0: 30}),
+    "unknown-fills-an-empty-gpu-exactly": ([placed("a", 10, (0,)), placed("b", 40)], [], {0: 10, 1: 40}),
     "overcommitted-unknown-still-counted": ([placed("a", 40, (0,)), placed("b", 40, (1,)), placed("c", 40, (2,)),
                                              placed("d", 10)], [], {0: 50, 1: 40, 2: 40}),
     "reservations-after-placements": (
