@@ -167,20 +167,17 @@ Strategy = Literal["binpack", "spread"]
 def choose_devices(
     node: Node, free: Mapping[int, int], need: Need, strategy: Strategy = "binpack"
 ) -> tuple[int, ...] | None:
-    """The devices of `node` one replica takes (sorted indices), or None when fewer than `need.devices` fit.
+    """The devices of `node` one replica takes (sorted indices), or None when fewer than `need.devices` fit;
+    `free` holds every device of the node.
 
     Binpack takes the devices left fullest (least free that still fits), so large devices stay whole for
     large replicas; spread takes the emptiest. Ties go to the lower index, so the answer is deterministic.
     """
-    share = need.share_bytes
-    devices = node.devices if not need.selector else [d for d in node.devices if device_matches(need.selector, d)]
-    fits = [d.index for d in devices if free.get(d.index, 0) >= share]
+    fits = [d.index for d in node.devices if device_matches(need.selector, d) and free[d.index] >= need.share_bytes]
     if len(fits) < need.devices:
         return None
-    if len(fits) == 1:
-        return (fits[0],)
     sign = 1 if strategy == "binpack" else -1
-    return tuple(sorted(sorted(fits, key=lambda i: (sign * free.get(i, 0), i))[: need.devices]))
+    return tuple(sorted(sorted(fits, key=lambda i: (sign * free[i], i))[: need.devices]))
 
 
 def _first_fit(view: ClusterView, free: Free, candidates: list[str], need: Need) -> tuple[str, tuple[int, ...]] | None:
@@ -788,6 +785,7 @@ def score_nodes(
             scores[v.node] = 0
             continue
         fraction_used_after = 1 - (v.free_bytes - memory_bytes) / v.capacity_bytes
-        fraction = fraction_used_after if strategy == "binpack" else 1 - fraction_used_after
-        scores[v.node] = max(0, min(10, round(10 * fraction)))
+        packed = max(0, min(10, round(10 * fraction_used_after)))
+        # Spread mirrors the rounded binpack score: rounding 1 - x apart can give 1 + 10 (5 bytes on 100).
+        scores[v.node] = packed if strategy == "binpack" else 10 - packed
     return scores

@@ -7,6 +7,7 @@ seconds (float) so the core stays free of clocks: callers pass `now`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -179,10 +180,10 @@ def device_matches(selector: Mapping[str, str], device: Device) -> bool:
     return not selector or all(k in DEVICE_SELECTOR_KEYS and getattr(device, k) == v for k, v in selector.items())
 
 
-def _start_order(h: Placement | Reservation) -> tuple[bool, float, str]:
+def _start_order(h: Placement | Reservation) -> tuple[float, str]:
     """Placements by start time (unknown last), then name; reservations (no start) by pod and UID."""
     started = h.started_at if isinstance(h, Placement) else None
-    return started is None, started or 0.0, h.pod or h.uid
+    return math.inf if started is None else started, h.pod or h.uid
 
 
 def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

@@ -10,12 +10,14 @@ from budget import (
     Device,
     Model,
     Node,
+    NodeVerdict,
     Placement,
     PodRequest,
     Reservation,
     decide_scale,
     explain,
     filter_nodes,
+    score_nodes,
 )
 from budget.decide import REASON_DEVICES, Need, choose_devices
 from budget.evict import plan_eviction
@@ -71,6 +73,10 @@ CASES = {
         [gpus("a-2x40", 40, 40), gpus("b-1x80", 80)], [model("m", 60, devices=2)], "m", 1, True, "fits",
         [("a-2x40", (0, 1))], "2 x 40Gi on a-2x40",
     ),
+    "equal-nodes-name-the-first": Case(
+        [gpus("a", 40, 40), gpus("b", 40, 40)], [model("m", 60, devices=2)], "m", 1, True, "fits",
+        [("a", (0, 1))], "2 x 40Gi on a",
+    ),
     "two-30gi-replicas-take-different-gpus": Case(
         [gpus("n", 40, 40)], [model("m", 30)], "m", 2, True, "fits", [("n", (0,)), ("n", (1,))], "40Gi",
     ),
@@ -115,7 +121,29 @@ CASES = {
     ),
     "too-few-devices-on-any-node": Case(
         [gpus("n", 80, 80)], [model("m", 60, devices=4)], "m", 1, False, "exceeds_node_capacity", [], "0",
-        says=("no node in pool pool=gpu has 4 devices (at most 2)",),
+        says=("no node in pool pool=gpu has 4 devices (at most 2); it can never fit without such a node",),
+    ),
+    "split-replica-on-unified-memory-never-fits": Case(
+        [Node("shadow", POOL, 128 * GI)], [model("m", 60, devices=2)], "m", 1, False, "exceeds_node_capacity", [],
+        "0", says=("no node in pool pool=gpu has 2 devices (at most 1)",),
+    ),
+    "too-few-matching-mig-slices": Case(
+        [MIXED_MIG], [model("m", 9, devices=3, selector={"profile": "1g.10gb"})], "m", 1, False,
+        "exceeds_node_capacity", [], "0",
+        says=("no node in pool pool=gpu has 3 devices matching profile=1g.10gb (at most 2)",),
+    ),
+    "per-device-reasons-name-only-matching-slices": Case(
+        [MIXED_MIG],
+        [model("a", 8, 2, selector={"profile": "1g.10gb"}), model("m", 8, selector={"profile": "1g.10gb"})],
+        "m", 1, False, "insufficient_memory", [], "2Gi",
+        [held("a", "mig-node", 8, (0,), 0), held("a", "mig-node", 8, (1,), 1)],
+        ("mig-node: MIG 1g.10gb 0 has 2Gi free of 10Gi, MIG 1g.10gb 1 has 2Gi free of 10Gi; blocked by",),
+    ),
+    "a-node-with-too-few-devices-does-not-hide-the-next": Case(
+        [gpus("a-small", 80), gpus("b-big", 40, 40)], [model("x", 40, 2), model("m", 60, devices=2)], "m", 1,
+        False, "insufficient_memory", [], "0",
+        [held("x", "b-big", 40, (0,), 0), held("x", "b-big", 40, (1,), 1)],
+        ("a-small: 1 matching device(s) of the 2 needed; b-big: GPU 0 has 0 free of 40Gi, GPU 1 has 0 free of 40Gi",),
     ),
     "tensor-parallel-shares-too-large": Case(
         [gpus("n", 40, 40)], [model("m", 100, devices=2)], "m", 1, False, "exceeds_node_capacity", [],
@@ -149,6 +177,16 @@ def test_decide_per_device(case: Case) -> None:
     assert body["requested"].get("devices") == (split if split > 1 else None)
     for fragment in case.says:
         assert fragment in d.message
+
+
+def test_four_gpus_on_three_nodes_are_listed_without_more() -> None:
+    nodes = [gpus(f"n{i}", *[40] * 4) for i in range(3)]
+    placements = [held("a", f"n{i}", 30, (g,), i * 4 + g) for i in range(3) for g in range(4)]
+    d = decide_scale(ClusterView.build(nodes=nodes, models=[model("a", 30, 12), model("m", 20)],
+                                       placements=placements), "m", 1, NOW)
+    assert "n2: GPU 0 has 10Gi free of 40Gi, GPU 1 has 10Gi free of 40Gi, GPU 2 has 10Gi free of 40Gi, GPU 3 has " \
+           "10Gi free of 40Gi; blocked by" in d.message
+    assert "more" not in d.message
 
 
 def test_the_message_is_bounded_on_large_pools() -> None:
@@ -217,6 +255,27 @@ def test_filter_nodes_per_device(nodes, memory_gi, devices, selector, held_, exp
     pod = PodRequest("default", "p", "p-uid", "default/m", memory_gi * GI, POOL, devices, selector)
     verdicts = filter_nodes(view, pod, [n.name for n in nodes], NOW)
     assert {v.node: (v.status, v.reason, v.devices) for v in verdicts} == expected
+
+
+@pytest.mark.parametrize(
+    ("strategy", "chosen"),
+    [pytest.param(None, (1,), id="binpack-by-default"), pytest.param("binpack", (1,), id="binpack"),
+     pytest.param("spread", (0,), id="spread")],
+)
+def test_filter_chooses_devices_by_strategy(strategy, chosen) -> None:
+    view = ClusterView.build(nodes=[gpus("a", 40, 40, 40)], models=[model("m", 10)],
+                             placements=[held("x", "a", 15, (1,)), held("x", "a", 5, (2,), 1)])
+    pod = PodRequest("default", "p", "p-uid", "default/m", 10 * GI)
+    extra = {} if strategy is None else {"strategy": strategy}
+    (verdict,) = filter_nodes(view, pod, ["a"], NOW, **extra)
+    assert (verdict.status, verdict.devices) == ("passed", chosen)
+
+
+def test_filter_says_how_much_a_node_with_too_few_devices_has() -> None:
+    view = ClusterView.build(nodes=[gpus("a", 80)], models=[model("m", 60, devices=2)],
+                             placements=[held("x", "a", 20, (0,))])
+    (verdict,) = filter_nodes(view, PodRequest("default", "p", "p-uid", "default/m", 60 * GI), ["a"], NOW)
+    assert verdict == (("a", "unresolvable", REASON_DEVICES, 60 * GI, 80 * GI, ()))
 
 
 def test_filter_counts_reservations_per_device() -> None:
@@ -288,3 +347,9 @@ def test_status_of_a_full_gpu_node_places_nothing() -> None:
                              placements=[held("a", "n", 40, (0,), 0), held("a", "n", 40, (1,), 1)])
     (node,) = status_body(build_status(view, NOW))["nodes"]
     assert (node["largest_placeable_bytes"], [d["largest_placeable_bytes"] for d in node["devices"]]) == (0, [0, 0])
+
+
+def test_spread_mirrors_binpack_after_rounding() -> None:
+    """5 bytes on an empty 100-byte node: 0.05 used rounds to 1, and 0.95 free must then be 9, not 10."""
+    verdicts = [NodeVerdict("n", "passed", "", 100, 100)]
+    assert (score_nodes(verdicts, 5, "binpack"), score_nodes(verdicts, 5, "spread")) == ({"n": 1}, {"n": 9})

@@ -1,5 +1,7 @@
 """Device inventory: every source (annotation, GFD GPU and MIG labels, DRA ResourceSlices) lands as devices."""
 
+import re
+
 import pytest
 
 from budget import Device, Node, ObjectError
@@ -148,9 +150,13 @@ def test_devices_annotation_refused(text, fragment):
         ),
         pytest.param(
             node(annotations={ANNOTATION_DEVICES: "80Gi,40Gi", "inference.eh-ops.io/memory-capacity": "1Gi"},
-                 labels={"nvidia.com/gpu.memory": "1024"}),
-            "devices-annotation", [Device(0, 80 * GI), Device(1, 40 * GI)],
+                 labels={"nvidia.com/gpu.memory": "1024", "nvidia.com/gpu.product": "H100"}),
+            "devices-annotation", [Device(0, 80 * GI, product="H100"), Device(1, 40 * GI, product="H100")],
             id="annotation-wins-over-capacity-and-labels",
+        ),
+        pytest.param(
+            node(labels={"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "0"}),
+            "gfd-labels", [Device(0, 0, "unified")], id="zero-gpus-budgeted-with-no-room",
         ),
         pytest.param(
             node(annotations={"inference.eh-ops.io/memory-capacity": "128Gi"}),
@@ -161,7 +167,8 @@ def test_devices_annotation_refused(text, fragment):
 )
 def test_node_inventory(obj, source, devices):
     n = node_from_object(obj)
-    assert (n.capacity_source, list(n.devices)) == (source, devices)
+    assert (n.name, dict(n.labels), n.capacity_source, list(n.devices)) == (
+        "n1", obj["metadata"]["labels"], source, devices)
     assert n.capacity_bytes == (sum(d.memory_bytes for d in devices) if devices else None)
 
 
@@ -234,6 +241,52 @@ SLICES = {
                 Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "a"),
                 Device(2, 20 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "c")]},
     ),
+    "slice-without-generation-is-generation-0": (
+        [{"kind": "ResourceSlice", "metadata": {"name": "s"},
+          "spec": {"driver": "d.example.com", "nodeName": "n1", "pool": {"name": "n1"}, "devices": [gpu("g", "8Gi")]}}],
+        {"n1": [Device(0, 8 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "g")]},
+    ),
+    "pool-without-name-is-the-node": (
+        [{"kind": "ResourceSlice", "metadata": {"name": "old"},
+          "spec": {"driver": "d", "nodeName": "n1", "pool": {"generation": 1}, "devices": [gpu("g", "8Gi")]}},
+         {"kind": "ResourceSlice", "metadata": {"name": "new"},
+          "spec": {"driver": "d", "nodeName": "n1", "pool": {"name": "n1", "generation": 2},
+                   "devices": [gpu("g", "16Gi")]}}],
+        {"n1": [Device(0, 16 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "g")]},
+    ),
+    "a-non-local-slice-does-not-stop-the-others": (
+        [{"kind": "ResourceSlice", "metadata": {"name": "net"},
+          "spec": {"driver": "x", "allNodes": True, "pool": {"name": "p", "generation": 1}, "devices": []}},
+         {"kind": "ResourceSlice", "metadata": {"name": "empty"},
+          "spec": {"driver": "x", "nodeName": "", "pool": {"name": "q", "generation": 1},
+                   "devices": [gpu("g", "1Gi")]}},
+         rslice("n1", [gpu("gpu-0", "24Gi", 0)])],
+        {"n1": [Device(0, 24 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0")]},
+    ),
+    "drivers-keep-their-own-generations-and-come-in-driver-order": (
+        [rslice("n1", [gpu("gpu-0", "40Gi", 0)], name="b", driver="b.example.com", pool="n1", generation=5),
+         rslice("n1", [gpu("x-0", "20Gi", 0)], name="a", driver="a.example.com", pool="n1", generation=1)],
+        {"n1": [Device(0, 20 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "x-0"),
+                Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0")]},
+    ),
+    "mig-by-type-attribute-or-profile": (
+        [rslice("n1", [{"name": "m0", "attributes": {"type": {"string": "mig"}},
+                        "capacity": {"memory": {"value": "5Gi"}}},
+                       mig("m1", "10Gi", "1g.10gb")])],
+        {"n1": [Device(0, 5 * GI, "mig", "", "", "m0"), Device(1, 10 * GI, "mig", "1g.10gb", "", "m1")]},
+    ),
+    "mig-index-attribute-ignored": (
+        [rslice("n1", [{"name": "b", "attributes": {"profile": {"string": "1g.10gb"}, "index": {"int": 0}},
+                        "capacity": {"memory": {"value": "10Gi"}}},
+                       {"name": "a", "attributes": {"profile": {"string": "1g.10gb"}, "index": {"int": 1}},
+                        "capacity": {"memory": {"value": "10Gi"}}}])],
+        {"n1": [Device(0, 10 * GI, "mig", "1g.10gb", "", "a"), Device(1, 10 * GI, "mig", "1g.10gb", "", "b")]},
+    ),
+    "bool-index-is-no-index": (
+        [rslice("n1", [{"name": "a", "attributes": {"index": {"int": True}}, "capacity": {"memory": {"value": "1Gi"}}},
+                       gpu("b", "2Gi", 5)])],
+        {"n1": [Device(0, 2 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "b"), Device(1, GI, "gpu", "", "", "a")]},
+    ),
     "memory-among-other-capacities": (
         [rslice("n1", [{"name": "gpu-0", "capacity": {"cores": {"value": "8"}, "memory": {"value": "40Gi"}}}])],
         {"n1": [Device(0, 40 * GI, "gpu", "", "", "gpu-0")]},
@@ -244,6 +297,18 @@ SLICES = {
 @pytest.mark.parametrize(("slices", "expected"), list(SLICES.values()), ids=list(SLICES))
 def test_resourceslices_translated(slices, expected):
     assert {n: list(d) for n, d in devices_from_resourceslices(slices).items()} == expected
+
+
+@pytest.mark.parametrize(
+    ("generation", "fragment"),
+    [
+        pytest.param("2", "ResourceSlice s: spec.pool.generation must be an integer, got '2'", id="string"),
+        pytest.param(True, "ResourceSlice s: spec.pool.generation must be an integer, got True", id="bool"),
+    ],
+)
+def test_resourceslice_generation_must_be_an_integer(generation, fragment):
+    with pytest.raises(ObjectError, match=fragment):
+        devices_from_resourceslices([rslice("n1", [gpu("g", "1Gi")], generation=generation)])
 
 
 def test_resourceslices_win_over_labels_in_the_view():
@@ -297,13 +362,15 @@ def test_model_device_fields(spec, devices, selector):
         pytest.param({"devices": 0}, "spec.devices must be an integer >= 1, got 0", id="zero"),
         pytest.param({"devices": True}, "spec.devices must be an integer >= 1, got True", id="bool"),
         pytest.param({"devices": "2"}, "spec.devices must be an integer >= 1, got '2'", id="string"),
-        pytest.param({"deviceSelector": {"memory": "x"}}, "spec.deviceSelector: unknown key 'memory'", id="bad-key"),
-        pytest.param({"deviceSelector": {"kind": "tpu"}}, "spec.deviceSelector.kind must be one of", id="bad-kind"),
+        pytest.param({"deviceSelector": {"memory": "x"}},
+                     "spec.deviceSelector: unknown key 'memory' (use kind, product, profile)", id="bad-key"),
+        pytest.param({"deviceSelector": {"kind": "tpu"}},
+                     "spec.deviceSelector.kind must be one of gpu, mig, unified, got 'tpu'", id="bad-kind"),
         pytest.param({"deviceSelector": {"profile": 3}}, "spec.deviceSelector must map strings", id="not-string"),
     ],
 )
 def test_model_device_fields_refused(spec, fragment):
-    with pytest.raises(ObjectError, match=fragment):
+    with pytest.raises(ObjectError, match=re.escape(fragment)):
         model_from_inferencemodel({"kind": "InferenceModel", "metadata": {"name": "m"},
                                    "spec": {"memory": "1Gi", **spec}})
 
@@ -317,6 +384,8 @@ def test_model_device_fields_refused(spec, fragment):
         pytest.param("0,0", (), id="repeated-not-known"),
         pytest.param("a,1", (), id="unreadable-not-known"),
         pytest.param("", (), id="empty-not-known"),
+        pytest.param(",".join(map(str, range(1024))), tuple(range(1024)), id="1024-devices"),
+        pytest.param(",".join(map(str, range(1025))), (), id="1025-not-known"),
     ],
 )
 def test_pod_devices_annotation(annotation, devices):
@@ -330,3 +399,8 @@ def test_pod_devices_annotation(annotation, devices):
     assert parse_device_indices(annotation) == devices
     if devices:
         assert format_device_indices(devices) == annotation  # what the extender writes, the cache reads back
+
+
+@pytest.mark.parametrize("value", [None, 0, 5, ["0"]], ids=["none", "zero", "int", "list"])
+def test_pod_devices_annotation_not_a_string(value):
+    assert parse_device_indices(value) == ()

@@ -95,10 +95,14 @@ def placed(name, memory_gi, devices=(), started=None, model="default/m"):
 USED = {
     "known-devices-charged-their-share": ([placed("a", 30, (0, 2))], [], {0: 15, 2: 15}),
     "unknown-goes-to-the-lowest-index-with-room": ([placed("a", 30, (0,)), placed("b", 20)], [], {0: 30, 1: 20}),
-    "unknown-in-start-order": ([placed("late", 30, started=20.0), placed("early", 30, started=10.0)], [],
-                               {0: 30, 1: 30}),
+    # early (30Gi) takes GPU 0 first, late (20Gi) finds it too full, then never-started (15Gi) fits only GPU 1.
+    "unknown-in-start-order": ([placed("a-late", 20, started=20.0), placed("b-early", 30, started=10.0),
+                                placed("0-never-started", 15)], [], {0: 30, 1: 35}),
     "unknown-after-known-even-if-listed-first": ([placed("b", 20), placed("a", 30, (0,))], [], {0: 30, 1: 20}),
     "index-not-on-the-node-is-unknown": ([placed("a", 30, (7,))], [], {0: 30}),
+    "a-placement-on-an-unknown-node-is-skipped-not-the-rest": (
+        [Placement("default/gone", "gone-node", GI, "default/m", uid="gone"), placed("a", 30, (0,))], [], {0: 30}),
+    "unknown-fills-an-empty-gpu-exactly": ([placed("a", 10, (0,)), placed("b", 40)], [], {0: 10, 1: 40}),
     "overcommitted-unknown-still-counted": ([placed("a", 40, (0,)), placed("b", 40, (1,)), placed("c", 40, (2,)),
                                              placed("d", 10)], [], {0: 50, 1: 40, 2: 40}),
     "reservations-after-placements": (
@@ -112,6 +116,14 @@ def test_device_used(placements, reservations, expected_gi):
     view = ClusterView.build(nodes=[GPUS], models=[Model("default", "m", GI)], placements=placements,
                              reservations=reservations)
     assert view.device_used(NOW) == ({"n": {i: g * GI for i, g in expected_gi.items()}} if expected_gi else {})
+
+
+def test_unknown_devices_without_start_times_go_by_pod_name():
+    """Pod names, not UIDs, order them: b (30Gi) after a (20Gi) finds GPU 0 too full."""
+    placements = [Placement("default/b", "n", 30 * GI, "default/m", uid="uid-1"),
+                  Placement("default/a", "n", 20 * GI, "default/m", uid="uid-2")]
+    view = ClusterView.build(nodes=[GPUS], models=[Model("default", "m", GI)], placements=placements)
+    assert view.device_used(NOW)["n"] == {0: 20 * GI, 1: 30 * GI}
 
 
 def test_device_used_leaves_out_a_pod_or_models():
