@@ -143,7 +143,5 @@ def metrics_body(m: ModelMemory) -> dict[str, Any]:
         body["lastFailureTime"] = m.last_failure_time
         body["nextStartAttempt"] = m.next_start_attempt
         body["recentFailures"] = [{"time": t, "message": message} for t, message in m.recent_failures]
-        # Why the last process ended without being asked to: the exit, then what it said last on stderr.
-        body["lastFailure"] = m.last_failure
         body["log"] = m.log  # the model's own log file (its stdout and stderr)
     return body

@@ -100,6 +100,28 @@ def test_the_metrics_body_in_local_mode_shows_the_process_side():
     assert (stopped["observedMemory"], stopped["observedMemoryBytes"], stopped["utilizationRatio"]) == (None, 0, None)
 
 
+def test_the_metrics_body_of_a_crash_looping_local_model_says_why_when_and_where_to_look():
+    from budget import ModelMemory, metrics_body
+
+    failures = (("2026-01-01T00:00:00Z", "exit 1: oom"), ("2026-01-01T00:00:10Z", "exit 1: oom again"))
+    m = ModelMemory("local", "m", "m", GI, state="failed", last_failure="exit 1: oom again",
+                    last_failure_time="2026-01-01T00:00:10Z", next_start_attempt="2026-01-01T00:00:40Z",
+                    recent_failures=failures, log="/var/log/ibc/m.log")
+    body = metrics_body(m)
+    assert {k: body[k] for k in ("state", "lastFailure", "lastFailureTime", "nextStartAttempt", "recentFailures",
+                                 "log")} == {
+        "state": "failed",
+        "lastFailure": "exit 1: oom again",
+        "lastFailureTime": "2026-01-01T00:00:10Z",
+        "nextStartAttempt": "2026-01-01T00:00:40Z",
+        "recentFailures": [
+            {"time": "2026-01-01T00:00:00Z", "message": "exit 1: oom"},
+            {"time": "2026-01-01T00:00:10Z", "message": "exit 1: oom again"},
+        ],
+        "log": "/var/log/ibc/m.log",
+    }
+
+
 def test_the_metrics_body_in_a_cluster_has_no_process_side():
     from budget import ModelMemory, metrics_body
 

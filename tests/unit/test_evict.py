@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from budget import ClusterView, Model, Node, Placement
-from budget.evict import plan_eviction
+from budget import ClusterView, Model, Node, Placement, Reservation
+from budget.errors import UnknownModelError
+from budget.evict import evictable, plan_eviction
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +132,106 @@ def test_message_names_victim_idle_time_and_requester():
 def test_larger_than_any_node_never_evicts():
     v = view([Running("model-a", 40)], capacity_gi=50)
     assert plan_eviction(v, "model-b", 1, NOW) is None
+
+
+# ----- who may be stopped: one pool of two GPUs beside a Mac, every policy rule at once -----
+
+GPU = {"pool": "gpu"}
+MAC = {"pool": "mac"}
+
+
+@dataclass(frozen=True)
+class Held:
+    """A model and where its replicas sit: (node, Gi) pairs; `reserved`: a live reservation of it."""
+
+    name: str
+    on: tuple[tuple[str, int], ...]
+    idle: float | None = 300.0  # seconds since its last request; None: never asked (idle since its start)
+    started_ago: float = 1000.0
+    replicas: int | None = None  # desired; default: one per placement
+    priority: int = 0
+    model_name: str = ""
+    reserved: float | None = None  # a reservation of this model expiring this many seconds from now
+
+
+# (id, model, its victim as (label, held Gi, idle seconds, priority), or None when policy keeps it)
+WHO = [
+    ("idle-on-one-gpu", Held("a", (("g1", 10),), idle=900), ("a", 10, 900.0, 0)),
+    ("lower-priority", Held("b", (("g2", 20),), idle=100, priority=-1), ("b", 20, 100.0, -1)),
+    ("named-by-model-name", Held("c", (("g1", 4),), model_name="org/c"), ("org/c", 4, 300.0, 0)),
+    ("a-replica-still-to-come", Held("d", (("g1", 8),), replicas=2), None),
+    ("only-on-another-pool", Held("e", (("mac", 16),)), None),
+    ("half-in-the-pool-counts-half", Held("f", (("g2", 8), ("mac", 8))), ("f", 8, 300.0, 0)),
+    ("live-reservation-is-starting", Held("g", (("g1", 2),), reserved=30.0), None),
+    ("expired-reservation-is-not", Held("h", (("g2", 2),), reserved=-1.0), ("h", 2, 300.0, 0)),
+    ("never-asked-idle-since-start", Held("i", (("g1", 6),), idle=None, started_ago=700), ("i", 6, 700.0, 0)),
+    ("never-asked-started-just-now", Held("j", (("g1", 6),), idle=None, started_ago=30), None),
+]
+
+
+def _pool_view(held: list[Held]) -> ClusterView:
+    nodes = [Node("g1", GPU, 100 * GI), Node("g2", GPU, 100 * GI), Node("cpu", GPU), Node("mac", MAC, 100 * GI)]
+    models = [Model("ns", "want", 60 * GI, "", GPU)]
+    placements, reservations = [], []
+    for h in held:
+        models.append(
+            Model(
+                "ns",
+                h.name,
+                h.on[0][1] * GI,
+                h.model_name,
+                GPU,
+                replicas=len(h.on) if h.replicas is None else h.replicas,
+                last_request_time=None if h.idle is None else NOW - h.idle,
+                evict_idle_after_seconds=60.0,
+                priority=h.priority,
+            )
+        )
+        for i, (node, gi) in enumerate(h.on):
+            pod = f"ns/{h.name}-{i}"
+            placements.append(
+                Placement(pod, node, gi * GI, f"ns/{h.name}", uid=pod, started_at=NOW - h.started_ago, ready=True)
+            )
+        if h.reserved is not None:
+            expires = NOW + h.reserved
+            reservations.append(Reservation(f"r-{h.name}", f"ns/{h.name}", GI, expires, "g2", f"ns/{h.name}-r"))
+    return ClusterView.build(nodes=nodes, models=models, placements=placements, reservations=reservations)
+
+
+def _victims(held: list[Held]) -> list[tuple[str, int, float, int]]:
+    victims = evictable(_pool_view(held), "want", NOW)
+    return [(v.name, v.memory_bytes // GI, v.idle_for_seconds, v.priority) for v in victims]
+
+
+@pytest.mark.parametrize(("held", "victim"), [w[1:] for w in WHO], ids=[w[0] for w in WHO])
+def test_who_may_be_stopped(held, victim):
+    assert _victims([held]) == ([] if victim is None else [victim])
+
+
+def test_who_may_be_stopped_all_at_once_lowest_priority_then_most_idle_first():
+    """The whole table in one pool: the same verdicts, listed lowest priority first, then most idle."""
+    expected = [w[2] for w in WHO if w[2] is not None]
+    expected.sort(key=lambda v: (v[3], -v[2], v[1], v[0]))
+    assert _victims([w[1] for w in WHO]) == expected
+    assert [v[0] for v in expected] == ["b", "a", "i", "h", "org/c", "f"]  # equal idle: the smaller first
+
+
+def test_evicting_for_an_unknown_model_names_it():
+    with pytest.raises(UnknownModelError, match="^unknown model 'nope'$"):
+        evictable(_pool_view([]), "nope", NOW)
+
+
+def test_plan_eviction_in_a_pool_with_an_unbudgeted_node_and_a_reservation():
+    """The pool's CPU node has no budget and a live reservation holds room: the plan still adds up."""
+    held = [
+        Held("a", (("g1", 70),), idle=900),
+        Held("b", (("g2", 60),), idle=100),
+        Held("r", (("g1", 1),), reserved=30),
+    ]
+    plan = plan_eviction(_pool_view(held), "want", 1, NOW)
+    assert plan is not None
+    # g1 has 29Gi free (a 70Gi, r 1Gi), g2 39Gi (b 60Gi, r's reservation 1Gi): stopping b (60Gi) or a (70Gi)
+    # makes room; the fewest bytes beyond the need wins, and the 60Gi replica lands where b was.
+    assert [(v.name, v.memory_bytes // GI) for v in plan.victims] == [("b", 60)]
+    decision = plan.decision
+    assert (decision.allowed, decision.placements, decision.available_bytes) == (True, {"g2": 1}, 99 * GI)

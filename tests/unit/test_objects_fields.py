@@ -116,6 +116,11 @@ def test_inferencemodel_defaults_and_backend():
         pytest.param({"phase": "Running", "conditions": {"type": "Ready", "status": "True"}}, {},
                      Placement("ns/p", "n1", 16 * GI, "ns/m", "", "Running", None, False),
                      id="conditions-not-a-list"),
+        pytest.param({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+                     {"uid": "u1", "deletionTimestamp": "2026-01-01T00:00:30Z"},
+                     Placement("ns/p", "n1", 16 * GI, "ns/m", "u1", "Running", None, True, state="stopping",
+                               free_by=T0 + 30),
+                     id="deleted-still-holds-until-its-grace-ends"),
     ],
 )
 def test_placements_land_whole(status, meta, expected):
@@ -162,6 +167,39 @@ def test_merge_budgets_for_the_larger_replicas(im_replicas, dep_replicas, expect
     assert merged["ns/m"] is im if expected == im_replicas else merged["ns/m"].replicas == expected
     assert (merged["ns/m"].memory_bytes, merged["ns/m"].source) == (GI, "InferenceModel")
     assert merged["ns/solo"] == other
+
+
+def _im(name, namespace=None, memory="1Gi"):
+    meta = {"name": name} | ({"namespace": namespace} if namespace else {})
+    return {"kind": "InferenceModel", "metadata": meta, "spec": {"memory": memory}}
+
+
+MODELS_IN_ANY_ORDER = [
+    _im("z"),  # no namespace: keyed `z`, after `b/m`
+    _im("y"),
+    _im("m", "b"),
+    _im("m", "a"),
+    deployment(name="d2", namespace="b", labels={LABEL: "m2"}, annotations={MEMORY: "12Gi"}),
+    deployment(name="d1", namespace="b", labels={LABEL: "m2"}, annotations={MEMORY: "8Gi"}),
+]
+
+
+@pytest.mark.parametrize(
+    "objects",
+    [pytest.param(MODELS_IN_ANY_ORDER, id="as-listed"), pytest.param(MODELS_IN_ANY_ORDER[::-1], id="reversed")],
+)
+def test_the_view_does_not_depend_on_the_order_objects_arrive_in(objects):
+    """Models come in object-key order (a watch delivers in any order); of two Deployments of one model,
+    the first by name sets its memory, whichever arrived first."""
+    view = view_from_objects(objects)
+    assert list(view.models) == ["a/m", "b/m", "default/y", "default/z", "b/m2"]
+    assert view.models["b/m2"].memory_bytes == 8 * GI
+
+
+def test_an_object_listed_twice_in_a_snapshot_loads_once():
+    """`kubectl get -o yaml` outputs concatenated by hand repeat objects; the view counts each once."""
+    view = view_from_objects([_im("m", "a"), _im("m", "a"), deployment(), deployment()])
+    assert {k: m.memory_bytes for k, m in view.models.items()} == {"a/m": GI, "ns/m": 8 * GI}
 
 
 def test_list_documents_are_flattened_and_empty_documents_skipped():
@@ -241,6 +279,8 @@ def test_parse_time(value, expected):
         pytest.param(lambda: parse_time(5), "time: expected an RFC 3339 time, got 5", id="time-not-a-string"),
         pytest.param(lambda: placement_from_pod(pod({"startTime": "noon"})),
                      "status.startTime: 'noon' is not an RFC 3339 time", id="bad-start-time"),
+        pytest.param(lambda: placement_from_pod(pod(meta={"deletionTimestamp": "later"})),
+                     "metadata.deletionTimestamp: 'later' is not an RFC 3339 time", id="bad-deletion-time"),
         pytest.param(lambda: view_from_objects([5]), "expected a Kubernetes object (a mapping), got int",
                      id="not-a-mapping"),
     ],

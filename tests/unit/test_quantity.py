@@ -1,6 +1,5 @@
 """Quantities and durations: every legal form parses to exact bytes/seconds; anything else is named."""
 
-import re
 
 import pytest
 
@@ -56,17 +55,31 @@ def test_parse_quantity_refuses_other_types(value, fragment):
 @pytest.mark.parametrize(
     ("text", "hint"),
     [
-        pytest.param("80m", "did you mean 80Mi?", id="milli"),
-        pytest.param(" 8Gi ", "remove the spaces", id="spaces"),
-        pytest.param("1e-3", "negative exponent", id="negative-exponent"),
-        pytest.param("1.5e9", "write 1.5G or 1500e6", id="fraction-with-exponent"),
-        pytest.param("1.0625Gi", "smaller unit", id="sixteenths"),
-        pytest.param("-1Gi", ">= 0", id="negative"),
+        pytest.param("80m", ": 'm' means thousandths of a byte; did you mean 80Mi?", id="milli"),
+        pytest.param("8m", ": 'm' means thousandths of a byte; did you mean 8Mi?", id="milli-one-digit"),
+        pytest.param("m", "", id="a-bare-m-is-no-milli"),
+        pytest.param(" 8Gi ", ": remove the spaces", id="spaces"),
+        pytest.param("16 Gi", ": remove the spaces", id="space-inside"),
+        pytest.param("\t16Gi", ": remove the spaces", id="leading-tab"),
+        pytest.param("16Gi\n", ": remove the spaces", id="trailing-newline",
+                     marks=pytest.mark.xfail(strict=True, reason="Python's `$` matches before a final newline, so "
+                                             "the parser accepts '16Gi\\n' where the CRD (RE2) refuses it")),
+        pytest.param("100u", ": 'u' means a fraction of a byte", id="micro"),
+        pytest.param("5n", ": 'n' means a fraction of a byte", id="nano"),
+        pytest.param("1e-3", ": a negative exponent leaves a fraction of a byte", id="negative-exponent"),
+        pytest.param("1.5e9", ": no fraction with an exponent (write 1.5G or 1500e6)", id="fraction-with-exponent"),
+        pytest.param("1.0625Gi", ": the fraction leaves part of a byte (use a smaller unit: 1.0625Gi is 1088Mi)",
+                     id="sixteenths"),
+        pytest.param("-1Gi", ": memory must be >= 0", id="negative"),
+        pytest.param("16GB", "", id="no-usual-mistake-no-hint"),
     ],
 )
 def test_the_refusal_says_how_to_fix_the_usual_mistakes(text, hint):
-    with pytest.raises(QuantityError, match=re.escape(hint)):
-        parse_quantity(text)
+    """The whole message: the field, the input, the examples, then the hint for the usual mistake."""
+    with pytest.raises(QuantityError) as info:
+        parse_quantity(text, field="spec.memory")
+    examples = "examples: 16Gi, 60G, 1.5Ti, 512Mi, 1e9"
+    assert str(info.value) == f"spec.memory: {text!r} is not a memory quantity in whole bytes ({examples}){hint}"
 
 
 @pytest.mark.parametrize(
