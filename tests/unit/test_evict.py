@@ -1,6 +1,6 @@
 """Which idle models are stopped to make room: the policy (idleAfter, priority, pinned, busy) as a table."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -156,6 +156,7 @@ class Held:
 
 # (id, model, its victim as (label, held Gi, idle seconds, priority), or None when policy keeps it)
 WHO = [
+    ("asked-too-recently", Held("k", (("g1", 3),), idle=30), None),
     ("idle-on-one-gpu", Held("a", (("g1", 10),), idle=900), ("a", 10, 900.0, 0)),
     ("lower-priority", Held("b", (("g2", 20),), idle=100, priority=-1), ("b", 20, 100.0, -1)),
     ("named-by-model-name", Held("c", (("g1", 4),), model_name="org/c"), ("org/c", 4, 300.0, 0)),
@@ -216,6 +217,13 @@ def test_who_may_be_stopped_all_at_once_lowest_priority_then_most_idle_first():
     assert [v[0] for v in expected] == ["b", "a", "i", "h", "org/c", "f"]  # equal idle: the smaller first
 
 
+def test_a_model_of_one_byte_still_frees_its_byte():
+    view = _pool_view([Held("tiny", (("g1", 1),))])
+    tiny = replace(view.placements[0], memory_bytes=1)
+    (victim,) = evictable(replace(view, placements=(tiny,)), "want", NOW)
+    assert (victim.name, victim.memory_bytes) == ("tiny", 1)
+
+
 def test_evicting_for_an_unknown_model_names_it():
     with pytest.raises(UnknownModelError, match="^unknown model 'nope'$"):
         evictable(_pool_view([]), "nope", NOW)
@@ -235,3 +243,49 @@ def test_plan_eviction_in_a_pool_with_an_unbudgeted_node_and_a_reservation():
     assert [(v.name, v.memory_bytes // GI) for v in plan.victims] == [("b", 60)]
     decision = plan.decision
     assert (decision.allowed, decision.placements, decision.available_bytes) == (True, {"g2": 1}, 99 * GI)
+
+
+def _scale_up_view(own_reserved: bool, *, n1_gi: int = 40) -> ClusterView:
+    """n1: want's three 10Gi replicas (the third only reserved when `own_reserved`) and b (5Gi); n2: a (80Gi)."""
+    def idle_model(name: str, gi: int) -> Model:
+        return Model("ns", name, gi * GI, "", replicas=1, last_request_time=NOW - 300, evict_idle_after_seconds=60)
+
+    models = [Model("ns", "want", 10 * GI, "", replicas=3), idle_model("a", 80), idle_model("b", 5)]
+    placed = [("want", "n1", 10), ("want", "n1", 10), ("b", "n1", 5), ("a", "n2", 80)]
+    if not own_reserved:
+        placed.append(("want", "n1", 10))
+    placements = [
+        Placement(f"ns/{m}-{i}", node, gi * GI, f"ns/{m}", uid=f"{m}-{i}", started_at=NOW - 1000, ready=True)
+        for i, (m, node, gi) in enumerate(placed)
+    ]
+    reservations = [Reservation("r-want", "ns/want", 10 * GI, NOW + 30, "n1", "ns/want-r")] if own_reserved else []
+    nodes = [Node("n1", {}, n1_gi * GI), Node("n2", {}, 80 * GI)]
+    return ClusterView.build(nodes=nodes, models=models, placements=placements, reservations=reservations)
+
+
+@pytest.mark.parametrize("own_reserved", [False, True], ids=["three-placed", "two-placed-one-reserved"])
+def test_a_scale_up_counts_the_replicas_it_already_holds(own_reserved):
+    """want has 3 replicas and asks for a 4th (10Gi); n1 has 5Gi free. Stopping b (5Gi) is enough: only the
+    4th replica needs room, however its first three hold theirs (placed or reserved)."""
+    plan = plan_eviction(_scale_up_view(own_reserved), "want", 4, NOW)
+    assert plan is not None
+    assert [v.name for v in plan.victims] == ["b"]
+    assert (plan.decision.allowed, plan.decision.placements) == (True, {"n1": 1})
+
+
+def test_room_split_across_nodes_is_made_on_one_node():
+    """40Gi free in all, 20Gi on each node: no node takes a 40Gi replica until one model on it stops."""
+    models = [
+        Model("ns", "want", 40 * GI, ""),
+        *(Model("ns", m, 30 * GI, "", replicas=1, last_request_time=NOW - 300, evict_idle_after_seconds=60)
+          for m in ("a", "b")),
+    ]
+    placements = [
+        Placement(f"ns/{m}-0", node, 30 * GI, f"ns/{m}", uid=m, started_at=NOW - 1000, ready=True)
+        for m, node in (("a", "n1"), ("b", "n2"))
+    ]
+    view = ClusterView.build(nodes=[Node("n1", {}, 50 * GI), Node("n2", {}, 50 * GI)], models=models,
+                             placements=placements)
+    plan = plan_eviction(view, "want", 1, NOW)
+    assert plan is not None
+    assert ([v.name for v in plan.victims], plan.decision.placements) == (["a"], {"n1": 1})  # a tie: by name

@@ -197,9 +197,12 @@ def test_the_view_does_not_depend_on_the_order_objects_arrive_in(objects):
 
 
 def test_an_object_listed_twice_in_a_snapshot_loads_once():
-    """`kubectl get -o yaml` outputs concatenated by hand repeat objects; the view counts each once."""
-    view = view_from_objects([_im("m", "a"), _im("m", "a"), deployment(), deployment()])
-    assert {k: m.memory_bytes for k, m in view.models.items()} == {"a/m": GI, "ns/m": 8 * GI}
+    """`kubectl get -o yaml` outputs concatenated by hand repeat objects, edited in between or not; the
+    view counts each once: the later InferenceModel, the first labelled Deployment."""
+    objects = [_im("m", "a"), _im("m", "a", memory="2Gi"), _im("m", "a", memory="2Gi"),
+               deployment(), deployment(annotations={MEMORY: "4Gi"})]
+    view = view_from_objects(objects)
+    assert {k: m.memory_bytes for k, m in view.models.items()} == {"a/m": 2 * GI, "ns/m": 8 * GI}
 
 
 def test_list_documents_are_flattened_and_empty_documents_skipped():
@@ -276,6 +279,12 @@ def test_parse_time(value, expected):
                                                         "spec": {"memory": "1Gi"},
                                                         "status": {"lastRequestTime": "soon"}}),
                      "InferenceModel m: status.lastRequestTime: 'soon' is not an RFC 3339 time", id="bad-last-request"),
+        pytest.param(lambda: model_from_inferencemodel({"kind": "InferenceModel", "metadata": {"name": "m"},
+                                                        "spec": {"memory": "1Gi", "eviction": {"idleAfter": "soon"}}}),
+                     "InferenceModel m: spec.eviction.idleAfter: 'soon' is not a duration", id="bad-idle-after"),
+        pytest.param(lambda: model_from_inferencemodel({"kind": "InferenceModel", "metadata": {"name": "m"},
+                                                        "spec": {"memory": "1Gi", "admission": {"maxWait": "soon"}}}),
+                     "InferenceModel m: spec.admission.maxWait: 'soon' is not a duration", id="bad-max-wait"),
         pytest.param(lambda: parse_time(5), "time: expected an RFC 3339 time, got 5", id="time-not-a-string"),
         pytest.param(lambda: placement_from_pod(pod({"startTime": "noon"})),
                      "status.startTime: 'noon' is not an RFC 3339 time", id="bad-start-time"),

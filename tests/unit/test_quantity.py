@@ -4,6 +4,7 @@
 import pytest
 
 from budget import DurationError, QuantityError, format_bytes, format_duration, parse_duration, parse_quantity
+from tests import quantities
 from tests.quantities import ACCEPTED, REFUSED, TOO_LARGE
 
 pytestmark = pytest.mark.unit
@@ -32,7 +33,20 @@ def test_parse_quantity_accepts_whole_numbers(value, expected):
 def test_parse_quantity_refuses_every_form_of_the_table_naming_field_and_input(text):
     with pytest.raises(QuantityError) as info:
         parse_quantity(text, field="spec.memory")
-    assert str(info.value).startswith(f"spec.memory: {text!r} ")
+    said = "is too large" if text in quantities.TOO_LARGE else "is not a memory quantity in whole bytes (examples: "
+    assert str(info.value).startswith(f"spec.memory: {text!r} {said}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("0e400", 0, id="zero-with-a-huge-exponent"),
+        pytest.param("0e30", 0, id="zero-at-the-exponent-cap"),
+        pytest.param("9e18", 9 * 10**18, id="largest-power-of-ten-below-the-range"),
+    ],
+)
+def test_exponents_far_beyond_the_range_are_fine_for_zero(text, expected):
+    assert parse_quantity(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -50,6 +64,21 @@ def test_parse_quantity_refuses_every_form_of_the_table_naming_field_and_input(t
 def test_parse_quantity_refuses_other_types(value, fragment):
     with pytest.raises(QuantityError, match=fragment):
         parse_quantity(value, field="spec.memory")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(-5, "spec.memory: -5 is negative; memory must be >= 0", id="negative-int"),
+        pytest.param(2**63 - 1, "spec.memory: 9223372036854775807 is too large (at most 9223372036854775806 bytes)",
+                     id="int64-max-int"),
+        pytest.param(-1.0, "spec.memory: -1 is negative; memory must be >= 0", id="negative-whole-float"),
+    ],
+)
+def test_a_number_out_of_range_is_named_with_its_field(value, message):
+    with pytest.raises(QuantityError) as info:
+        parse_quantity(value, field="spec.memory")
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize(
