@@ -56,9 +56,9 @@ mutation: setup
 	$(BIN)/python .ci/mutation.py --force
 
 ## mutation-check: the same, skipped with one line when budget/ is unchanged since the last passing run;
-## part of `make test` (after `tools`: the unit tier it runs needs helm and kustomize under CI=true), capped
-## at MUTATION_CAP seconds (a run cut by the cap fails; IBC_MUTATION_TIMEOUT_SECONDS overrides it)
-MUTATION_CAP ?= 1500
+## capped at MUTATION_CAP seconds (a run cut by the cap fails; IBC_MUTATION_TIMEOUT_SECONDS overrides it).
+## Not in `make test` yet (docs/testing.md says why); it needs `tools`: the unit tier runs helm and kustomize
+MUTATION_CAP ?= 2700
 mutation-check: setup tools
 	IBC_MUTATION_TIMEOUT_SECONDS=$${IBC_MUTATION_TIMEOUT_SECONDS:-$(MUTATION_CAP)} $(BIN)/python .ci/mutation.py
 
@@ -66,9 +66,9 @@ mutation-check: setup tools
 mutation-glue: setup
 	$(BIN)/python .ci/mutation.py --glue
 
-## test: every gate and every tier: lint, the mutation check on budget/ (when it changed), unit,
-## integration (with the browser test), cluster, engine, pods (and stress, bounded)
-test: lint kube-binaries tools mutation-check browser engine pods-node
+## test: every gate and every tier: lint, unit, integration (with the browser
+## test), cluster, engine, pods (and stress, bounded)
+test: lint kube-binaries tools browser engine pods-node
 	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; case "$${CI:-}" in 1|true|TRUE|True|yes) ;; *) rc=0;; esac; fi; \
 	exit $$rc
