@@ -452,10 +452,13 @@ WHOLE_DOCUMENT = {
         {"name": "pool=unified", "nodes": ["mac"], "models": ["ns/small"]} | _room_fields(192, 2, 190, 190),
     ],
     "nodes": [
-        {"name": "g1"} | _room_fields(80, 80, 0, 0) | {"replicas": [BIG_0, GHOST_0]},  # largest first
+        {"name": "g1"} | _room_fields(80, 80, 0, 0) | {"replicas": [BIG_0, GHOST_0]}  # largest first
+        | {"devices": [{"index": 0, "label": "memory", "kind": "unified"} | _room_fields(80, 80, 0, 0)]},
         # The live reservation holds its 20Gi; the expired one holds nothing.
-        {"name": "g2"} | _room_fields(48, 40, 8, 8) | {"replicas": [HALF_0, HALF_1]},
-        {"name": "mac"} | _room_fields(192, 2, 190, 190) | {"replicas": [GHOST_1]},
+        {"name": "g2"} | _room_fields(48, 40, 8, 8) | {"replicas": [HALF_0, HALF_1]}
+        | {"devices": [{"index": 0, "label": "memory", "kind": "unified"} | _room_fields(48, 40, 8, 8)]},
+        {"name": "mac"} | _room_fields(192, 2, 190, 190) | {"replicas": [GHOST_1]}
+        | {"devices": [{"index": 0, "label": "memory", "kind": "unified"} | _room_fields(192, 2, 190, 190)]},
     ],
     "models": [
         _model_fields(
