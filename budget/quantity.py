@@ -70,9 +70,9 @@ def parse_quantity(value: object, *, field: str = "quantity") -> int:
         return _in_range(value, value, field)
     if not isinstance(value, str):
         raise QuantityError(f"{field}: expected a quantity string like 16Gi, got {type(value).__name__}")
-    if not _QUANTITY.match(value):
+    if not _QUANTITY.fullmatch(value):
         raise QuantityError(f"{field}: {value!r} is not a memory quantity in whole bytes ({_EXAMPLES}){_hint(value)}")
-    parts = _SPLIT.match(value)
+    parts = _SPLIT.fullmatch(value)
     if parts is None:  # pragma: no cover - every string the grammar admits splits
         raise QuantityError(f"{field}: {value!r} is not a memory quantity ({_EXAMPLES})")
     number = Decimal(parts["num"])
