@@ -429,11 +429,17 @@ def test_serving_certificate_rotation_under_traffic_fails_no_call(
             tmp = dst.with_suffix(".new")
             shutil.copy(src, tmp)
             os.replace(tmp, dst)
+        new_serial = x509.load_pem_x509_certificate(webhooks.cert.read_bytes()).serial_number
+        assert new_serial not in serials_before
+        # Each process runs two workers, each with its own reloader checking once a second; a check that
+        # lands between the two renames sees a mismatched pair, keeps the old one and retries a second
+        # later. So the claim is convergence: soon every new connection, whichever worker takes it,
+        # presents the new certificate (several handshakes per process, retried until all agree).
         wait_for(
-            lambda: all(webhooks.served_serial(i) != serials_before[i] for i in (0, 1)),
+            lambda: all(webhooks.served_serial(i) == new_serial for i in (0, 1) for _ in range(8)),
             timeout=15,
             interval=0.2,
-            message="both processes serving the new certificate",
+            message="every new connection to both processes presenting the new certificate",
         )
         rotated = len(calls)
         wait_for(lambda: len(calls) >= rotated + 10, timeout=30, interval=0.05, message="calls after the rotation")
@@ -444,8 +450,6 @@ def test_serving_certificate_rotation_under_traffic_fails_no_call(
     print(f"rotation: {len(calls)} calls through the webhooks, {len(errors)} failed")
     assert errors == []
     assert len(calls) >= 20, len(calls)
-    new_serial = x509.load_pem_x509_certificate(webhooks.cert.read_bytes()).serial_number
-    assert [webhooks.served_serial(i) for i in (0, 1)] == [new_serial, new_serial]
 
 
 def test_webhook_identity_has_least_privilege(webhooks: Webhooks, control_plane: ControlPlane) -> None:
