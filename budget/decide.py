@@ -103,6 +103,11 @@ class Decision:
     available_node: str = ""  # where the largest placement in `available_bytes` is ("" when none)
 
     @property
+    def retry_after(self) -> int | None:
+        """The retry hint every answer gives (429 body, /status, deny): seconds, or None when waiting cannot help."""
+        return self.retry_after_seconds or None
+
+    @property
     def available(self) -> str:
         """The largest placement the pool can still make, for people: `48Gi`, or `2 x 30Gi on gpu-node-1`."""
         return _placement_text(self.devices, self.available_bytes // max(1, self.devices), self.available_node)
@@ -700,8 +705,7 @@ def explain(decision: Decision) -> dict[str, Any]:
     if decision.devices > 1:
         body["requested"]["devices"] = decision.devices
     if not decision.allowed:
-        retry = decision.retry_after_seconds or None
-        body = {"error": decision.reason, **body, "retry_after_seconds": retry}
+        body = {"error": decision.reason, **body, "retry_after_seconds": decision.retry_after}
     return body
 
 

@@ -361,7 +361,7 @@ def _start_extra(d: Decision) -> dict[str, Any]:
     if d.allowed:
         return {}
     body = explain(d)
-    return {"available": body["available"], "blocking": body["blocking"], "retry_after_seconds": d.retry_after_seconds}
+    return {k: body[k] for k in ("available", "blocking", "retry_after_seconds")}
 
 
 def status_body(status: Status) -> dict[str, Any]:

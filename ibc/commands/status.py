@@ -229,7 +229,9 @@ def render(doc: dict[str, Any]) -> str:
         lines += ["", "NEXT START (a request now)"]
         for m in starts:
             s = m["next_start"]
-            verdict = "starts" if s["allowed"] else f"429 {s['reason']}, retry after {s['retry_after_seconds']}s"
+            retry = s.get("retry_after_seconds")
+            later = f"retry after {retry}s" if retry else "waiting will not help"
+            verdict = "starts" if s["allowed"] else f"429 {s['reason']}, {later}"
             lines.append(f"  {m['name']}: {verdict}" + ("" if s["allowed"] else f": {s['message']}"))
     refused = sorted((m for m in doc["models"] if m["last_refusal"]), key=lambda m: -m["last_refusal"]["at_seconds"])
     lines += ["", "LAST REFUSALS"]

@@ -51,6 +51,39 @@ def test_seed_status_matches_the_429():
     assert models["model-a"]["cooldown_remaining_seconds"] == decision.retry_after_seconds == 480
 
 
+# (id, view, model asking) -> next_start must carry the very retry hint its 429 carries
+RETRY_HINTS = [
+    ("no-node-in-pool", lambda: _view([_node("g1", 80)], [_model("a", 8, pool="tpu")]), "ns/a", None),
+    ("larger-than-any-node", lambda: _view([_node("g1", 80)], [_model("a", 100)]), "ns/a", None),
+    (
+        "waits-for-cooldown",
+        lambda: _view(
+            [_node("g1", 80)], [_model("b", 60, 1, last=NOW - 100), _model("a", 40)], [_placed("b", "g1", 60)]
+        ),
+        "ns/a",
+        500,
+    ),
+    (
+        "blocker-without-cooldown-uses-the-default",
+        lambda: _view(
+            [_node("g1", 80)], [_model("b", 60, 1, cooldown=0.0), _model("a", 40)], [_placed("b", "g1", 60)]
+        ),
+        "ns/a",
+        30,
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "ask", "hint"), [r[1:] for r in RETRY_HINTS], ids=[r[0] for r in RETRY_HINTS])
+def test_next_start_gives_the_retry_hint_of_its_429(make, ask, hint):
+    """`/status` next_start and the 429 for the same request agree; null where waiting cannot help."""
+    view = make()
+    body = explain(decide_scale(view, ask, 1, NOW))
+    doc = status_body(build_status(view, NOW))
+    start = {m["key"]: m["next_start"] for m in doc["models"]}[ask]
+    assert body["retry_after_seconds"] == start["retry_after_seconds"] == hint
+
+
 def _view(nodes, models, placements=(), reservations=()):
     return ClusterView.build(nodes=nodes, models=models, placements=placements, reservations=reservations)
 
@@ -264,6 +297,15 @@ def test_ibc_status_golden_output(snapshot, now, golden, capsys, monkeypatch):
     if os.environ.get("IBC_UPDATE_GOLDEN"):
         path.write_text(out)
     assert out == path.read_text()
+
+
+def test_ibc_status_says_waiting_will_not_help_when_nothing_frees_up():
+    """A model whose pool has no node: the table says so, not `retry after 0s` (or `Nones`)."""
+    from ibc.commands.status import render
+
+    view = _view([_node("g1", 80)], [_model("lost", 8, pool="tpu")])
+    text = render(status_body(build_status(view, NOW)))
+    assert "  lost: 429 no_matching_nodes, waiting will not help: lost needs 8Gi but no budgeted node" in text
 
 
 def test_ibc_status_json_is_the_status_document(capsys):
@@ -557,9 +599,8 @@ WHOLE_DOCUMENT = {
                 "message": LOST_MESSAGE,
                 "available": "0",
                 "blocking": [],
-                # The 429 (last_refusal) says null for "waiting does not help"; next_start passes the
-                # decision's 0 through. Pinned as it is; see the closing note of issue 23.
-                "retry_after_seconds": 0,
+                # Nothing will free up in a pool with no node: null, as the 429 (last_refusal) says.
+                "retry_after_seconds": None,
             },
         ),
         _model_fields(
