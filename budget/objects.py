@@ -550,8 +550,11 @@ def placement_from_pod(obj: Obj, *, fallback_memory: int | None = None) -> Place
     if memory is None:
         raise ObjectError(f"{_describe(obj)}: model pod without annotation {ANNOTATION_MEMORY!r}")
     meta = _map(obj, "metadata")
-    started = parse_time(_map(obj, "status").get("startTime"), field="status.startTime")
-    deleting = parse_time(meta.get("deletionTimestamp"), field="metadata.deletionTimestamp")
+    try:
+        started = parse_time(_map(obj, "status").get("startTime"), field="status.startTime")
+        deleting = parse_time(meta.get("deletionTimestamp"), field="metadata.deletionTimestamp")
+    except BudgetError as exc:
+        raise _wrap(obj, exc) from exc
     ready = _pod_ready(obj)
     # A deleted pod holds its memory until it is gone: at the latest at its deletionTimestamp (grace end).
     state = _pod_state(obj, str(phase), deleting)
