@@ -138,6 +138,8 @@ class Admitter:
         try:
             result = self.classifier.classify(req)
             if isinstance(result, Verdict):
+                if result.reason == "unknown_model":  # a fresh model this worker's cache has not seen yet
+                    return self._retry(result.code, result.reason, result.message)
                 return result
             return self._decide(req, result)
         except ReviewError as exc:

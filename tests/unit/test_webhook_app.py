@@ -588,6 +588,24 @@ def test_unsynced_cache_denies_scale_ups_with_retry_but_passes_decreases():
     assert h.client.get("/readyz").status_code == 503
 
 
+@pytest.mark.parametrize(
+    ("harness", "fragment"),
+    [
+        pytest.param(lambda: Harness(roomy(), require_synced=True), "has not synced its cluster view yet",
+                     id="cache-not-synced"),
+        # A model created a moment ago that this worker's cache has not seen yet (a race of a fresh
+        # object and its first scale-up, common under load): kubectl and client-go retry on Retry-After.
+        pytest.param(lambda: Harness(cluster(node())), "InferenceModel default/llama-2-7b is not known to the "
+                     "budget webhook yet", id="model-not-cached-yet"),
+    ],
+)
+def test_every_answer_that_says_retry_gives_retry_after(harness, fragment):
+    up = harness().review(im_scale(1))
+    assert (up["allowed"], up["status"]["code"]) == (False, 429)
+    assert fragment in up["status"]["message"] and up["status"]["message"].endswith("; retry")
+    assert up["status"]["details"] == {"retryAfterSeconds": 1}, "the apiserver turns this into Retry-After"
+
+
 class _FailingLedger:
     mode = "test"
 
