@@ -90,13 +90,16 @@ def env(
                 proc.stop()
             print(f"--- {proc.name} log tail ---\n{proc.log_tail(60)}")  # shown when the test fails
         # Models have no nodeSelector here, so a model left behind would count in every later test's pool
-        # (the namespace's own deletion runs in the background and can outlast the next modules).
+        # (the namespace's own deletion runs in the background and can outlast the next modules). A model
+        # Deployment the controller does not own (an adopted one outlives its model) counts the same way.
         control_plane.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=false")
-        wait_for(
-            lambda: not (e.kube.get(INFERENCE_MODELS.path(namespace)) or {}).get("items"),
-            timeout=60,
-            message=f"the models of {namespace} deleted",
-        )
+        control_plane.kubectl("delete", "deployments", "--all", "-n", namespace, "--wait=false")
+
+        def gone(path: str) -> bool:
+            return not (e.kube.get(path) or {}).get("items")
+
+        for path in (INFERENCE_MODELS.path(namespace), DEPLOYMENTS.path(namespace)):
+            wait_for(lambda path=path: gone(path), timeout=60, message=f"{path} deleted")
 
 
 class Env:

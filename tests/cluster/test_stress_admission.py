@@ -42,6 +42,7 @@ from tests.cluster.test_webhook import (
     WEBHOOK_USER,
     _install_crd,
     _kubectl_ok,
+    delete_ledger,
     inference_model,
     webhook_configuration,
 )
@@ -143,6 +144,7 @@ def pair(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
             tail = proc.log_tail(30)
             proc.stop()
             print(f"--- {proc.name} log tail ---\n{tail}")
+        delete_ledger(cp)
 
 
 def create_models(k8s_client: Any, namespace: str, count: int) -> list[str]:

@@ -188,6 +188,13 @@ def webhooks(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFacto
             tail = proc.log_tail(40)
             proc.stop()
             print(f"--- {proc.name} log tail ---\n{tail}")
+        delete_ledger(cp)
+
+
+def delete_ledger(cp: ControlPlane) -> None:
+    """The ledger is the shipped name in the shipped namespace (RBAC allows no other): a module that made
+    it removes it, so the install test (test_deploy) can still create it as a fresh install does."""
+    _kubectl_ok(cp, "delete", "configmap", LEDGER, "-n", WEBHOOK_NS, "--ignore-not-found", "--wait")
 
 
 # ----- helpers -----
