@@ -38,7 +38,7 @@ REASON_DEVICES = "node has too few devices for the model"  # deviceSelector or t
 DEFAULT_RETRY_AFTER_SECONDS = 30
 
 
-BlockingState = Literal["idle", "starting", "stopping"]
+BlockingState = Literal["idle", "starting", "stopping", "orphan"]  # orphan: its model is gone, its pods are not
 
 
 class Slot(NamedTuple):
@@ -60,6 +60,7 @@ class Blocking:
     state: BlockingState = "idle"
     free_in_seconds: float | None = None  # when all its memory is free if nothing else changes; None: never
     key: str = ""  # namespace/name, to take it out of a view (what-if)
+    pods: tuple[str, ...] = ()  # orphan: the pods (namespace/name) that still hold the memory
 
     @property
     def starting(self) -> bool:
@@ -351,9 +352,15 @@ def _blocking(
     ready_in: dict[str, float] = {}
     free_by: dict[str, float | None] = {}
 
-    def hold(key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None) -> None:
+    pods: dict[str, list[str]] = {}
+
+    def hold(
+        key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None, pod: str = ""
+    ) -> None:
         if key == target_key:
             return
+        if pod:
+            pods.setdefault(key, []).append(pod)
         all_memory[key] = all_memory.get(key, 0) + mem
         model = view.models.get(key)
         if node is None or node in pool_nodes:  # None: admitted, and the placement step put it in the pool
@@ -371,9 +378,9 @@ def _blocking(
             free_by[key] = None if by is None or previous is None else max(previous, by)
 
     for p in view.placements:
-        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by)
+        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by, p.pod)
     for r in view.live_reservations(now):
-        hold(r.model, r.memory_bytes, r.node, "starting", None, None)
+        hold(r.model, r.memory_bytes, r.node, "starting", None, None, r.pod)
     for key, mem in _unplaced(view, target_key, now).items():
         # Admitted, not holding memory yet: in the pool as far as the placement step put it there.
         in_pool = min(mem, starting.get(key, 0))
@@ -386,6 +393,8 @@ def _blocking(
         model = view.models.get(key)
         seen = states[key]
         state: BlockingState = "stopping" if seen == {"stopping"} else "starting" if "starting" in seen else "idle"
+        if model is None and state != "stopping":
+            state = "orphan"  # no model to start, idle out or scale down: it holds its memory until deleted
         idle_for = 0.0 if state == "starting" else idle_seconds(model, started.get(key, []), now)
         return Blocking(
             model=(model.model_name or model.name) if model else key.split("/", 1)[-1],
@@ -396,6 +405,7 @@ def _blocking(
             state=state,
             free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
             key=key,
+            pods=tuple(sorted(pods.get(key, []))) if state == "orphan" else (),
         )
 
     shown = sorted((entry(k, m) for k, m in pool_memory.items() if m > 0), key=_display_order)
@@ -403,7 +413,7 @@ def _blocking(
     return tuple(shown), everyone
 
 
-_STATE_ORDER = {"idle": 0, "stopping": 1, "starting": 2}
+_STATE_ORDER = {"idle": 0, "orphan": 1, "stopping": 2, "starting": 3}
 
 
 def _display_order(b: Blocking) -> tuple[int, float, int, str]:
@@ -503,7 +513,14 @@ def plan_retry(
     return RetryPlan(tuple(chosen), after)
 
 
+def _orphan_pods(b: Blocking) -> str:
+    """`orphan pod ns/x-1` (or `orphan pods ns/x-1, ns/x-2`): what a user must delete."""
+    return f"orphan pod{'s' if len(b.pods) > 1 else ''} {', '.join(b.pods)}"
+
+
 def _describe_blocking(b: Blocking) -> str:
+    if b.state == "orphan":
+        return f"{b.model} ({format_bytes(b.memory_bytes)}, {_orphan_pods(b)}: its model is gone)"
     if b.state == "idle":
         return f"{b.model} ({format_bytes(b.memory_bytes)}, idle {format_duration(b.idle_for_seconds)})"
     return f"{b.model} ({format_bytes(b.memory_bytes)}, {b.state})"
@@ -605,8 +622,12 @@ def decide_scale(
     if ordered:
         message += "; blocked by " + ", ".join(_describe_blocking(b) for b in ordered)
     if plan.after_seconds is None:
-        never = [b.model for b in plan.blockers if b.free_in_seconds is None]
-        message += f"; {', '.join(never)} never frees its memory on its own (no cooldown)"
+        never = [b.model for b in plan.blockers if b.free_in_seconds is None and b.state != "orphan"]
+        if never:
+            message += f"; {', '.join(never)} never frees its memory on its own (no cooldown)"
+        orphans = [b for b in plan.blockers if b.state == "orphan"]
+        if orphans:
+            message += f"; {', '.join(_orphan_pods(b) for b in orphans)} frees its memory only when deleted"
         retry = default_retry_after_seconds
     else:
         retry = max(1, math.ceil(plan.after_seconds))
@@ -717,6 +738,8 @@ def _blocking_body(b: Blocking) -> dict[str, Any]:
     }
     if b.state != "idle":
         out["state"] = b.state
+    if b.pods:
+        out["pods"] = list(b.pods)
     return out
 
 

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _blocking_line(b: Blocking) -> str:
     """One blocking model for people: what it holds, its state, and when its memory is free on its own."""
     state = f"idle {int(b.idle_for_seconds)}s" if b.state == "idle" else b.state
+    if b.state == "orphan":
+        return f"{b.model} {format_bytes(b.memory_bytes)}, orphan (its model is gone), frees its memory only when " \
+            f"{', '.join(b.pods)} {'is' if len(b.pods) == 1 else 'are'} deleted"
     if b.free_in_seconds is None:
         until = "never frees its memory on its own (cooldown 0)" if b.state != "stopping" else "stopping"
     elif b.state == "stopping":

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from budget.decide import Blocking
+from ibc.commands.plan import _blocking_line
+
 pytestmark = pytest.mark.unit
 
 SEED = "examples/seed-scenario.yaml"
@@ -45,6 +48,23 @@ def test_text_output_names_the_plan(scale, lines):
     assert r.returncode == 1
     for line in lines:
         assert line in r.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("blocking", "line"),
+    [
+        pytest.param(Blocking("gone", 80 * 2**30, 3600.0, 0.0, state="orphan", pods=("default/gone-0",)),
+                     "gone 80Gi, orphan (its model is gone), frees its memory only when default/gone-0 is deleted",
+                     id="orphan-pod"),
+        pytest.param(Blocking("gone", 80 * 2**30, 0.0, 0.0, state="orphan", pods=("ns/g-0", "ns/g-1")),
+                     "gone 80Gi, orphan (its model is gone), frees its memory only when ns/g-0, ns/g-1 are deleted",
+                     id="orphan-pods"),
+        pytest.param(Blocking("a", 80 * 2**30, 120.0, 0.0), "a 80Gi, idle 120s, never frees its memory on its own "
+                     "(cooldown 0)", id="no-cooldown"),
+    ],
+)
+def test_blocking_lines(blocking, line):
+    assert _blocking_line(blocking) == line
 
 
 def test_never_fits_json_has_no_retry():

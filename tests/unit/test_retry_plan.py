@@ -83,6 +83,27 @@ CASES = {
         ClusterView.build(nodes=[Node("shadow", POOL, 128 * GI)], models=[model("model-a", 80, 1), B],
                           reservations=[Reservation("uid-a", "default/model-a", 80 * GI, NOW + 10, "shadow")]),
         "model-b", 1, "insufficient_memory", 600, ["model-a"], {"model-a": "starting"}),
+    # A pod whose model (InferenceModel or Deployment) is gone: nothing will start, idle out or stop it.
+    "orphan-pod-frees-only-when-deleted": Case(
+        one_node(B, placed("gone", "shadow", 80)),
+        "model-b", 1, "insufficient_memory", 30, ["gone"], {"gone": "orphan"},
+        "blocked by gone (80Gi, orphan pod default/gone-0: its model is gone); orphan pod default/gone-0 frees its "
+        "memory only when deleted"),
+    "orphan-pod-not-ready-is-not-starting": Case(
+        one_node(B, placed("gone", "shadow", 80, state="starting")),
+        "model-b", 1, "insufficient_memory", 30, ["gone"], {"gone": "orphan"}, "orphan pod default/gone-0"),
+    "orphan-pods-are-all-named": Case(
+        one_node(B, placed("gone", "shadow", 40), placed("gone", "shadow", 40, 1)),
+        "model-b", 1, "insufficient_memory", 30, ["gone"], {"gone": "orphan"},
+        "gone (80Gi, orphan pods default/gone-0, default/gone-1: its model is gone)"),
+    "terminating-orphan-is-stopping": Case(
+        one_node(B, placed("gone", "shadow", 80, state="stopping", free_by=NOW + 4)),
+        "model-b", 1, "insufficient_memory", 4, ["gone"], {"gone": "stopping"}, "gone (80Gi, stopping)"),
+    "idle-model-before-an-orphan": Case(
+        one_node(model("model-a", 40, 1, idle=120), B, placed("model-a", "shadow", 40), placed("gone", "shadow", 40)),
+        "model-b", 1, "insufficient_memory", 480, ["model-a"], {"gone": "orphan"},
+        "blocked by model-a (40Gi, idle 120s), gone (40Gi, orphan pod default/gone-0: its model is gone); it fits "
+        "once model-a is gone, in 480s"),
     "no-cooldown-means-no-known-time": Case(
         one_node(model("model-a", 80, 1, idle=120, cooldown=0), B, placed("model-a", "shadow", 80)),
         "model-b", 1, "insufficient_memory", 30, ["model-a"], says="never frees its memory on its own"),
@@ -117,6 +138,13 @@ def test_the_seed_answer_is_unchanged():
     assert body["available"] == "48Gi"
     assert body["blocking"] == [{"model": "model-a", "memory": "80Gi", "idle_for": "120s"}]
     assert body["retry_after_seconds"] == 480
+
+
+def test_an_orphan_blocker_names_its_pods_in_the_body():
+    body = explain(decide_scale(CASES["orphan-pod-frees-only-when-deleted"].view, "model-b", 1, NOW))
+    assert body["blocking"] == [
+        {"model": "gone", "memory": "80Gi", "idle_for": "3600s", "state": "orphan", "pods": ["default/gone-0"]}
+    ]
 
 
 # ---- the property: remove what Retry-After names, and the request fits ----

@@ -443,11 +443,13 @@ HALF_1 = _replica("half", "ns/half", "g2", "ns/half-1", 20, False, True)
 COLD_BLOCKERS = [
     {"model": "half", "memory": "40Gi", "idle_for": "0s", "state": "starting"},
     {"model": "org/big", "memory": "70Gi", "idle_for": "40s"},
-    {"model": "ghost", "memory": "10Gi", "idle_for": "0s", "state": "starting"},
+    # Its model is gone: not "starting" (nothing will start it), and named by the pods a user must delete.
+    {"model": "ghost", "memory": "10Gi", "idle_for": "5000s", "state": "orphan", "pods": ["ns/ghost-0", "ns/ghost-1"]},
 ]
 COLD_MESSAGE = (
     "cold-v2 needs 30Gi in pool pool=gpu; 8Gi available; blocked by half (40Gi, starting), "
-    "org/big (70Gi, idle 40s), ghost (10Gi, starting); it fits once half is gone, in 300s"
+    "org/big (70Gi, idle 40s), ghost (10Gi, orphan pods ns/ghost-0, ns/ghost-1: its model is gone); "
+    "it fits once half is gone, in 300s"
 )
 LOST_MESSAGE = "lost needs 8Gi but no budgeted node matches pool pool=tpu"
 
