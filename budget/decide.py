@@ -352,15 +352,11 @@ def _blocking(
     ready_in: dict[str, float] = {}
     free_by: dict[str, float | None] = {}
 
-    pods: dict[str, list[str]] = {}
+    pods: dict[str, list[str]] = {}  # model key -> its pods (and reserved pods), named when it is an orphan
 
-    def hold(
-        key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None, pod: str = ""
-    ) -> None:
+    def hold(key: str, mem: int, node: str | None, state: str, started_at: float | None, by: float | None) -> None:
         if key == target_key:
             return
-        if pod:
-            pods.setdefault(key, []).append(pod)
         all_memory[key] = all_memory.get(key, 0) + mem
         model = view.models.get(key)
         if node is None or node in pool_nodes:  # None: admitted, and the placement step put it in the pool
@@ -378,9 +374,11 @@ def _blocking(
             free_by[key] = None if by is None or previous is None else max(previous, by)
 
     for p in view.placements:
-        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by, p.pod)
+        hold(p.model, p.memory_bytes, p.node, p.state, p.started_at, p.free_by)
+        pods.setdefault(p.model, []).append(p.pod)
     for r in view.live_reservations(now):
-        hold(r.model, r.memory_bytes, r.node, "starting", None, None, r.pod)
+        hold(r.model, r.memory_bytes, r.node, "starting", None, None)
+        pods.setdefault(r.model, []).append(r.pod)
     for key, mem in _unplaced(view, target_key, now).items():
         # Admitted, not holding memory yet: in the pool as far as the placement step put it there.
         in_pool = min(mem, starting.get(key, 0))
@@ -405,7 +403,7 @@ def _blocking(
             state=state,
             free_in_seconds=_free_in(model, state, idle_for, ready_in.get(key, 0.0), free_by.get(key), now),
             key=key,
-            pods=tuple(sorted(pods.get(key, []))) if state == "orphan" else (),
+            pods=tuple(sorted(pods[key])) if state == "orphan" else (),  # an orphan is only ever seen by its pods
         )
 
     shown = sorted((entry(k, m) for k, m in pool_memory.items() if m > 0), key=_display_order)
@@ -625,9 +623,9 @@ def decide_scale(
         never = [b.model for b in plan.blockers if b.free_in_seconds is None and b.state != "orphan"]
         if never:
             message += f"; {', '.join(never)} never frees its memory on its own (no cooldown)"
-        orphans = [b for b in plan.blockers if b.state == "orphan"]
+        orphans = [_orphan_pods(b) for b in plan.blockers if b.state == "orphan"]
         if orphans:
-            message += f"; {', '.join(_orphan_pods(b) for b in orphans)} frees its memory only when deleted"
+            message += f"; only deleting {', '.join(orphans)} frees that memory"
         retry = default_retry_after_seconds
     else:
         retry = max(1, math.ceil(plan.after_seconds))

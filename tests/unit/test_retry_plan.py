@@ -87,8 +87,17 @@ CASES = {
     "orphan-pod-frees-only-when-deleted": Case(
         one_node(B, placed("gone", "shadow", 80)),
         "model-b", 1, "insufficient_memory", 30, ["gone"], {"gone": "orphan"},
-        "blocked by gone (80Gi, orphan pod default/gone-0: its model is gone); orphan pod default/gone-0 frees its "
-        "memory only when deleted"),
+        "blocked by gone (80Gi, orphan pod default/gone-0: its model is gone); only deleting orphan pod "
+        "default/gone-0 frees that memory"),
+    "two-orphans-needed-both-named": Case(
+        one_node(model("big", 100), placed("gone", "shadow", 40), placed("left", "shadow", 40)),
+        "big", 1, "insufficient_memory", 30, ["gone", "left"], {"gone": "orphan", "left": "orphan"},
+        "; only deleting orphan pod default/gone-0, orphan pod default/left-0 frees that memory"),
+    "orphan-beside-a-model-without-cooldown": Case(
+        one_node(model("big", 100), model("a", 40, 1, cooldown=0), placed("a", "shadow", 40),
+                 placed("gone", "shadow", 40)),
+        "big", 1, "insufficient_memory", 30, ["a", "gone"], {"gone": "orphan"},
+        "; a never frees its memory on its own (no cooldown); only deleting orphan pod default/gone-0 frees"),
     "orphan-pod-not-ready-is-not-starting": Case(
         one_node(B, placed("gone", "shadow", 80, state="starting")),
         "model-b", 1, "insufficient_memory", 30, ["gone"], {"gone": "orphan"}, "orphan pod default/gone-0"),
