@@ -210,7 +210,8 @@ class Admitted:
         while not self._stop.is_set():
             try:
                 stored = sum(stored_replicas(self.api, self.namespace).values()) * MODEL_GI
-            except ApiException:
+            except Exception:  # a busy apiserver's error or a dropped connection: sample again (not in a spin)
+                self._stop.wait(0.05)
                 continue
             self.samples += 1
             self.peak_gi = max(self.peak_gi, stored)
