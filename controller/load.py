@@ -248,9 +248,16 @@ class LoadLoop:
             now=now,
         )
         with self._lock:
-            self._state[key] = decision.state
+            # A step not taken yet (refused, raced, failed) stays due: tried again at the next pass (a refused
+            # one after the recheck interval), not after a new stabilization window. A step taken resets it.
+            if decision.direction == "up":
+                self._state[key] = LoadState(pressure_since=now - m.load.scale_up_window_seconds)
+            elif decision.direction == "down":
+                self._state[key] = LoadState(slack_since=now - m.load.scale_down_window_seconds)
+            else:
+                self._state[key] = decision.state
         if decision.desired == current + 1:
-            self._up(model, key, label, current, decision, now, m.load.scale_up_window_seconds)
+            self._up(model, key, label, current, decision, now)
         elif decision.desired == current - 1 and current > max(m.min_replicas, 1):
             self._down(model, key, label, current, decision)
         else:
@@ -261,14 +268,7 @@ class LoadLoop:
                 self._publish(key, name, namespace, LoadReport(current, current, decision.reason))
 
     def _up(
-        self,
-        model: Mapping[str, Any],
-        key: str,
-        label: str,
-        current: int,
-        decision: LoadDecision,
-        now: float,
-        window: float,
+        self, model: Mapping[str, Any], key: str, label: str, current: int, decision: LoadDecision, now: float
     ) -> None:
         namespace, name = tr.name_of(model)
         wanted = current + 1
@@ -290,8 +290,6 @@ class LoadLoop:
             with self._lock:
                 changed = blocked is None or blocked[:2] != (wanted, current)
                 self._blocked[key] = (wanted, current, now)
-                # Still wanted: asked again after the recheck, not after a new stabilization window.
-                self._state[key] = LoadState(pressure_since=now - window)
             if changed:  # once per count: the webhook's idle times change every second
                 log.info("%s: %s", key, note)
                 self._event(model, "Warning", "LoadScaleBlocked", "Scale", note)
@@ -323,6 +321,7 @@ class LoadLoop:
         log.info("%s: load: %s", key, note)
         with self._lock:
             self._blocked.pop(key, None)
+            self._state[key] = LoadState()
         self._event(model, "Normal", reason, action, note)
         self._publish(key, name, namespace, LoadReport(replicas, replicas, note))
 

@@ -117,9 +117,19 @@ def install_crd(cp: ControlPlane) -> None:
     res = cp.kubectl("apply", "-f", str(CRD), timeout=60)
     if res.returncode != 0:
         raise ComponentError(f"kubectl apply {CRD.name} failed:\n{res.stderr}")
-    res = cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}", timeout=90)
-    if res.returncode != 0:
-        raise ComponentError(f"the CRD was not established:\n{res.stderr}")
+
+    def established() -> bool:
+        # Right after a create, the CRD has no status.conditions yet and `kubectl wait` fails at once
+        # ("<nil> is of the type <nil>"), not after its timeout: asked again until the deadline.
+        res = cp.kubectl("wait", "--for=condition=Established", "--timeout=10s", f"crd/{PLURAL}.{GROUP}", timeout=30)
+        if res.returncode != 0:
+            raise ComponentError(res.stderr)
+        return True
+
+    try:
+        wait_for(established, timeout=60, interval=0.5, message="the CRD established")
+    except TimeoutError as exc:
+        raise ComponentError(f"the CRD was not established: {exc.__cause__ or exc}") from exc
 
 
 def scheduler_config(extender_url: str, ca: Path) -> dict[str, Any]:
