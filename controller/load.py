@@ -95,10 +95,13 @@ def signals_of(
     replicas: Sequence[Replica], metrics: Mapping[str, ReplicaMetrics | None], current: int
 ) -> tuple[list[ReplicaSignals], list[str]]:
     """The rule's input: one entry per pod (a starting one per pod not created yet), and the ready pods
-    that gave no signal (their /metrics failed): those hold the model, they never count as idle."""
+    that gave no signal (their /metrics failed or had none of vLLM's gauges): those hold the model, they
+    never count as idle."""
     signals, silent = [], []
     for r in replicas:
         got = metrics.get(r.pod) if r.ready else None
+        if got == ReplicaMetrics():  # Prometheus text without vLLM's names says nothing about load
+            got = None
         if r.ready and got is None:
             silent.append(r.pod)
         signals.append(
@@ -231,7 +234,7 @@ class LoadLoop:
                     current,
                     current,
                     f"no load signal from {silent[0]}{more}: "
-                    "its /metrics did not answer; holding at "
+                    "its /metrics did not answer with vLLM's gauges; holding at "
                     f"{current} replica(s)",
                 ),
             )

@@ -328,6 +328,7 @@ def test_load_steps_replicas_through_scale_and_the_webhook_and_a_refusal_shows_e
                 return text if "LoadScaleBlocked" in text else None
 
             text = wait_for(described, timeout=60, message="a LoadScaleBlocked Event in kubectl describe")
+            print(text)  # what an operator sees (shown with -rP)
             assert "chat wants 3, budget allows 2" in text, text
             assert "side" in text.split("LoadScaleBlocked", 1)[1], text  # the webhook's reason names who blocks
             assert "replicas 1 -> 2" in text, text  # the step up is an Event too (LoadScaleUp)

@@ -76,8 +76,9 @@ def test_replicas_of(body: dict[str, Any], expected: list[Replica]) -> None:
         ([Replica("a", "u", False)], {}, 1, [True], []),  # not ready: starting, not scraped
         ([Replica("a", "u", True)], {"a": IDLE}, 3, [False, True, True], []),  # 2 not created yet
         ([Replica("a", "u", True), Replica("b", "u", True)], {"a": IDLE}, 2, [False, False], ["b"]),
+        ([Replica("a", "u", True)], {"a": ReplicaMetrics()}, 1, [False], ["a"]),  # Prometheus text, no vLLM names
     ],
-    ids=["ready-answers", "ready-silent", "starting", "pods-not-created-yet", "one-of-two-silent"],
+    ids=["ready-answers", "ready-silent", "starting", "pods-not-created-yet", "one-of-two-silent", "no-vllm-names"],
 )
 def test_signals_of(
     replicas: list[Replica], metrics: dict[str, Any], current: int, starting: list[bool], silent: list[str]
