@@ -232,7 +232,12 @@ def launch_controller(cp: ControlPlane, log_dir: Path, *, namespace: str, resync
 
 
 def launch_proxy(
-    cp: ControlPlane, log_dir: Path, *, namespace: str, threads: int = 32, cold_start_timeout_seconds: float = 120
+    cp: ControlPlane,
+    log_dir: Path,
+    *flags: str,
+    namespace: str,
+    threads: int = 32,
+    cold_start_timeout_seconds: float = 120,
 ) -> Server:
     """`ibc proxy` (one gthread worker, the Kubernetes scaler) for one namespace; ready once its cache synced."""
     port = free_port()
@@ -244,16 +249,18 @@ def launch_proxy(
         "--workers", "1",
         "--threads", str(threads),
         "--cold-start-timeout", str(cold_start_timeout_seconds),
+        *flags,
     )  # fmt: skip
     proc = _launch("proxy", argv, log_dir)
     return Server("proxy", proc, f"http://127.0.0.1:{port}", "/readyz")
 
 
-def launch_mock_backend(log_dir: Path, model: str, port: int, *flags: str) -> Server:
-    """`ibc mock-backend` serving `model` on 127.0.0.1:`port` (where the model's pods "are")."""
-    argv = ibc_argv("mock-backend", "--bind", f"127.0.0.1:{port}", "--model", model, *flags)
-    proc = _launch(f"mock-{model}", argv, log_dir)
-    return Server(f"mock-{model}", proc, f"http://127.0.0.1:{port}", "/health")
+def launch_mock_backend(log_dir: Path, model: str, port: int, *flags: str, host: str = "127.0.0.1") -> Server:
+    """`ibc mock-backend` serving `model` on `host`:`port` (where the model's pods "are")."""
+    argv = ibc_argv("mock-backend", "--bind", f"{host}:{port}", "--model", model, *flags)
+    name = f"mock-{model}" if host == "127.0.0.1" else f"mock-{model}-{host}"
+    proc = _launch(name, argv, log_dir)
+    return Server(name, proc, f"http://{host}:{port}", "/health")
 
 
 def stop_all(servers: list[Server], stop_seconds: dict[str, float] | None = None) -> dict[str, str]:

@@ -13,15 +13,15 @@ with the webhook's reason naming `side`. Once `side` is scaled to 0, the control
 and `warm` reaches its 2 replicas. Declared memory bound on the node never exceeds 100Gi (sampled).
 
 The load story (test_load_...): every component runs, the extender too (the scheduler's second profile
-places the model pods through it). `chat` (30Gi, minReplicas 1, maxReplicas 3) has one replica; clients
-of the official `openai` package keep its mock backend (`--max-running 1`) queueing, through `ibc proxy`.
-The controller reads the queue from the replicas' own `/metrics` (vLLM's `vllm:num_requests_waiting`) and
-steps 1 -> 2 through /scale; 2 -> 3 is refused by the webhook (35 + 3 x 30 > 100) and `kubectl describe`
-shows the LoadScaleBlocked Event naming `side`, the status and the controller's gauges say wanted 3 /
-allowed 2, and so does the proxy's `/v1/models`. Once `side` is scaled to 0 the next ask is admitted (3);
-when the clients stop, it steps back down to minReplicas. Harness limit: the pod simulator reports every
-pod of a model at 127.0.0.1, so all of chat's pods are one mock process (each pod reports its queue);
-the rule and the steps are the controller's real ones.
+places the model pods through it). `chat` (30Gi, minReplicas 1, maxReplicas 3) has one replica; each of
+its pods is one mock backend (`--max-running 1`) on its own loopback address (the pod simulator hands
+them out from the template's list), and clients of the official `openai` package keep them queueing
+through `ibc proxy` (least-outstanding routing). The controller reads each pod's queue from its own
+`/metrics` (vLLM's `vllm:num_requests_waiting`) and steps 1 -> 2 through /scale; 2 -> 3 is refused by
+the webhook (35 + 3 x 30 > 100) and `kubectl describe` shows the LoadScaleBlocked Event naming `side`,
+the status and the controller's gauges say wanted 3 / allowed 2, and so does the proxy's `/v1/models`.
+Once `side` is scaled to 0 the next ask is admitted and the third replica serves; when the clients stop,
+it steps back down to minReplicas.
 """
 
 from __future__ import annotations
@@ -181,15 +181,16 @@ def test_min_replicas_are_started_through_the_webhook_and_a_refusal_shows_in_kub
 
 # ----------------------------------------------------------------------------------------------- load
 
-CLIENTS = 6  # one running on the mock (--max-running 1), ~5 waiting: saturated (waitingSaturation 2)
+CLIENTS = 8  # 4 per replica on 2 (1 running, 3 waiting: saturated at 2); on 3, one of them has room
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")  # one per replica of chat: its pods' IPs, its mocks' addresses
 LOAD_SECONDS = 120.0  # the most the clients run
 
 
 def served_model(name: str, memory: str, node: str, port: int, **spec: Any) -> dict[str, Any]:
-    """A model whose pods the simulator reports at 127.0.0.1, where its mock backend listens on `port`."""
+    """A model whose pods the simulator reports at HOSTS (one each), where its mock backends listen on `port`."""
     body = model(name, memory, node, port=port, **spec)
     body["spec"]["template"] = {
-        "metadata": {"annotations": {POD_IP_ANNOTATION: "127.0.0.1"}},
+        "metadata": {"annotations": {POD_IP_ANNOTATION: ",".join(HOSTS)}},
         "spec": {
             "terminationGracePeriodSeconds": 0,
             "containers": [
@@ -250,9 +251,9 @@ def load_scene(
             comp.launch_extender(cp, tmp_path),
             comp.launch_webhook(cp, tmp_path, ledger_namespace=LEDGER_NAMESPACE, ledger_name=ledger),
             comp.launch_controller(cp, tmp_path, namespace=namespace),
-            comp.launch_proxy(cp, tmp_path, namespace=namespace),
-            comp.launch_mock_backend(tmp_path, "chat", port, "--latency", "1", "--tokens", "2", "--max-running", "1"),
+            comp.launch_proxy(cp, tmp_path, "--routing", "least-outstanding", namespace=namespace),
         ]
+        servers += [comp.launch_mock_backend(tmp_path, "chat", port, *MOCK_FLAGS, host=host) for host in HOSTS]
         byname = {s.name: s for s in servers}
         extender, webhook = byname["extender"], byname["webhook"]
         extender.wait_ready()
@@ -274,6 +275,17 @@ def load_scene(
         for name, tail in tails.items():
             print(f"--- {name} (last lines) ---\n{tail}")  # shown when the test fails
         cp.kubectl("delete", "configmap", ledger, "-n", LEDGER_NAMESPACE)
+
+
+MOCK_FLAGS = ("--latency", "1", "--tokens", "2", "--max-running", "1")
+
+
+def served(mock: comp.Server) -> float:
+    """Prompt tokens the mock was asked for (vllm:prefix_cache_queries_total): > 0 once it served."""
+    for line in mock.get("/metrics").text.splitlines():
+        if line.startswith("vllm:prefix_cache_queries_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def gauges(server: comp.Server, model_name: str) -> dict[str, float]:
@@ -344,6 +356,8 @@ def test_load_steps_replicas_through_scale_and_the_webhook_and_a_refusal_shows_e
             kubectl("scale", "inferencemodel/side", "--replicas=0")  # a decrease: always admitted
             wait_for(lambda: chat()["spec"]["replicas"] == 3, timeout=60, message="chat stepped to 3 once side left")
             wait_for(lambda: running("chat") == 3, timeout=60, message="chat's three replicas running")
+            mocks = [servers[f"mock-chat-{host}"] for host in HOSTS]
+            wait_for(lambda: all(served(m) > 0 for m in mocks), timeout=30, message="each of the 3 replicas served")
             wait_for(lambda: gauges(controller, "chat") == {"wanted": 3.0, "allowed": 3.0}, timeout=30,
                      message="gauges: wanted 3, allowed 3")  # fmt: skip
         finally:
