@@ -184,17 +184,23 @@ class LoadLoop:
 
     def run_once(self) -> None:
         seen = set()
+        pods: dict[str, list[Mapping[str, Any]]] = {}  # model key -> its pods, indexed once per pass
+        for pod in self.cache.objects("Pod"):
+            meta = pod.get("metadata") or {}
+            label = (meta.get("labels") or {}).get(LABEL_MODEL)
+            if label:
+                pods.setdefault(model_key(str(meta.get("namespace") or "default"), str(label)), []).append(pod)
         for model in self.cache.objects("InferenceModel"):
             namespace, name = tr.name_of(model)
             key = model_key(namespace, name)
             seen.add(key)
-            self.step(model, key)
+            self.step(model, key, pods.get(key, []))
         with self._lock:
             gone = [k for k in self._reports if k not in seen]
         for key in gone:
             self.forget(key)
 
-    def step(self, model: Mapping[str, Any], key: str) -> None:
+    def step(self, model: Mapping[str, Any], key: str, pods: Sequence[Mapping[str, Any]]) -> None:
         """One look at one model: maybe one /scale PATCH."""
         try:
             m = model_from_inferencemodel(model)
@@ -205,17 +211,14 @@ class LoadLoop:
             self.forget(key)  # not load-scaled (maxReplicas 1 is today's behaviour), or the spec is the problem
             return
         current = m.replicas
+        namespace, name = tr.name_of(model)
         if current == 0 or current < m.min_replicas:
             with self._lock:  # zero is the proxy's, below minReplicas the warm loop's: their windows start afresh
                 self._state.pop(key, None)
+                self._blocked.pop(key, None)
+            why = "0 replicas: a request starts one" if current == 0 else f"below minReplicas {m.min_replicas}"
+            self._hold(key, name, namespace, current, why)
             return
-        namespace, name = tr.name_of(model)
-        pods = [
-            p
-            for p in self.cache.objects("Pod")
-            if (p.get("metadata") or {}).get("namespace") == namespace
-            and ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_MODEL) == name
-        ]
         replicas = replicas_of(pods, (model.get("spec") or {}).get("port"))
         ready = [r for r in replicas if r.ready]
         scraped = dict(zip([r.pod for r in ready], self._pool.map(lambda r: self._scrape(r.url), ready), strict=True))
@@ -266,9 +269,15 @@ class LoadLoop:
         else:
             with self._lock:
                 self._blocked.pop(key, None)
-                old = self._reports.get(key)
-            if old is None or (old[2].wanted, old[2].allowed) != (current, current):
-                self._publish(key, name, namespace, LoadReport(current, current, decision.reason))
+            self._hold(key, name, namespace, current, decision.reason)
+
+    def _hold(self, key: str, name: str, namespace: str, current: int, why: str) -> None:
+        """No step: wanted = allowed = today's count; the message changes only with the count (no status
+        write every second for a moving spare capacity)."""
+        with self._lock:
+            old = self._reports.get(key)
+        if old is None or (old[2].wanted, old[2].allowed) != (current, current):
+            self._publish(key, name, namespace, LoadReport(current, current, why))
 
     def _up(
         self, model: Mapping[str, Any], key: str, label: str, current: int, decision: LoadDecision, now: float

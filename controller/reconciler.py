@@ -411,7 +411,8 @@ class Reconciler:
             pending=tuple(pending),
             problem=outcome.problem,
             advice=self._advice(model, key, now),
-            load=self.load_report(key),
+            load=self.load_report(key) if _load_scaled(model) else None,
+            clear_load=not _load_scaled(model),
         )
         for pod in pending:
             if pod.reason:
@@ -474,6 +475,12 @@ class Reconciler:
                 )
             )
         return out
+
+
+def _load_scaled(model: Mapping[str, Any]) -> bool:
+    """spec.maxReplicas > 1: the load loop reports on it (status.replicasWanted and the rest)."""
+    high = (model.get("spec") or {}).get("maxReplicas", 1)
+    return isinstance(high, int) and not isinstance(high, bool) and high > 1
 
 
 def scale_model(kube: Kube, model: Mapping[str, Any], replicas: int) -> None:

@@ -89,6 +89,7 @@ class Observed:
     problem: Problem | None = None
     advice: Advice | None = None
     load: LoadReport | None = None
+    clear_load: bool = False  # not load-scaled (any more): remove the load fields a former report left
 
 
 def pending_pods(pods: Sequence[Mapping[str, Any]]) -> list[PendingPod]:
@@ -202,6 +203,8 @@ def desired_status(name: str, o: Observed) -> dict[str, Any]:
         status.update({k: v for k, v in optional.items() if v is not None})
     if o.load is not None:
         status.update(replicasWanted=o.load.wanted, replicasAllowed=o.load.allowed, loadMessage=o.load.message)
+    elif o.clear_load:  # None in a merge patch deletes the field; status_patch sends it only if it is there
+        status.update(replicasWanted=None, replicasAllowed=None, loadMessage=None)
     return status
 
 

@@ -185,17 +185,43 @@ def test_a_starting_replica_holds_even_under_pressure() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "replicas"),
-    [({"maxReplicas": 1, "minReplicas": 0}, 1), ({"minReplicas": 0}, 0), ({"minReplicas": 2}, 1)],
+    ("spec", "replicas", "report"),
+    [
+        ({"maxReplicas": 1, "minReplicas": 0}, 1, None),
+        ({"minReplicas": 0}, 0, LoadReport(0, 0, "0 replicas: a request starts one")),
+        ({"minReplicas": 2}, 1, LoadReport(1, 1, "below minReplicas 2")),
+    ],
     ids=["max-replicas-1-is-not-load-scaled", "zero-is-the-proxys", "below-min-is-the-warm-loops"],
 )
-def test_models_the_load_loop_leaves_alone(spec: dict[str, Any], replicas: int) -> None:
+def test_models_the_load_loop_leaves_alone(spec: dict[str, Any], replicas: int, report: LoadReport | None) -> None:
     w = LoadWorld()
     w.add_model(replicas=replicas, port=9000, **{"maxReplicas": 3, **spec})
     w.pods(BUSY)
     w.look(10)
     assert w.api.writes.count(SCALE) == 0
     assert w.recorder.seen == []
+    assert w.loop.report(f"{NS}/model-a") == report
+
+
+def reported(answer: ReplicaMetrics, passes: int) -> LoadWorld:
+    """One replica answering `answer` for `passes` passes, then one reconcile with the loop's reports."""
+    w = LoadWorld()
+    w.reconciler.load_report = w.loop.report
+    w.load_model(1)
+    w.pods(answer)
+    w.look(passes)
+    w.reconcile()
+    return w
+
+
+def test_load_fields_leave_the_status_with_the_load_scaling() -> None:
+    w = reported(IDLE, 1)
+    assert w.status()["replicasWanted"] == 1
+    w.api.objects[MODEL_PATH]["spec"]["maxReplicas"] = 1  # a person turns load scaling off
+    w.api.objects[MODEL_PATH]["spec"]["minReplicas"] = 0
+    w.look(1)
+    w.reconcile()
+    assert not {"replicasWanted", "replicasAllowed", "loadMessage"} & set(w.api.objects[MODEL_PATH]["status"])
 
 
 def test_a_refused_step_is_one_event_quoting_the_webhook_and_is_asked_again_after_the_recheck() -> None:
@@ -221,13 +247,7 @@ def test_a_refused_step_is_one_event_quoting_the_webhook_and_is_asked_again_afte
 
 
 def test_the_report_reaches_the_status_through_the_reconciler() -> None:
-    w = LoadWorld()
-    w.reconciler.load_report = w.loop.report
-    w.load_model(1)
-    w.pods(BUSY)
-    w.look(7)
-    w.cache.apply("InferenceModel", "MODIFIED", copy.deepcopy(w.api.objects[MODEL_PATH]))
-    w.reconcile()
+    w = reported(BUSY, 7)
     status = w.status()
     assert (status["replicasWanted"], status["replicasAllowed"]) == (2, 2)
     assert status["loadMessage"].startswith("replicas 1 -> 2: 1 of 1 saturated")
