@@ -42,6 +42,8 @@ from serving.signals import ReplicaMetrics, scrape
 
 log = logging.getLogger(__name__)
 
+NO_SIGNAL = "no load signal from"  # the start of the message while a ready pod's /metrics says nothing
+
 Scrape = Callable[[str], "ReplicaMetrics | None"]
 
 
@@ -236,7 +238,7 @@ class LoadLoop:
                 LoadReport(
                     current,
                     current,
-                    f"no load signal from {silent[0]}{more}: "
+                    f"{NO_SIGNAL} {silent[0]}{more}: "
                     "its /metrics did not answer with vLLM's gauges; holding at "
                     f"{current} replica(s)",
                 ),
@@ -276,7 +278,7 @@ class LoadLoop:
         write every second for a moving spare capacity)."""
         with self._lock:
             old = self._reports.get(key)
-        if old is None or (old[2].wanted, old[2].allowed) != (current, current):
+        if old is None or (old[2].wanted, old[2].allowed) != (current, current) or old[2].message.startswith(NO_SIGNAL):
             self._publish(key, name, namespace, LoadReport(current, current, why))
 
     def _up(

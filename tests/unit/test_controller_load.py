@@ -289,3 +289,14 @@ def test_desired_status_load_fields(load: LoadReport | None, fields: Any) -> Non
     status = desired_status("model-a", Observed(Workload("template", "model-a"), 1, 2, load=load))
     got = tuple(status[k] for k in ("replicasWanted", "replicasAllowed", "loadMessage") if k in status)
     assert got == (fields or ())
+
+
+def test_the_no_signal_message_goes_once_every_pod_answers_again() -> None:
+    w = LoadWorld()
+    w.load_model(1)
+    w.pods(None)
+    w.look(1)
+    assert w.loop.report(f"{NS}/model-a").message.startswith("no load signal from model-a-0")  # type: ignore[union-attr]
+    w.answers["http://10.0.0.1:9000"] = IDLE
+    w.look(1)
+    assert w.loop.report(f"{NS}/model-a") == LoadReport(1, 1, "0 of 1 saturated, spare 1.00")
