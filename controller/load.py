@@ -38,7 +38,7 @@ from controller.reconciler import scale_model
 from controller.settings import LoadSettings
 from controller.status import LoadReport
 from kubeview.api import ApiError
-from serving.signals import ReplicaMetrics, scrape
+from serving.signals import ReplicaMetrics, scrape, scrape_in_flight
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +94,29 @@ def replicas_of(pods: Sequence[Mapping[str, Any]], port: Any) -> list[Replica]:
 
 
 def signals_of(
-    replicas: Sequence[Replica], metrics: Mapping[str, ReplicaMetrics | None], current: int
+    replicas: Sequence[Replica],
+    metrics: Mapping[str, ReplicaMetrics | None],
+    current: int,
+    in_flight: Mapping[str, int] | None = None,
 ) -> tuple[list[ReplicaSignals], list[str]]:
     """The rule's input: one entry per pod (a starting one per pod not created yet), and the ready pods
-    that gave no signal (their /metrics failed or had none of vLLM's gauges): those hold the model, they
-    never count as idle."""
+    that gave no signal: those hold the model, they never count as idle.
+
+    A pod's signal is its own vLLM gauges (`metrics`, by pod name) and, when `in_flight` is given (every
+    proxy answered, summed per backend URL; the caller passes it only with `spec.load.concurrency` set, the
+    rule's only use of it), the proxies' requests in flight to it. A pod with neither is silent.
+    """
     signals, silent = [], []
     for r in replicas:
         got = metrics.get(r.pod) if r.ready else None
         if got == ReplicaMetrics():  # Prometheus text without vLLM's names says nothing about load
             got = None
-        if r.ready and got is None:
+        if r.ready and got is None and in_flight is None:
             silent.append(r.pod)
         signals.append(
             ReplicaSignals(
                 r.pod,
+                in_flight=in_flight.get(r.url, 0) if in_flight is not None and r.ready else 0,
                 waiting=got.waiting if got else None,
                 running=got.running if got else None,
                 kv_cache_usage=got.kv_cache_usage if got else None,
@@ -132,12 +140,17 @@ class LoadLoop:
         *,
         metrics: ControllerMetrics | None = None,
         scrape_fn: Scrape | None = None,
+        scrape_proxy_fn: Callable[[str], dict[str, int] | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube, self.cache, self.recorder, self.queue, self.settings = kube, cache, recorder, queue, settings
         self.metrics = metrics
         timeout = settings.scrape_timeout_seconds
         self._scrape: Scrape = scrape_fn or (lambda url: scrape(url, timeout_seconds=timeout))
+        self._scrape_proxy: Callable[[str], dict[str, int] | None] = scrape_proxy_fn or (
+            lambda url: scrape_in_flight(url, timeout_seconds=timeout)
+        )
+        self._proxy_warned: dict[str, float] = {}
         self.clock = clock
         self._lock = threading.Lock()
         self._state: dict[str, LoadState] = {}
@@ -192,17 +205,46 @@ class LoadLoop:
             label = (meta.get("labels") or {}).get(LABEL_MODEL)
             if label:
                 pods.setdefault(model_key(str(meta.get("namespace") or "default"), str(label)), []).append(pod)
+        in_flight = self._proxies_in_flight()
         for model in self.cache.objects("InferenceModel"):
             namespace, name = tr.name_of(model)
             key = model_key(namespace, name)
             seen.add(key)
-            self.step(model, key, pods.get(key, []))
+            self.step(model, key, pods.get(key, []), in_flight)
         with self._lock:
             gone = [k for k in self._reports if k not in seen]
         for key in gone:
             self.forget(key)
 
-    def step(self, model: Mapping[str, Any], key: str, pods: Sequence[Mapping[str, Any]]) -> None:
+    def _proxies_in_flight(self) -> dict[str, int] | None:
+        """Requests in flight per backend URL, summed over every proxy (`--proxy-metrics-url`); None when
+        none is configured or one does not answer: a partial sum would look like less load than there is."""
+        urls = self.settings.proxy_metrics_urls
+        if not urls:
+            return None
+        counts = list(self._pool.map(self._scrape_proxy, urls))
+        total: dict[str, int] = {}
+        for url, count in zip(urls, counts, strict=True):
+            if count is None:
+                self._note_silent_proxy(url)
+                return None
+            for backend, n in count.items():
+                total[backend] = total.get(backend, 0) + n
+        return total
+
+    def _note_silent_proxy(self, url: str) -> None:
+        now = self.clock()
+        if now - self._proxy_warned.get(url, -1e9) >= 600:  # at most every 10 minutes per proxy
+            self._proxy_warned[url] = now
+            log.warning("no in-flight counts from the proxy at %s: models without vLLM metrics hold", url)
+
+    def step(
+        self,
+        model: Mapping[str, Any],
+        key: str,
+        pods: Sequence[Mapping[str, Any]],
+        in_flight: Mapping[str, int] | None = None,
+    ) -> None:
         """One look at one model: maybe one /scale PATCH."""
         try:
             m = model_from_inferencemodel(model)
@@ -224,7 +266,11 @@ class LoadLoop:
         replicas = replicas_of(pods, (model.get("spec") or {}).get("port"))
         ready = [r for r in replicas if r.ready]
         scraped = dict(zip([r.pod for r in ready], self._pool.map(lambda r: self._scrape(r.url), ready), strict=True))
-        signals, silent = signals_of(replicas, scraped, current)
+        # The rule reads in-flight counts only with a concurrency; behind spec.backendUrl the proxies send to
+        # that URL, not to the pods, so their counts say nothing per pod.
+        direct = not (model.get("spec") or {}).get("backendUrl")
+        counted = in_flight if m.load.concurrency is not None and direct else None
+        signals, silent = signals_of(replicas, scraped, current, counted)
         label = m.model_name or m.name
         now = self.clock()
         if silent:
@@ -239,7 +285,8 @@ class LoadLoop:
                     current,
                     current,
                     f"{NO_SIGNAL} {silent[0]}{more}: "
-                    "its /metrics did not answer with vLLM's gauges; holding at "
+                    "neither vLLM's gauges at its /metrics nor the proxies' count (spec.load.concurrency and "
+                    "--proxy-metrics-url); holding at "
                     f"{current} replica(s)",
                 ),
             )

@@ -67,6 +67,9 @@ class LoadSettings:
     scrape_timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS
     # A step the webhook refused is asked for again this often (one /scale PATCH each, as the warm loop's).
     blocked_recheck_seconds: float = 10.0
+    # Each proxy replica's /metrics (ibc_proxy_backend_in_flight): requests in flight per replica, summed; the
+    # signal for backends without vLLM's gauges (with spec.load.concurrency). One URL per proxy process group.
+    proxy_metrics_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

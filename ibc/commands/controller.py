@@ -105,6 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often the leader reads the /metrics of the pods of models with maxReplicas > 1 and steps "
         "spec.replicas by one through /scale (the load layer; 0 turns it off; default %(default)g)",
     )
+    parser.add_argument(
+        "--proxy-metrics-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a proxy replica's base URL (repeat for each): its /metrics counts requests in flight per model "
+        "replica, the load signal for backends without vLLM metrics (with spec.load.concurrency)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="reconcile threads (default %(default)s)")
 
 
@@ -139,6 +147,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for flag in ("resync_seconds", "observe_interval_seconds"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
+    for url in args.proxy_metrics_url:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--proxy-metrics-url {url!r} must start with http:// or https://")
     if not 0 <= args.load_interval_seconds <= 3600:
         raise ValueError(f"--load-interval-seconds must be within 0..3600, got {args.load_interval_seconds}")
     if args.workers < 1:
@@ -173,7 +184,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             lease_namespace=args.lease_namespace,
             timings=timings,
         ),
-        load=LoadSettings(interval_seconds=args.load_interval_seconds),
+        load=LoadSettings(
+            interval_seconds=args.load_interval_seconds, proxy_metrics_urls=tuple(args.proxy_metrics_url)
+        ),
     )
 
 

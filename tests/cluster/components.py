@@ -216,7 +216,9 @@ def launch_webhook(cp: ControlPlane, log_dir: Path, *, ledger_namespace: str, le
     return Server("webhook", proc, f"https://127.0.0.1:{port}", "/readyz", '"ready"', ca)
 
 
-def launch_controller(cp: ControlPlane, log_dir: Path, *, namespace: str, resync_seconds: float = 2.0) -> Server:
+def launch_controller(
+    cp: ControlPlane, log_dir: Path, *flags: str, namespace: str, resync_seconds: float = 2.0
+) -> Server:
     """`ibc controller` for one namespace, leading at once (no election); ready once its cache synced."""
     port = free_port()
     argv = ibc_argv(
@@ -226,6 +228,7 @@ def launch_controller(cp: ControlPlane, log_dir: Path, *, namespace: str, resync
         "--metrics-bind", f"127.0.0.1:{port}",
         "--resync-seconds", str(resync_seconds),
         "--scheduler-name", SCHEDULER_NAME,
+        *flags,
     )  # fmt: skip
     proc = _launch("controller", argv, log_dir)
     return Server("controller", proc, f"http://127.0.0.1:{port}", "/readyz", "leader")

@@ -229,16 +229,28 @@ class Clients:
             t.join(90)
 
 
-@pytest.fixture
+# Where the controller reads each replica's load: (the mocks' extra flags, spec.load's extra fields).
+SIGNALS = {
+    # vLLM's gauges at each pod's own /metrics (the mock serves them).
+    "replica-metrics": ((), {}),
+    # A backend without metrics: the proxy's requests in flight per replica (--proxy-metrics-url) beyond
+    # spec.load.concurrency are its queue.
+    "proxy-count": (("--no-metrics",), {"concurrency": 1}),
+}
+
+
+@pytest.fixture(params=SIGNALS)
 def load_scene(
+    request: pytest.FixtureRequest,
     control_plane: ControlPlane,
     pod_simulator: PodSimulator,
     scheduler_factory: Callable[..., Any],
     node_factory: Callable[..., Any],
     namespace: str,
     tmp_path: Path,
-) -> Iterator[tuple[str, str, int, dict[str, comp.Server]]]:
+) -> Iterator[tuple[str, str, int, dict[str, comp.Server], str]]:
     cp = control_plane
+    signal = str(request.param)
     suffix = secrets.token_hex(3)
     node, webhook_name, ledger = f"load-{suffix}", f"ibc-webhook-loadup-{suffix}", f"ibc-loadup-ledger-{suffix}"
     comp.install_crd(cp)
@@ -247,13 +259,15 @@ def load_scene(
     port = free_port()
     servers: list[comp.Server] = []
     try:
+        proxy = comp.launch_proxy(cp, tmp_path, "--routing", "least-outstanding", namespace=namespace)
         servers += [
             comp.launch_extender(cp, tmp_path),
             comp.launch_webhook(cp, tmp_path, ledger_namespace=LEDGER_NAMESPACE, ledger_name=ledger),
-            comp.launch_controller(cp, tmp_path, namespace=namespace),
-            comp.launch_proxy(cp, tmp_path, "--routing", "least-outstanding", namespace=namespace),
+            comp.launch_controller(cp, tmp_path, "--proxy-metrics-url", proxy.url, namespace=namespace),
+            proxy,
         ]
-        servers += [comp.launch_mock_backend(tmp_path, "chat", port, *MOCK_FLAGS, host=host) for host in HOSTS]
+        flags = (*MOCK_FLAGS, *SIGNALS[signal][0])
+        servers += [comp.launch_mock_backend(tmp_path, "chat", port, *flags, host=host) for host in HOSTS]
         byname = {s.name: s for s in servers}
         extender, webhook = byname["extender"], byname["webhook"]
         extender.wait_ready()
@@ -267,7 +281,7 @@ def load_scene(
         )
         for server in servers[2:]:
             server.wait_ready()
-        yield namespace, node, port, byname
+        yield namespace, node, port, byname, signal
     finally:
         comp.unregister_webhook(cp, webhook_name)
         cp.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=false")
@@ -299,10 +313,10 @@ def gauges(server: comp.Server, model_name: str) -> dict[str, float]:
 
 
 def test_load_steps_replicas_through_scale_and_the_webhook_and_a_refusal_shows_everywhere(
-    control_plane: ControlPlane, load_scene: tuple[str, str, int, dict[str, comp.Server]]
+    control_plane: ControlPlane, load_scene: tuple[str, str, int, dict[str, comp.Server], str]
 ) -> None:
     cp = control_plane
-    namespace, node, port, servers = load_scene
+    namespace, node, port, servers, signal = load_scene
     controller, proxy = servers["controller"], servers["proxy"]
 
     def kubectl(*args: str, input: str | None = None) -> str:
@@ -319,7 +333,7 @@ def test_load_steps_replicas_through_scale_and_the_webhook_and_a_refusal_shows_e
             1 for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
         )
 
-    load = {"waitingSaturation": 2, "scaleUpStabilization": "1s", "scaleDownStabilization": "2s"}
+    load = {"waitingSaturation": 2, "scaleUpStabilization": "1s", "scaleDownStabilization": "2s", **SIGNALS[signal][1]}
     with Sampler(cp, node) as sampler:
         kubectl("apply", "-f", "-", input=json.dumps(model("side", "35Gi", node, replicas=1)))
         wait_for(lambda: running("side") == 1, timeout=60, message="side running")
@@ -356,8 +370,9 @@ def test_load_steps_replicas_through_scale_and_the_webhook_and_a_refusal_shows_e
             kubectl("scale", "inferencemodel/side", "--replicas=0")  # a decrease: always admitted
             wait_for(lambda: chat()["spec"]["replicas"] == 3, timeout=60, message="chat stepped to 3 once side left")
             wait_for(lambda: running("chat") == 3, timeout=60, message="chat's three replicas running")
-            mocks = [servers[f"mock-chat-{host}"] for host in HOSTS]
-            wait_for(lambda: all(served(m) > 0 for m in mocks), timeout=30, message="each of the 3 replicas served")
+            if signal == "replica-metrics":  # (the other mocks serve no /metrics)
+                mocks = [servers[f"mock-chat-{host}"] for host in HOSTS]
+                wait_for(lambda: all(served(m) > 0 for m in mocks), timeout=30, message="each of 3 replicas served")
             wait_for(lambda: gauges(controller, "chat") == {"wanted": 3.0, "allowed": 3.0}, timeout=30,
                      message="gauges: wanted 3, allowed 3")  # fmt: skip
         finally:

@@ -90,19 +90,39 @@ def test_signals_of(
         assert (signals[0].waiting, signals[0].running, signals[0].kv_cache_usage) == (6, 2, 0.3)
 
 
+@pytest.mark.parametrize(
+    ("metrics", "in_flight", "signal", "silent"),
+    [
+        ({"a": None}, {"http://a:1": 4}, (4, None), []),  # no vLLM gauges: the proxies' count is the signal
+        ({"a": None}, {}, (0, None), []),  # every proxy answered, none sends to it: idle, truly
+        ({"a": None}, None, (0, None), ["a"]),  # a proxy did not answer (or no concurrency): no signal
+        ({"a": BUSY}, {"http://a:1": 4}, (4, 6), []),  # both: the replica's own queue wins in the rule
+    ],
+    ids=["proxy-count-only", "proxies-count-zero", "proxy-count-unknown", "both"],
+)
+def test_signals_of_with_the_proxies_count(
+    metrics: dict[str, Any], in_flight: dict[str, int] | None, signal: tuple[int, int | None], silent: list[str]
+) -> None:
+    signals, quiet = signals_of([Replica("a", "http://a:1", True)], metrics, 1, in_flight)
+    assert (signals[0].in_flight, signals[0].waiting) == signal
+    assert quiet == silent
+
+
 class LoadWorld(World):
     """The reconciler's fake world plus the load loop, its clock and what each pod's /metrics answers."""
 
     def __init__(self) -> None:
         super().__init__()
         self.answers: dict[str, ReplicaMetrics | None] = {}
+        self.proxies: dict[str, dict[str, int] | None] = {}  # proxy URL -> in flight per backend URL
         self.loop = LoadLoop(
             self.api,  # type: ignore[arg-type]
             self.cache,
             self.recorder,
             self.queue,
-            LoadSettings(blocked_recheck_seconds=10.0),
+            LoadSettings(blocked_recheck_seconds=10.0, proxy_metrics_urls=("http://p1", "http://p2")),
             scrape_fn=lambda url: self.answers.get(url),
+            scrape_proxy_fn=lambda url: self.proxies.get(url),
             clock=lambda: self.now,
         )
 
@@ -300,3 +320,32 @@ def test_the_no_signal_message_goes_once_every_pod_answers_again() -> None:
     w.answers["http://10.0.0.1:9000"] = IDLE
     w.look(1)
     assert w.loop.report(f"{NS}/model-a") == LoadReport(1, 1, "0 of 1 saturated, spare 1.00")
+
+
+# Two proxies' counts (in flight per backend) -> replicas after 7 passes: summed, and all or nothing.
+PROXY_CASES = [
+    pytest.param({"concurrency": 2}, [{"http://10.0.0.1:9000": 4}, {"http://10.0.0.1:9000": 3}], 2, id="summed-7-of-2"),
+    pytest.param({"concurrency": 2}, [{"http://10.0.0.1:9000": 1}, {}], 1, id="summed-1-of-2-has-room"),
+    pytest.param({"concurrency": 2}, [{"http://10.0.0.1:9000": 9}, None], 1, id="one-proxy-silent-holds"),
+    pytest.param({}, [{"http://10.0.0.1:9000": 9}, {}], 1, id="no-concurrency-no-count"),
+    pytest.param({"concurrency": 2, "backendUrl": "http://svc"}, [{"http://10.0.0.1:9000": 9}, {}], 1,
+                 id="behind-backend-url-counts-are-not-per-pod"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("load", "counts", "after"), PROXY_CASES)
+def test_the_proxies_count_stands_in_for_vllm_metrics(load: dict[str, Any], counts: list[Any], after: int) -> None:
+    w = LoadWorld()
+    backend = load.pop("backendUrl", None)
+    w.add_model(
+        replicas=1,
+        minReplicas=1,
+        maxReplicas=3,
+        port=9000,
+        load={"scaleUpStabilization": "5s", **load},
+        **({"backendUrl": backend} if backend else {}),
+    )
+    w.pods(None)  # its /metrics has no vLLM gauges
+    w.proxies = dict(zip(("http://p1", "http://p2"), counts, strict=True))
+    w.look(7)
+    assert w.replicas() == after
