@@ -108,10 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--proxy-metrics-url",
         action="append",
-        default=[],
         metavar="URL",
         help="a proxy replica's base URL (repeat for each): its /metrics counts requests in flight per model "
-        "replica, the load signal for backends without vLLM metrics (with spec.load.concurrency)",
+        "replica, the load signal for backends without vLLM metrics (with spec.load.concurrency; default: none)",
     )
     parser.add_argument("--workers", type=int, default=2, help="reconcile threads (default %(default)s)")
 
@@ -147,7 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for flag in ("resync_seconds", "observe_interval_seconds"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
-    for url in args.proxy_metrics_url:
+    for url in args.proxy_metrics_url or []:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"--proxy-metrics-url {url!r} must start with http:// or https://")
     if not 0 <= args.load_interval_seconds <= 3600:
@@ -185,7 +184,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             timings=timings,
         ),
         load=LoadSettings(
-            interval_seconds=args.load_interval_seconds, proxy_metrics_urls=tuple(args.proxy_metrics_url)
+            interval_seconds=args.load_interval_seconds, proxy_metrics_urls=tuple(args.proxy_metrics_url or [])
         ),
     )
 

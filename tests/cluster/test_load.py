@@ -21,7 +21,9 @@ through `ibc proxy` (least-outstanding routing). The controller reads each pod's
 the webhook (35 + 3 x 30 > 100) and `kubectl describe` shows the LoadScaleBlocked Event naming `side`,
 the status and the controller's gauges say wanted 3 / allowed 2, and so does the proxy's `/v1/models`.
 Once `side` is scaled to 0 the next ask is admitted and the third replica serves; when the clients stop,
-it steps back down to minReplicas.
+it steps back down to minReplicas. Run twice: with the replicas' vLLM gauges, and with mocks that serve no
+`/metrics` (`--no-metrics`), where the controller reads the proxy's requests in flight per replica
+(`--proxy-metrics-url`, `ibc_proxy_backend_in_flight`) beyond `spec.load.concurrency: 1`.
 """
 
 from __future__ import annotations
