@@ -25,6 +25,7 @@ from controller.errors import ControllerError, NotLeader, ObservationError
 from controller.events import EventRecorder
 from controller.kube import Kube
 from controller.leader import LeaderElector, default_identity
+from controller.load import LoadLoop
 from controller.metrics import ControllerMetrics, MetricsSettings, create_app
 from controller.observations import ObservationStore
 from controller.observe import MemorySource, MetricsApiSource, NoSource, PrometheusSource
@@ -32,7 +33,7 @@ from controller.queue import WorkQueue
 from controller.reconciler import Reconciler
 from controller.settings import ControllerSettings
 from kubeview import ApiError, ClusterCache, load_api_client
-from serving.metrics import MemoryCollector
+from serving.metrics import MemoryCollector, ReplicasCollector
 from serving.runner import ThreadedServer, serve_in_thread
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Controller:
         self.source = source or make_source(settings, Kube(self.api))
         self.observations = ObservationStore(settings.observe.publish_every_seconds)
         self.recorder = EventRecorder(self.kube, self.identity)
+        self.load = LoadLoop(self.kube, self.cache, self.recorder, self.queue, settings.load, metrics=self.metrics)
         self.reconciler = Reconciler(
             self.kube,
             self.cache,
@@ -92,8 +94,10 @@ class Controller:
             observations=self.observations,
             metrics=self.metrics,
             source_name=self.source.name,
+            load_report=self.load.report,
         )
         self.registry.register(MemoryCollector(self.reconciler.memory_records))
+        self.registry.register(ReplicasCollector(self.load.gauge_rows))
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self._refs: dict[tuple[str, str], set[str]] = {}  # (namespace, deployment) -> models referencing it
         self._refs_lock = threading.Lock()
@@ -151,6 +155,7 @@ class Controller:
 
     def _shutdown(self) -> int:
         self.cache.stop()
+        self.load.close()
         if self.server is not None:
             self.server.stop()
         close = getattr(self.source, "close", None)
@@ -172,6 +177,8 @@ class Controller:
         threads.append(threading.Thread(target=self._resync, args=(session,), name="resync", daemon=True))
         if self.source.name != "none":
             threads.append(threading.Thread(target=self._observe_loop, args=(session,), name="observe", daemon=True))
+        if self.settings.load.interval_seconds > 0:
+            threads.append(threading.Thread(target=self.load.run, args=(session,), name="load", daemon=True))
         for t in threads:
             t.start()
         self._threads = threads
@@ -185,6 +192,7 @@ class Controller:
         for t in self._threads:
             t.join(timeout=35)
         self._threads = []
+        self.load.reset()
 
     # ------------------------------------------------------------------ threads
 

@@ -33,6 +33,7 @@ from controller.queue import WorkQueue
 from controller.settings import ReconcileSettings
 from controller.status import (
     Advice,
+    LoadReport,
     Observed,
     Problem,
     desired_status,
@@ -78,6 +79,7 @@ class Reconciler:
         metrics: ControllerMetrics | None = None,
         source_name: str = "none",
         clock: Callable[[], float] = time.time,
+        load_report: Callable[[str], LoadReport | None] = lambda key: None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -88,6 +90,7 @@ class Reconciler:
         self.metrics = metrics
         self.source_name = source_name
         self.clock = clock
+        self.load_report = load_report  # the load loop's word on a model, for its status (controller/load.py)
         self.guard = FightGuard()
         self._lock = threading.Lock()
         self._awake_since: dict[str, float] = {}
@@ -305,13 +308,7 @@ class Reconciler:
         self.queue.add(key)
 
     def _scale(self, model: Mapping[str, Any], replicas: int) -> None:
-        """PATCH /scale with the resourceVersion judged: 409 if a request (lastRequestTime) or a scale raced us."""
-        rv = (model.get("metadata") or {}).get("resourceVersion")
-        patch: dict[str, Any] = {"spec": {"replicas": replicas}}
-        if rv:
-            patch["metadata"] = {"resourceVersion": rv}
-        namespace, name = tr.name_of(model)
-        self.kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
+        scale_model(self.kube, model, replicas)
 
     # ------------------------------------------------------------------ idle scale-to-zero
 
@@ -414,6 +411,8 @@ class Reconciler:
             pending=tuple(pending),
             problem=outcome.problem,
             advice=self._advice(model, key, now),
+            load=self.load_report(key) if _load_scaled(model) else None,
+            clear_load=not _load_scaled(model),
         )
         for pod in pending:
             if pod.reason:
@@ -476,6 +475,23 @@ class Reconciler:
                 )
             )
         return out
+
+
+def _load_scaled(model: Mapping[str, Any]) -> bool:
+    """spec.maxReplicas > 1: the load loop reports on it (status.replicasWanted and the rest)."""
+    high = (model.get("spec") or {}).get("maxReplicas", 1)
+    return isinstance(high, int) and not isinstance(high, bool) and high > 1
+
+
+def scale_model(kube: Kube, model: Mapping[str, Any], replicas: int) -> None:
+    """PATCH /scale with the resourceVersion judged: 409 if a request (lastRequestTime) or a scale raced us.
+    The admission webhook decides an increase with the budget; its refusal comes back as an ApiError."""
+    rv = (model.get("metadata") or {}).get("resourceVersion")
+    patch: dict[str, Any] = {"spec": {"replicas": replicas}}
+    if rv:
+        patch["metadata"] = {"resourceVersion": rv}
+    namespace, name = tr.name_of(model)
+    kube.merge_patch(INFERENCE_MODELS.path(namespace, name, "scale"), patch)
 
 
 def _quantity(value: Any) -> int | None:

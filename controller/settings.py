@@ -9,6 +9,7 @@ from controller.advice import DEFAULT_HEADROOM_PERCENT
 from controller.leader import LeaseTimings
 from controller.observe import DEFAULT_PROMETHEUS_QUERY
 from controller.translate import DEFAULT_SCHEDULER_NAME
+from serving.signals import SCRAPE_TIMEOUT_SECONDS
 
 ObservedMemory = Literal["none", "prometheus", "metrics-api"]
 
@@ -56,6 +57,22 @@ class LeaderSettings:
 
 
 @dataclass(frozen=True)
+class LoadSettings:
+    """How often the leader looks, and how long a refused step waits before it is asked again."""
+
+    # Every second, as local mode: the rule's windows (5 s up, 60 s down by default) are counted in passes.
+    # 0 turns the load loop off (a model then scales by the proxy, the cooldown, kubectl scale or an HPA).
+    interval_seconds: float = 1.0
+    # A replica that cannot say its load in half a second: no signal (the model holds), not idle.
+    scrape_timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS
+    # A step the webhook refused is asked for again this often (one /scale PATCH each, as the warm loop's).
+    blocked_recheck_seconds: float = 10.0
+    # Each proxy replica's /metrics (ibc_proxy_backend_in_flight): requests in flight per replica, summed; the
+    # signal for backends without vLLM's gauges (with spec.load.concurrency). One URL per proxy process group.
+    proxy_metrics_urls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ControllerSettings:
     """Everything `ibc controller` needs."""
 
@@ -67,3 +84,4 @@ class ControllerSettings:
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     observe: ObserveSettings = field(default_factory=ObserveSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
+    load: LoadSettings = field(default_factory=LoadSettings)

@@ -30,6 +30,9 @@ OWNED_FIELDS = (
     "utilizationPercent",
     "recommendation",
     "lastObservation",
+    "replicasWanted",
+    "replicasAllowed",
+    "loadMessage",
 )
 CONDITION_TYPES = ("Ready", "Scheduled", "Reconciled")
 
@@ -48,6 +51,16 @@ class PendingPod:
 
     name: str
     reason: str  # PodScheduled condition reason (Unschedulable, SchedulerError) or "" when not tried yet
+    message: str
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The load layer's word on a model (controller/load.py): replicas wanted, how many the budget allows
+    (equal unless it refuses a step), and the last step or refusal in a sentence."""
+
+    wanted: int
+    allowed: int
     message: str
 
 
@@ -75,6 +88,8 @@ class Observed:
     pending: Sequence[PendingPod] = field(default_factory=tuple)
     problem: Problem | None = None
     advice: Advice | None = None
+    load: LoadReport | None = None
+    clear_load: bool = False  # not load-scaled (any more): remove the load fields a former report left
 
 
 def pending_pods(pods: Sequence[Mapping[str, Any]]) -> list[PendingPod]:
@@ -186,6 +201,10 @@ def desired_status(name: str, o: Observed) -> dict[str, Any]:
             "lastObservation": o.advice.last_observation,
         }
         status.update({k: v for k, v in optional.items() if v is not None})
+    if o.load is not None:
+        status.update(replicasWanted=o.load.wanted, replicasAllowed=o.load.allowed, loadMessage=o.load.message)
+    elif o.clear_load:  # None in a merge patch deletes the field; status_patch sends it only if it is there
+        status.update(replicasWanted=None, replicasAllowed=None, loadMessage=None)
     return status
 
 

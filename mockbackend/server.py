@@ -75,6 +75,7 @@ class MockSettings:
     kv_capacity_tokens: int = 65536  # simulated KV cache: kv_cache_usage_perc = running tokens / this
     prefix_cache_blocks: int = 1024  # simulated prefix cache, in blocks of serving.prompt.BLOCK_BYTES; 0 = off
     prefill_block_seconds: float = 0.0  # first-token delay per prompt block not in the prefix cache
+    serve_metrics: bool = True  # False: /metrics answers 404, like a backend without Prometheus metrics
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class MockBackend:
     # ----- answers (status, content type, body) or a generation to schedule -----
     def route(self, req: _Request) -> tuple[int, bytes] | tuple[str, Generation]:
         """A complete answer `(status, json_body)` or a completion to run `("generate", Generation)`."""
-        if req.path == "/metrics":
+        if req.path == "/metrics" and self.settings.serve_metrics:
             if req.method != "GET":
                 return 405, _error_body("use GET", "invalid_request_error", 405)
             return 200, self.metrics_text()

@@ -195,6 +195,7 @@ class ProxyApp:
             max_connections=settings.max_connections,
             transport=transport,
             mode=settings.upstream,
+            on_in_flight=self.metrics.count_in_flight,
         )
         self.cold = ColdStarts(
             scaler,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +137,7 @@ class Upstream:
         max_connections: int = 256,
         transport: httpx.BaseTransport | None = None,
         mode: str = "lean",
+        on_in_flight: Callable[[str, int], None] | None = None,
     ) -> None:
         if mode not in UPSTREAM_MODES:
             raise ValueError(f"upstream mode must be one of {', '.join(UPSTREAM_MODES)}, got {mode!r}")
@@ -169,6 +170,7 @@ class Upstream:
         self.direct = mode != "client"
         self._timeout_extension = timeout.as_dict()
         self._lock = threading.Lock()
+        self._on_in_flight = on_in_flight  # (backend, +1 | -1): published for the controller's load loop
         self._outstanding: dict[str, int] = {}
         self._turn = itertools.count()
         self._urls: dict[str, httpx.URL] = {}
@@ -196,6 +198,8 @@ class Upstream:
                     if count < best_count:
                         best, best_count = candidate, count
             outstanding[best] = outstanding.get(best, 0) + 1
+        if self._on_in_flight is not None:
+            self._on_in_flight(best, 1)
         return best
 
     def release(self, backend: str) -> None:
@@ -205,6 +209,8 @@ class Upstream:
                 self._outstanding[backend] = left
             else:
                 self._outstanding.pop(backend, None)
+        if self._on_in_flight is not None:
+            self._on_in_flight(backend, -1)
 
     def outstanding(self) -> Mapping[str, int]:
         with self._lock:

@@ -286,6 +286,20 @@ class KubeScaler:
                 self._backends[model_key] = urls
         return urls
 
+    def details(self, model_key: str) -> dict[str, Any]:
+        """The load layer's fields for `GET /v1/models` and `/status`, as local mode shows them: min and max from
+        the spec, wanted/allowed and the last step or refusal from the status the controller writes."""
+        model = self.cache.view().models.get(model_key)
+        if model is None:
+            return {}
+        out: dict[str, Any] = {"minReplicas": model.min_replicas, "maxReplicas": model.max_replicas}
+        namespace, name = model_key.split("/", 1)
+        status = (self.cache.get("InferenceModel", namespace, name) or {}).get("status") or {}
+        for field in ("replicasWanted", "replicasAllowed", "loadMessage"):
+            if field in status:
+                out[field] = status[field]
+        return out
+
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
         deadline = time.monotonic() + timeout_seconds
         with self._changed:

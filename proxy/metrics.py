@@ -66,7 +66,16 @@ class ProxyMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.backend_in_flight = Gauge(
+            "ibc_proxy_backend_in_flight",
+            "Requests sent to one backend (a replica's base URL) and not finished yet: the load layer's "
+            "per-replica signal in a cluster, summed over every proxy by the controller.",
+            ["backend"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self._lock = threading.Lock()
+        self._in_flight_children: dict[str, Gauge] = {}
         self._route_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
@@ -79,6 +88,16 @@ class ProxyMetrics:
                 child = self.requests.labels(model, str(status))
                 self._request_children[(model, status)] = child
         child.inc()
+
+    def count_in_flight(self, backend: str, delta: int) -> None:
+        """One request more (+1) or less (-1) in flight to `backend` (the hot path: a cached child)."""
+        children = self._in_flight_children
+        (children.get(backend) or self._new_child(children, backend, self.backend_in_flight)).inc(delta)
+
+    def _new_child(self, children: dict[str, Gauge], key: str, metric: Gauge) -> Gauge:
+        with self._lock:
+            child = children[key] = metric.labels(key)
+        return child
 
     def count_route(self, model: str, outcome: str) -> None:
         """One request routed by prefix affinity (a cached child, as for count_request)."""

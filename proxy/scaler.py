@@ -20,7 +20,8 @@ How the request path (`proxy/app.py`) uses a scaler, so implementations know wha
   `ready() -> bool`, whether the scaler has its initial state (e.g. the watch cache is synced);
   `/readyz` answers 503 while it is False;
   `details(key) -> dict`, extra fields for the model's entries in `GET /v1/models` and `GET /status` (local mode:
-  `lastFailure`, `lastFailureTime`, `recentFailures`, `nextStartAttempt`, and `log`, its own log file).
+  `lastFailure`, `lastFailureTime`, `recentFailures`, `nextStartAttempt`, and `log`, its own log file; both:
+  the load layer's `minReplicas`, `maxReplicas`, `replicasWanted`, `replicasAllowed`, `loadMessage`).
 - optional (local mode): `can_make_room(key, replicas) -> bool`, asked before the proxy answers 429
   (True when stopping idle models, or memory an eviction is freeing, would let the start fit: the
   request then goes to `scale_up`, which decides for real), and `note(key) -> str | None`, what was

@@ -36,9 +36,7 @@ def prompt_text(body: Mapping[str, Any]) -> str:
             if isinstance(content, str):
                 parts.append(content)
             elif isinstance(content, list):  # content parts: only their text is a prefix we can hash
-                parts.extend(
-                    p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
+                parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         return "".join(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt:  # a batch (the first prompt routes) or token ids

@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+IN_FLIGHT = "ibc_proxy_backend_in_flight"  # proxy/metrics.py: requests each proxy has in flight per backend
 
 SCRAPE_TIMEOUT_SECONDS = 0.5
 """A replica that cannot say its load in half a second is busy enough: the proxy's count stands in."""
@@ -56,8 +60,19 @@ def parse_metrics(text: str) -> ReplicaMetrics:
     )
 
 
-def scrape(base_url: str, *, timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS) -> ReplicaMetrics | None:
-    """GET `<base_url>/metrics` and parse it; None when the replica does not serve metrics (or fails to)."""
+def parse_in_flight(text: str) -> dict[str, int]:
+    """The proxy's `ibc_proxy_backend_in_flight{backend=...}` per backend URL; malformed text raises ValueError."""
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            backend = sample.labels.get("backend")
+            if sample.name == IN_FLIGHT and backend:
+                out[backend] = out.get(backend, 0) + max(0, int(sample.value))
+    return out
+
+
+def _read(base_url: str, parse: Callable[[str], T], timeout_seconds: float) -> T | None:
+    """GET `<base_url>/metrics` and parse it; None when it does not answer, is too large or unreadable."""
     url = base_url.rstrip("/") + "/metrics"
     try:
         with _DIRECT.open(url, timeout=timeout_seconds) as response:
@@ -68,7 +83,17 @@ def scrape(base_url: str, *, timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS) ->
     if len(body) > MAX_BODY_BYTES:
         return None
     try:
-        return parse_metrics(body.decode("utf-8", "replace"))
+        return parse(body.decode("utf-8", "replace"))
     except ValueError as exc:
         log.debug("unreadable metrics from %s: %s", url, exc)
         return None
+
+
+def scrape(base_url: str, *, timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS) -> ReplicaMetrics | None:
+    """A replica's vLLM gauges from `<base_url>/metrics`; None when it does not serve them (or fails to)."""
+    return _read(base_url, parse_metrics, timeout_seconds)
+
+
+def scrape_in_flight(base_url: str, *, timeout_seconds: float = SCRAPE_TIMEOUT_SECONDS) -> dict[str, int] | None:
+    """One proxy's requests in flight per backend URL, from its `/metrics`; None when it does not answer."""
+    return _read(base_url, parse_in_flight, timeout_seconds)

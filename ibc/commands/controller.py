@@ -97,6 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="inference-budget-scheduler",
         help="schedulerName given to model pods (default %(default)s)",
     )
+    parser.add_argument(
+        "--load-interval-seconds",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="how often the leader reads the /metrics of the pods of models with maxReplicas > 1 and steps "
+        "spec.replicas by one through /scale (the load layer; 0 turns it off; default %(default)g)",
+    )
+    parser.add_argument(
+        "--proxy-metrics-url",
+        action="append",
+        metavar="URL",
+        help="a proxy replica's base URL (repeat for each): its /metrics counts requests in flight per model "
+        "replica, the load signal for backends without vLLM metrics (with spec.load.concurrency; default: none)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="reconcile threads (default %(default)s)")
 
 
@@ -112,6 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from controller.settings import (
         ControllerSettings,
         LeaderSettings,
+        LoadSettings,
         ObserveSettings,
         ReconcileSettings,
     )
@@ -130,6 +146,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for flag in ("resync_seconds", "observe_interval_seconds"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
+    for url in args.proxy_metrics_url or []:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--proxy-metrics-url {url!r} must start with http:// or https://")
+    if not 0 <= args.load_interval_seconds <= 3600:
+        raise ValueError(f"--load-interval-seconds must be within 0..3600, got {args.load_interval_seconds}")
     if args.workers < 1:
         raise ValueError("--workers must be >= 1")
     renew = args.lease_renew_seconds
@@ -161,6 +182,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             lease_name=args.lease_name,
             lease_namespace=args.lease_namespace,
             timings=timings,
+        ),
+        load=LoadSettings(
+            interval_seconds=args.load_interval_seconds, proxy_metrics_urls=tuple(args.proxy_metrics_url or [])
         ),
     )
 

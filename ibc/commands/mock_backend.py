@@ -98,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulated prefix cache: the N most recently used prompt blocks (0 = off; default 1024)",
     )
     vllm.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="answer 404 at /metrics, like a backend without Prometheus metrics (the queue still applies)",
+    )
+    vllm.add_argument(
         "--prefill-per-block",
         type=_non_negative,
         default=0.0,
@@ -127,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         kv_capacity_tokens=args.kv_capacity_tokens,
         prefix_cache_blocks=args.prefix_cache_blocks,
         prefill_block_seconds=args.prefill_per_block,
+        serve_metrics=not args.no_metrics,
     )
 
     def announce(url: str) -> None:

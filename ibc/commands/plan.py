@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "A snapshot is multi-document YAML of Nodes, ResourceSlices, Pods, Deployments and InferenceModels, or "
         "the List printed by `kubectl get nodes,resourceslices,pods,deployments,inferencemodels -A -o yaml`.\n"
         "Placements are per device: each new replica's node and the device indices it takes there "
-        "(text: `placement:` lines; json: `placements` as {\"node\": ..., \"devices\": [...]}).\n"
+        '(text: `placement:` lines; json: `placements` as {"node": ..., "devices": [...]}).\n'
         "Example: ibc plan --cluster-state examples/seed-scenario.yaml --scale default/model-b=1"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -44,21 +44,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, default_bind="0.0.0.0:8443", default_workers=1, default_threads=8)
     source = parser.add_argument_group("cluster view (one of; in-cluster config when neither is given)")
     exclusive = source.add_mutually_exclusive_group()
-    exclusive.add_argument("--cluster-state", metavar="FILE",
-                           help="decide on a snapshot YAML, offline, with an in-process lock (one worker)")
+    exclusive.add_argument(
+        "--cluster-state",
+        metavar="FILE",
+        help="decide on a snapshot YAML, offline, with an in-process lock (one worker)",
+    )
     exclusive.add_argument("--kubeconfig", metavar="FILE", help="watch the cluster of this kubeconfig")
     ledger = parser.add_argument_group("admission")
-    ledger.add_argument("--ledger-namespace", metavar="NS",
-                        help="namespace of the ledger ConfigMap (default: $POD_NAMESPACE, the service "
-                             f"account's namespace, else {DEFAULT_NAMESPACE})")
-    ledger.add_argument("--ledger-name", default="ibc-admission-ledger", metavar="NAME",
-                        help="name of the ledger ConfigMap (default ibc-admission-ledger)")
-    ledger.add_argument("--ledger-ttl", type=float, default=60.0, metavar="SECONDS",
-                        help="how long an admitted scale-up is reserved if it never shows up (default 60)")
-    ledger.add_argument("--deny-code", type=int, choices=(403, 429), default=403,
-                        help="HTTP status of a denial: 403 Forbidden (default) or 429 TooManyRequests")
-    ledger.add_argument("--warn-over-percent", type=float, default=20.0, metavar="PERCENT",
-                        help="warn when declared memory exceeds the observed peak by more (default 20)")
+    ledger.add_argument(
+        "--ledger-namespace",
+        metavar="NS",
+        help="namespace of the ledger ConfigMap (default: $POD_NAMESPACE, the service "
+        f"account's namespace, else {DEFAULT_NAMESPACE})",
+    )
+    ledger.add_argument(
+        "--ledger-name",
+        default="ibc-admission-ledger",
+        metavar="NAME",
+        help="name of the ledger ConfigMap (default ibc-admission-ledger)",
+    )
+    ledger.add_argument(
+        "--ledger-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long an admitted scale-up is reserved if it never shows up (default 60)",
+    )
+    ledger.add_argument(
+        "--deny-code",
+        type=int,
+        choices=(403, 429),
+        default=403,
+        help="HTTP status of a denial: 403 Forbidden (default) or 429 TooManyRequests",
+    )
+    ledger.add_argument(
+        "--warn-over-percent",
+        type=float,
+        default=20.0,
+        metavar="PERCENT",
+        help="warn when declared memory exceeds the observed peak by more (default 20)",
+    )
 
 
 def _fail(message: str) -> int:
@@ -132,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("not running in a cluster: give --kubeconfig FILE (live) or --cluster-state FILE (offline)")
     log.info(
         "live mode: ledger ConfigMap %s/%s (optimistic concurrency, shared by every worker and replica)",
-        settings.ledger_namespace, settings.ledger_name,
+        settings.ledger_namespace,
+        settings.ledger_name,
     )
 
     def live_factory() -> Any:

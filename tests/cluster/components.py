@@ -117,9 +117,19 @@ def install_crd(cp: ControlPlane) -> None:
     res = cp.kubectl("apply", "-f", str(CRD), timeout=60)
     if res.returncode != 0:
         raise ComponentError(f"kubectl apply {CRD.name} failed:\n{res.stderr}")
-    res = cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{PLURAL}.{GROUP}", timeout=90)
-    if res.returncode != 0:
-        raise ComponentError(f"the CRD was not established:\n{res.stderr}")
+
+    def established() -> bool:
+        # Right after a create, the CRD has no status.conditions yet and `kubectl wait` fails at once
+        # ("<nil> is of the type <nil>"), not after its timeout: asked again until the deadline.
+        res = cp.kubectl("wait", "--for=condition=Established", "--timeout=10s", f"crd/{PLURAL}.{GROUP}", timeout=30)
+        if res.returncode != 0:
+            raise ComponentError(res.stderr)
+        return True
+
+    try:
+        wait_for(established, timeout=60, interval=0.5, message="the CRD established")
+    except TimeoutError as exc:
+        raise ComponentError(f"the CRD was not established: {exc.__cause__ or exc}") from exc
 
 
 def scheduler_config(extender_url: str, ca: Path) -> dict[str, Any]:
@@ -206,7 +216,9 @@ def launch_webhook(cp: ControlPlane, log_dir: Path, *, ledger_namespace: str, le
     return Server("webhook", proc, f"https://127.0.0.1:{port}", "/readyz", '"ready"', ca)
 
 
-def launch_controller(cp: ControlPlane, log_dir: Path, *, namespace: str, resync_seconds: float = 2.0) -> Server:
+def launch_controller(
+    cp: ControlPlane, log_dir: Path, *flags: str, namespace: str, resync_seconds: float = 2.0
+) -> Server:
     """`ibc controller` for one namespace, leading at once (no election); ready once its cache synced."""
     port = free_port()
     argv = ibc_argv(
@@ -216,13 +228,19 @@ def launch_controller(cp: ControlPlane, log_dir: Path, *, namespace: str, resync
         "--metrics-bind", f"127.0.0.1:{port}",
         "--resync-seconds", str(resync_seconds),
         "--scheduler-name", SCHEDULER_NAME,
+        *flags,
     )  # fmt: skip
     proc = _launch("controller", argv, log_dir)
     return Server("controller", proc, f"http://127.0.0.1:{port}", "/readyz", "leader")
 
 
 def launch_proxy(
-    cp: ControlPlane, log_dir: Path, *, namespace: str, threads: int = 32, cold_start_timeout_seconds: float = 120
+    cp: ControlPlane,
+    log_dir: Path,
+    *flags: str,
+    namespace: str,
+    threads: int = 32,
+    cold_start_timeout_seconds: float = 120,
 ) -> Server:
     """`ibc proxy` (one gthread worker, the Kubernetes scaler) for one namespace; ready once its cache synced."""
     port = free_port()
@@ -234,16 +252,18 @@ def launch_proxy(
         "--workers", "1",
         "--threads", str(threads),
         "--cold-start-timeout", str(cold_start_timeout_seconds),
+        *flags,
     )  # fmt: skip
     proc = _launch("proxy", argv, log_dir)
     return Server("proxy", proc, f"http://127.0.0.1:{port}", "/readyz")
 
 
-def launch_mock_backend(log_dir: Path, model: str, port: int, *flags: str) -> Server:
-    """`ibc mock-backend` serving `model` on 127.0.0.1:`port` (where the model's pods "are")."""
-    argv = ibc_argv("mock-backend", "--bind", f"127.0.0.1:{port}", "--model", model, *flags)
-    proc = _launch(f"mock-{model}", argv, log_dir)
-    return Server(f"mock-{model}", proc, f"http://127.0.0.1:{port}", "/health")
+def launch_mock_backend(log_dir: Path, model: str, port: int, *flags: str, host: str = "127.0.0.1") -> Server:
+    """`ibc mock-backend` serving `model` on `host`:`port` (where the model's pods "are")."""
+    argv = ibc_argv("mock-backend", "--bind", f"{host}:{port}", "--model", model, *flags)
+    name = f"mock-{model}" if host == "127.0.0.1" else f"mock-{model}-{host}"
+    proc = _launch(name, argv, log_dir)
+    return Server(name, proc, f"http://{host}:{port}", "/health")
 
 
 def stop_all(servers: list[Server], stop_seconds: dict[str, float] | None = None) -> dict[str, str]:

@@ -1175,7 +1175,8 @@ class PodSimulator:
     status Running + Ready (podIP from 10.244.0.0/16, startTime, containerStatuses), so Deployments
     become available. A pod with a deletionTimestamp on such a node is removed (grace period 0), as a
     kubelet would after its containers stopped. Annotations on the pod: ``ibc.test/pod-ip`` fixes the
-    IP; ``ibc.test/ready: "false"`` leaves it Running but not Ready. The watch resumes from the last
+    IP (a comma-separated list: the first address no live pod holds, one per replica);
+    ``ibc.test/ready: "false"`` leaves it Running but not Ready. The watch resumes from the last
     resourceVersion (bookmarks included) and re-lists on 410 Gone or any error.
 
     NOTE: the simulated pod IPs (10.244.x.y) do not exist: never send traffic to them. Use the
@@ -1225,6 +1226,19 @@ class PodSimulator:
         self.stop()
 
     # ---- internals
+
+    def _pod_ip(self, md: dict[str, Any]) -> str:
+        """The annotation's IP; from a comma-separated list, the first one no live pod holds (one loopback
+        address per replica, where a test runs one backend each); else one from 10.244.0.0/16."""
+        wanted = str((md.get("annotations") or {}).get(POD_IP_ANNOTATION) or "")
+        pool = [a.strip() for a in wanted.split(",") if a.strip()]
+        if len(pool) < 2:
+            return wanted or self._alloc_ip(md["uid"])
+        with self._ip_lock:
+            if md["uid"] not in self._ips:
+                held = set(self._ips.values())
+                self._ips[md["uid"]] = next((a for a in pool if a not in held), pool[-1])
+            return self._ips[md["uid"]]
 
     def _alloc_ip(self, uid: str) -> str:
         with self._ip_lock:
@@ -1344,7 +1358,7 @@ class PodSimulator:
     def _mark_running(self, core: Any, pod: dict[str, Any], ready: bool) -> None:
         md, spec, st = pod["metadata"], pod.get("spec") or {}, pod.get("status") or {}
         now = _now()
-        ip = (md.get("annotations") or {}).get(POD_IP_ANNOTATION) or self._alloc_ip(md["uid"])
+        ip = self._pod_ip(md)
         started_at = st.get("startTime") or now
         flag = "True" if ready else "False"
         containers = [

@@ -78,6 +78,8 @@ def dead_kubeconfig(tmp_path: Path) -> Path:
         pytest.param(["--metrics-bind", "8080"], "is not HOST:PORT", id="bind-without-host"),
         pytest.param(["--headroom-percent", "150"], "within 0..100", id="headroom-over-100"),
         pytest.param(["--resync-seconds", "0"], "--resync-seconds must be > 0", id="resync-zero"),
+        pytest.param(["--load-interval-seconds", "-1"], "within 0..3600", id="load-interval-negative"),
+        pytest.param(["--proxy-metrics-url", "proxy:8080"], "must start with http://", id="proxy-url-no-scheme"),
         pytest.param(
             ["--lease-duration-seconds", "4", "--lease-renew-seconds", "4"], "lease timings", id="renew-not-below-lease"
         ),

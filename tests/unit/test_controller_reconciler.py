@@ -103,8 +103,11 @@ class FakeApi:
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386) as the API server applies it: null deletes a field."""
     for k, v in patch.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
+        if v is None:
+            base.pop(k, None)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = _merge(base[k], v)
         else:
             base[k] = v

@@ -366,3 +366,31 @@ def test_a_webhook_denial_carries_the_webhooks_available_figure_not_a_stale_loca
         local, "insufficient_memory: model-b needs 60Gi in the whole cluster; 32Gi available", 30
     )
     assert (d.allowed, d.reason, d.available_bytes) == (False, "insufficient_memory", 32 * 2**30)
+
+
+@pytest.mark.parametrize(
+    ("spec", "status", "details"),
+    [
+        ({}, {}, {"minReplicas": 0, "maxReplicas": 1}),
+        (
+            {"minReplicas": 1, "maxReplicas": 3},
+            {"replicasWanted": 3, "replicasAllowed": 2, "loadMessage": "chat wants 3, budget allows 2: side"},
+            {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "replicasWanted": 3,
+                "replicasAllowed": 2,
+                "loadMessage": "chat wants 3, budget allows 2: side",
+            },
+        ),
+    ],
+    ids=["not-load-scaled", "refused-step-from-the-controllers-status"],
+)
+def test_v1_models_details_are_the_load_layers_fields(
+    api: FakeCustomApi, spec: dict[str, Any], status: dict[str, Any], details: dict[str, Any]
+) -> None:
+    c = ClusterCache(api=None)
+    c.apply("InferenceModel", "ADDED", {**inference_model("chat", "30Gi", 2, **spec), "status": status})
+    scaler = KubeScaler(api, cache=c)
+    assert scaler.details("ml/chat") == details
+    assert scaler.details("ml/absent") == {}

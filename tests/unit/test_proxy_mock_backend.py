@@ -161,9 +161,7 @@ def completion_cost(backend: MockBackend, prompt: str) -> Generation:
         pytest.param(0, [A + B], A + B, 2, 0, id="cache-off"),
     ],
 )
-def test_prefix_cache(
-    capacity: int, earlier: list[str], prompt: str, uncached_blocks: int, hit_tokens: int
-) -> None:
+def test_prefix_cache(capacity: int, earlier: list[str], prompt: str, uncached_blocks: int, hit_tokens: int) -> None:
     backend = MockBackend(MockSettings(model="m", prefix_cache_blocks=capacity, prefill_block_seconds=0.5))
     for text in earlier:
         completion_cost(backend, text)
@@ -280,3 +278,9 @@ def test_scheduler_runs_max_running_and_queues_the_rest_in_order() -> None:
     seen = asyncio.run(scenario())
     assert seen == [(2, 3, 0.5), (2, 2, 0.5), (2, 1, 0.5), (2, 0, 0.5), (1, 0, 0.25), (0, 0, 0.0)]
     assert started == [0, 1, 2, 4], "first come, first served; the cancelled one never ran"
+
+
+def test_no_metrics_is_a_404_like_a_backend_without_prometheus() -> None:
+    backend = MockBackend(MockSettings(model="m", serve_metrics=False))
+    status, _ = backend.route(_Request("GET", "/metrics", True, b""))  # type: ignore[misc]
+    assert status == 404
