@@ -16,7 +16,7 @@ from budget import (
     Reservation,
     decide_scale,
 )
-from budget.decide import free_after_admitted, without
+from budget.decide import free_after_admitted, plan_retry, without
 
 pytestmark = pytest.mark.unit
 
@@ -239,3 +239,65 @@ def test_a_model_of_no_memory_lands_nowhere():
     assert landed == [("default/y", "gpu-2", 40 * GI)]
     assert free == {"gpu-2": {0: 88 * GI}}
 
+
+
+# ---- the retry plan: which of the blocking models the 429 says must go, and when ----
+@dataclass
+class Plan:
+    view: ClusterView
+    needs_gi: int
+    plan: list  # the models whose going lets t fit, in the order they go (plan_retry's answer)
+    after: float | None  # plan_retry's time; None: one of them never goes on its own
+    order: list  # the denial's `blocking` names: the plan first, then the rest, each part in display order
+    retry_after: int
+
+
+def nodes(*gi):
+    return tuple(Node(f"gpu-{i}", A, size * GI) for i, size in enumerate(gi, start=2))
+
+
+PLANS = {
+    # a is the largest but frees only 60Gi on its full node; b, smaller, frees 70Gi beside gpu-3's 20Gi free.
+    # Both are due at 500 s: the plan keeps only b, the one that is enough.
+    "the-smaller-one-on-a-node-with-room-is-enough": Plan(
+        cluster(model("a", 60 * GI, 1, idle=100), model("b", 50 * GI, 1, idle=100), model("q", 30 * GI, 1, idle=0,
+                cooldown=0), pod("a", "gpu-2", 60 * GI), pod("b", "gpu-3", 50 * GI), pod("q", "gpu-3", 30 * GI),
+                nodes=nodes(60, 100)),
+        65, ["b"], 500.0, ["b", "a", "q"], 500),
+    # a and b go on their own (at 10 s and 20 s) and together are enough; so is n alone, which never goes.
+    "two-that-go-on-their-own-beat-one-that-never-does": Plan(
+        cluster(model("b1", 30 * GI, 1, idle=590), model("a1", 30 * GI, 1, idle=580),
+                model("n", 60 * GI, 1, idle=0, cooldown=0), pod("b1", "gpu-2", 30 * GI), pod("a1", "gpu-2", 30 * GI),
+                pod("n", "gpu-2", 60 * GI), nodes=nodes(150)),
+        85, ["b1", "a1"], 20.0, ["b1", "a1", "n"], 20),
+    # e is past its cooldown (due now), p's grace period ends in half a second; either is enough: e, now.
+    "due-now-goes-before-half-a-second": Plan(
+        cluster(model("e", 100 * GI, 1, idle=100, cooldown=60.0), model("p", 100 * GI),
+                pod("e", "gpu-2", 100 * GI), pod("p", "gpu-3", 100 * GI, state="stopping", free_by=NOW + 0.5),
+                nodes=nodes(128, 128)),
+        60, ["e"], 0.0, ["e", "p"], 1),
+    # a and b are due together (500 s), c later; either of a and b is enough: the larger, b, is named.
+    "due-together-the-larger-is-named": Plan(
+        cluster(model("a", 40 * GI, 1, idle=100), model("b", 60 * GI, 1, idle=100), model("c", 20 * GI, 1, idle=0),
+                pod("a", "gpu-2", 40 * GI), pod("b", "gpu-2", 60 * GI), pod("c", "gpu-2", 20 * GI)),
+        45, ["b"], 500.0, ["b", "a", "c"], 500),
+    # n never goes (no cooldown) and is needed with one of s1 and s2 (14Gi each): s1, due at 60 s, not s2
+    # (620 s), though s2 holds memory longer (its pod is listed first).
+    "one-that-never-goes-and-the-sooner-of-two-equals": Plan(
+        cluster(model("s1", 14 * GI, 1, idle=540), model("s2", 14 * GI, 1, idle=0, cooldown=620.0),
+                model("n", 32 * GI, 1, idle=0, cooldown=0), pod("s2", "gpu-2", 14 * GI), pod("s1", "gpu-2", 14 * GI),
+                pod("n", "gpu-2", 32 * GI), nodes=nodes(70)),
+        50, ["s1", "n"], None, ["s1", "n", "s2"], 30),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS.values()), ids=list(PLANS))
+def test_the_retry_plan_names_the_fewest_that_free_room_soonest(case):
+    view = ClusterView.build(nodes=case.view.nodes, models=[*case.view.models.values(), model("t", case.needs_gi * GI)],
+                             placements=case.view.placements)
+    d = decide_scale(view, "t", 1, NOW)
+    assert (d.allowed, d.reason) == (False, "insufficient_memory"), d.message
+    assert [b.model for b in d.blocking] == case.order
+    assert (d.retry_after_seconds, d.retry_blocking) == (case.retry_after, len(case.plan))
+    plan = plan_retry(view, view.models["default/t"], 1, NOW, d.blocking)
+    assert ([b.model for b in plan.blockers], plan.after_seconds) == (case.plan, case.after)
