@@ -160,13 +160,15 @@ CASES = {
         1, 1,
         "t needs 60Gi in pool pool=a; 28Gi available; blocked by e (100Gi, idle 100s)",
     ),
-    # A model of 1 byte admitted for two replicas, another for one: the smallest memory there is still blocks.
+    # Models of 1 byte admitted, o for two replicas, o1 for one; t needs all but one byte of the node: o going
+    # is enough, and o1, holding a single byte, is still named.
     "one-byte-models-admitted": Case(
-        cluster(model("t", 128 * GI), model("o", 1, 2), model("o1", 1, 1)),
+        cluster(model("t", 128 * GI - 1), model("o", 1, 2), model("o1", 1, 1)),
         (blocking("o", 2, replicas=2, state="starting", free_in=600.0),
          blocking("o1", 1, state="starting", free_in=600.0)),
-        600, 2,
-        "t needs 128Gi in pool pool=a; 137438953469 available; blocked by o (2, starting), o1 (1, starting)",
+        600, 1,
+        "t needs 137438953471 in pool pool=a; 137438953469 available; blocked by o (2, starting), o1 (1, starting); "
+        "it fits once o is gone, in 600s",
     ),
     # A pod that holds no memory is not named; a model of no memory holding a pod counts that pod once.
     "a-pod-holding-no-memory-is-not-named": Case(
@@ -301,3 +303,11 @@ def test_the_retry_plan_names_the_fewest_that_free_room_soonest(case):
     assert (d.retry_after_seconds, d.retry_blocking) == (case.retry_after, len(case.plan))
     plan = plan_retry(view, view.models["default/t"], 1, NOW, d.blocking)
     assert ([b.model for b in plan.blockers], plan.after_seconds) == (case.plan, case.after)
+
+
+def test_the_model_asked_about_is_not_its_own_ground():
+    """free_after_admitted(exclude=) leaves out the missing replicas of the model being decided."""
+    view = cluster(TARGET, model("y", 40 * GI, 1), model("x", 20 * GI, 2))
+    free, landed = free_after_admitted(view, NOW, exclude="default/y")
+    assert landed == [("default/x", "gpu-2", 20 * GI), ("default/x", "gpu-2", 20 * GI)]
+    assert free == {"gpu-2": {0: 88 * GI}}
