@@ -262,7 +262,8 @@ def main() -> int:
         untried = sum(1 for s in status.values() if s == "not checked")
         if untried:
             print(f"mutation: the last run did not try {untried} of {len(status)} mutants (cut short)", file=sys.stderr)
-        return classify(status, load_equivalents(), 0.0, None) or (1 if untried else 0)
+        tried = {n: s for n, s in status.items() if s != "not checked"}
+        return classify(tried, load_equivalents(), 0.0, None) or (1 if untried else 0)
     jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
     timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 3600)
     if args.glue:

@@ -3,13 +3,14 @@ of it when freeing it elsewhere is what makes room), state, idle time, replicas,
 and the Retry-After that follows. Each row is a cluster an operator could meet; the whole `blocking` tuple
 is compared, so one wrong byte, second or state fails the row."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
 from budget import (
     Blocking,
     ClusterView,
+    Device,
     Model,
     Node,
     Placement,
@@ -311,3 +312,20 @@ def test_the_model_asked_about_is_not_its_own_ground():
     free, landed = free_after_admitted(view, NOW, exclude="default/y")
     assert landed == [("default/x", "gpu-2", 20 * GI), ("default/x", "gpu-2", 20 * GI)]
     assert free == {"gpu-2": {0: 88 * GI}}
+
+
+@pytest.mark.parametrize(
+    ("devices", "says"),
+    [
+        pytest.param(2, "t cannot have 3 replica(s) of 60Gi on 2 devices each in pool pool=a even with nothing else "
+                     "running (1 node(s), 80Gi in all); it can never fit without more nodes", id="tensor-parallel"),
+        pytest.param(1, "t cannot have 3 replica(s) of 30Gi in pool pool=a even with nothing else "
+                     "running (1 node(s), 80Gi in all); it can never fit without more nodes", id="one-device"),
+    ],
+)
+def test_never_fits_the_pool_says_how_a_replica_is_split(devices, says):
+    """A replica split over devices: the refusal says so, with the per-replica memory it was asked for."""
+    node = Node("gpu-2", A, None, "devices-annotation", (Device(0, 40 * GI), Device(1, 40 * GI)))
+    t = replace(model("t", 30 * GI * devices), devices=devices)
+    d = decide_scale(ClusterView.build(nodes=[node], models=[t]), "t", 3, NOW)
+    assert (d.reason, d.message) == ("exceeds_pool_capacity", says)
