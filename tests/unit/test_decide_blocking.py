@@ -179,6 +179,25 @@ CASES = {
         600, 1,
         "t needs 60Gi in pool pool=a; 28Gi available; blocked by z (100Gi, idle 0s)",
     ),
+    # Freeing more is not always better: with m2 gone (30 s) t's second replica fits on gpu-2; with m1 gone
+    # too (60 s), m3's admitted replica (61Gi, no room anywhere now) lands there first and takes the room.
+    # So the plan is m2 alone, at 30 s, not "wait for all" nor m3, which never goes. (m4, in pool a, frees
+    # first, at 10 s, and too little anywhere: the plan looks past it.)
+    "freeing-more-lets-an-admitted-replica-take-the-room": Case(
+        cluster(model("t", 45 * GI, selector=B), model("m1", 16 * GI, 1, idle=0, cooldown=60.0, selector=B),
+                model("m4", 10 * GI, 1, idle=590), pod("m4", "gpu-0", 10 * GI),
+                model("m2", 21 * GI, selector=B), model("m3", 61 * GI, 2, idle=0, cooldown=0, selector={}),
+                pod("m1", "gpu-2", 16 * GI, state="starting", started=NOW - 5),
+                pod("m2", "gpu-2", 21 * GI, state="stopping", free_by=NOW + 30), pod("m3", "gpu-2", 61 * GI),
+                nodes=(Node("gpu-0", A, 10 * GI), Node("gpu-1", B, 59 * GI), Node("gpu-2", B, 135 * GI))),
+        (blocking("m2", 21 * GI, idle=3600.0, state="stopping", free_in=30.0),
+         blocking("m3", 61 * GI, cooldown=0.0, state="starting"),
+         blocking("m1", 16 * GI, cooldown=60.0, state="starting", free_in=60.0)),
+        30, 1,
+        "t needs 2 more replicas of 45Gi in pool pool=b; 59Gi available; blocked by m2 (21Gi, stopping), "
+        "m3 (61Gi, starting), m1 (16Gi, starting); it fits once m2 is gone, in 30s",
+        replicas=2,
+    ),
     "two-more-replicas": Case(
         cluster(TARGET, model("w", 20 * GI, 1, idle=100), pod("w", "gpu-2", 20 * GI)),
         (blocking("w", 20 * GI, idle=100.0, free_in=500.0),),
