@@ -198,6 +198,26 @@ CASES = {
         "m3 (61Gi, starting), m1 (16Gi, starting); it fits once m2 is gone, in 30s",
         replicas=2,
     ),
+    # Two sets of three free room for t's two replicas, at the same time (never: each has a model without a
+    # cooldown) and of the same size: {m0, m2, m3} and {m2, m3, m5}. The largest-first rule picks the first:
+    # m0 holds 85Gi on gpu-1 now, where m5 is admitted but placed nowhere.
+    "of-two-equal-sets-the-largest-first-rule-picks": Case(
+        cluster(model("t", 56 * GI, 1, cooldown=0, selector={}, startup=20.0),
+                model("m0", 85 * GI, 1, idle=100, cooldown=0),
+                model("m2", 106 * GI, 1, idle=0, cooldown=0, selector={}),
+                model("m3", 93 * GI, 1, idle=100, cooldown=0, selector={}, startup=20.0),
+                model("m5", 85 * GI, 1, idle=261, cooldown=0, selector=B),
+                pod("m0", "gpu-1", 85 * GI, started=NOW - 5),
+                pod("m2", "gpu-2", 106 * GI, state="stopping", started=NOW - 5, free_by=NOW + 10),
+                nodes=(Node("gpu-1", A, 106 * GI), Node("gpu-2", B, 145 * GI))),
+        (blocking("m0", 85 * GI, idle=5.0, cooldown=0.0),
+         blocking("m2", 106 * GI, cooldown=0.0, state="stopping", free_in=10.0),
+         blocking("m3", 93 * GI, cooldown=0.0, state="starting")),
+        30, 3,
+        "t needs 2 more replicas of 56Gi in the whole cluster; 39Gi available; blocked by m0 (85Gi, idle 5s), "
+        "m2 (106Gi, stopping), m3 (93Gi, starting); m0, m3 never frees its memory on its own (no cooldown)",
+        replicas=2,
+    ),
     "two-more-replicas": Case(
         cluster(TARGET, model("w", 20 * GI, 1, idle=100), pod("w", "gpu-2", 20 * GI)),
         (blocking("w", 20 * GI, idle=100.0, free_in=500.0),),
