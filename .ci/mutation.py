@@ -10,6 +10,7 @@ did not run, and records nothing: a check that stopped early proved nothing abou
     python .ci/mutation.py            # check (skip if recorded)
     python .ci/mutation.py --force    # check even if recorded
     python .ci/mutation.py --table    # print the equivalent mutants as a Markdown table (docs/testing.md)
+    python .ci/mutation.py --report   # sort the last run's survivors (mutants/) against edited lists, no run
     python .ci/mutation.py --glue     # mutate the request path's decision glue instead (a report, not cached)
 
 Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 3600),
