@@ -4,14 +4,16 @@ Why: the decisions in budget/ are the product; a fit check loosened by a byte mu
 mutmut 3 (config in pyproject's [tool.mutmut]), then fails if any mutant survives that is not listed, with
 its reason, in .ci/mutation-equivalent.toml. A passing run is recorded under the cache dir keyed by a hash
 of budget/*.py, the equivalents list and the mutmut config, so `make test` re-runs it only when one of
-those changed. The run has a time cap; a run cut by the cap fails (it proved nothing) and records nothing.
+those changed. The run has a time cap; a run cut by the cap fails, naming how many mutants (per function) it
+did not run, and records nothing: a check that stopped early proved nothing about the rest.
 
     python .ci/mutation.py            # check (skip if recorded)
     python .ci/mutation.py --force    # check even if recorded
     python .ci/mutation.py --table    # print the equivalent mutants as a Markdown table (docs/testing.md)
+    python .ci/mutation.py --report   # sort the last run's survivors (mutants/) against edited lists, no run
     python .ci/mutation.py --glue     # mutate the request path's decision glue instead (a report, not cached)
 
-Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 2400),
+Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 3600),
 IBC_MUTATION_JOBS (default: number of cores).
 """
 
@@ -181,6 +183,59 @@ def glue(jobs: int, timeout: float) -> int:
         return 0 if complete and score >= 90 else 1
 
 
+SHOWN = 20  # survivors shown with their whole diff (`mutmut show` takes about a second each); the rest by name
+
+
+def report_survivors(surviving: list[tuple[str, str, str]], status: dict[str, str]) -> None:
+    """Each new survivor's diff, how to look at it and the two ways out: a test, or an equivalent entry."""
+    out = sys.stderr
+    print(f"mutation: {len(surviving)} mutant(s) of budget/ no unit test fails on, and not listed "
+          f"(a decision can change and every test still passes):", file=out)
+    for i, (name, before, after) in enumerate(surviving):
+        print(f"\n  {name} ({status[name]}) in {function_of(name)}", file=out)
+        if i < SHOWN:
+            diff = subprocess.run([str(MUTMUT), "show", name], capture_output=True, text=True, cwd=REPO,
+                                  check=False).stdout
+            print("\n".join("    " + ln for ln in diff.splitlines() if ln.startswith(("@@", "-", "+"))), file=out)
+        else:
+            print(f"    {before!r} -> {after!r}", file=out)
+    print(f"""
+  To work on one: .venv/bin/mutmut show NAME (its diff); .venv/bin/mutmut apply NAME (writes it into budget/:
+  run the unit tests, then `git checkout budget/`); .venv/bin/mutmut results (every mutant's state; the run is
+  in mutants/). Kill it with a unit test a user would recognise (an edge in a table with ids), or, only if no
+  behaviour can tell it apart, list it in {EQUIVALENTS.relative_to(REPO)} with the reason, e.g.:
+
+[[equivalent]]
+function = "{function_of(surviving[0][0])}"
+before = {json.dumps(surviving[0][1], ensure_ascii=False)}
+after = {json.dumps(surviving[0][2], ensure_ascii=False)}
+reason = "why no behaviour can tell the two apart"
+""", file=out)
+
+
+def capped(status: dict[str, str], timeout: float, elapsed: float) -> int:
+    """A run cut by the cap: say loudly what was not run and what survived so far; it fails."""
+    untried = [n for n, s in status.items() if s == "not checked"]
+    tried = len(status) - len(untried)
+    out = sys.stderr
+    print(f"mutation: FAILED: the {timeout:.0f} s time cap was reached after {elapsed:.0f} s: {tried} of "
+          f"{len(status)} mutants tried, {len(untried)} NOT RUN. Nothing is proved about those, so the check "
+          "fails (and records nothing).", file=out)
+    by_function: dict[str, int] = {}
+    for name in untried:
+        by_function[function_of(name)] = by_function.get(function_of(name), 0) + 1
+    for function, count in sorted(by_function.items(), key=lambda kv: (-kv[1], kv[0]))[:30]:
+        print(f"  not run: {count:5d} in {function}", file=out)
+    if len(by_function) > 30:
+        print(f"  not run: ... and {len(by_function) - 30} more functions", file=out)
+    so_far = sorted(n for n, s in status.items() if s not in KILLED and s != "not checked")
+    if so_far:
+        print(f"  not killed among those tried: {len(so_far)} (listed or not; a full run sorts them)", file=out)
+    print("  Raise the cap (IBC_MUTATION_TIMEOUT_SECONDS, or MUTATION_CAP for make), run on a quieter machine, "
+          "or speed up the unit tests that cover budget/ (docs/testing.md).", file=out)
+    return 1
+
+
 def table() -> None:
     print("| function | mutation | why no test can tell |")
     print("|---|---|---|")
@@ -192,14 +247,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="run even if this state of budget/ was recorded")
     parser.add_argument("--table", action="store_true", help="print the equivalent mutants as Markdown")
+    parser.add_argument("--report", action="store_true", help="sort the last run's survivors (in mutants/) against "
+                        "the lists again, without running mutmut (after editing the equivalents or gaps)")
     parser.add_argument("--glue", action="store_true", help="mutate the request path's decision glue instead "
                         "(a report: exits 1 below 90%% killed or when cut by the time cap)")
     args = parser.parse_args()
     if args.table:
         table()
         return 0
+    if args.report:
+        if not (REPO / "mutants").is_dir():
+            print("mutation: no mutants/ here: run `make mutation` first", file=sys.stderr)
+            return 1
+        status = results()
+        untried = sum(1 for s in status.values() if s == "not checked")
+        if untried:
+            print(f"mutation: the last run did not try {untried} of {len(status)} mutants (cut short)", file=sys.stderr)
+        tried = {n: s for n, s in status.items() if s != "not checked"}
+        return classify(tried, load_equivalents(), 0.0, None) or (1 if untried else 0)
     jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
-    timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 2400)
+    timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 3600)
     if args.glue:
         return glue(jobs, timeout)
     if not MUTMUT.exists():
@@ -219,12 +286,16 @@ def main() -> int:
     print(f"mutation: budget/ changed (key {key}): mutmut over budget/ against the unit tier, {jobs} jobs, "
           f"cap {timeout:.0f} s; log {log}", flush=True)
     started = time.monotonic()
-    if not run_mutmut(jobs, timeout, log):
-        print(f"mutation: FAILED: the run hit its {timeout:.0f} s cap before every mutant was tried "
-              "(raise IBC_MUTATION_TIMEOUT_SECONDS or speed up the tests that cover budget/)", file=sys.stderr)
-        return 1
+    complete = run_mutmut(jobs, timeout, log)
     elapsed = time.monotonic() - started
     status = results()
+    if not complete:
+        return capped(status, timeout, elapsed)
+    return classify(status, equivalents, elapsed, record)
+
+
+def classify(status: dict[str, str], equivalents: list[dict[str, str]], elapsed: float, record: Path | None) -> int:
+    """Sort the undetected mutants into listed equivalents, known gaps and new survivors; fail on a new one."""
     made = len(status)
     killed = sum(1 for s in status.values() if s in KILLED)
     undetected = sorted(n for n, s in status.items() if s not in KILLED)
@@ -244,16 +315,20 @@ def main() -> int:
                f"non-equivalent")
     if surviving:
         print(f"mutation: FAILED: {summary}", file=sys.stderr)
-        for name, before, after in surviving:
-            print(f"  {name} ({status[name]}): {before!r} -> {after!r}", file=sys.stderr)
-        print(f"  kill each with a test (mutmut show NAME; mutmut apply NAME), or, if no behaviour can tell it "
-              f"apart, list it with the reason in {EQUIVALENTS.relative_to(REPO)}", file=sys.stderr)
+        report_survivors(surviving, status)
         return 1
     matched = {(function_of(n), b, a) for n, b, a in equivalent}
     stale = [e for e in equivalents if (e["function"], e["before"], e["after"]) not in matched]
     for e in stale:
         print(f"mutation: note: listed equivalent no longer made or now killed: {e['function']}: {e['before']!r} "
               f"-> {e['after']!r}")
+    found = {(function_of(n), b, a) for n, b, a in gap}
+    for g in sorted(gaps - found):
+        print(f"mutation: note: listed gap no longer made or now killed (delete it from {GAPS.name}): {g[0]}: "
+              f"{g[1]!r} -> {g[2]!r}")
+    if record is None:
+        print(f"mutation: report of the last run in mutants/ (nothing recorded): {summary}")
+        return 0
     record.write_text(json.dumps({"made": made, "killed": killed, "equivalent": len(equivalent),
                                   "seconds": round(elapsed), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                        time.gmtime())}))

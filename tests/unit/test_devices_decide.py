@@ -240,6 +240,8 @@ def test_dra_slices_feed_the_decision() -> None:
         pytest.param([gpus("a", 40, 40), gpus("b", 80)], 60, 2, {}, [],
                      {"a": ("passed", "", (0, 1)), "b": ("unresolvable", REASON_DEVICES, ())},
                      id="60gi-over-two-only-on-the-2x40gi-node"),
+        pytest.param([gpus("a", 80, 10)], 80, 2, {}, [],
+                     {"a": ("unresolvable", REASON_INSUFFICIENT, ())}, id="two-devices-one-too-small-even-when-empty"),
         pytest.param([gpus("a", 40, 40)], 30, 0, {}, [held("x", "a", 30, (0,))],
                      {"a": ("passed", "", (1,))}, id="next-replica-gets-the-other-gpu"),
         pytest.param([gpus("a", 40, 40)], 30, 0, {}, [held("x", "a", 30, (0,), 0), held("x", "a", 30, (1,), 1)],

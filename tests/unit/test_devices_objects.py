@@ -155,6 +155,10 @@ def test_devices_annotation_refused(text, fragment):
             id="annotation-wins-over-capacity-and-labels",
         ),
         pytest.param(
+            node(annotations={ANNOTATION_DEVICES: "24Gi,24Gi"}),
+            "devices-annotation", [Device(0, 24 * GI), Device(1, 24 * GI)], id="annotation-without-gfd-has-no-product",
+        ),
+        pytest.param(
             node(labels={"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "0"}),
             "gfd-labels", [Device(0, 0, "unified")], id="zero-gpus-budgeted-with-no-room",
         ),
@@ -286,6 +290,37 @@ SLICES = {
         [rslice("n1", [{"name": "a", "attributes": {"index": {"int": True}}, "capacity": {"memory": {"value": "1Gi"}}},
                        gpu("b", "2Gi", 5)])],
         {"n1": [Device(0, 2 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "b"), Device(1, GI, "gpu", "", "", "a")]},
+    ),
+    # Pools named apart from the node (as drivers name them): each keeps its own generation.
+    "pools-named-apart-from-the-node-keep-their-own-generations": (
+        [rslice("n1", [gpu("gpu-0", "80Gi", 0)], name="a", pool="gpu-pool-a", generation=3),
+         rslice("n1", [gpu("gpu-1", "40Gi", 1)], name="b", pool="gpu-pool-b", generation=1)],
+        {"n1": [Device(0, 80 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0"),
+                Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-1")]},
+    ),
+    "the-newer-generation-listed-first-still-wins": (
+        [rslice("n1", [gpu("gpu-0", "80Gi", 0)], name="new", generation=2),
+         rslice("n1", [gpu("gpu-0", "40Gi", 0)], name="old", generation=1)],
+        {"n1": [Device(0, 80 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0")]},
+    ),
+    "generation-0-and-no-generation-are-one-generation": (
+        [rslice("n1", [gpu("gpu-0", "40Gi", 0)], name="a", generation=0),
+         {"kind": "ResourceSlice", "metadata": {"name": "b"},
+          "spec": {"driver": "gpu.nvidia.com", "nodeName": "n1", "pool": {"name": "n1"},
+                   "devices": [gpu("gpu-1", "40Gi", 1)]}}],
+        {"n1": [Device(0, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0"),
+                Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-1")]},
+    ),
+    "a-device-without-a-name": (
+        [rslice("n1", [{"capacity": {"memory": {"value": "24Gi"}}}])],
+        {"n1": [Device(0, 24 * GI, "gpu", "", "", "")]},
+    ),
+    # Two pools of one driver both publish a `gpu-0` without an index: both count, in the order listed.
+    "two-pools-name-the-same-device": (
+        [rslice("n1", [gpu("gpu-0", "80Gi")], name="a", pool="pool-a"),
+         rslice("n1", [gpu("gpu-0", "40Gi")], name="b", pool="pool-b")],
+        {"n1": [Device(0, 80 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0"),
+                Device(1, 40 * GI, "gpu", "", "NVIDIA A100-SXM4-80GB", "gpu-0")]},
     ),
     "memory-among-other-capacities": (
         [rslice("n1", [{"name": "gpu-0", "capacity": {"cores": {"value": "8"}, "memory": {"value": "40Gi"}}}])],
