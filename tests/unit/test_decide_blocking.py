@@ -143,10 +143,10 @@ CASES = {
     # A pod left behind by a deleted model: no model, no cooldown, so it never goes on its own.
     "a-deleted-model's-leftover-pod": Case(
         cluster(TARGET, pod("gone", "gpu-2", 100 * GI)),
-        (Blocking("gone", 100 * GI, 3600.0, 0.0, 1, "idle", None, "default/gone"),),
+        (Blocking("gone", 100 * GI, 3600.0, 0.0, 1, "orphan", None, "default/gone", ("default/gone-0",)),),
         30, 1,
-        "t needs 60Gi in pool pool=a; 28Gi available; blocked by gone (100Gi, idle 3600s); "
-        "gone never frees its memory on its own (no cooldown)",
+        "t needs 60Gi in pool pool=a; 28Gi available; blocked by gone (100Gi, orphan pod default/gone-0: its "
+        "model is gone); only deleting orphan pod default/gone-0 frees that memory",
     ),
     "a-one-second-cooldown": Case(
         cluster(TARGET, model("c", 100 * GI, 1, idle=0, cooldown=1.0), pod("c", "gpu-2", 100 * GI)),
