@@ -12,6 +12,7 @@ did not run, and records nothing: a check that stopped early proved nothing abou
     python .ci/mutation.py --table    # print the equivalent mutants as a Markdown table (docs/testing.md)
     python .ci/mutation.py --report   # sort the last run's survivors (mutants/) against edited lists, no run
     python .ci/mutation.py --glue     # mutate the request path's decision glue instead (a report, not cached)
+    python .ci/mutation.py --glue webhook/admit.py --keep /tmp/g   # one glue file; keep the tree and survivors
 
 Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 3600),
 IBC_MUTATION_JOBS (default: number of cores).
@@ -134,15 +135,45 @@ def results(root: Path = REPO) -> dict[str, str]:
     return found
 
 
-def glue(jobs: int, timeout: float) -> int:
-    """Mutate the decision glue (GLUE) in a copy of the tree, against the unit tier; a report, bounded by time."""
+# The decision in each glue file: the functions that turn a request into the one budget decision and back. The
+# score the target (>= 90%) is judged on counts mutants of these; the whole file's score is reported beside it
+# (the rest is the forwarder, auth, process supervision and logging, which other tiers drive). None: all of it.
+GLUE_DECISION: dict[str, set[str] | None] = {
+    "webhook/admit.py": None,
+    "extender/service.py": None,
+    "local/scaler.py": {"LocalScaler.scale_up", "LocalScaler.can_make_room", "LocalScaler.note",
+                        "LocalScaler.wait_backends", "LocalScaler.state", "LocalScaler.balance",
+                        "LocalScaler.load_status", "LocalScaler._balance_one", "LocalScaler._signals",
+                        "LocalScaler._step_up", "LocalScaler._step_down", "LocalScaler._view_locked",
+                        "LocalScaler._busy_locked", "LocalScaler._evict_locked", "LocalScaler._freeing_helps_locked",
+                        "LocalScaler._unavailable_locked", "LocalScaler.stop_idle", "_free_by", "_without_name"},
+    "proxy/app.py": {"ProxyApp._cold", "ProxyApp._decide", "ProxyApp._may_make_room", "ProxyApp._waiting",
+                     "ProxyApp._wait", "ProxyApp._wait_then_stream", "ProxyApp._queue", "ProxyApp._queue_full",
+                     "ProxyApp._expected_start", "ProxyApp._has_room", "ProxyApp._start_failed"},
+}
+
+
+def _glue_function(name: str) -> tuple[str, str]:
+    """webhook.admit.xǁClassifierǁ_model_scale__mutmut_3 -> ("webhook/admit.py", "Classifier._model_scale")."""
+    qualified = function_of(name)
+    module = name.split(".x")[0]
+    return module.replace(".", "/") + ".py", qualified[len(module) + 1:]
+
+
+def glue(jobs: int, timeout: float, files: list[str], keep: Path | None) -> int:
+    """Mutate the decision glue (GLUE, or the files named) in a copy of the tree, against the unit tier; a report."""
     import tempfile
 
-    missing = [g for g in GLUE if not (REPO / g).exists()]
+    files = files or GLUE
+    unknown = [f for f in files if f not in GLUE_DECISION]
+    if unknown:
+        raise SystemExit(f"mutation: not glue files: {unknown} (the glue is {', '.join(GLUE)})")
+    missing = [g for g in files if not (REPO / g).exists()]
     if missing:
         raise SystemExit(f"mutation: glue files not found: {missing} (update GLUE in {Path(__file__).name})")
     with tempfile.TemporaryDirectory(prefix="ibc-mutation-glue-") as tmp:
-        root = Path(tmp) / "tree"
+        root = keep.resolve() if keep else Path(tmp) / "tree"
+        shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", ".venv", "mutants", "*.egg-info",
                                                                     "__pycache__", ".*_cache", ".hypothesis"))
         pyproject = root / "pyproject.toml"
@@ -151,35 +182,62 @@ def glue(jobs: int, timeout: float) -> int:
         if source not in text:
             raise SystemExit(f"mutation: expected `{source}` in pyproject.toml's [tool.mutmut]")
         also = ", ".join(f'"{p}"' for p in ["budget/", *sorted({g.split("/")[0] + "/" for g in GLUE})])
-        text = text.replace(source, "source_paths = [" + ", ".join(f'"{g}"' for g in GLUE) + "]")
+        text = text.replace(source, "source_paths = [" + ", ".join(f'"{g}"' for g in files) + "]")
         text = text.replace("also_copy = [", f"also_copy = [{also}, ", 1)
         pyproject.write_text(text)
         log = cache_dir() / "last-glue-run.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"mutation (glue): {', '.join(GLUE)} against the unit tier, {jobs} jobs, cap {timeout:.0f} s; log {log}",
-              flush=True)
+        print(f"mutation (glue): {', '.join(files)} against the unit tier, {jobs} jobs, cap {timeout:.0f} s; log {log}"
+              + (f"; tree kept in {root}" if keep else ""), flush=True)
         started = time.monotonic()
         complete = run_mutmut(jobs, timeout, log, root)
         elapsed = time.monotonic() - started
         status = results(root)
         tried = {n: s for n, s in status.items() if s != "not checked"}
-        killed = sum(1 for s in tried.values() if s in KILLED)
+        # per file: [tried, killed, decision tried, decision killed]
         per_file: dict[str, list[int]] = {}
+        per_function: dict[tuple[str, str], list[int]] = {}
         for name, st in tried.items():
-            counts = per_file.setdefault(name.split(".x")[0], [0, 0])
+            path, func = _glue_function(name)
+            decision = GLUE_DECISION[path] is None or func in (GLUE_DECISION[path] or ())
+            counts = per_file.setdefault(path, [0, 0, 0, 0])
+            dead = st in KILLED
             counts[0] += 1
-            counts[1] += st in KILLED
+            counts[1] += dead
+            counts[2] += decision
+            counts[3] += decision and dead
+            f_counts = per_function.setdefault((path, func), [0, 0])
+            f_counts[0] += 1
+            f_counts[1] += dead
         survivors = sorted(n for n, st in tried.items() if st not in KILLED)
-        for name in survivors[:40]:  # `mutmut show` takes about a second each: the first few, then names only
-            before, after = diff_of(name, root)
-            print(f"  {name} ({status[name]}): {before!r} -> {after!r}")
-        for name in survivors[40:]:
-            print(f"  {name} ({status[name]})")
-        for module, (made, k) in sorted(per_file.items()):
-            print(f"  {module}: {k}/{made} killed")
-        score = 100 * killed / max(1, len(tried))
-        print(f"mutation (glue): {len(status)} mutants made, {len(tried)} tried, {killed} killed ({score:.1f}%), "
-              f"{len(survivors)} not killed, in {elapsed:.0f} s" + ("" if complete else " (cut by the time cap)"))
+        if keep:
+            with (root / "survivors.txt").open("w") as out:
+                for name in survivors:
+                    before, after = diff_of(name, root)
+                    path, func = _glue_function(name)
+                    out.write(f"{name} ({status[name]}) in {path} {func}\n  - {before}\n  + {after}\n")
+            print(f"mutation (glue): every survivor's diff in {root / 'survivors.txt'}; one by one: "
+                  f"cd {root} && {MUTMUT} show NAME")
+        else:
+            for name in survivors[:40]:  # `mutmut show` takes about a second each: the first few, then names only
+                before, after = diff_of(name, root)
+                print(f"  {name} ({status[name]}): {before!r} -> {after!r}")
+            for name in survivors[40:]:
+                print(f"  {name} ({status[name]})")
+        for (path, func), (made, k) in sorted(per_function.items()):
+            if k < made:
+                print(f"  {path} {func}: {k}/{made} killed")
+        print("  | file | tried | killed | % | decision functions: tried | killed | % |")
+        all_counts = [0, 0, 0, 0]
+        for path, c in sorted(per_file.items()):
+            all_counts = [a + b for a, b in zip(all_counts, c, strict=True)]
+            print(f"  | {path} | {c[0]} | {c[1]} | {100 * c[1] / max(1, c[0]):.1f} | {c[2]} | {c[3]} | "
+                  f"{100 * c[3] / max(1, c[2]):.1f} |")
+        score = 100 * all_counts[3] / max(1, all_counts[2])
+        print(f"mutation (glue): {len(status)} mutants made, {len(tried)} tried, {all_counts[1]} killed "
+              f"({100 * all_counts[1] / max(1, len(tried)):.1f}% of the files), decision functions "
+              f"{all_counts[3]}/{all_counts[2]} killed ({score:.1f}%), {len(survivors)} not killed, in {elapsed:.0f} s"
+              + ("" if complete else " (cut by the time cap)"))
         return 0 if complete and score >= 90 else 1
 
 
@@ -249,8 +307,11 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="print the equivalent mutants as Markdown")
     parser.add_argument("--report", action="store_true", help="sort the last run's survivors (in mutants/) against "
                         "the lists again, without running mutmut (after editing the equivalents or gaps)")
-    parser.add_argument("--glue", action="store_true", help="mutate the request path's decision glue instead "
-                        "(a report: exits 1 below 90%% killed or when cut by the time cap)")
+    parser.add_argument("--glue", nargs="*", metavar="FILE", help="mutate the request path's decision glue instead, "
+                        "all of it or the files named (a report: exits 1 below 90%% of the decision functions' "
+                        "mutants killed, or when cut by the time cap)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="with --glue: run in DIR and keep it (mutants/, "
+                        "survivors.txt with every survivor's diff), to look at the survivors afterwards")
     args = parser.parse_args()
     if args.table:
         table()
@@ -267,8 +328,8 @@ def main() -> int:
         return classify(tried, load_equivalents(), 0.0, None) or (1 if untried else 0)
     jobs = int(os.environ.get("IBC_MUTATION_JOBS") or os.cpu_count() or 2)
     timeout = float(os.environ.get("IBC_MUTATION_TIMEOUT_SECONDS") or 3600)
-    if args.glue:
-        return glue(jobs, timeout)
+    if args.glue is not None:
+        return glue(jobs, timeout, args.glue, args.keep)
     if not MUTMUT.exists():
         print(f"mutation: {MUTMUT} not found: run `make setup` (mutmut is in the dev extra)", file=sys.stderr)
         return 1
