@@ -336,6 +336,7 @@ PROXY_CASES = [
 @pytest.mark.parametrize(("load", "counts", "after"), PROXY_CASES)
 def test_the_proxies_count_stands_in_for_vllm_metrics(load: dict[str, Any], counts: list[Any], after: int) -> None:
     w = LoadWorld()
+    load = dict(load)  # the table's dict is shared by every run in this process (mutmut runs the tier twice)
     backend = load.pop("backendUrl", None)
     w.add_model(
         replicas=1,
