@@ -653,28 +653,27 @@ def busy_cluster(*extra: dict[str, Any]) -> ClusterCache:
     return cache_of(node(), busy, pod("busy", "32Gi"), *extra)
 
 
-NOW_BUSY = 1_800_000_000.0 + 0  # 2027-01-15T08:00:00Z
 WARN = ("llama declares 16Gi but peaked at 8Gi (100% over); consider lowering spec.memory",)
 
 
-def fits(replicas: int, new: int, memory: str = "16Gi", name: str = "llama", warnings: tuple[str, ...] = ()) -> Verdict:
+def fits(new: int, memory: str = "16Gi", name: str = "llama", warnings: tuple[str, ...] = ()) -> Verdict:
     return allowed("fits", f"{name} fits: {new} new replica(s) of {memory} in the whole cluster", warnings)
 
 
 @pytest.mark.parametrize(
     ("demand", "extra", "entries", "verdict", "committed"),
     [
-        pytest.param(demand_for(im(), 0, 2), (), (), fits(2, 2), 2, id="two-fit-in-32Gi"),
-        pytest.param(demand_for(im(), 0, 2, warnings=WARN), (), (), fits(2, 2, warnings=WARN), 2,
+        pytest.param(demand_for(im(), 0, 2), (), (), fits(2), 2, id="two-fit-in-32Gi"),
+        pytest.param(demand_for(im(), 0, 2, warnings=WARN), (), (), fits(2, warnings=WARN), 2,
                      id="the-warning-rides-along"),
-        pytest.param(demand_for(im(), 1, 2), (pod("llama", "16Gi"),), (), fits(2, 1), 2,
+        pytest.param(demand_for(im(), 1, 2), (pod("llama", "16Gi"),), (), fits(1), 2,
                      id="one-running-one-new"),
         pytest.param(demand_for(im(), 0, 1), (pod("llama", "16Gi"),), (),
                      allowed("no_change", "llama: 1 replica(s) need no new memory"), None,
                      id="already-running-nothing-to-commit"),
-        pytest.param(demand_for(im(), 0, 2), (), (entry("busy", 2, 32 * GI, expires_at=NOW - 1),), fits(2, 2), 2,
+        pytest.param(demand_for(im(), 0, 2), (), (entry("busy", 2, 32 * GI, expires_at=NOW - 1),), fits(2), 2,
                      id="an-expired-entry-holds-nothing"),
-        pytest.param(demand_for(im(), 0, 1), (), (entry("other", 1, 16 * GI),), fits(1, 1), 1,
+        pytest.param(demand_for(im(), 0, 1), (), (entry("other", 1, 16 * GI),), fits(1), 1,
                      id="admitted-16Gi-leave-room-for-one"),
         pytest.param(demand_for(im("llama", "33Gi"), 0, 1), (), (), denied(
             403, "insufficient_memory", "insufficient_memory: llama needs 33Gi in the whole cluster; 32Gi available; "
@@ -723,12 +722,12 @@ def test_the_deny_code_is_the_one_configured():
     ("new_memory", "frm", "to", "verdict"),
     [
         # `busy` holds 32Gi of the 64Gi node; llama's running 16Gi replicas are placed afresh at the new size.
-        pytest.param("32Gi", 1, 1, fits(1, 1, "32Gi"), id="grown-replica-fits-in-its-own-room"),
+        pytest.param("32Gi", 1, 1, fits(1, "32Gi"), id="grown-replica-fits-in-its-own-room"),
         pytest.param("33Gi", 1, 1, denied(
             403, "insufficient_memory", "insufficient_memory: llama needs 33Gi in the whole cluster; 32Gi available; "
             "blocked by busy (32Gi, idle 60s); retry after 540s"), id="a-byte-past-its-own-room"),
-        pytest.param("16Gi", 2, 2, fits(2, 2), id="two-re-placed-on-a-full-node"),
-        pytest.param("20Gi", 2, 1, fits(1, 1, "20Gi"), id="grown-while-scaling-down"),
+        pytest.param("16Gi", 2, 2, fits(2), id="two-re-placed-on-a-full-node"),
+        pytest.param("20Gi", 2, 1, fits(1, "20Gi"), id="grown-while-scaling-down"),
     ],
 )
 def test_a_grown_model_is_placed_afresh(new_memory, frm, to, verdict):
@@ -777,7 +776,7 @@ def test_a_deployment_its_model_admitted_passes_without_memory(owned, to, entrie
 
 def test_without_an_owner_the_deployment_is_judged_on_memory():
     outcome = decide(demand_for(dep("m", replicas=2), 0, 2), busy_cluster().view(), (), NOW)
-    assert outcome.verdict == fits(2, 2, name="m")
+    assert outcome.verdict == fits(2, name="m")
     assert outcome.commit is not None and (outcome.commit.model, outcome.commit.replicas) == ("default/m", 2)
 
 
