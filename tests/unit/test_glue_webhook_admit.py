@@ -266,7 +266,7 @@ def test_a_request_without_object_is_malformed(what):
         f"request.object is required for CREATE of {resource} default/llama", UID)
 
 
-# ----- an InferenceModel created or updated -----
+# ----- an InferenceModel or a model Deployment created or updated -----
 def im_demand(op: str, frm: int, model: dict[str, Any], *, grew: bool = False,
               warnings: tuple[str, ...] = ()) -> Demand:
     m = model_from_inferencemodel(model)
@@ -274,60 +274,75 @@ def im_demand(op: str, frm: int, model: dict[str, Any], *, grew: bool = False,
                   replace_placements=grew, warnings=warnings)
 
 
+def dep_demand(op: str, frm: int, obj: dict[str, Any], *, grew: bool = False, owned: int | None = None,
+               warnings: tuple[str, ...] = ()) -> Demand:
+    m = model_from_deployment(obj)
+    assert m is not None
+    return Demand(m, frm, m.replicas,
+                  f"{op} deployment default/llama of model default/{m.name} with {m.replicas} replica(s)",
+                  replace_placements=grew, owner_replicas=owned, warnings=warnings)
+
+
+def workload(what: str, replicas: int, memory: str = "16Gi", pool: str | None = None) -> dict[str, Any]:
+    """The object of an `im` or `dep` request: an InferenceModel, or a Deployment labelled as model `m`."""
+    selector = None if pool is None else {"pool": pool}
+    if what == "im":
+        return im(memory=memory, replicas=replicas, **({} if selector is None else {"nodeSelector": selector}))
+    return dep(replicas=replicas, memory=memory, selector=selector)
+
+
+# Both kinds alike: (replicas, memory, pool) as updated and as stored -> a Demand counted from `frm` replicas
+# (`grew`: every replica placed afresh), or an allowing verdict's reason and the end of its message.
+CHANGES = [
+    pytest.param("CREATE", (2,), None, ("demand", 0, False), id="create"),
+    pytest.param("CREATE", (0,), None, ("no_change", "no new replicas"), id="create-zero"),
+    pytest.param("CREATE", (2,), (2,), ("demand", 0, False), id="create-ignores-an-old-object"),
+    pytest.param("UPDATE", (3,), (1,), ("demand", 1, False), id="update-up"),
+    pytest.param("UPDATE", (3,), None, ("demand", 0, False), id="update-without-old-object"),
+    pytest.param("UPDATE", (3,), (3, "lots"), ("demand", 0, False), id="unreadable-old-object-judged-from-zero"),
+    pytest.param("UPDATE", (1,), (3,), ("decrease", "decreases are always allowed"), id="update-down"),
+    pytest.param("UPDATE", (2,), (2,), ("no_change", "no new replicas"), id="update-same"),
+    pytest.param("UPDATE", (2, "8Gi"), (2,), ("no_change", "no new replicas"), id="memory-down"),
+    pytest.param("UPDATE", (0, "8Gi"), (2,), ("decrease", "decreases are always allowed"), id="memory-down-to-zero"),
+    pytest.param("UPDATE", (2, "17Gi"), (2,), ("demand", 2, True), id="memory-up"),
+    pytest.param("UPDATE", (1, "17Gi"), (3,), ("demand", 3, True), id="memory-up-while-scaling-down-places-afresh"),
+    pytest.param("UPDATE", (0, "17Gi"), (2,), ("no_change", "no replicas to place"), id="memory-up-with-no-replicas"),
+    pytest.param("UPDATE", (2, "16Gi", "b"), (2, "16Gi", "a"), ("demand", 2, True), id="other-pool"),
+    pytest.param("UPDATE", (2, "16Gi", "a"), (2,), ("demand", 2, True), id="pool-chosen"),
+    pytest.param("UPDATE", (2, "16Gi", "a"), (2, "16Gi", "a"), ("no_change", "no new replicas"), id="same-pool"),
+]
+
+
+@pytest.mark.parametrize(("op", "new", "old", "answer"), CHANGES)
+@pytest.mark.parametrize("what", ["im", "dep"])
+def test_an_object_created_or_updated(what, op, new, old, answer):
+    obj = workload(what, *new)
+    if answer[0] == "demand":
+        expected: Verdict | Demand = (im_demand if what == "im" else dep_demand)(op.lower(), answer[1], obj,
+                                                                               grew=answer[2])
+    else:
+        target = "inferencemodel default/llama" if what == "im" else "deployment default/llama of model default/m"
+        expected = allowed(answer[0], f"{op.lower()} {target} with {new[0]} replica(s): {answer[1]}")
+    stored = None if old is None else workload(what, *old)
+    assert classify(request(what, obj, stored, op=op)) == expected
+
+
 @pytest.mark.parametrize(
-    ("op", "new", "old", "answer"),
+    ("new", "old", "answer"),
     [
-        pytest.param("CREATE", im(replicas=0), None,
-                     no_change("create inferencemodel default/llama with 0 replica(s): no new replicas"),
-                     id="create-zero"),
-        pytest.param("CREATE", im(replicas=2), None, im_demand("create", 0, im(replicas=2)), id="create-two"),
-        pytest.param("CREATE", im(replicas=2), im(replicas=2), im_demand("create", 0, im(replicas=2)),
-                     id="create-ignores-an-old-object"),
-        pytest.param("UPDATE", im(replicas=3), im(replicas=1), im_demand("update", 1, im(replicas=3)),
-                     id="update-up"),
-        pytest.param("UPDATE", im(replicas=3), None, im_demand("update", 0, im(replicas=3)),
-                     id="update-without-old-object"),
-        pytest.param("UPDATE", im(replicas=3), im(memory="lots", replicas=3), im_demand("update", 0, im(replicas=3)),
-                     id="unreadable-old-object-judged-from-zero"),
-        pytest.param("UPDATE", im(replicas=1), im(replicas=3),
-                     allowed("decrease", "update inferencemodel default/llama with 1 replica(s): decreases are always "
-                             "allowed"), id="update-down"),
-        pytest.param("UPDATE", im(replicas=2), im(replicas=2),
-                     no_change("update inferencemodel default/llama with 2 replica(s): no new replicas"),
-                     id="update-same"),
-        pytest.param("UPDATE", im("llama", "8Gi", 2), im(replicas=2),
-                     no_change("update inferencemodel default/llama with 2 replica(s): no new replicas"),
-                     id="memory-down"),
-        pytest.param("UPDATE", im("llama", "8Gi", 0), im(replicas=2),
-                     allowed("decrease", "update inferencemodel default/llama with 0 replica(s): decreases are always "
-                             "allowed"), id="memory-down-to-zero"),
-        pytest.param("UPDATE", im("llama", "17Gi", 2), im(replicas=2), im_demand("update", 2, im("llama", "17Gi", 2),
-                                                                                 grew=True), id="memory-up"),
-        pytest.param("UPDATE", im("llama", "17Gi", 1), im(replicas=3), im_demand("update", 3, im("llama", "17Gi", 1),
-                                                                                 grew=True),
-                     id="memory-up-while-scaling-down-places-afresh"),
-        pytest.param("UPDATE", im("llama", "17Gi", 0), im(replicas=2),
-                     no_change("update inferencemodel default/llama with 0 replica(s): no replicas to place"),
-                     id="memory-up-with-no-replicas"),
-        pytest.param("UPDATE", im(replicas=2, nodeSelector={"pool": "b"}), im(replicas=2, nodeSelector={"pool": "a"}),
-                     im_demand("update", 2, im(replicas=2, nodeSelector={"pool": "b"}), grew=True),
-                     id="other-pool"),
-        pytest.param("UPDATE", im(replicas=2, nodeSelector={"pool": "a"}), im(replicas=2),
-                     im_demand("update", 2, im(replicas=2, nodeSelector={"pool": "a"}), grew=True),
-                     id="pool-chosen"),
-        pytest.param("UPDATE", im(replicas=2, devices=2), im(replicas=2),
+        pytest.param(im(replicas=2, devices=2), im(replicas=2),
                      im_demand("update", 2, im(replicas=2, devices=2), grew=True), id="split-over-two-devices"),
-        pytest.param("UPDATE", im(replicas=2, deviceSelector={"kind": "mig"}), im(replicas=2),
+        pytest.param(im(replicas=2, deviceSelector={"kind": "mig"}), im(replicas=2),
                      im_demand("update", 2, im(replicas=2, deviceSelector={"kind": "mig"}), grew=True),
                      id="device-selector"),
-        pytest.param("UPDATE", im(replicas=2, nodeSelector={"pool": "a"}, devices=2, deviceSelector={"kind": "gpu"}),
-                     im(replicas=2, nodeSelector={"pool": "a"}, devices=2, deviceSelector={"kind": "gpu"}),
+        pytest.param(im(replicas=2, devices=2, deviceSelector={"kind": "gpu"}),
+                     im(replicas=2, devices=2, deviceSelector={"kind": "gpu"}),
                      no_change("update inferencemodel default/llama with 2 replica(s): no new replicas"),
-                     id="same-placement-fields"),
+                     id="same-devices"),
     ],
 )
-def test_model_object(op, new, old, answer):
-    assert classify(request("im", new, old, op=op)) == answer
+def test_a_model_moved_to_other_devices_is_placed_afresh(new, old, answer):
+    assert classify(request("im", new, old)) == answer
 
 
 @pytest.mark.parametrize(
@@ -351,68 +366,20 @@ def test_model_object_warns_when_declared_far_above_the_peak(new, old, answer):
     assert classify(request("im", new, old)) == answer
 
 
-def test_a_bad_model_object_is_refused_naming_the_field():
-    with pytest.raises(InvalidObject) as caught:
-        classify(request("im", im(memory="lots", replicas=1), None, op="CREATE"))
-    assert caught.value.uid == UID
-    assert caught.value.message.startswith("invalid InferenceModel: ") and "'lots'" in caught.value.message
-
-
-# ----- a model Deployment created or updated -----
-def dep_demand(op: str, frm: int, obj: dict[str, Any], *, grew: bool = False, owned: int | None = None,
-               warnings: tuple[str, ...] = ()) -> Demand:
-    m = model_from_deployment(obj)
-    assert m is not None
-    return Demand(m, frm, m.replicas,
-                  f"{op} deployment default/llama of model default/{m.name} with {m.replicas} replica(s)",
-                  replace_placements=grew, owner_replicas=owned, warnings=warnings)
-
-
 @pytest.mark.parametrize(
     ("op", "new", "old", "answer"),
     [
         pytest.param("CREATE", dep(model=None), None,
                      allowed("not_a_model", "deployment default/llama has no model label"), id="unlabelled"),
-        pytest.param("CREATE", dep(replicas=4), None, dep_demand("create", 0, dep(replicas=4)), id="create"),
         pytest.param("CREATE", dep(replicas=None), None, dep_demand("create", 0, dep(replicas=None)),
                      id="create-replicas-omitted-is-one"),
-        pytest.param("CREATE", dep(replicas=0), None,
-                     no_change("create deployment default/llama of model default/m with 0 replica(s): no new replicas"),
-                     id="create-zero"),
-        pytest.param("CREATE", dep(replicas=4), dep(replicas=4), dep_demand("create", 0, dep(replicas=4)),
-                     id="create-ignores-an-old-object"),
-        pytest.param("UPDATE", dep(replicas=6), dep(replicas=3), dep_demand("update", 3, dep(replicas=6)),
-                     id="update-up"),
-        pytest.param("UPDATE", dep(replicas=6), None, dep_demand("update", 0, dep(replicas=6)),
-                     id="update-without-old-object"),
         pytest.param("UPDATE", dep(replicas=6), dep(replicas=3, model=None), dep_demand("update", 0, dep(replicas=6)),
                      id="label-added"),
         pytest.param("UPDATE", dep(replicas=6, memory="32Gi"), dep(replicas=6, model="other", memory="8Gi"),
                      dep_demand("update", 0, dep(replicas=6, memory="32Gi")), id="label-changed-counts-from-zero"),
-        pytest.param("UPDATE", dep(replicas=6), dep(replicas=3, memory="lots"),
-                     dep_demand("update", 0, dep(replicas=6)), id="unreadable-old-object"),
-        pytest.param("UPDATE", dep(replicas=2), dep(replicas=3),
-                     allowed("decrease", "update deployment default/llama of model default/m with 2 replica(s): "
-                             "decreases are always allowed"), id="update-down"),
-        pytest.param("UPDATE", dep(replicas=3), dep(replicas=3),
-                     no_change("update deployment default/llama of model default/m with 3 replica(s): no new replicas"),
-                     id="update-same"),
-        pytest.param("UPDATE", dep(replicas=3, memory="8Gi"), dep(replicas=3),
-                     no_change("update deployment default/llama of model default/m with 3 replica(s): no new replicas"),
-                     id="memory-down"),
-        pytest.param("UPDATE", dep(replicas=3, memory="20Gi"), dep(replicas=3),
-                     dep_demand("update", 3, dep(replicas=3, memory="20Gi"), grew=True), id="memory-up"),
-        pytest.param("UPDATE", dep(replicas=2, memory="20Gi"), dep(replicas=3),
-                     dep_demand("update", 3, dep(replicas=2, memory="20Gi"), grew=True),
-                     id="memory-up-while-scaling-down-places-afresh"),
-        pytest.param("UPDATE", dep(replicas=0, memory="20Gi"), dep(replicas=3),
-                     no_change("update deployment default/llama of model default/m with 0 replica(s): no replicas to "
-                               "place"), id="memory-up-with-no-replicas"),
-        pytest.param("UPDATE", dep(replicas=3, selector={"pool": "b"}), dep(replicas=3, selector={"pool": "a"}),
-                     dep_demand("update", 3, dep(replicas=3, selector={"pool": "b"}), grew=True), id="other-pool"),
     ],
 )
-def test_deployment_object(op, new, old, answer):
+def test_a_deployment_is_counted_by_its_model_label(op, new, old, answer):
     assert classify(request("dep", new, old, op=op)) == answer
 
 
@@ -432,12 +399,19 @@ def test_a_deployment_warns_from_its_models_status(status, warnings):
     assert answer == dep_demand("create", 0, dep(replicas=4, memory="40Gi"), warnings=warnings)
 
 
-def test_a_bad_model_deployment_is_refused_naming_the_field():
+@pytest.mark.parametrize(
+    ("what", "obj", "prefix", "fragment"),
+    [
+        pytest.param("im", im(memory="lots", replicas=1), "invalid InferenceModel: ", "spec.memory", id="model"),
+        pytest.param("dep", dep(memory="a lot"), "invalid model Deployment: ", "inference.eh-ops.io/memory",
+                     id="deployment"),
+    ],
+)
+def test_a_bad_object_is_refused_naming_the_field(what, obj, prefix, fragment):
     with pytest.raises(InvalidObject) as caught:
-        classify(request("dep", dep(memory="a lot"), None, op="CREATE"))
+        classify(request(what, obj, None, op="CREATE"))
     assert caught.value.uid == UID
-    assert caught.value.message.startswith("invalid model Deployment: ")
-    assert "inference.eh-ops.io/memory" in caught.value.message and "'a lot'" in caught.value.message
+    assert caught.value.message.startswith(prefix) and fragment in caught.value.message, caught.value.message
 
 
 # Whether a Deployment's replicas were already admitted on its InferenceModel: the model's spec.replicas when
