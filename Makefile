@@ -69,7 +69,7 @@ mutation-glue: setup
 
 ## test: every gate and every tier: lint, the mutation check of budget/, unit, integration (with the browser
 ## test), cluster, engine, pods (and stress, bounded)
-test: lint kube-binaries tools browser engine pods-node
+test: lint kube-binaries tools mutation-check browser engine pods-node
 	$(BIN)/python -m pytest -m "unit or integration or cluster or stress or engine or pods" -p no:cacheprovider; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; case "$${CI:-}" in 1|true|TRUE|True|yes) ;; *) rc=0;; esac; fi; \
 	exit $$rc
