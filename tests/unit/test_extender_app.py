@@ -11,7 +11,7 @@ import copy
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,16 @@ def bound_pod(name: str, node: str, memory: str, uid: str | None = None, model: 
 
 
 class FakeWriter:
-    """Records Bindings instead of posting them; can be told to fail."""
+    """Records Bindings instead of posting them; can be told to fail, and to run `during_bind` while the POST
+    is in flight (what the scheduler does meanwhile)."""
 
     def __init__(self, fail: str = "", pods: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
         self.fail = fail
         self.pods = pods or {}
+        self.during_bind: Callable[[], None] | None = None
         self.bindings: list[tuple[str, str, str, str]] = []
         self.annotations: dict[str, dict[str, str]] = {}  # pod name -> the annotations its Binding carried
+        self.timeouts: list[float] = []  # each posted Binding's timeout
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.pods.get((namespace, name))
@@ -103,10 +106,13 @@ class FakeWriter:
         timeout_seconds: float,
         annotations: Mapping[str, str] | None = None,
     ) -> None:
+        if self.during_bind is not None:
+            self.during_bind()
         if self.fail:
             raise BindingError(self.fail)
         self.bindings.append((namespace, name, uid, node))
         self.annotations[name] = dict(annotations or {})
+        self.timeouts.append(timeout_seconds)
 
 
 class Clock:
