@@ -29,6 +29,7 @@ from tests.unit.test_glue_extender_filter import (
     names,
     node,
     pod,
+    running,
 )
 
 pytestmark = pytest.mark.unit
@@ -42,13 +43,6 @@ LOTS = (
     "pod default/p: Pod default/p: annotation inference.eh-ops.io/memory: 'lots' is not a memory quantity in whole "
     "bytes (examples: 16Gi, 60G, 1.5Ti, 512Mi, 1e9)"
 )
-
-
-def running(name: str, memory: str, on: str, devices: str | None = None) -> dict[str, Any]:
-    obj = pod(name, memory, on=on, phase="Running", model_name="other")
-    if devices is not None:
-        obj["metadata"]["annotations"][ANNOTATION_DEVICES] = devices
-    return obj
 
 
 def dev(indices: str) -> dict[str, str]:
@@ -303,25 +297,54 @@ def test_an_extender_without_a_book_keeps_one_with_the_settings_ttl_and_its_cloc
     assert extender.filter(names(pod("q", "50Gi"), ["big"])).passed == ["big"], "p's promise ended with its TTL"
     gauge = extender.metrics.registry.get_sample_value("ibc_extender_reservations")
     assert gauge == 1.0, "its own metrics follow its own book"
+    bound = pod("q", "50Gi", on="big", phase="Running")
+    source.cache.apply("Pod", "MODIFIED", bound)
+    assert extender.book.live(clock()) == (), "the watch confirmed q's promise: its book reads the same clock"
 
 
-def test_the_extenders_clock_decides_not_the_books() -> None:
-    """A decision reads one instant: the clock the extender was given."""
-    w = World(*CLUSTER)
-    later = Clock(NOW + 3600)  # the book's entries have all expired by this clock
-    extender = Extender(w.settings, w.source, book=w.book, metrics=w.metrics, clock=later)
-    w.reserve("q", 60, "big")  # at NOW: expired at the extender's instant
-    answer = extender.filter(names(pod("p", "40Gi"), ["big"]))
-    assert answer.passed == ["big"]
-    assert answer.reservation == Reservation(
-        uid="uid-p", model="default/llama", memory_bytes=40 * GI, expires_at=NOW + 3600 + 30, node="big",
+class TwoClocks:
+    """An extender given its own clock (NOW) over a book whose clock runs an hour ahead, with p's and q's
+    promises made at NOW: live at the extender's instant, long expired by the book's."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.world = World(*CLUSTER, *objects, settings=SETTINGS)
+        self.world.clock.now = NOW + 3600
+        self.extender = Extender(SETTINGS, self.world.source, book=self.world.book, clock=Clock(NOW))
+
+    def promise(self, name: str, gi: int, on: str) -> None:
+        self.world.reserve(name, gi, on, now=NOW)
+
+
+def test_every_decision_reads_the_extenders_clock_not_the_books() -> None:
+    """One instant per decision, the clock the extender was given: filter, prioritize and bind all see the
+    promises live at that instant (the core ignores expired ones itself; the book must not drop live ones)."""
+    two = TwoClocks(pod("r", "40Gi"))
+    two.promise("q", 60, "big")
+    assert two.extender.filter(names(pod("p", "40Gi"), ["big"])).failed == {"big": REASON_INSUFFICIENT}
+    two.promise("p", 10, "mid")
+    assert two.extender.prioritize(names(pod("p", "10Gi"), ["big", "mid"])) == {"big": 1, "mid": 10}
+    assert two.extender.bind("default", "r", "uid-r", "big").result == "no_fit", "q still holds 60Gi of big"
+    assert two.extender.bind("default", "p", "uid-p", "mid") == BindAnswer("bound")
+    assert two.world.writer.annotations["p"] == {ANNOTATION_DEVICES: "0"}, "known from its live promise"
+    assert two.world.book.get("uid-p", now=NOW) == Reservation(
+        uid="uid-p", model="default/llama", memory_bytes=10 * GI, expires_at=NOW + TTL, node="mid",
         pod="default/p", devices=(0,),
     )  # fmt: skip
-    assert extender.prioritize(names(pod("p", "40Gi"), ["big", "mid"]))["big"] == 10
 
 
-def test_memory_falls_back_to_the_model_in_the_pods_namespace() -> None:
-    """A pod without a namespace is in "default", and so is the model whose memory it falls back to."""
-    w = World(node("big", "80Gi"), node("mid", "48Gi"), model("llama", "60Gi"))
-    answer = w.filter(names(pod("p", namespace=None), ["mid", "big"]))
-    assert (answer.passed, answer.unresolvable) == (["big"], {"mid": REASON_INSUFFICIENT})
+@pytest.mark.parametrize(
+    ("namespace", "memory"),
+    [
+        pytest.param(None, "60Gi", id="no-namespace-is-default-and-so-is-its-model"),
+        pytest.param("default", "60Gi", id="default"),
+        pytest.param("team", "40Gi", id="team-its-own-model-not-defaults"),
+    ],
+)
+def test_memory_falls_back_to_the_model_in_the_pods_namespace(namespace: str | None, memory: str) -> None:
+    """A model pod without a memory annotation takes its InferenceModel's memory, from its own namespace."""
+    team = model("llama", "40Gi")
+    team["metadata"]["namespace"] = "team"
+    w = World(node("big", "80Gi"), node("mid", "48Gi"), model("llama", "60Gi"), team)
+    answer = w.filter(names(pod("p", namespace=namespace), ["mid", "big"]))
+    assert answer.reservation is not None and answer.reservation.memory_bytes == int(memory[:-2]) * GI
+    assert answer.passed == ["big"]

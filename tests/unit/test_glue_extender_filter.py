@@ -24,6 +24,7 @@ from budget.decide import (
 )
 from budget.objects import (
     ANNOTATION_CAPACITY,
+    ANNOTATION_DEVICES,
     ANNOTATION_MEMORY,
     GFD_COUNT,
     GFD_MEMORY,
@@ -39,7 +40,6 @@ from tests.unit.test_extender_app import Clock, FakeWriter
 pytestmark = pytest.mark.unit
 
 GI = 2**30
-MI = 2**20
 H100_MIB = 81559  # what GPU Feature Discovery labels an H100 80GB with: not a round number of GiB
 NOW = Clock().now
 LOGGER = "extender.service"
@@ -86,6 +86,14 @@ def pod(
     return {"kind": "Pod", "metadata": meta, "spec": {"nodeName": on} if on else {}, "status": {"phase": phase}}
 
 
+def running(name: str, memory: str, on: str, devices: str | None = None) -> dict[str, Any]:
+    """Another model's replica, bound to `on` (on the GPUs `devices` names, "0,1")."""
+    obj = pod(name, memory, on=on, phase="Running", model_name="other")
+    if devices is not None:
+        obj["metadata"]["annotations"][ANNOTATION_DEVICES] = devices
+    return obj
+
+
 def names(pod_obj: dict[str, Any], nodes: list[str]) -> ExtenderArgs:
     """The NodeNames form (nodeCacheCapable)."""
     return parse_extender_args({"Pod": pod_obj, "NodeNames": nodes})
@@ -122,9 +130,12 @@ class World:
         """The watch delivers an event (the cache applies it and tells the extender)."""
         self.source.cache.apply(str(obj["kind"]), event_type, obj)
 
-    def reserve(self, name: str, memory_gi: int, node: str, devices: tuple[int, ...] = ()) -> Reservation:
+    def reserve(
+        self, name: str, memory_gi: int, node: str, devices: tuple[int, ...] = (), now: float | None = None
+    ) -> Reservation:
+        """Pod `name` of model default/llama holds memory on `node` (made at the book's clock unless `now`)."""
         request = PodRequest("default", name, f"uid-{name}", "default/llama", memory_gi * GI)
-        return self.book.reserve(request, node, devices=devices)
+        return self.book.reserve(request, node, devices=devices, now=now)
 
     def held(self) -> dict[str, tuple[str, tuple[int, ...], int]]:
         """Live reservations: pod uid -> (node, device indices, bytes)."""
@@ -155,6 +166,7 @@ def messages(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
 
 CLUSTER = (node("small", "24Gi"), node("mid", "48Gi"), node("big", "80Gi"))
 ALL = ["small", "mid", "big"]
+FULL = (*CLUSTER, running("b1", "20Gi", "mid"), running("c1", "50Gi", "big"))  # 24, 28 and 30Gi free
 LOTS = (
     "pod default/p: Pod default/p: annotation inference.eh-ops.io/memory: 'lots' is not a memory quantity in whole "
     "bytes (examples: 16Gi, 60G, 1.5Ti, 512Mi, 1e9)"
@@ -209,8 +221,7 @@ FILTER_CASES = [
         id="one-byte-over-fits-nowhere",
     ),
     pytest.param(
-        (*CLUSTER, pod("b1", "20Gi", on="mid", phase="Running"), pod("c1", "50Gi", on="big", phase="Running")),
-        Settings(), pod("p", "40Gi"), ["small", "mid", "big", "gone"],
+        FULL, Settings(), pod("p", "40Gi"), ["small", "mid", "big", "gone"],
         FilterAnswer(
             "unschedulable", [], {"mid": REASON_INSUFFICIENT, "big": REASON_INSUFFICIENT},
             {"small": REASON_INSUFFICIENT, "gone": REASON_UNKNOWN_NODE},
@@ -246,7 +257,7 @@ def test_filter_answers(
 ) -> None:
     w = World(*objects, settings=settings)
     answer = w.filter(names(pod_obj, sent))
-    assert replace_reservation(answer) == want
+    assert without_reservation(answer) == want
     held = w.held()
     if reserved is None:
         assert held == {} and answer.reservation is None
@@ -266,14 +277,12 @@ def test_filter_answers(
     assert w.decisions() == {("filter", *decision): 1.0}
 
 
-def replace_reservation(answer: FilterAnswer) -> FilterAnswer:
+def without_reservation(answer: FilterAnswer) -> FilterAnswer:
     """The answer without its reservation (asserted on its own)."""
     return FilterAnswer(answer.result, answer.passed, answer.failed, answer.unresolvable, answer.error)
 
 
 # ----- filter: what an operator reads (log lines, per-node verdict counts) -----
-
-FULL = (*CLUSTER, pod("b1", "20Gi", on="mid", phase="Running"), pod("c1", "50Gi", on="big", phase="Running"))
 
 FILTER_LOGS = [
     # (objects, pod, nodes sent, log lines, node verdicts counted)
@@ -292,7 +301,7 @@ FILTER_LOGS = [
         id="unschedulable-info-line-counts-reasons-and-the-largest-hole",
     ),
     pytest.param(
-        (node("over", "24Gi"), pod("b1", "30Gi", on="over", phase="Running")), pod("p", "1Gi"), ["over"],
+        (node("over", "24Gi"), running("b1", "30Gi", "over")), pod("p", "1Gi"), ["over"],
         [(logging.INFO, "filter: default/p needs 1Gi and fits none of 1 nodes (1 insufficient inference memory "
                         "budget; largest free 0)")],
         {("failed", REASON_INSUFFICIENT): 1.0},
@@ -344,7 +353,7 @@ def test_filter_before_the_view_has_synced_decides_nothing() -> None:
 BEST_CASES = [
     # (nodes, bound pods, pod memory, sent, spread's node, binpack's node)
     pytest.param(
-        [node("wide", "100Gi"), node("narrow", "20Gi")], [pod("w1", "70Gi", on="wide", phase="Running")], "10Gi",
+        [node("wide", "100Gi"), node("narrow", "20Gi")], [running("w1", "70Gi", "wide")], "10Gi",
         ["wide", "narrow"], "narrow", "wide",
         id="by-share-left-not-bytes-left",  # wide keeps 20Gi of 100 (0.2), narrow 10Gi of 20 (0.5)
     ),
@@ -357,13 +366,17 @@ BEST_CASES = [
         id="a-tie-goes-to-the-first-name",
     ),
     pytest.param(
-        [node("a", "100Gi"), node("b", "100Gi")], [pod("b1", "1Gi", on="b", phase="Running")], "10Gi", ["a", "b"],
+        [node("a", "100Gi"), node("b", "100Gi")], [running("b1", "1Gi", "b")], "10Gi", ["a", "b"],
         "a", "b",
         id="same-rounded-score-still-the-strategys-way",  # 0.90 and 0.89 both score 9
     ),
     pytest.param(
         [node("h", gpus=(2, H100_MIB)), node("u", "200Gi")], [], "70Gi", ["h", "u"], "u", "h",
         id="gpus-and-unified-memory-by-the-same-share",  # h keeps 91438Mi of 163118Mi (0.56), u 130 of 200
+    ),
+    pytest.param(
+        [node("zero", "0"), node("one", "1"), node("big", "10Gi")], [], "0", ["zero", "one", "big"], "big", "zero",
+        id="a-node-of-0-bytes-is-full-even-for-a-0-byte-replica",  # no share left on zero; one and big keep all
     ),
 ]  # fmt: skip
 
@@ -414,6 +427,12 @@ WORDS_CASES = [
         )
         for count, more in [(8, ", 4 more"), (5, ", 1 more"), (4, "")]
     ],
+    pytest.param(
+        [node("g", gpus=(2, 40960)), running("x", "40Gi", "g", "0"), running("y", "50Gi", "g", "1")],
+        pod("p", "20Gi"), "g",
+        f"{REASON_INSUFFICIENT} (20Gi on 1 device; GPU 0 has 0 free of 40Gi, GPU 1 has 0 free of 40Gi)",
+        id="exactly-full-and-overcommitted-gpus-have-0-free",
+    ),
     pytest.param(
         [node("g", gpus=(1, H100_MIB))], pod("p", "80Gi"), "g",
         f"{REASON_INSUFFICIENT} (80Gi on 1 device; GPU 0 has 81559Mi free of 81559Mi)",
