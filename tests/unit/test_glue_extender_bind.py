@@ -330,6 +330,8 @@ def test_every_decision_reads_the_extenders_clock_not_the_books() -> None:
         uid="uid-p", model="default/llama", memory_bytes=10 * GI, expires_at=NOW + TTL, node="mid",
         pod="default/p", devices=(0,),
     )  # fmt: skip
+    made = two.extender.filter(names(pod("s", "10Gi"), ["big"])).reservation
+    assert made is not None and made.expires_at == NOW + TTL, "a promise lasts one TTL from the decision's instant"
 
 
 @pytest.mark.parametrize(
