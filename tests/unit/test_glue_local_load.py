@@ -81,7 +81,7 @@ def test_a_saturated_replica_gets_a_second_once_the_window_is_over(caplog):
     assert rig.live() == [20000]
     assert rig.scaler.load_status("chat") == (1, 1, "1 of 1 saturated, spare 0.00; waiting out the window")
     with caplog.at_level(logging.INFO, logger="local.scaler"):
-        rig.balance(after=5)
+        rig.scaler.balance(now=rig.clock.now + 5)  # the pass decides at the time it is given
     assert rig.live() == [20000, 20001]
     assert rig.scaler.load_status("chat") == (2, 2, "1 of 1 saturated, spare 0.00 (margin 0.20)")
     assert [r.getMessage() for r in caplog.records] == [
@@ -320,3 +320,40 @@ def test_a_model_that_was_never_balanced_reports_its_replicas_and_no_word():
     assert rig.scaler.load_status("side") == (1, 1, "")
     assert rig.scaler.load_status("chat") == (1, 1, "")
     assert rig.clock.now == T0 + 1
+
+
+class Meanwhile(logging.Handler):
+    """Does `action` once, when a log line starting with `prefix` is written: something that happens right then."""
+
+    def __init__(self, prefix, action):
+        super().__init__()
+        self.prefix, self.action = prefix, action
+
+    def emit(self, record):
+        if record.getMessage().startswith(self.prefix) and self.action:
+            action, self.action = self.action, None
+            action()
+
+
+def test_a_request_that_takes_the_room_between_the_two_decisions_is_named_as_the_blocker(caplog):
+    rig = Rig(config(CHAT, SIDE, memory="64Gi"))
+    rig.serve("chat", 1)
+    rig.in_flight = {URL(20000): 7}
+    rig.balance()
+    # The budget allowed a second replica; before it starts, a request for side takes the room.
+    handler = Meanwhile("chat: 1 -> 2 replicas", lambda: rig.scaler.scale_up("side", 1))
+    logging.getLogger("local.scaler").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="local.scaler"):
+            rig.balance(after=5)
+    finally:
+        logging.getLogger("local.scaler").removeHandler(handler)
+    assert rig.live() == [20000] and rig.live("side") == [20001]
+    blocked = "chat wants 2, budget allows 1, blocked by side (30Gi, starting)"
+    assert rig.scaler.load_status("chat") == (2, 1, blocked)
+    assert [r.getMessage() for r in caplog.records][-1] == blocked
+    side = rig.runtime.spawned[-1]
+    rig.runtime.stop(side)
+    rig.runtime.exit(side, 0)
+    rig.balance(after=1)  # still wanted: asked again at once, not after a new window
+    assert rig.live() == [20000, 20002]
