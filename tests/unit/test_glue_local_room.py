@@ -62,6 +62,7 @@ ROOM = {
         _model("model-h", "80Gi", {"evict_idle_after": "60s", "priority": 5}),
         _model("model-e", "16Gi", {"evict_idle_after": "60s"}),
         _model("model-g", "48Gi"),
+        _model("model-f", "64Gi"),
     ],
 }
 
@@ -86,6 +87,23 @@ def run_idle(scaler, runtime, names, idle_seconds):
 def refused(blocker, idle):
     """The 429's message for model-b (60Gi) beside one 80Gi model that may not be stopped."""
     return f"model-b needs 60Gi in the whole cluster; 48Gi available; blocked by {blocker} (80Gi, idle {idle}s)"
+
+
+def request_in_background(scaler, name, *, thread_name=None):
+    """`scale_up(name, 1)` in a thread, as a held request would; returns the thread and its outcome ("started", or
+    the message it was refused with), filled when it ends."""
+    outcome = []
+
+    def run():
+        try:
+            scaler.scale_up(name, 1)
+            outcome.append("started")
+        except (ScaleDenied, ScalerUnavailable) as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=run, name=thread_name, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 MAKING_ROOM = [
@@ -127,7 +145,7 @@ MAKING_ROOM = [
 @pytest.mark.parametrize(
     "running, idle, busy, wanted, outcome", [c[1:] for c in MAKING_ROOM], ids=[c[0] for c in MAKING_ROOM]
 )
-def test_a_request_that_does_not_fit_stops_idle_models_the_policy_allows(running, idle, busy, wanted, outcome):
+def test_a_request_that_does_not_fit_stops_idle_models_the_policy_allows(running, idle, busy, wanted, outcome, caplog):
     scaler, runtime = room_scaler()
     procs = run_idle(scaler, runtime, running, idle)
     serving, held = busy
@@ -136,9 +154,10 @@ def test_a_request_that_does_not_fit_stops_idle_models_the_policy_allows(running
     before = len(runtime.spawned)
     if isinstance(outcome, str):
         assert scaler.can_make_room(wanted, 1) is False
-        with pytest.raises(ScaleDenied) as info:
+        with pytest.raises(ScaleDenied) as info, caplog.at_level(logging.INFO, logger="local.scaler"):
             scaler.scale_up(wanted, 1)
         assert info.value.decision.message == outcome
+        assert [r.getMessage() for r in caplog.records] == [f"denied {wanted}: {outcome}"]
         assert runtime.stopped == [] and len(runtime.spawned) == before
         assert scaler.note(wanted) is None
         assert scaler.evictions.snapshot() == {}
@@ -197,32 +216,61 @@ def test_the_note_is_forgotten_when_the_next_start_needs_no_room():
 def test_a_second_request_waits_for_the_memory_an_eviction_is_freeing():
     scaler, runtime = room_scaler(slow=True)
     procs = run_idle(scaler, runtime, ["model-a"], 61)
-    first = threading.Thread(target=scaler.scale_up, args=("model-b", 1), daemon=True)
-    first.start()
+    first, first_outcome = request_in_background(scaler, "model-b")
     wait_until(lambda: runtime.stopped, message="model-a asked to stop for model-b")
     # model-a (80Gi) is stopping, model-b's 60Gi is promised: model-c's 16Gi fits once model-a has exited.
     assert scaler.can_make_room("model-c", 1) is True
     assert scaler.can_make_room("model-h", 1) is False  # 80Gi would not fit beside model-b even then
     with pytest.raises(ScaleDenied):
         scaler.scale_up("model-h", 1)  # so it is refused at once, not after a wait
-    outcomes = []
-
-    def second():
-        try:
-            scaler.scale_up("model-c", 1)
-            outcomes.append("started")
-        except (ScaleDenied, ScalerUnavailable) as exc:
-            outcomes.append(repr(exc))
-
-    waiter = threading.Thread(target=second, name="second", daemon=True)
-    waiter.start()
+    beside = []  # model-a's phase when each start is forked: its memory must be free by then
+    runtime.on_spawn = lambda proc: beside.append((proc.spec.name, procs["model-a"].phase))
+    waiter, outcome = request_in_background(scaler, "model-c", thread_name="second")
     wait_until(lambda: "second" in runtime.clock.readers, message="the second request deciding")
     # The exit's callback takes the scaler's lock: it runs once the second request waits (or has answered).
     runtime.exit(procs["model-a"], 0)  # the memory is free now: both starts go ahead
     first.join(5)
     waiter.join(5)
-    assert outcomes == ["started"]
+    assert (first_outcome, outcome) == (["started"], ["started"])
     assert sorted(p.spec.name for p in runtime.live()) == ["model-b", "model-c"]
+    assert sorted(beside) == [("model-b", Phase.EXITED), ("model-c", Phase.EXITED)]
+
+
+def test_a_second_request_waits_for_freed_memory_no_longer_than_the_victims_may_take(monkeypatch):
+    monkeypatch.setattr("local.scaler.STOP_REAP_MARGIN_SECONDS", 0.2)
+    config = {**ROOM, "models": [dict(m, stop_grace_period="0s") for m in ROOM["models"]]}
+    scaler, runtime = room_scaler(slow=True, config=config)
+    run_idle(scaler, runtime, ["model-a"], 61)
+    first, first_outcome = request_in_background(scaler, "model-b")
+    wait_until(lambda: runtime.stopped, message="model-a asked to stop for model-b")
+    assert scaler.can_make_room("model-f", 1) is True  # it would fit once model-a has exited: so it waits
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-f", 1)  # model-a never exits: refused once its 0.2 s are over, not held for ever
+    assert info.value.decision.reason == "insufficient_memory"
+    first.join(5)
+    assert first_outcome == ["the models stopped to make room for model-b did not exit in time"]
+    assert [p.spec.name for p in runtime.spawned] == ["model-a"]
+
+
+def test_a_model_restarting_beside_its_own_stopping_replica_makes_room_for_both():
+    config = {
+        "nodes": [{"name": "shadow", "memory": "128Gi"}],
+        "models": [_model("model-a", "80Gi", {"evict_idle_after": "60s"}), _model("model-b", "40Gi")],
+    }
+    scaler, runtime = room_scaler(slow=True, config=config)
+    procs = run_idle(scaler, runtime, ["model-a", "model-b"], 61)
+    runtime.stop(procs["model-b"])  # still exiting: its 40Gi are held
+    thread, outcome = request_in_background(scaler, "model-b")
+    wait_until(lambda: procs["model-a"] in runtime.stopped, message="model-a stopped for model-b's new replica")
+    runtime.exit(procs["model-a"], 0)
+    thread.join(5)
+    assert outcome == ["started"]
+    assert scaler.note("model-b") == "stopping model-a (80Gi, idle 61s) to make room for model-b"
+    assert [(p.spec.name, p.phase) for p in runtime.spawned] == [
+        ("model-a", Phase.EXITED),
+        ("model-b", Phase.STOPPING),
+        ("model-b", Phase.STARTING),
+    ]
 
 
 def test_memory_a_cooldown_is_freeing_is_not_waited_for():
@@ -253,19 +301,10 @@ def test_victims_that_do_not_exit_in_time_give_the_memory_back(monkeypatch):
 def test_closing_while_victims_exit_ends_the_wait_at_once():
     scaler, runtime = room_scaler(slow=True)
     run_idle(scaler, runtime, ["model-a"], 61)
-    errors = []
-
-    def request():
-        try:
-            scaler.scale_up("model-b", 1)
-        except ScalerUnavailable as exc:
-            errors.append(str(exc))
-
-    thread = threading.Thread(target=request, daemon=True)
-    thread.start()
+    thread, outcome = request_in_background(scaler, "model-b")
     wait_until(lambda: runtime.stopped, message="model-a asked to stop")
     scaler.close(timeout_seconds=0)
     thread.join(10)  # the victims' own wait is 35 s (grace period and reaping): not that
     assert not thread.is_alive()
-    assert errors == ["the models stopped to make room for model-b did not exit in time"]
+    assert outcome == ["the models stopped to make room for model-b did not exit in time"]
     assert scaler.state("model-b") == "stopped"

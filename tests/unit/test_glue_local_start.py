@@ -59,9 +59,10 @@ def test_each_process_sees_only_the_devices_the_decision_gave_it(name, replicas,
 COOLDOWN = {
     "nodes": [{"name": "shadow", "memory": "128Gi"}],
     "models": [
-        _model("model-a", "80Gi", cooldown="10m"),
-        _model("model-c", "16Gi", cooldown="90s", max_replicas=3),
         _model("model-z", "16Gi", cooldown="0"),
+        _model("model-c", "16Gi", cooldown="90s", max_replicas=3),
+        _model("model-s", "1Gi", cooldown="1s"),
+        _model("model-a", "80Gi", cooldown="10m"),
     ],
 }
 
@@ -75,6 +76,8 @@ IDLE = [
     ("a-replica-starting-keeps-it", "model-c", ("ready", "starting"), 3600, [], None),
     ("only-a-stopping-one-left", "model-c", ("stopping",), 3600, [], None),
     ("cooldown-0-never", "model-z", ("ready",), 10**6, [], None),
+    ("a-one-second-cooldown", "model-s", ("ready",), 1, ["model-s"],
+     "model-s idle for 1s (cooldown 1s): stopping it to free 1Gi"),
 ]  # fmt: skip
 
 
@@ -104,3 +107,27 @@ def test_a_start_in_flight_keeps_a_model_from_idling_out():
     scaler.scale_up("model-c", 2)  # someone waits for the second replica: the model is not idle
     assert seen == [[]]
     assert runtime.stopped == []
+
+
+OTHERS = [
+    # (id, model-z and model-c, listed before model-a: their phases and seconds since their last request)
+    ("one-without-cooldown", {"model-z": (("ready",), 600)}),
+    ("one-not-running", {}),
+    ("one-starting-again", {"model-c": (("ready", "starting"), 600)}),
+    ("one-used-recently", {"model-c": (("ready",), 10)}),
+]
+
+
+@pytest.mark.parametrize("others", [c[1] for c in OTHERS], ids=[c[0] for c in OTHERS])
+def test_a_model_kept_running_does_not_keep_the_next_one_from_idling_out(others):
+    scaler, runtime = make_scaler(COOLDOWN)
+    for name, (phases, _) in others.items():
+        scaler.scale_up(name, len(phases))
+        for proc, phase in zip(runtime.spawned[-len(phases) :], phases, strict=True):
+            if phase == "ready":
+                runtime.ready(proc)
+    scaler.scale_up("model-a", 1)
+    runtime.ready(runtime.spawned[-1])
+    for name, (_, idle) in others.items():
+        scaler.touch(name, runtime.clock.now + 600 - idle)
+    assert scaler.stop_idle(now=runtime.clock.now + 600) == ["model-a"]

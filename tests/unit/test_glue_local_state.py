@@ -12,7 +12,7 @@ import pytest
 from budget import Placement
 from local.config import parse_config
 from local.scaler import LocalScaler
-from proxy.scaler import ScalerUnavailable
+from proxy.scaler import ScaleDenied, ScalerUnavailable
 from tests.unit.test_local_scaler import SEED, T0, Clock, FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -189,9 +189,19 @@ class FirstSpawnFails(FakeRuntime):
 
 def test_of_two_replicas_one_fails_to_spawn_and_the_503_still_names_it():
     scaler, runtime = make_scaler(runtime=FirstSpawnFails(Clock()))
+    during = []
+
+    def another_request(_proc):  # while the second is forked, inside the first one's backoff
+        scaler.scale_up("model-c", 1)  # one is promised already: nothing to start, nothing to refuse
+        during.append(scaler.state("model-c"))
+
+    runtime.on_spawn = another_request
     message = "cannot run 'serve': Text file busy (next start attempt in 10s)"
     assert refusal(scaler.scale_up, "model-c", 2) == (message, 10)
+    assert during == ["starting"]
     assert [p.spec.name for p in runtime.live()] == ["model-c"]  # the second one started
+    runtime.on_spawn = None
+    scaler.scale_up("model-c", 1)  # one is running: served, not refused for the other's backoff
     runtime.clock.now += 4
     assert refusal(scaler.scale_up, "model-c", 2) == (
         "cannot run 'serve': Text file busy (next start attempt in 6s)",
@@ -289,3 +299,31 @@ def test_a_ready_process_with_a_deadline_is_not_free_by_it():
     a.stop_deadline = time.monotonic() + 4  # left from an earlier stop that did not happen: only stopping counts
     scaler._on_process_change(a)
     assert [(p.state, p.free_by) for p in scaler.view().placements] == [("running", None)]
+
+
+def test_a_good_start_clears_the_failure():
+    scaler, runtime = make_scaler()
+    scaler.scale_up("model-a", 1)
+    runtime.exit(runtime.spawned[0], 1, failure="exited with code 1: boom")
+    runtime.clock.now += 10
+    scaler.scale_up("model-a", 1)
+    runtime.ready(runtime.spawned[1])
+    runtime.stop(runtime.spawned[1])
+    runtime.exit(runtime.spawned[1], 0)  # stopped as asked: not a failure
+    assert scaler.state("model-a") == "stopped"
+    assert scaler.wait_backends("model-a", 0) == []
+
+
+def test_a_closed_scaler_starts_nothing():
+    scaler, runtime = make_scaler()
+    scaler.close()
+    assert refusal(scaler.scale_up, "model-a", 1) == ("ibc local is shutting down", None)
+    assert runtime.spawned == []
+
+
+def test_a_first_start_blocks_for_its_cooldown_alone():
+    scaler, _ = make_scaler()
+    scaler.scale_up("model-a", 1)  # never started before: no start-up time known
+    with pytest.raises(ScaleDenied) as info:
+        scaler.scale_up("model-b", 1)
+    assert info.value.decision.retry_after_seconds == 600
