@@ -13,7 +13,6 @@ import pytest
 from local.runtime import Phase
 from serving.signals import ReplicaMetrics
 from tests.unit.test_glue_local_state import make_scaler
-from tests.unit.test_local_scaler import T0
 
 pytestmark = pytest.mark.unit
 
@@ -313,13 +312,17 @@ def test_nothing_is_started_once_closing():
     assert rig.runtime.spawned == []
 
 
-def test_a_model_that_was_never_balanced_reports_its_replicas_and_no_word():
-    rig = Rig(config(SIDE, CHAT))
+def test_only_models_that_may_have_several_replicas_or_keep_some_warm_are_balanced():
+    pair = _model("pair", "30Gi", max_replicas=2, load={"concurrency": 2, "scale_up_stabilization": "0s"})
+    rig = Rig(config(SIDE, pair))
     rig.serve("side", 1)
-    rig.scaler.scale_up("chat", 1)
+    rig.serve("pair", 1)
+    rig.in_flight = {URL(20000): 7, URL(20001): 7}
+    rig.balance()
+    assert rig.live("pair") == [20001, 20002]
+    assert rig.scaler.load_status("pair") == (2, 2, "1 of 1 saturated, spare 0.00 (margin 0.20)")
+    assert rig.live("side") == [20000]  # one replica at most: the load layer leaves it alone
     assert rig.scaler.load_status("side") == (1, 1, "")
-    assert rig.scaler.load_status("chat") == (1, 1, "")
-    assert rig.clock.now == T0 + 1
 
 
 class Meanwhile(logging.Handler):
