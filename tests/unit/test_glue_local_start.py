@@ -56,6 +56,21 @@ def test_each_process_sees_only_the_devices_the_decision_gave_it(name, replicas,
     assert {p.spec.env.get("NODE") for p in runtime.spawned} == {"mine" if name == "tiny" else "box"}
 
 
+def test_a_gpu_freed_by_an_exit_is_the_one_given_next_not_a_busy_one():
+    scaler, runtime = make_scaler(GPUS)
+    scaler.scale_up("one", 2)
+    first, second = runtime.spawned
+    for proc in runtime.spawned:
+        runtime.ready(proc)
+    runtime.stop(first)
+    runtime.exit(first, 0)  # GPU 0 is free again; GPU 1 still holds 30Gi of its 40Gi
+    scaler.scale_up("one", 2)
+    third = runtime.spawned[-1]
+    assert (second.spec.devices, third.spec.devices) == ((1,), (0,))
+    assert third.spec.env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert [(p.node, p.devices) for p in scaler.view().placements] == [("box", (1,)), ("box", (0,))]
+
+
 COOLDOWN = {
     "nodes": [{"name": "shadow", "memory": "128Gi"}],
     "models": [
