@@ -159,6 +159,32 @@ def test_the_budget_refuses_a_third_and_says_who_blocks_until_room_is_made(caplo
     assert rig.scaler.load_status("chat") == (3, 3, "2 of 2 saturated, spare 0.00 (margin 0.20)")
 
 
+def test_a_refusal_is_no_longer_shown_once_the_load_no_longer_asks_for_more():
+    rig = Rig(config(CHAT, SIDE))
+    rig.serve("side", 1)
+    rig.serve("chat", 2)
+    rig.in_flight = {URL(20001): 7, URL(20002): 7}
+    rig.balance()
+    rig.balance(after=5)
+    assert rig.scaler.load_status("chat")[:2] == (3, 2)
+    rig.in_flight = {URL(20001): 1, URL(20002): 1}  # half busy: two are right, one would not do
+    rig.balance(after=1)
+    assert rig.scaler.load_status("chat") == (2, 2, "0 of 2 saturated, spare 0.50")
+
+
+def test_a_start_being_forked_counts_as_a_replica_starting():
+    rig = Rig(config(CHAT))
+    seen = []
+
+    def supervisor_pass(_proc):
+        rig.scaler.balance()
+        seen.append(rig.scaler.load_status("chat"))
+
+    rig.runtime.on_spawn = supervisor_pass
+    rig.scaler.scale_up("chat", 1)  # a request's cold start; the supervisor's pass comes while it is forked
+    assert seen == [(1, 1, "a replica is starting")]
+
+
 def test_a_replica_still_stopping_is_asked_for_beside_the_wanted_ones(caplog):
     rig = Rig(config(CHAT, SIDE, memory="128Gi"))
     rig.serve("side", 1)
