@@ -123,6 +123,7 @@ SIGNALS = [
     ("running-counts-over-in-flight", 2, ReplicaMetrics(running=1), 1),
     ("in-flight-when-the-replica-says-nothing", 2, None, 2),
     ("in-flight-under-the-margin", 1, None, 1),
+    ("never-sent-a-request", None, None, 1),
 ]
 
 
@@ -131,7 +132,9 @@ def test_what_a_replica_reports_decides_a_step_up(in_flight, metrics, replicas):
     load = {"concurrency": 2, "scale_up_stabilization": "0s"}
     rig = Rig(config(_model("chat", "30Gi", max_replicas=3, load=load)))
     rig.serve("chat", 1)
-    rig.in_flight = {URL(20000): in_flight, URL(29999): 50}  # another backend's load is not this one's
+    rig.in_flight = {URL(29999): 50}  # another backend's load is not this one's
+    if in_flight is not None:
+        rig.in_flight[URL(20000)] = in_flight
     rig.metrics = {URL(20000): metrics} if metrics else {}
     rig.balance()
     assert len(rig.live()) == replicas
