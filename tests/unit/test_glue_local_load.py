@@ -140,6 +140,14 @@ def test_what_a_replica_reports_decides_a_step_up(in_flight, metrics, replicas):
     assert len(rig.live()) == replicas
 
 
+def test_a_replica_the_proxy_never_sent_a_request_to_is_not_busy():
+    rig = Rig(config(_model("chat", "30Gi", max_replicas=3, load={"concurrency": 1, "scale_up_stabilization": "0s"})))
+    rig.serve("chat", 1)
+    rig.balance()
+    assert rig.live() == [20000]
+    assert rig.scaler.load_status("chat") == (1, 1, "0 of 1 saturated, spare 1.00")
+
+
 def test_the_budget_refuses_a_third_and_says_who_blocks_until_room_is_made(caplog):
     rig = Rig(config(CHAT, SIDE))
     rig.serve("side", 1)
@@ -232,6 +240,7 @@ STEP_DOWN = [
     ("the-least-busy-leaves", (1, 0, 1), 20001),
     ("of-two-idle-the-newer-leaves", (0, 0, 1), 20001),
     ("all-equally-busy-the-newest-leaves", (1, 1, 1), 20002),
+    ("never-sent-a-request-counts-as-idle", (None, 1, 1), 20000),  # None: the proxy has no count for it
 ]
 
 
@@ -239,7 +248,7 @@ STEP_DOWN = [
 def test_a_step_down_takes_the_least_busy_replica_and_stops_it_when_its_requests_end(busy, leaver, caplog):
     rig = Rig(config(CHAT))
     rig.serve("chat", 3)
-    rig.in_flight = {URL(20000 + i): n for i, n in enumerate(busy)}
+    rig.in_flight = {URL(20000 + i): n for i, n in enumerate(busy) if n is not None}
     rig.balance()
     assert rig.scaler.load_status("chat")[2].endswith("slack, waiting out the window")
     with caplog.at_level(logging.INFO, logger="local.scaler"):
@@ -247,7 +256,7 @@ def test_a_step_down_takes_the_least_busy_replica_and_stops_it_when_its_requests
     reason = rig.scaler.load_status("chat")[2]
     assert rig.scaler.load_status("chat") == (2, 2, reason)
     assert reason.endswith("; 2 keep the margin")
-    left = busy[leaver - 20000]
+    left = busy[leaver - 20000] or 0
     assert caplog.records[0].getMessage() == (
         f"chat: 3 -> 2 replicas ({reason}); {URL(leaver)} leaves once its {left} request(s) end"
     )
