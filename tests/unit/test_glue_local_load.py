@@ -268,9 +268,26 @@ def test_a_step_down_takes_the_least_busy_replica_and_stops_it_when_its_requests
         rig.balance(after=1)  # its request is still running: it stays
         assert leaving.phase is Phase.READY
         rig.in_flight[URL(leaver)] = 0
-    rig.balance(after=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="local.scaler"):
+        rig.balance(after=1)
     assert leaving.phase is Phase.STOPPING
     assert rig.runtime.stopped == [leaving]
+    assert caplog.records[0].getMessage() == "chat stepping down for load: stopping it to free 30Gi"
+
+
+def test_a_leaving_replica_that_exits_on_its_own_is_forgotten():
+    rig = Rig(config(CHAT))
+    rig.serve("chat", 3)
+    rig.in_flight = {URL(20000): 1, URL(20001): 1, URL(20002): 1}
+    rig.balance()
+    rig.balance(after=10)
+    leaving = rig.runtime.spawned[2]
+    assert rig.scaler.backends("chat") == [URL(20000), URL(20001)]
+    rig.runtime.exit(leaving, -9, failure="was killed by SIGKILL")  # before its last request ended
+    rig.balance(after=1)
+    assert rig.runtime.stopped == []
+    assert rig.scaler.load_status("chat")[:2] == (2, 2)
 
 
 def test_a_leaving_replica_serves_again_when_the_load_comes_back(caplog):
