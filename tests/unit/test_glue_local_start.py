@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from local.runtime import Phase
+from local.runtime import Phase, ProcessSpec
 from tests.unit.test_glue_local_state import make_scaler
 
 pytestmark = pytest.mark.unit
@@ -146,3 +146,36 @@ def test_a_model_kept_running_does_not_keep_the_next_one_from_idling_out(others)
     for name, (_, idle) in others.items():
         scaler.touch(name, runtime.clock.now + 600 - idle)
     assert scaler.stop_idle(now=runtime.clock.now + 600) == ["model-a"]
+
+
+def test_the_process_is_run_as_the_config_says(tmp_path):
+    config = {
+        "nodes": [{"name": "box", "memory": "8Gi", "env": {"NODE": "box", "HOME": "/srv"}}],
+        "models": [
+            _model(
+                "m",
+                "1Gi",
+                command="serve --port {port} --node {node} --model {model}",
+                health="http://127.0.0.1:{port}/ready?node={node}",
+                startup_timeout="2m",
+                stop_grace_period="7s",
+                env={"NODE": "mine"},
+            )
+        ],
+    }
+    scaler, runtime = make_scaler(config, log_dir=str(tmp_path))
+    scaler.scale_up("m", 1)
+    (proc,) = runtime.spawned
+    assert proc.spec == ProcessSpec(
+        owner="local/m",
+        name="m",
+        argv=("serve", "--port", "20000", "--node", "box", "--model", "m"),
+        port=20000,
+        health_url="http://127.0.0.1:20000/ready?node=box",
+        node="box",
+        env={"NODE": "mine", "HOME": "/srv"},
+        devices=(),
+        startup_timeout_seconds=120.0,
+        stop_grace_seconds=7.0,
+        log_path=str(tmp_path / "m.log"),
+    )
