@@ -67,6 +67,7 @@ _ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",  # as the plain 429's body says: also the SSE error event of a stream that waited
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
