@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.scaler import ScalerUnavailable
-from tests.unit.test_glue_proxy_cold import BACKEND_C, T0, Clock, Scripted, Step, hung_up, make_world
+from tests.unit.test_glue_proxy_cold import BACKEND_C, Scripted, Step, hung_up, make_world
 
 pytestmark = pytest.mark.unit
 
@@ -191,7 +191,3 @@ def test_a_backend_failing_after_the_start_is_an_error_event(
     assert errors == (1.0 if upstream_error else None)
     assert w.proxy.upstream.outstanding() == {}
     assert w.nothing_held()
-
-
-def test_the_clock_starts_at_t0() -> None:
-    assert Clock().time() == T0
