@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -77,17 +78,29 @@ def world_view(*extra: Model, idle_a: float = 120.5, cooldown_a: float = 600.0) 
 Step = list[str] | Exception | Callable[[], list[str]]
 
 
+MAX_WAITS = 1000  # a wait loop that never ends fails here, not at the test's timeout
+
+
 class Scripted(StaticScaler):
     """A StaticScaler whose `wait_backends` answers from `script` (one step per call: backends, an
-    exception to raise, or a callable), else waits out its timeout on the clock and returns []."""
+    exception to raise, or a callable), else waits out its timeout on the clock and returns [].
+    Every touch (the idle clock) is kept in `touched`, in order."""
 
     def __init__(self, view: ClusterView, clock: Clock, script: list[Step] | None = None) -> None:
         super().__init__(view, {"default/model-a": [BACKEND_A]})
         self.clock = clock
         self.script = list(script or [])
         self.waited: list[float] = []
+        self.touched: list[tuple[str, float]] = []
+
+    def touch(self, model_key: str, now: float) -> None:
+        self.touched.append((model_key, now))
+        super().touch(model_key, now)
 
     def wait_backends(self, model_key: str, timeout_seconds: float) -> list[str]:
+        # A real scaler asked to wait 0 s returns at once: the caller would spin.
+        assert timeout_seconds > 0, f"asked to wait {timeout_seconds} s"
+        assert len(self.waited) < MAX_WAITS, "the wait never ends"
         self.waited.append(round(timeout_seconds, 6))
         step = self.script.pop(0) if self.script else []
         if isinstance(step, Exception):
@@ -127,6 +140,11 @@ class World:
     def rejections(self, model: str) -> dict[str, float]:
         """ibc_proxy_rejections_total by reason for one model."""
         return self._by("ibc_proxy_rejections_total", model, "reason")
+
+    def in_flight(self) -> dict[str, float]:
+        """ibc_proxy_backend_in_flight where not zero (what the load layer sums): {} once all is answered."""
+        samples = (s for family in self.proxy.metrics.registry.collect() for s in family.samples)
+        return {s.labels["backend"]: s.value for s in samples if s.name == "ibc_proxy_backend_in_flight" and s.value}
 
     def last_refusal(self, key: str) -> dict[str, Any] | None:
         doc = self.client.get("/status").get_json()
@@ -183,14 +201,50 @@ def error(status: int, message: str, code: str, type_: str, **extra: Any) -> dic
 
 def test_a_cold_model_that_fits_is_asked_for_once_waited_for_and_served(monkeypatch: pytest.MonkeyPatch) -> None:
     w = make_world(monkeypatch, script=[[], [], [BACKEND_C]])
-    resp = w.post("model-c")
+    resp = w.client.post("/v1/chat/completions?v=1", json={"model": "model-c"}, headers={"X-Trace": "t-1"})
     assert (resp.status_code, resp.get_json()) == (200, {"served_by": "10.0.0.3", "model": "model-c"})
+    assert resp.headers["Content-Length"] == str(len(resp.get_data()))  # read whole, not relayed
+    ((sent),) = w.sent
+    assert (sent.method, str(sent.url), sent.headers["x-trace"]) == (
+        "POST",
+        f"{BACKEND_C}/v1/chat/completions?v=1",
+        "t-1",
+    )
+    assert json.loads(sent.content) == {"model": "model-c"}
     assert w.scaler.scale_calls == [("default/model-c", 1)]
     assert w.scaler.waited == [0.5, 0.5, 0.5]  # polled every disconnect check until the backend came
-    assert w.scaler.touches["default/model-c"] == T0 + 1.0  # busy from when it was served, not when it came
+    # The idle clock: the request's arrival, then busy again from when it was served (not when it came).
+    assert w.scaler.touched == [("default/model-c", T0), ("default/model-c", T0 + 1.0)]
     assert w.requests_counted("model-c") == {"200": 1.0}
     assert w.metric("ibc_proxy_cold_start_seconds_count", model="model-c") == 1.0
     assert w.nothing_held()
+
+
+def test_a_plain_cold_request_answered_as_a_stream_is_relayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    sse = b"data: [DONE]\n\n"
+    backend = lambda r: httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=sse)  # noqa: E731
+    w = make_world(monkeypatch, script=[[BACKEND_C]], backend=backend)
+    resp = w.post("model-c")
+    assert (resp.status_code, resp.get_data(), resp.headers.get("Content-Length")) == (200, sse, None)
+    assert w.proxy.upstream.outstanding() == {}
+
+
+def test_a_held_request_shows_in_the_models_queue_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = make_world(monkeypatch)
+    depth: list[float | None] = []
+    w.scaler.script = [lambda: depth.append(w.metric("ibc_proxy_queue_depth", model="model-c")) or [BACKEND_C]]
+    assert w.post("model-c").status_code == 200
+    assert depth == [1.0]
+    assert w.metric("ibc_proxy_queue_depth", model="model-c") == 0.0
+
+
+def test_a_full_waiting_room_names_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = make_world(monkeypatch, queue_size=1)
+    with w.proxy.cold.enter("default/model-c", "model-c"):
+        resp = w.post("model-c")
+    message = "1 requests already wait for model-c to start (the limit per model); retry shortly"
+    assert resp.get_json() == error(503, message, "queue_full", "service_unavailable")
+    assert w.scaler.scale_calls == []
 
 
 @pytest.mark.parametrize(
@@ -519,6 +573,16 @@ def test_a_model_deleted_while_routed_is_404_not_a_500(monkeypatch: pytest.Monke
 # ----- one plan per second for a storm of refused retries -----
 
 
+@pytest.mark.parametrize("default", [17, 30], ids=["configured-17s", "default-30s"])
+def test_blocked_by_a_model_that_never_stops_retry_after_is_the_configured_default(
+    monkeypatch: pytest.MonkeyPatch, default: int
+) -> None:
+    w = make_world(monkeypatch, world_view(cooldown_a=0), default_retry_after_seconds=default)
+    resp = w.post("model-b")
+    assert (resp.status_code, resp.headers["Retry-After"]) == (429, str(default))
+    assert "model-a never frees its memory on its own (no cooldown)" in resp.get_json()["message"]
+
+
 def test_a_refusal_is_reused_within_its_second_and_planned_anew_after(monkeypatch: pytest.MonkeyPatch) -> None:
     w = make_world(monkeypatch)
     retries = []
@@ -539,3 +603,31 @@ def test_a_refusal_is_not_reused_once_the_view_changed(monkeypatch: pytest.Monke
     w.scaler.set_view(ClusterView.build(nodes=view.nodes, models=models, placements=[]))
     assert w.post("model-b").status_code == 200
     assert w.scaler.scale_calls == [("default/model-b", 1)]
+
+
+def test_a_request_behind_a_stuck_scale_up_gives_up_at_the_cold_start_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale-up call hangs (an apiserver that does not answer): a request arriving meanwhile waits for
+    it no longer than the cold-start timeout (real time here: 0.2 s), then gets a 503 saying so."""
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(key: str, replicas: int) -> None:
+        entered.set()
+        release.wait(5)
+
+    w = make_world(monkeypatch, cold_start_timeout_seconds=0.2)
+    w.scaler._on_scale_up = stuck
+    first: list[int] = []
+    leader = threading.Thread(target=lambda: first.append(w.post("model-c").status_code))
+    leader.start()
+    try:
+        assert entered.wait(5)
+        resp = w.post("model-c")
+    finally:
+        release.set()
+        leader.join(5)
+    message = "could not start model-c: the scale-up of default/model-c did not finish within 0s"
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "30"
+    assert resp.get_json() == error(503, message, "scaler_unavailable", "service_unavailable", retry_after_seconds=30)
+    assert first == [504]  # the leader's start then timed out too: nothing came up
+    assert w.scaler.scale_calls == [("default/model-c", 1)]

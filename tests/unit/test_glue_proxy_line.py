@@ -66,6 +66,7 @@ def line_world(monkeypatch: pytest.MonkeyPatch, scaler_class: type[Scripted] = R
         pytest.param(0.0, None, 429, 1, id="no-wait-asked-429-at-once"),
         pytest.param(0.0, "0", 429, 1, id="header-zero-429-at-once"),
         pytest.param(0.0, "30", 200, 3, id="header-waits-then-its-turn"),
+        pytest.param(0.0, "0.5", 200, 3, id="half-a-second-waits-too"),
         pytest.param(30.0, None, 200, 3, id="models-max-wait-waits"),
         pytest.param(30.0, "0", 429, 1, id="header-zero-overrides-the-model"),
     ],
@@ -83,6 +84,22 @@ def test_a_client_that_asked_to_wait_gets_its_turn_when_room_appears(
     assert w.scaler.scale_calls == ([("default/model-b2", 1)] if status == 200 else [])
     assert w.requests_counted("model-b2") == {str(status): 1.0}
     assert w.nothing_held()
+
+
+def test_status_shows_who_waits_in_the_pools_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /status's `waiting` as the request is refused, waits for its turn, and starts."""
+    w = line_world(monkeypatch)
+    seen: list[Any] = []
+    asked = w.scaler.can_make_room  # type: ignore[attr-defined]
+
+    def looking(key: str, replicas: int) -> bool:
+        seen.append(w.client.get("/status").get_json()["waiting"])
+        return bool(asked(key, replicas))
+
+    w.scaler.can_make_room = looking  # type: ignore[attr-defined]
+    assert w.post("model-b", headers={"X-IBC-Max-Wait": "30"}).status_code == 200
+    assert seen == [{}, {LINE: ["model-b"]}, {LINE: ["model-b"]}]
+    assert w.client.get("/status").get_json()["waiting"] == {}
 
 
 def test_a_turn_asks_for_room_for_the_replicas_the_refusal_counted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,6 +225,7 @@ def comments(text: str) -> list[str]:
     ("view", "model", "expected"),
     [
         pytest.param(world_view(), "model-b", "; expected start in about 493s", id="cooldown-480s-plus-startup-13s"),
+        pytest.param(world_view(idle_a=599.5), "model-b", "; expected start in about 14s", id="cooldown-ends-in-1s"),
         pytest.param(world_view(cooldown_a=0), "model-b", "", id="blocked-by-a-model-that-never-stops"),
         pytest.param(world_view(Model("default", "huge", 60 * GI, "huge", POOL, 600.0, 3)), "huge", "",
                      id="never-fits"),

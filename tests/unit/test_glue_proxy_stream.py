@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from proxy.scaler import ScalerUnavailable
-from tests.unit.test_glue_proxy_cold import BACKEND_C, Scripted, Step, hung_up, make_world
+from tests.unit.test_glue_proxy_cold import BACKEND_C, T0, Clock, Scripted, Step, hung_up, make_world
+
+KEY = "default/model-c"
 
 pytestmark = pytest.mark.unit
 
@@ -50,12 +52,36 @@ def test_progress_comments_then_the_models_stream(
     assert resp.status_code == 200
     assert resp.get_data() == (START + comments).encode() + TOKENS
     ((request),) = w.sent
+    assert (request.method, str(request.url)) == ("POST", f"{BACKEND_C}/v1/chat/completions")
     assert (request.headers["accept-encoding"], request.headers["x-trace"]) == ("identity", "t-1")
     assert [k.lower() for k, _ in request.headers.multi_items()].count("accept-encoding") == 1
     assert json.loads(request.content)["model"] == "model-c"
     assert w.scaler.touches["default/model-c"] == w.clock.now
-    assert w.proxy.upstream.outstanding() == {}
+    assert w.proxy.upstream.outstanding() == {} and w.in_flight() == {}
     assert w.nothing_held()
+
+
+def test_the_model_is_busy_from_the_start_of_its_stream_to_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle clock of a held stream: touched when the request came, when the backend started
+    answering, and when the stream ended, so a long stream never has its model stopped under it."""
+    clocks: list[Clock] = []
+
+    class Slow(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for i in range(3):
+                clocks[0].advance(0.2)
+                yield f"data: {i}\n\n".encode()
+            clocks[0].advance(0.2)  # the backend takes a moment to end its stream
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, stream=Slow())
+
+    w = make_world(monkeypatch, script=[[], [BACKEND_C]], backend=slow)
+    clocks.append(w.clock)
+    text = w.post("model-c", stream=True).get_data(as_text=True)
+    assert text == START + "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    # Came at T0; its backend answered at 0.5 s; streaming: 0.5 s or more since the last touch at 1.1 s; ended 1.3 s.
+    assert [(k, round(t - T0, 6)) for k, t in w.scaler.touched] == [(KEY, 0.0), (KEY, 0.5), (KEY, 1.1), (KEY, 1.3)]
 
 
 def test_the_disconnect_check_paces_the_waits_when_progress_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,6 +154,7 @@ def test_a_start_that_does_not_come_ends_the_stream_with_one_error_event(
     assert w.requests_counted("model-c") == {"200": 1.0}
     assert [r.getMessage() for r in caplog.records if r.name == "proxy.app"] == ([log_line] if log_line else [])
     assert w.sent == []
+    assert w.in_flight() == {}
     assert w.nothing_held()
 
 
@@ -138,6 +165,7 @@ def test_shutting_down_ends_a_held_stream_with_the_shutdown_event(monkeypatch: p
     message = "the proxy is shutting down; model-c was not started here: retry (another replica may serve it)"
     assert text == START + event(503, message, "shutting_down", "service_unavailable", retry_after_seconds=1)
     assert w.rejections("model-c") == {"shutting_down": 1.0}
+    assert w.in_flight() == {}
     assert w.nothing_held()
 
 
@@ -148,6 +176,7 @@ def test_a_streaming_client_gone_while_held_gets_nothing_more(monkeypatch: pytes
     assert text == START
     assert w.rejections("model-c") == {}
     assert w.sent == []
+    assert w.in_flight() == {}
     assert w.nothing_held()
 
 
