@@ -198,6 +198,10 @@ def breaks(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, stream=Breaks())
 
 
+def error_breaks(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(500, headers={"Content-Type": "application/json"}, stream=Breaks())
+
+
 @pytest.mark.parametrize(
     ("backend", "tail", "upstream_error"),
     [
@@ -208,6 +212,9 @@ def breaks(request: httpx.Request) -> httpx.Response:
         pytest.param(breaks, 'data: {"choices":[{"delta":{"content":"h"}}]}\n\n'
                      + event(502, "the model backend broke the stream: connection reset", "upstream_stream_broken",
                              "upstream_error"), "stream_broken", id="stream-broken-midway"),
+        pytest.param(error_breaks, event(502, "{url} broke the response: connection reset", "upstream_unreachable",
+                                         "upstream_error"), None,
+                     id="error-answer-broken-midway"),
     ],
 )  # fmt: skip
 def test_a_backend_failing_after_the_start_is_an_error_event(
