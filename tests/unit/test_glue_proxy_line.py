@@ -87,7 +87,8 @@ def test_a_client_that_asked_to_wait_gets_its_turn_when_room_appears(
 
 
 def test_status_shows_who_waits_in_the_pools_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GET /status's `waiting` as the request is refused, waits for its turn, and starts."""
+    """GET /status's `waiting` as the request is refused, waits for its turn, asks for the start, and
+    waits for it (out of the line by then)."""
     w = line_world(monkeypatch)
     seen: list[Any] = []
     asked = w.scaler.can_make_room  # type: ignore[attr-defined]
@@ -96,9 +97,14 @@ def test_status_shows_who_waits_in_the_pools_line(monkeypatch: pytest.MonkeyPatc
         seen.append(w.client.get("/status").get_json()["waiting"])
         return bool(asked(key, replicas))
 
+    def started() -> list[str]:  # the start was asked for: its place is given up, the next may try
+        seen.append(w.client.get("/status").get_json()["waiting"])
+        return [BACKEND_C]
+
     w.scaler.can_make_room = looking  # type: ignore[attr-defined]
+    w.scaler.script = [started]
     assert w.post("model-b", headers={"X-IBC-Max-Wait": "30"}).status_code == 200
-    assert seen == [{}, {LINE: ["model-b"]}, {LINE: ["model-b"]}]
+    assert seen == [{}, {LINE: ["model-b"]}, {LINE: ["model-b"]}, {}]
     assert w.client.get("/status").get_json()["waiting"] == {}
 
 

@@ -4,6 +4,7 @@ the fake clock of test_glue_proxy_cold (no sleeps: each wait the scaler is asked
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator
@@ -82,6 +83,17 @@ def test_the_model_is_busy_from_the_start_of_its_stream_to_its_end(monkeypatch: 
     assert text == START + "data: 0\n\ndata: 1\n\ndata: 2\n\n"
     # Came at T0; its backend answered at 0.5 s; streaming: 0.5 s or more since the last touch at 1.1 s; ended 1.3 s.
     assert [(k, round(t - T0, 6)) for k, t in w.scaler.touched] == [(KEY, 0.0), (KEY, 0.5), (KEY, 1.1), (KEY, 1.3)]
+
+
+def test_a_backend_that_compresses_anyway_is_decoded_for_the_held_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 200 went out without Content-Encoding, so the body must reach the client as plain text."""
+
+    def gzipped(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(gzip.compress(TOKENS)))
+
+    w = make_world(monkeypatch, script=[[BACKEND_C]], backend=gzipped)
+    assert w.post("model-c", stream=True).get_data() == START.encode() + TOKENS
 
 
 def test_the_disconnect_check_paces_the_waits_when_progress_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
