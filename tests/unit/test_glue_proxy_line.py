@@ -18,6 +18,7 @@ from tests.unit.test_glue_proxy_cold import (
     GI,
     POOL,
     SHUTTING_DOWN,
+    SSE,
     T0,
     Clock,
     Scripted,
@@ -185,6 +186,7 @@ def test_a_full_line_is_503_and_gives_the_held_bytes_back(monkeypatch: pytest.Mo
     assert resp.status_code == 503
     message = f"1 requests already wait for memory in pool {LINE} (the limit per pool); retry shortly"
     assert resp.get_json() == error(503, message, "queue_full", "service_unavailable")
+    assert (w.rejections("model-b"), w.requests_counted("model-b")) == ({"queue_full": 1.0}, {"503": 1.0})
 
 
 class ShutsDown(Scripted):
@@ -206,6 +208,22 @@ def test_shutting_down_answers_a_request_waiting_in_line(monkeypatch: pytest.Mon
     assert resp.get_json() == error(503, SHUTTING_DOWN.replace("model-c", "model-b"), "shutting_down",
                                     "service_unavailable")  # fmt: skip
     assert w.rejections("model-b") == {"shutting_down": 1.0}
+    assert w.nothing_held()
+
+
+def test_shutting_down_ends_a_stream_waiting_in_line_with_its_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = line_world(monkeypatch, scaler_class=ShutsDown)
+    w.scaler.proxy = w.proxy  # type: ignore[attr-defined]
+    resp = w.post("model-b", stream=True, headers={"X-IBC-Max-Wait": "30"})
+    assert [(k, v) for k, v in resp.headers if k in dict(SSE)] == SSE
+    message = SHUTTING_DOWN.replace("model-c", "model-b")
+    body = {"message": message, "type": "service_unavailable", "param": None, "code": "shutting_down",
+            "retry_after_seconds": 1}  # fmt: skip
+    assert resp.get_data(as_text=True) == (
+        ": waiting for memory for model-b: position 1 of 1; expected start in about 493s\n\n"
+        f"event: error\ndata: {json.dumps({'error': body})}\n\n"
+    )
+    assert (w.requests_counted("model-b"), w.rejections("model-b")) == ({"200": 1.0}, {"shutting_down": 1.0})
     assert w.nothing_held()
 
 

@@ -52,6 +52,7 @@ def test_progress_comments_then_the_models_stream(
     resp = w.post("model-c", stream=True, headers={"Accept-Encoding": "gzip", "X-Trace": "t-1"})
     assert resp.status_code == 200
     assert resp.get_data() == (START + comments).encode() + TOKENS
+    assert w.metric("ibc_proxy_cold_start_seconds_count", model="model-c") == 1.0
     ((request),) = w.sent
     assert (request.method, str(request.url)) == ("POST", f"{BACKEND_C}/v1/chat/completions")
     assert (request.headers["accept-encoding"], request.headers["x-trace"]) == ("identity", "t-1")
@@ -181,11 +182,16 @@ def test_shutting_down_ends_a_held_stream_with_the_shutdown_event(monkeypatch: p
     assert w.nothing_held()
 
 
-def test_a_streaming_client_gone_while_held_gets_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_streaming_client_gone_while_held_gets_nothing_more(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     w = make_world(monkeypatch)
-    with hung_up() as gone:
+    with caplog.at_level(logging.INFO, logger="proxy.app"), hung_up() as gone:
         text = w.post("model-c", stream=True, **gone).get_data(as_text=True)
     assert text == START
+    assert [r.getMessage() for r in caplog.records if r.name == "proxy.app"] == [
+        "client waiting for model-c went away after 0.5s"
+    ]
     assert w.rejections("model-c") == {}
     assert w.sent == []
     assert w.in_flight() == {}
