@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 import proxy.app
 from budget import ClusterView, Decision, Model, Node, Placement
 from proxy.app import ProxyApp, create_app
+from proxy.coldstart import HELD_OVERHEAD_BYTES
 from proxy.scaler import ScaleDenied, ScalerUnavailable
 from proxy.settings import ProxySettings
 from proxy.static_scaler import StaticScaler
@@ -356,6 +357,12 @@ def test_while_shutting_down_a_start_is_not_asked_for(monkeypatch: pytest.Monkey
             "0 held requests already use 0 MiB (the memory limit of this worker is 0 MiB); retry shortly",
             "1",
             id="held-memory-retry-at-least-1s",
+        ),
+        pytest.param(
+            {"max_held_bytes": HELD_OVERHEAD_BYTES + 10, "progress_interval_seconds": 0.2},
+            "0 held requests already use 0 MiB (the memory limit of this worker is 0 MiB); retry shortly",
+            "1",
+            id="the-body-counts-toward-held-memory",
         ),
         pytest.param(
             {"max_held_bytes": 1000, "progress_interval_seconds": 7.9},
