@@ -221,6 +221,20 @@ def test_a_cold_model_that_fits_is_asked_for_once_waited_for_and_served(monkeypa
     assert w.nothing_held()
 
 
+def test_a_long_answer_after_a_cold_start_keeps_its_model_busy_until_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    clocks: list[Clock] = []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        clocks[0].advance(2.0)  # the model takes 2 s to answer
+        return httpx.Response(200, json={"ok": True})
+
+    w = make_world(monkeypatch, script=[[BACKEND_C]], backend=slow)
+    clocks.append(w.clock)
+    assert w.post("model-c").get_json() == {"ok": True}
+    key = "default/model-c"
+    assert w.scaler.touched == [(key, T0), (key, T0), (key, T0 + 2.0)]  # came; served from; answered at
+
+
 def test_a_plain_cold_request_answered_as_a_stream_is_relayed(monkeypatch: pytest.MonkeyPatch) -> None:
     sse = b"data: [DONE]\n\n"
     backend = lambda r: httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=sse)  # noqa: E731

@@ -296,6 +296,10 @@ def test_a_start_that_fits_now_is_expected_in_the_models_startup_time(monkeypatc
     w = make_world(monkeypatch, script=[[BACKEND_C]], scaler_class=FreesOnRefusal, disconnect_check_seconds=0.01,
                    backend=lambda r: __import__("httpx").Response(200, text="data: [DONE]\n\n"))  # fmt: skip
     text = w.post("model-b", stream=True, headers={"X-IBC-Max-Wait": "30"}).get_data(as_text=True)
-    assert comments(text) == [": waiting for memory for model-b: position 1 of 1; expected start in about 13s"]
-    assert text.endswith("data: [DONE]\n\n")
+    # Its turn: then the cold start's own stream (still a stream), then the model's answer.
+    assert text == (
+        ": waiting for memory for model-b: position 1 of 1; expected start in about 13s\n\n"
+        ": waiting for model-b to start\n\n"
+        "data: [DONE]\n\n"
+    )
     assert w.scaler.scale_calls == [("default/model-b", 1)]
