@@ -185,7 +185,8 @@ def glue(jobs: int, timeout: float, files: list[str], keep: Path | None) -> int:
         text = text.replace(source, "source_paths = [" + ", ".join(f'"{g}"' for g in files) + "]")
         text = text.replace("also_copy = [", f"also_copy = [{also}, ", 1)
         pyproject.write_text(text)
-        log = cache_dir() / "last-glue-run.log"
+        # With --keep the log stays with its tree, so runs on different files at once do not share one log.
+        log = root / "glue-run.log" if keep else cache_dir() / "last-glue-run.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"mutation (glue): {', '.join(files)} against the unit tier, {jobs} jobs, cap {timeout:.0f} s; log {log}"
               + (f"; tree kept in {root}" if keep else ""), flush=True)
