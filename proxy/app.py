@@ -470,7 +470,10 @@ class ProxyApp:
         stream: bool,
         environ: dict[str, Any],
         place: Place | None = None,
+        counted: bool = False,
     ) -> Answer:
+        """`counted`: the request is already in ibc_proxy_requests_total (a stream that waited in line sent
+        its 200 then; what follows is an SSE event, not another answer), so nothing here counts it again."""
         key = model.key
         replicas = max(1, model.replicas)
         try:
@@ -487,33 +490,33 @@ class ProxyApp:
                     return queued
             self.refusals.record(decision)
             self.metrics.reject(label, "insufficient_memory")
-            self.metrics.count_request(label, 429)
+            self._count(label, 429, counted)
             return too_many_answer(decision)
         if self.closing.is_set():
             if place is not None:
                 place.release()
-            return self._closing_answer(label)
+            return self._closing_answer(label, counted)
         try:
             ticket = self.cold.enter(key, label, len(raw))
         except QueueFull as exc:
-            return self._queue_full(label, exc)
+            return self._queue_full(label, exc, counted)
         try:
             self.cold.scale_up(key, replicas, self.settings.cold_start_timeout_seconds)
         except ScaleDenied as exc:
             ticket.release()
             self.refusals.record(exc.decision)
             self.metrics.reject(label, "scale_denied")
-            self.metrics.count_request(label, 429)
+            self._count(label, 429, counted)
             return too_many_answer(exc.decision)
         except ScalerUnavailable as exc:
             ticket.release()
             log.warning("scale-up of %s failed: %s", key, exc)
-            return self._start_failed(label, exc)
+            return self._start_failed(label, exc, counted)
         finally:
             if place is not None:
                 place.release()  # the start is asked for: the next in line may try
         if stream:
-            self.metrics.count_request(label, 200)
+            self._count(label, 200, counted)
             return 200, list(SSE_HEADERS), self._wait_then_stream(ticket, label, path, headers, raw, environ)
         with ticket:
             outcome = self._wait(ticket, label, environ)
@@ -548,9 +551,13 @@ class ProxyApp:
     def _closing_message(self, label: str) -> str:
         return f"the proxy is shutting down; {label} was not started here: retry (another replica may serve it)"
 
-    def _closing_answer(self, label: str) -> Answer:
+    def _count(self, label: str, status: int, counted: bool) -> None:
+        if not counted:
+            self.metrics.count_request(label, status)
+
+    def _closing_answer(self, label: str, counted: bool = False) -> Answer:
         self.metrics.reject(label, "shutting_down")
-        self.metrics.count_request(label, 503)
+        self._count(label, 503, counted)
         body = error_body(503, self._closing_message(label), "shutting_down")
         return _json_answer(503, body, [("Retry-After", str(SHUTDOWN_RETRY_AFTER_SECONDS))])
 
@@ -559,10 +566,10 @@ class ProxyApp:
         message = self._closing_message(label)
         return sse_error(503, message, "shutting_down", retry_after_seconds=SHUTDOWN_RETRY_AFTER_SECONDS)
 
-    def _start_failed(self, label: str, exc: ScalerUnavailable) -> Answer:
+    def _start_failed(self, label: str, exc: ScalerUnavailable, counted: bool = False) -> Answer:
         """503 for a model that could not start: why, and Retry-After = when the scaler will try again."""
         self.metrics.reject(label, "scaler_unavailable")
-        self.metrics.count_request(label, 503)
+        self._count(label, 503, counted)
         retry = exc.retry_after_seconds or self.settings.default_retry_after_seconds
         body = error_body(503, f"could not start {label}: {exc}", "scaler_unavailable")
         body["error"]["retry_after_seconds"] = retry
@@ -751,7 +758,7 @@ class ProxyApp:
 
         def start() -> Answer:
             charge.release()  # the cold path's own place counts the body from here
-            return again(place=place)
+            return again(place=place, counted=stream)  # a stream was counted when its 200 went out
 
         replicas = decision.replicas_to
         turns = self.line.turns(
@@ -779,9 +786,9 @@ class ProxyApp:
         finally:
             charge.release()
 
-    def _queue_full(self, label: str, exc: Exception) -> Answer:
+    def _queue_full(self, label: str, exc: Exception, counted: bool = False) -> Answer:
         self.metrics.reject(label, "queue_full")
-        self.metrics.count_request(label, 503)
+        self._count(label, 503, counted)
         retry = str(max(1, int(self.settings.progress_interval_seconds)))
         return _json_answer(503, error_body(503, f"{exc}; retry shortly", "queue_full"), [("Retry-After", retry)])
 

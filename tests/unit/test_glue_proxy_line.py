@@ -271,7 +271,17 @@ def test_a_streaming_client_in_line_reads_its_position_and_expected_start(
     refusal = decide_scale(view, f"default/{model}", max(1, view.models[f"default/{model}"].replicas), T0)
     body = {"message": refusal.message, "type": "rate_limit_error", "param": None, "code": refusal.reason}
     assert text.endswith(f"event: error\ndata: {json.dumps({'error': body})}\n\n")
+    # One request, one status: the 200 its stream began with (the 429 is an event in it), and the refusal.
+    assert (w.requests_counted(model), w.rejections(model)) == ({"200": 1.0}, {"insufficient_memory": 1.0})
     assert w.nothing_held()
+
+
+def test_a_streaming_client_whose_turn_comes_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = line_world(monkeypatch)
+    resp = w.post("model-b", stream=True, headers={"X-IBC-Max-Wait": "2"})
+    assert resp.status_code == 200
+    assert resp.get_data(as_text=True).endswith('{"served_by":"10.0.0.3","model":"model-b"}')
+    assert (w.requests_counted("model-b"), w.rejections("model-b")) == ({"200": 1.0}, {})
 
 
 def test_behind_another_in_line_the_estimate_is_a_lower_bound(monkeypatch: pytest.MonkeyPatch) -> None:
