@@ -56,8 +56,8 @@ mutation: setup
 	$(BIN)/python .ci/mutation.py --force
 
 ## mutation-check: the same, skipped with one line when budget/ is unchanged since the last passing run
-## (always run on a fresh machine: CI's cache is empty); part of `make test`, after `tools` (the unit tier runs
-## helm and kustomize). Capped at MUTATION_CAP seconds: a run cut by the cap fails and says how many mutants
+## (always run in a fresh clone: the record is in the checkout, .mutation_cache/); part of `make test`, after
+## `tools` (the unit tier runs helm and kustomize). Capped at MUTATION_CAP seconds: a run cut by the cap fails and says how many mutants
 ## it did not run (IBC_MUTATION_TIMEOUT_SECONDS overrides it; docs/testing.md has the measured times)
 MUTATION_CAP ?= 3600
 mutation-check: setup tools

@@ -14,8 +14,8 @@ did not run, and records nothing: a check that stopped early proved nothing abou
     python .ci/mutation.py --glue     # mutate the request path's decision glue instead (a report, not cached)
     python .ci/mutation.py --glue webhook/admit.py --keep /tmp/g   # one glue file; keep the tree and survivors
 
-Environment: IBC_MUTATION_CACHE (default ~/.cache/ibc/mutation), IBC_MUTATION_TIMEOUT_SECONDS (default 3600),
-IBC_MUTATION_JOBS (default: number of cores).
+Environment: IBC_MUTATION_CACHE (default .mutation_cache/ in the checkout, git-ignored),
+IBC_MUTATION_TIMEOUT_SECONDS (default 3600), IBC_MUTATION_JOBS (default: number of cores).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ KILLED = {"killed", "timeout", "segfault", "caught by type check"}  # mutmut's n
 
 
 def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "ibc" / "mutation"
+    # In the checkout's ignored dir (as mutants/ is): a fresh clone, CI's, always runs the check cold; a
+    # developer's checkout skips what it has already checked.
+    default = REPO / ".mutation_cache"
     return Path(os.environ.get("IBC_MUTATION_CACHE") or default)
 
 
